@@ -1,0 +1,1 @@
+"""Nexus services. Each one is a thin wiring of NATS/HTTP handlers onto `shared`."""

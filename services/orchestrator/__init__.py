@@ -1,0 +1,1 @@
+"""The orchestrator: the HTTP API, session management and the projections."""

@@ -1,0 +1,116 @@
+"""The orchestrator's HTTP API (Litestar). Handlers are a few lines each: the work is
+in `SessionService` and the shared core."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from litestar import Litestar, get, post
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+
+from shared import __version__, subjects
+from shared.eventstore import ProjectionRunner
+from shared.messages import Ping, Pong
+from shared.messaging import MessagingError
+from shared.service import ServiceRuntime
+from shared.settings import Settings
+from services.orchestrator.problems import EXCEPTION_HANDLERS, Problem
+from services.orchestrator.projections import PROJECTIONS
+from services.orchestrator.schemas import (
+    Health,
+    ServicePing,
+    SessionCreate,
+    SessionView,
+    SystemPing,
+)
+from services.orchestrator.sessions import SessionService
+
+log = logging.getLogger("nexus.orchestrator")
+
+# Until API keys land (sessions/tenants issue) every caller is this tenant.
+DEFAULT_TENANT = "default"
+ANONYMOUS = "anonymous"
+
+
+@get("/health", sync_to_thread=False)
+async def health(state: State) -> Health:
+    runtime: ServiceRuntime = state.runtime
+    db_ok = False
+    with contextlib.suppress(Exception):
+        db_ok = await asyncio.wait_for(runtime.pool.fetchval("SELECT 1"), 2) == 1
+    nats_ok = runtime.bus is not None and runtime.bus.connected
+    return Health(status="ok" if db_ok and nats_ok else "degraded", nats=nats_ok,
+                  postgres=db_ok, instance_id=runtime.settings.instance_id, version=__version__)
+
+
+@get("/v1/system/ping")
+async def system_ping(state: State) -> SystemPing:
+    """Ping one instance of each service over NATS (a cheap end-to-end check)."""
+    runtime: ServiceRuntime = state.runtime
+
+    async def ping(subject: str) -> ServicePing:
+        try:
+            pong = await runtime.bus.request(subject, Ping(sender=runtime.settings.instance_id),
+                                             Pong, timeout=runtime.settings.request_timeout_s)
+        except MessagingError as exc:
+            return ServicePing(ok=False, error=str(exc))
+        return ServicePing(ok=True, instance_id=pong.instance_id, uptime_s=pong.uptime_s)
+
+    orchestrator, provider, node = await asyncio.gather(
+        ping(subjects.PING_ORCHESTRATOR), ping(subjects.PING_PROVIDER), ping(subjects.PING_NODE)
+    )
+    return SystemPing(orchestrator=orchestrator, provider=provider, node=node)
+
+
+@post("/v1/sessions", status_code=201)
+async def create_session(data: SessionCreate, sessions: SessionService) -> SessionView:
+    return await sessions.start(DEFAULT_TENANT, ANONYMOUS, data)
+
+
+@get("/v1/sessions/{session_id:str}")
+async def get_session(session_id: str, sessions: SessionService) -> SessionView:
+    view = await sessions.get(DEFAULT_TENANT, session_id)
+    if view is None:
+        raise Problem(404, "not-found", f"session {session_id!r} not found")
+    return view
+
+
+def create_app(settings: Settings) -> Litestar:
+    runtime = ServiceRuntime("orchestrator", settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await runtime.start(database=True)
+        assert runtime.store is not None
+        runner = ProjectionRunner(runtime.store, PROJECTIONS, poll_s=settings.projection_poll_s)
+        app.state.runtime = runtime
+        app.state.runner = runner
+        app.state.sessions = SessionService(runtime.store, runner)
+        task = asyncio.create_task(runner.run(), name="projections")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await runtime.stop()
+
+    def provide_sessions(state: State) -> SessionService:
+        return state.sessions
+
+    return Litestar(
+        route_handlers=[health, system_ping, create_session, get_session],
+        lifespan=[lifespan],
+        dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False)},
+        exception_handlers=EXCEPTION_HANDLERS,
+        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health"]))],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Nexus orchestrator", version=__version__, path="/schema"),
+        debug=False,
+    )

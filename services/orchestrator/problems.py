@@ -1,0 +1,76 @@
+"""RFC 9457 problem+json for every error the API returns.
+
+Validation errors list each offending field under `errors` (`field`, `message`);
+unexpected exceptions become a 500 whose body says nothing about internals but gives
+the `trace_id` to find the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from shared.tracing import current_ids
+
+log = logging.getLogger("nexus.api")
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://nexus.dev/problems/"
+
+
+class Problem(HTTPException):
+    """Raise in a handler for a specific problem type (`type` is a short slug)."""
+
+    def __init__(self, status: int, slug: str, detail: str, **extra: Any) -> None:
+        super().__init__(status_code=status, detail=detail)
+        self.slug = slug
+        self.extra_fields = extra
+
+
+def _field_errors(extra: Any) -> list[dict[str, str]]:
+    errors = []
+    for item in extra if isinstance(extra, list) else []:
+        if isinstance(item, dict):
+            field = item.get("key") or "body"
+            errors.append({"field": str(field), "message": str(item.get("message", ""))})
+    return errors
+
+
+def problem_response(request: Request, status: int, slug: str, detail: str,
+                     **extra: Any) -> Response[dict[str, Any]]:
+    trace_id, _ = current_ids()
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + slug,
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        "trace_id": trace_id,
+        **extra,
+    }
+    return Response(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def http_exception_handler(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
+    if isinstance(exc, Problem):
+        return problem_response(request, exc.status_code, exc.slug, exc.detail, **exc.extra_fields)
+    if isinstance(exc, ValidationException):
+        errors = _field_errors(exc.extra)
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or exc.detail
+        return problem_response(request, 400, "validation", detail, errors=errors)
+    status = exc.status_code
+    slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large",
+            415: "unsupported-media-type", 400: "bad-request"}.get(status, "http-error")
+    return problem_response(request, status, slug, exc.detail)
+
+
+def internal_error_handler(request: Request, exc: Exception) -> Response[dict[str, Any]]:
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return problem_response(request, 500, "internal", "internal error; see logs by trace_id")
+
+
+EXCEPTION_HANDLERS = {HTTPException: http_exception_handler, Exception: internal_error_handler}

@@ -1,0 +1,64 @@
+"""HTTP API bodies. Inputs forbid unknown fields, so a typo is a 400 naming the field."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/-]+$")]
+MetaKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+MetaValue = Annotated[str, msgspec.Meta(max_length=1024)]
+
+
+class BudgetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    limit_usd: Annotated[float, msgspec.Meta(ge=0, le=1_000_000)] | None = None
+    limit_tokens: Annotated[int, msgspec.Meta(ge=0, le=10**12)] | None = None
+
+
+class SessionCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    budget: BudgetIn | None = None
+    policy: Name | None = None
+    agent: Name | None = None
+    metadata: Annotated[dict[MetaKey, MetaValue], msgspec.Meta(max_length=64)] = {}
+
+
+class BudgetView(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    limit_usd: float | None = None
+    limit_tokens: int | None = None
+
+
+class SessionView(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    tenant: str
+    status: str
+    budget: BudgetView | None
+    policy: str | None
+    agent: str | None
+    metadata: dict[str, str]
+    created_at: datetime
+    closed_at: datetime | None
+    version: int
+    trace_id: str | None
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    status: str
+    nats: bool
+    postgres: bool
+    instance_id: str
+    version: str
+
+
+class ServicePing(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    instance_id: str | None = None
+    uptime_s: float | None = None
+    error: str | None = None
+
+
+class SystemPing(msgspec.Struct, frozen=True, kw_only=True):
+    orchestrator: ServicePing
+    provider: ServicePing
+    node: ServicePing

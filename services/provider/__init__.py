@@ -1,0 +1,1 @@
+"""The LLM-provider service: talks to model runtimes (adapters come with the LLM path)."""

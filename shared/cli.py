@@ -1,0 +1,152 @@
+"""The `nexus` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+import msgspec
+
+from shared.settings import get_settings
+
+
+@click.group(help="Nexus: event-sourced orchestration for LLM agent workloads.")
+def main() -> None:
+    pass
+
+
+@main.command(help="Start NATS, Postgres and all services here; Ctrl-C stops everything.")
+def up() -> None:
+    from shared.supervisor import Supervisor
+
+    sys.exit(Supervisor(get_settings()).run())
+
+
+@main.command(help="Apply database migrations (no-op when up to date).")
+def migrate() -> None:
+    from shared.infra import EmbeddedPostgres
+    from shared.infra.migrate import migrate as run_migrations
+    from shared.infra.process import port_open
+
+    settings = get_settings()
+    if settings.database_url:
+        click.echo(run_migrations(settings.database_url) or "up to date")
+        return
+    pg = EmbeddedPostgres(settings.data_dir / "postgres", port=settings.pg_port)
+    if port_open(pg.host, pg.port):  # `nexus up` is running: use its server
+        click.echo(run_migrations(pg.url()) or "up to date")
+        return
+    with pg:
+        click.echo(run_migrations(pg.url()) or "up to date")
+
+
+@main.command(help="Run the orchestrator (HTTP API) in the foreground.")
+def orchestrator() -> None:
+    from services.orchestrator.main import main as run
+
+    run()
+
+
+@main.command(help="Run the LLM-provider service in the foreground.")
+def provider() -> None:
+    from services.provider.main import main as run
+
+    run()
+
+
+@main.command(help="Run the node agent in the foreground.")
+def node() -> None:
+    from services.node.main import main as run
+
+    run()
+
+
+def _database_url() -> str:
+    from shared.supervisor import resolve_urls
+
+    return resolve_urls(get_settings())[1]
+
+
+@main.group(help="Read the event store.")
+def events() -> None:
+    pass
+
+
+@events.command("tail", help="Print events as JSON lines, then follow new ones.")
+@click.option("--stream", "stream_id", default=None, help="Only this stream.")
+@click.option("--from", "after", type=int, default=None,
+              help="Start after this global position (default: the last 20 events).")
+@click.option("--follow/--no-follow", default=True, help="Keep waiting for new events.")
+def events_tail(stream_id: str | None, after: int | None, follow: bool) -> None:
+    from shared.eventstore.store import EventStore, create_pool
+
+    async def run() -> None:
+        pool = await create_pool(_database_url(), max_size=2)
+        store = EventStore(pool)
+        start = after if after is not None else max(0, await store.head() - 20)
+        encoder = msgspec.json.Encoder()
+        try:
+            if follow:
+                async for rec in store.follow(start):
+                    if stream_id is None or rec.stream_id == stream_id:
+                        click.echo(encoder.encode(rec))
+            else:
+                for rec in await store.read_all(start, 100_000):
+                    if stream_id is None or rec.stream_id == stream_id:
+                        click.echo(encoder.encode(rec))
+        finally:
+            await pool.close()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group(help="Inspect and rebuild projections (read models).")
+def projections() -> None:
+    pass
+
+
+def _runner_call(fn_name: str, *args: object) -> object:
+    from services.orchestrator.projections import PROJECTIONS
+    from shared.eventstore import EventStore, ProjectionRunner
+    from shared.eventstore.store import create_pool
+
+    async def run() -> object:
+        pool = await create_pool(_database_url(), max_size=2)
+        try:
+            runner = ProjectionRunner(EventStore(pool), PROJECTIONS)
+            if fn_name == "list":
+                head = await runner.store.head()
+                return [(name, await runner.checkpoint(name), head) for name in runner.projections]
+            return await getattr(runner, fn_name)(*args)
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+@projections.command("list", help="Each projection's checkpoint and how far behind it is.")
+def projections_list() -> None:
+    rows = _runner_call("list")
+    click.echo(f"{'projection':<24}{'checkpoint':>12}{'head':>12}{'behind':>10}")
+    for name, checkpoint, head in rows:  # type: ignore[union-attr]
+        click.echo(f"{name:<24}{checkpoint:>12}{head:>12}{head - checkpoint:>10}")
+
+
+@projections.command("rebuild", help="Empty a read model and fold every event again.")
+@click.argument("name")
+def projections_rebuild(name: str) -> None:
+    from services.orchestrator.projections import PROJECTIONS
+
+    names = [p.name for p in PROJECTIONS]
+    if name not in names:
+        raise click.BadParameter(f"unknown projection {name!r}; known: {', '.join(names)}")
+    applied = _runner_call("rebuild", name)
+    click.echo(f"rebuilt {name}: {applied} events applied")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The event catalogue: every durable fact in Nexus, declared once.
+
+Events are immutable msgspec Structs in one tagged union; the tag (the class name) is
+the `type` column of the event store. Add an event by subclassing `Event` and listing
+it in `EVENT_TYPES`; docs/ARCHITECTURE.md lists who appends each one.
+
+Rules for evolving an event: add fields only with defaults; never rename or remove a
+field or a type that has been stored (old events must keep decoding).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Union
+
+import msgspec
+
+
+class Metadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """Who and what caused an event; stored beside it, not inside it."""
+
+    tenant: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    actor: str | None = None
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True, tag_field="type"):
+    """Base of all events; the subclass name is its type."""
+
+
+# -- sessions ---------------------------------------------------------------------------
+
+
+class BudgetLimits(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    limit_usd: float | None = None
+    limit_tokens: int | None = None
+
+
+class SessionStarted(Event, frozen=True):
+    session_id: str
+    tenant: str
+    budget: BudgetLimits | None = None
+    policy: str | None = None
+    agent: str | None = None
+    metadata: dict[str, str] = {}
+
+
+class SessionClosed(Event, frozen=True):
+    session_id: str
+    reason: str = "closed by client"
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (SessionStarted, SessionClosed)
+AnyEvent = Union[EVENT_TYPES]  # type: ignore[valid-type]
+EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in EVENT_TYPES)
+
+
+# -- streams ----------------------------------------------------------------------------
+
+
+def session_stream(session_id: str) -> str:
+    return f"session-{session_id}"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+_meta_decoder = msgspec.json.Decoder(Metadata)
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes | str) -> Event:
+    return _decoder.decode(data)
+
+
+def encode_metadata(meta: Metadata) -> bytes:
+    return _encoder.encode(meta)
+
+
+def decode_metadata(data: bytes | str) -> Metadata:
+    return _meta_decoder.decode(data)
+
+
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as stored: the event plus its envelope."""
+
+    position: int
+    event_id: uuid.UUID
+    stream_id: str
+    stream_version: int
+    type: str
+    event: Event
+    metadata: Metadata
+    recorded_at: datetime

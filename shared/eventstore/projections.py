@@ -1,0 +1,164 @@
+"""Projections: read models folded from the event log, exactly once.
+
+A `Projection` declares its name, the event types it handles, the tables it owns and
+an `apply(conn, event)` that updates them. The `ProjectionRunner` feeds it events in
+global order in batches; each batch runs in one transaction that
+
+1. locks the projection's checkpoint row (`SELECT ... FOR UPDATE`),
+2. reads the events after the checkpoint,
+3. applies them and moves the checkpoint,
+
+so the read model and its checkpoint commit together: a crash anywhere rolls both
+back, and a restart resumes at the first unapplied event. The row lock makes several
+runner processes (several orchestrators) safe: they take turns, none applies an
+event twice. Because commit order equals position order (see store.py), skipping
+ahead to the store's head when no handled event lies in between is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import asyncpg
+
+from shared.events import RecordedEvent
+from shared.eventstore.store import EventStore, Notifier
+
+log = logging.getLogger("nexus.projections")
+
+
+class Projection:
+    """Base class: subclass, set `name`, `handles`, `tables`, implement `apply`."""
+
+    name: str = ""
+    handles: frozenset[str] | None = None  # event type names; None = every event
+    tables: tuple[str, ...] = ()
+
+    async def apply(self, conn: asyncpg.Connection, event: RecordedEvent) -> None:
+        raise NotImplementedError
+
+    async def reset(self, conn: asyncpg.Connection) -> None:
+        """Empty the read model (rebuild starts from here)."""
+        if self.tables:
+            await conn.execute(f"TRUNCATE {', '.join(self.tables)}")
+
+
+class ProjectionRunner:
+    def __init__(self, store: EventStore, projections: Sequence[Projection], *,
+                 batch_size: int = 500, poll_s: float = 1.0) -> None:
+        names = [p.name for p in projections]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"projection names must be unique and non-empty: {names}")
+        self.store = store
+        self.projections = {p.name: p for p in projections}
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        self.lag_s: dict[str, float] = {}  # append-to-applied lag of the last event applied
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.store.pool
+
+    async def checkpoint(self, name: str) -> int:
+        return await self.pool.fetchval(
+            "SELECT coalesce((SELECT position FROM projection_checkpoints WHERE name = $1), 0)", name
+        )
+
+    async def step(self, projection: Projection) -> int:
+        """Apply one batch in one transaction; returns how many events were applied."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self._step(conn, projection)
+
+    async def _step(self, conn: asyncpg.Connection, projection: Projection) -> int:
+        await conn.execute(
+            "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+            projection.name,
+        )
+        position = await conn.fetchval(
+            "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+            projection.name,
+        )
+        head = await self.store.head(conn)
+        if head <= position:
+            return 0
+        types = sorted(projection.handles) if projection.handles is not None else None
+        events = await self.store.read_all(position, self.batch_size, types=types, conn=conn)
+        events = [e for e in events if e.position <= head]
+        for event in events:
+            await projection.apply(conn, event)
+        full = len(events) == self.batch_size
+        new_position = events[-1].position if full else head
+        await conn.execute(
+            "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
+            projection.name, new_position,
+        )
+        if events:
+            self.lag_s[projection.name] = time.time() - events[-1].recorded_at.timestamp()
+        return len(events)
+
+    async def catch_up(self, name: str | None = None) -> None:
+        """Apply everything committed so far (to one projection, or all)."""
+        targets = [self.projections[name]] if name else list(self.projections.values())
+        for projection in targets:
+            head = await self.store.head()
+            while await self.checkpoint(projection.name) < head:
+                await self.step(projection)
+
+    async def wait_for(self, position: int, timeout: float = 5.0) -> None:
+        """Return once every projection has applied `position` (read-your-writes)."""
+        deadline = time.monotonic() + timeout
+        for projection in self.projections.values():
+            while await self.checkpoint(projection.name) < position:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"projection {projection.name!r} did not reach {position}")
+                await self.step(projection)
+
+    async def rebuild(self, name: str) -> int:
+        """Empty the read model and fold every event again, in one transaction.
+
+        Readers see the old read model until the rebuild commits; live runners wait
+        on the checkpoint lock meanwhile. Returns the events applied.
+        """
+        projection = self.projections[name]
+        applied = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO projection_checkpoints (name) VALUES ($1) "
+                "ON CONFLICT (name) DO UPDATE SET position = 0, updated_at = now()",
+                name,
+            )
+            await conn.execute(
+                "SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE", name
+            )
+            await conn.execute(
+                "UPDATE projection_checkpoints SET position = 0 WHERE name = $1", name
+            )
+            await projection.reset(conn)
+            while True:
+                count = await self._step(conn, projection)
+                applied += count
+                if count < self.batch_size:
+                    break
+        log.info("projection rebuilt", extra={"projection": name, "events": applied})
+        return applied
+
+    async def run(self) -> None:
+        """Follow the store forever: wake on NOTIFY (or the poll), apply, repeat."""
+        async with Notifier(self.pool, self.poll_s) as notifier:
+            while True:
+                try:
+                    await self.catch_up()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("projection runner: database unavailable, retrying: %s", exc)
+                    await asyncio.sleep(self.poll_s)
+                    continue
+                except Exception:
+                    # A projection bug or an event it cannot fold: its transaction rolled
+                    # back, the checkpoint stays before the event; retry after a pause.
+                    log.exception("projection failed; will retry")
+                    await asyncio.sleep(self.poll_s)
+                    continue
+                await notifier.wait()

@@ -1,0 +1,262 @@
+"""The event store: append with optimistic concurrency, read a stream, read all.
+
+All writes go through the `nexus_append` SQL function (migrations/), which holds a
+transaction-scoped lock from assigning positions to commit. Commit order therefore
+equals position order: a reader that has seen position N will never later find a
+committed event below N, so `read_all(after=N)` can be followed without skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from shared.events import (
+    Event,
+    Metadata,
+    RecordedEvent,
+    decode_event,
+    decode_metadata,
+    encode_event,
+    encode_metadata,
+)
+from shared.tracing import current_ids
+
+log = logging.getLogger("nexus.eventstore")
+
+NOTIFY_CHANNEL = "nexus_events"
+
+
+class EventStoreError(RuntimeError):
+    pass
+
+
+class WrongExpectedVersion(EventStoreError):
+    """Optimistic concurrency: the stream moved on since the caller read it."""
+
+    def __init__(self, stream_id: str, expected: int | None, actual: int) -> None:
+        super().__init__(
+            f"wrong expected version for stream {stream_id!r}: expected {expected}, current {actual}"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class EventIdConflict(EventStoreError):
+    """Some (not all) of the event ids were stored before: not an exact retry."""
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    stream_id: str
+    first_position: int
+    last_position: int
+    next_expected_version: int
+    duplicate: bool = False
+
+
+_SELECT = (
+    "SELECT position, event_id, stream_id, stream_version, type, data::text AS data, "
+    "metadata::text AS metadata, recorded_at FROM events"
+)
+
+
+def _to_recorded(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(
+        position=row["position"],
+        event_id=row["event_id"],
+        stream_id=row["stream_id"],
+        stream_version=row["stream_version"],
+        type=row["type"],
+        event=decode_event(row["data"]),
+        metadata=decode_metadata(row["metadata"]),
+        recorded_at=row["recorded_at"],
+    )
+
+
+def _with_trace(meta: Metadata | None) -> Metadata:
+    meta = meta or Metadata()
+    if meta.trace_id is None:
+        trace_id, span_id = current_ids()
+        if trace_id:
+            meta = msgspec.structs.replace(meta, trace_id=trace_id, span_id=span_id)
+    return meta
+
+
+class EventStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[Event],
+        expected_version: int | None,
+        metadata: Metadata | None = None,
+        *,
+        event_ids: Sequence[uuid.UUID] | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> AppendResult:
+        """Append `events` to `stream_id` atomically.
+
+        `expected_version`: None = any, 0 = the stream must be new, n = its last version.
+        `event_ids`: give them to make a retry idempotent (the same ids and stream
+        return the stored result with `duplicate=True`); omitted, fresh ids are used.
+        The current trace id is added to the metadata when it has none.
+        """
+        if not events:
+            raise ValueError("append needs at least one event")
+        ids = list(event_ids) if event_ids is not None else [uuid.uuid4() for _ in events]
+        if len(ids) != len(events):
+            raise ValueError("event_ids must match events one to one")
+        meta = encode_metadata(_with_trace(metadata)).decode()
+        args = (
+            stream_id,
+            expected_version,
+            ids,
+            [type(e).__name__ for e in events],
+            [encode_event(e).decode() for e in events],
+            [meta] * len(events),
+        )
+        sql = "SELECT out_position, out_version, out_duplicate FROM nexus_append($1, $2, $3, $4, $5, $6)"
+        try:
+            if conn is not None:
+                rows = await conn.fetch(sql, *args)
+            else:
+                rows = await self.pool.fetch(sql, *args)
+        except asyncpg.PostgresError as exc:
+            raise self._translate(exc, stream_id, expected_version) from None
+        return AppendResult(
+            stream_id=stream_id,
+            first_position=rows[0]["out_position"],
+            last_position=rows[-1]["out_position"],
+            next_expected_version=rows[-1]["out_version"],
+            duplicate=rows[0]["out_duplicate"],
+        )
+
+    @staticmethod
+    def _translate(exc: asyncpg.PostgresError, stream_id: str, expected: int | None) -> Exception:
+        state = getattr(exc, "sqlstate", None)
+        if state == "NX409":
+            return WrongExpectedVersion(stream_id, expected, int(exc.detail or 0))
+        if state == "NX422":
+            return EventIdConflict(str(exc))
+        if isinstance(exc, asyncpg.UniqueViolationError):
+            # Only reachable if the lock were bypassed; report it as a version conflict.
+            return WrongExpectedVersion(stream_id, expected, -1)
+        return EventStoreError(f"append to {stream_id!r} failed: {exc}")
+
+    async def read_stream(self, stream_id: str, *, from_version: int = 1,
+                          to_position: int | None = None) -> list[RecordedEvent]:
+        """Events of one stream in version order (up to a global position, for time travel)."""
+        rows = await self.pool.fetch(
+            f"{_SELECT} WHERE stream_id = $1 AND stream_version >= $2 "
+            "AND ($3::bigint IS NULL OR position <= $3) ORDER BY stream_version",
+            stream_id, from_version, to_position,
+        )
+        return [_to_recorded(r) for r in rows]
+
+    async def stream_version(self, stream_id: str) -> int:
+        return await self.pool.fetchval(
+            "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1", stream_id
+        )
+
+    async def read_all(self, after: int = 0, limit: int = 1000, *,
+                       types: Sequence[str] | None = None,
+                       conn: asyncpg.Connection | None = None) -> list[RecordedEvent]:
+        """Events after global position `after`, in position order, at most `limit`."""
+        executor = conn or self.pool
+        if types is None:
+            rows = await executor.fetch(
+                f"{_SELECT} WHERE position > $1 ORDER BY position LIMIT $2", after, limit
+            )
+        else:
+            rows = await executor.fetch(
+                f"{_SELECT} WHERE position > $1 AND type = ANY($2::text[]) ORDER BY position LIMIT $3",
+                after, list(types), limit,
+            )
+        return [_to_recorded(r) for r in rows]
+
+    async def head(self, conn: asyncpg.Connection | None = None) -> int:
+        """The last committed global position (0 for an empty store)."""
+        return await (conn or self.pool).fetchval("SELECT coalesce(max(position), 0) FROM events")
+
+    async def follow(self, after: int = 0, *, poll_s: float = 1.0,
+                     batch: int = 500) -> AsyncIterator[RecordedEvent]:
+        """Every event after `after`, then new ones as they commit (never ends)."""
+        async with Notifier(self.pool, poll_s) as notifier:
+            position = after
+            while True:
+                events = await self.read_all(position, batch)
+                for event in events:
+                    yield event
+                    position = event.position
+                if len(events) < batch:
+                    await notifier.wait()
+
+
+class Notifier:
+    """Wakes followers when events commit: LISTEN/NOTIFY, with a poll as safety net.
+
+    NOTIFY is sent by `nexus_append` inside the appending transaction, so it arrives
+    only after commit. A lost notification (connection dropped) costs at most one
+    poll interval; the listener connection is re-opened on the next wait.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, poll_s: float = 1.0) -> None:
+        self.pool = pool
+        self.poll_s = poll_s
+        self._event = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+
+    def _on_notify(self, *_: Any) -> None:
+        self._event.set()
+
+    async def _listen(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        try:
+            self._conn = await self.pool.acquire()
+            await self._conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("cannot LISTEN for events, polling only: %s", exc)
+            await self._release()
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+            except Exception:
+                pass
+            try:
+                await self.pool.release(conn)
+            except Exception:
+                pass
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Return when an event may have been appended (or after the poll interval)."""
+        await self._listen()
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout or self.poll_s)
+        except TimeoutError:
+            pass
+        self._event.clear()
+
+    async def __aenter__(self) -> Notifier:
+        await self._listen()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._release()
+
+
+async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """An asyncpg pool for Nexus (statement cache on; jsonb passed as text)."""
+    return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size)

