@@ -32,6 +32,12 @@ PING_SUBJECTS = {
 }
 
 
+def setup_process(service: str, settings: Settings) -> None:
+    """Logging and tracing for a service process; call once, at start."""
+    setup_logging(f"nexus-{service}", settings.log_level)
+    setup_tracing(f"nexus-{service}", settings.instance_id)
+
+
 class ServiceRuntime:
     def __init__(self, service: str, settings: Settings) -> None:
         if service not in PING_SUBJECTS:
@@ -45,9 +51,7 @@ class ServiceRuntime:
         self._stop = asyncio.Event()
 
     def setup_process(self) -> None:
-        """Logging and tracing; call once, before the event loop does any work."""
-        setup_logging(f"nexus-{self.service}", self.settings.log_level)
-        setup_tracing(f"nexus-{self.service}", self.settings.instance_id)
+        setup_process(self.service, self.settings)
 
     async def start(self, *, database: bool = False) -> None:
         nats_url = self.settings.nats_url

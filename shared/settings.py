@@ -78,6 +78,9 @@ class Settings:
     projection_poll_s: float = 1.0
     """NEXUS_PROJECTION_POLL_S: safety-net poll of projection runners (LISTEN/NOTIFY wakes them first)."""
 
+    projection_batch_size: int = 500
+    """NEXUS_PROJECTION_BATCH_SIZE: events a projection applies per transaction."""
+
     max_body_bytes: int = 1_048_576
     """NEXUS_MAX_BODY_BYTES: largest HTTP request body accepted (413 above it)."""
 
@@ -99,6 +102,7 @@ class Settings:
             log_level=(_env("NEXUS_LOG_LEVEL", "INFO") or "INFO").upper(),
             request_timeout_s=_env_float("NEXUS_REQUEST_TIMEOUT_S", 5.0),
             projection_poll_s=_env_float("NEXUS_PROJECTION_POLL_S", 1.0),
+            projection_batch_size=_env_int("NEXUS_PROJECTION_BATCH_SIZE", 500),
             max_body_bytes=_env_int("NEXUS_MAX_BODY_BYTES", 1_048_576),
             db_pool_size=_env_int("NEXUS_DB_POOL_SIZE", 10),
         )

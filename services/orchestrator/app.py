@@ -88,7 +88,8 @@ def create_app(settings: Settings) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await runtime.start(database=True)
         assert runtime.store is not None
-        runner = ProjectionRunner(runtime.store, PROJECTIONS, poll_s=settings.projection_poll_s)
+        runner = ProjectionRunner(runtime.store, PROJECTIONS, poll_s=settings.projection_poll_s,
+                                  batch_size=settings.projection_batch_size)
         app.state.runtime = runtime
         app.state.runner = runner
         app.state.sessions = SessionService(runtime.store, runner)

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 import uvicorn
 
-from shared.logs import setup_logging
+from shared.service import setup_process
 from shared.settings import get_settings
-from shared.tracing import setup_tracing
 from services.orchestrator.app import create_app
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    sys.exit(0)
 
 
 def main() -> None:
     settings = get_settings()
-    setup_logging("nexus-orchestrator", settings.log_level)
-    setup_tracing("nexus-orchestrator", settings.instance_id)
+    setup_process("orchestrator", settings)
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler that was
+    # installed before it: make that a clean exit, so a graceful stop exits 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     config = uvicorn.Config(
         create_app(settings), host=settings.http_host, port=settings.http_port,
         log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10,

@@ -1,0 +1,175 @@
+"""Test helpers: service processes, HTTP waits, and a real OTLP/HTTP trace receiver."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from shared.infra.process import die_with_parent
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05,
+               what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last error: {last_exc}")
+
+
+@dataclass
+class ServiceProc:
+    """A Nexus service started as a real process (`python -m services.<name>.main`)."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProc:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}.main"], cwd=REPO, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        )
+        log.close()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"{self.name} did not stop on SIGTERM within {timeout}s")
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def service_env(nats_url: str, database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "NEXUS_"))}
+    env.update({"NATS_URL": nats_url, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def wait_http_ok(url: str, timeout: float = 30.0, proc: ServiceProc | None = None) -> httpx.Response:
+    def ok() -> httpx.Response | None:
+        if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"{proc.name} exited ({proc.proc.returncode}):\n{proc.log()[-3000:]}")
+        resp = httpx.get(url, timeout=2)
+        return resp if resp.status_code == 200 else None
+
+    return wait_until(ok, timeout, 0.1, f"{url} to answer 200")  # type: ignore[return-value]
+
+
+@dataclass
+class ReceivedSpan:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    kind: int
+    attributes: dict[str, object]
+
+
+@dataclass
+class OtlpReceiver:
+    """An OTLP/HTTP endpoint (`POST /v1/traces`, protobuf) that keeps what it receives."""
+
+    spans: list[ReceivedSpan] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> OtlpReceiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server API
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/v1/traces":
+                    receiver._ingest(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def _ingest(self, body: bytes) -> None:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        spans = []
+        for resource_spans in request.resource_spans:
+            service = next(
+                (a.value.string_value for a in resource_spans.resource.attributes
+                 if a.key == "service.name"), "",
+            )
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    attrs: dict[str, object] = {}
+                    for a in span.attributes:
+                        v = a.value
+                        attrs[a.key] = (v.string_value or v.int_value or v.double_value
+                                        or v.bool_value)
+                    spans.append(ReceivedSpan(
+                        service=service, name=span.name, trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(), parent_span_id=span.parent_span_id.hex(),
+                        kind=span.kind, attributes=attrs,
+                    ))
+        with self.lock:
+            self.spans.extend(spans)
+
+    def trace(self, trace_id: str) -> list[ReceivedSpan]:
+        with self.lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def free_port_str() -> str:
+    from shared.infra.process import free_port
+
+    return str(free_port())

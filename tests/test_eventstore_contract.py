@@ -1,0 +1,157 @@
+"""The event store's contract: what every caller may rely on."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from shared.events import Metadata, SessionClosed, SessionStarted, session_stream
+from shared.eventstore import EventIdConflict, EventStore, WrongExpectedVersion
+from shared.tracing import setup_tracing, tracer
+
+
+def started(sid: str) -> SessionStarted:
+    return SessionStarted(session_id=sid, tenant="t-contract", metadata={"k": "v"})
+
+
+def new_stream() -> tuple[str, str]:
+    sid = str(uuid.uuid4())
+    return sid, session_stream(sid)
+
+
+async def test_append_then_read_stream_in_order(store: EventStore) -> None:
+    sid, stream = new_stream()
+    first = await store.append(stream, [started(sid)], expected_version=0,
+                               metadata=Metadata(tenant="t-contract", actor="tester"))
+    second = await store.append(stream, [SessionClosed(session_id=sid, reason="a"),
+                                         SessionClosed(session_id=sid, reason="b")],
+                                expected_version=1)
+    assert first.next_expected_version == 1
+    assert second.next_expected_version == 3
+    assert second.first_position > first.last_position
+
+    events = await store.read_stream(stream)
+    assert [e.stream_version for e in events] == [1, 2, 3]
+    assert events[0].event == started(sid)
+    assert [e.type for e in events] == ["SessionStarted", "SessionClosed", "SessionClosed"]
+    assert events[0].metadata.tenant == "t-contract" and events[0].metadata.actor == "tester"
+    assert [e.position for e in events] == sorted(e.position for e in events)
+    assert await store.stream_version(stream) == 3
+
+
+async def test_wrong_expected_version_is_a_clear_concurrency_error(store: EventStore) -> None:
+    sid, stream = new_stream()
+    await store.append(stream, [started(sid)], expected_version=0)
+    with pytest.raises(WrongExpectedVersion) as info:
+        await store.append(stream, [SessionClosed(session_id=sid)], expected_version=0)
+    assert info.value.stream_id == stream
+    assert info.value.expected == 0 and info.value.actual == 1
+    assert stream in str(info.value) and "expected 0, current 1" in str(info.value)
+    with pytest.raises(WrongExpectedVersion):
+        await store.append(stream, [SessionClosed(session_id=sid)], expected_version=5)
+    assert len(await store.read_stream(stream)) == 1
+
+
+async def test_any_version_appends_without_a_check(store: EventStore) -> None:
+    sid, stream = new_stream()
+    await store.append(stream, [started(sid)], expected_version=None)
+    await store.append(stream, [SessionClosed(session_id=sid)], expected_version=None)
+    assert await store.stream_version(stream) == 2
+
+
+async def test_exact_retry_is_idempotent(store: EventStore) -> None:
+    sid, stream = new_stream()
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    events = [started(sid), SessionClosed(session_id=sid)]
+    first = await store.append(stream, events, expected_version=0, event_ids=ids)
+    retry = await store.append(stream, events, expected_version=0, event_ids=ids)
+    assert not first.duplicate and retry.duplicate
+    assert (retry.first_position, retry.last_position) == (first.first_position, first.last_position)
+    assert len(await store.read_stream(stream)) == 2
+
+
+async def test_partly_reused_event_ids_are_rejected(store: EventStore) -> None:
+    sid, stream = new_stream()
+    used = uuid.uuid4()
+    await store.append(stream, [started(sid)], expected_version=0, event_ids=[used])
+    with pytest.raises(EventIdConflict):
+        await store.append(stream, [SessionClosed(session_id=sid), SessionClosed(session_id=sid)],
+                           expected_version=1, event_ids=[used, uuid.uuid4()])
+    other_sid, other_stream = new_stream()
+    with pytest.raises(EventIdConflict):  # same id, another stream: not a retry
+        await store.append(other_stream, [started(other_sid)], expected_version=0, event_ids=[used])
+
+
+async def test_empty_append_is_refused(store: EventStore) -> None:
+    with pytest.raises(ValueError):
+        await store.append("session-x", [], expected_version=0)
+
+
+async def test_fifty_concurrent_appenders_exactly_one_wins(store: EventStore) -> None:
+    sid, stream = new_stream()
+    await store.append(stream, [started(sid)], expected_version=0)
+
+    async def attempt(i: int) -> bool:
+        try:
+            await store.append(stream, [SessionClosed(session_id=sid, reason=str(i))],
+                               expected_version=1)
+            return True
+        except WrongExpectedVersion:
+            return False
+
+    results = await asyncio.gather(*(attempt(i) for i in range(50)))
+    assert results.count(True) == 1
+    assert [e.stream_version for e in await store.read_stream(stream)] == [1, 2]
+
+
+async def test_concurrent_writers_keep_versions_contiguous(store: EventStore) -> None:
+    """Writers that retry on conflict: every event lands, versions 1..n without gaps."""
+    sid, stream = new_stream()
+    await store.append(stream, [started(sid)], expected_version=0)
+
+    async def writer(i: int) -> None:
+        while True:
+            version = await store.stream_version(stream)
+            try:
+                await store.append(stream, [SessionClosed(session_id=sid, reason=str(i))],
+                                   expected_version=version)
+                return
+            except WrongExpectedVersion:
+                await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer(i) for i in range(30)))
+    events = await store.read_stream(stream)
+    assert [e.stream_version for e in events] == list(range(1, 32))
+    assert sorted(e.event.reason for e in events[1:]) == sorted(str(i) for i in range(30))
+
+
+async def test_read_all_is_in_global_order_from_a_position(store: EventStore) -> None:
+    start = await store.head()
+    sids = [str(uuid.uuid4()) for _ in range(5)]
+    for sid in sids:
+        await store.append(session_stream(sid), [started(sid)], expected_version=0)
+    events = [e for e in await store.read_all(start, 10_000) if e.stream_id.startswith("session-")]
+    mine = [e for e in events if e.event.session_id in sids]
+    assert [e.event.session_id for e in mine] == sids
+    assert [e.position for e in events] == sorted(e.position for e in events)
+    assert all(e.position > start for e in events)
+
+
+async def test_time_travel_reads_a_stream_up_to_a_position(store: EventStore) -> None:
+    sid, stream = new_stream()
+    first = await store.append(stream, [started(sid)], expected_version=0)
+    await store.append(stream, [SessionClosed(session_id=sid)], expected_version=1)
+    assert len(await store.read_stream(stream, to_position=first.last_position)) == 1
+
+
+async def test_events_carry_the_current_trace_id(store: EventStore) -> None:
+    setup_tracing("nexus-test")
+    sid, stream = new_stream()
+    with tracer("test").start_as_current_span("append") as span:
+        await store.append(stream, [started(sid)], expected_version=0)
+        expected = format(span.get_span_context().trace_id, "032x")
+    [event] = await store.read_stream(stream)
+    assert event.metadata.trace_id == expected
+    assert event.metadata.span_id is not None
