@@ -227,7 +227,9 @@ class Bus:
             else:
                 await self._handle(msg, decoder, handler)
 
-        return await self.nc.subscribe(subject, queue=queue, cb=on_message)
+        sub = await self.nc.subscribe(subject, queue=queue, cb=on_message)
+        await self.nc.flush()  # the server has the subscription when this returns
+        return sub
 
     async def _handle(self, msg: Msg, decoder: msgspec.json.Decoder, handler: Handler) -> None:
         ctx = extract_context(msg.headers)

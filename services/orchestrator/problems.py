@@ -36,6 +36,7 @@ def _field_errors(extra: Any) -> list[dict[str, str]]:
     for item in extra if isinstance(extra, list) else []:
         if isinstance(item, dict):
             field = item.get("key") or "body"
+            field = "body" if field == "data" else field  # Litestar's name for the whole body
             errors.append({"field": str(field), "message": str(item.get("message", ""))})
     return errors
 

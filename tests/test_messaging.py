@@ -1,0 +1,154 @@
+"""NATS messaging: typed request/reply, clear errors, dead letters, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import msgspec
+import nats
+import pytest
+
+from shared import subjects
+from shared.infra import EmbeddedNats
+from shared.messages import Ping, Pong
+from shared.messaging import Bus, HandlerError, NoResponders, RemoteError, RequestTimeout
+
+
+def subject(name: str) -> str:
+    return f"test.{name}.{uuid.uuid4().hex[:8]}"
+
+
+async def pong(ping: Ping, msg) -> Pong:
+    return Pong(service="test", instance_id=ping.sender, version="0", uptime_s=0.0)
+
+
+@pytest.fixture
+async def bus(infra):
+    bus = await Bus.connect(infra.nats_url, "test")
+    await bus.ensure_streams()  # as every service does at start
+    yield bus
+    await bus.close()
+
+
+async def test_request_reply_is_typed(bus: Bus) -> None:
+    s = subject("ping")
+    await bus.subscribe(s, Ping, pong)
+    reply = await bus.request(s, Ping(sender="me"), Pong, timeout=2)
+    assert reply == Pong(service="test", instance_id="me", version="0", uptime_s=0.0)
+
+
+async def test_no_responders_fails_at_once_naming_the_subject(bus: Bus) -> None:
+    s = subject("nobody")
+    with pytest.raises(NoResponders, match=s):
+        await bus.request(s, Ping(sender="me"), Pong, timeout=5)
+
+
+async def test_slow_responder_times_out_with_a_clear_error(bus: Bus) -> None:
+    s = subject("slow")
+
+    async def slow(ping: Ping, msg) -> Pong:
+        await asyncio.sleep(2)
+        return await pong(ping, msg)
+
+    await bus.subscribe(s, Ping, slow, concurrent=True)
+    with pytest.raises(RequestTimeout, match=rf"no reply on '{s}' within 0.2s"):
+        await bus.request(s, Ping(sender="me"), Pong, timeout=0.2)
+
+
+async def test_handler_errors_reach_the_caller(bus: Bus) -> None:
+    s = subject("fails")
+
+    async def fails(ping: Ping, msg) -> Pong:
+        if ping.sender == "bug":
+            raise KeyError("oops")
+        raise HandlerError("NotAllowed", f"{ping.sender} may not ping")
+
+    await bus.subscribe(s, Ping, fails)
+    with pytest.raises(RemoteError) as info:
+        await bus.request(s, Ping(sender="eve"), Pong, timeout=2)
+    assert (info.value.error, info.value.detail) == ("NotAllowed", "eve may not ping")
+    with pytest.raises(RemoteError) as info:
+        await bus.request(s, Ping(sender="bug"), Pong, timeout=2)
+    assert info.value.error == "KeyError" and "oops" not in info.value.detail  # no internals
+
+
+async def test_malformed_message_is_dead_lettered_and_subscriber_survives(bus: Bus, infra) -> None:
+    s = subject("strict")
+    await bus.subscribe(s, Ping, pong)
+    raw = await nats.connect(infra.nats_url)
+    try:
+        dead = await raw.subscribe(subjects.deadletter(s))
+        for bad in (b"not json", b'{"sender": 5}', b'{"sender": "x", "extra": 1}'):
+            reply = await raw.request(s, bad, timeout=2)
+            assert reply.headers and reply.headers.get("Nexus-Error") == "InvalidMessage"
+        for _ in range(3):
+            letter = await dead.next_msg(timeout=2)
+            assert letter.headers["Nexus-Subject"] == s
+            assert letter.headers["Nexus-Reason"].startswith("undecodable")
+        # still serving
+        assert (await bus.request(s, Ping(sender="ok"), Pong, timeout=2)).instance_id == "ok"
+        # and the dead letters are kept on the bounded JetStream stream
+        info = await raw.jetstream().stream_info(subjects.DEADLETTER_STREAM.name)
+        assert info.state.messages >= 3
+    finally:
+        await raw.close()
+
+
+async def test_streams_are_created_idempotently(bus: Bus) -> None:
+    await bus.ensure_streams()
+    await bus.ensure_streams()
+    info = await bus.js.stream_info(subjects.DEADLETTER_STREAM.name)
+    assert info.config.subjects == list(subjects.DEADLETTER_STREAM.subjects)
+
+
+async def test_trace_context_travels_in_headers(bus: Bus) -> None:
+    from shared.tracing import setup_tracing, tracer
+
+    setup_tracing("nexus-test")
+    s = subject("traced")
+    seen: dict[str, str] = {}
+
+    async def record(ping: Ping, msg) -> Pong:
+        seen.update(msg.headers or {})
+        return await pong(ping, msg)
+
+    await bus.subscribe(s, Ping, record)
+    with tracer("test").start_as_current_span("caller") as span:
+        await bus.request(s, Ping(sender="me"), Pong, timeout=2)
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    assert seen["traceparent"].split("-")[1] == trace_id
+
+
+async def test_restarted_nats_does_not_leave_a_subscriber_deaf(tmp_path) -> None:
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    try:
+        responder = await Bus.connect(server.url, "responder")
+        caller = await Bus.connect(server.url, "caller")
+        s = subject("survivor")
+        await responder.subscribe(s, Ping, pong)
+        assert await caller.request(s, Ping(sender="before"), Pong, timeout=2)
+        server.kill()
+        server.start()
+
+        async def works() -> Pong:
+            while True:
+                try:
+                    return await caller.request(s, Ping(sender="after"), Pong, timeout=0.5)
+                except (NoResponders, RequestTimeout, nats.errors.ConnectionClosedError,
+                        nats.errors.OutboundBufferLimitError):
+                    await asyncio.sleep(0.1)
+
+        reply = await asyncio.wait_for(works(), 15)
+        assert reply.instance_id == "after"
+        assert responder.reconnects >= 1
+        await responder.close()
+        await caller.close()
+    finally:
+        server.stop()
+
+
+def test_messages_reject_unknown_fields() -> None:
+    with pytest.raises(msgspec.ValidationError, match="extra"):
+        msgspec.json.decode(b'{"sender": "x", "extra": 1}', type=Ping)
