@@ -16,6 +16,8 @@ from typing import Union
 
 import msgspec
 
+from shared.messages import NodeRegistration
+
 
 class Metadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     """Who and what caused an event; stored beside it, not inside it."""
@@ -54,7 +56,58 @@ class SessionClosed(Event, frozen=True):
     reason: str = "closed by client"
 
 
-EVENT_TYPES: tuple[type[Event], ...] = (SessionStarted, SessionClosed)
+# -- nodes ------------------------------------------------------------------------------
+# Durable facts about nodes only: transitions, never heartbeats (those are telemetry
+# on the NEXUS_HEARTBEATS JetStream stream, see docs/ARCHITECTURE.md).
+
+
+class NodeRegistered(Event, frozen=True):
+    node_id: str
+    registration: NodeRegistration
+
+
+class NodeCapabilitiesChanged(Event, frozen=True):
+    node_id: str
+    registration: NodeRegistration
+
+
+class NodeWentOffline(Event, frozen=True):
+    node_id: str
+    last_heartbeat_at: float | None  # unix seconds
+    timeout_s: float
+
+
+class NodeCameBack(Event, frozen=True):
+    node_id: str
+    via: str  # "registration" or "heartbeat"
+
+
+class NodeDraining(Event, frozen=True):
+    node_id: str
+    reason: str = ""
+
+
+class NodeLeft(Event, frozen=True):
+    node_id: str
+    reason: str = ""
+
+
+class NodeDeregistered(Event, frozen=True):
+    node_id: str
+    actor: str
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    SessionStarted,
+    SessionClosed,
+    NodeRegistered,
+    NodeCapabilitiesChanged,
+    NodeWentOffline,
+    NodeCameBack,
+    NodeDraining,
+    NodeLeft,
+    NodeDeregistered,
+)
 AnyEvent = Union[EVENT_TYPES]  # type: ignore[valid-type]
 EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in EVENT_TYPES)
 
@@ -64,6 +117,10 @@ EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in EVENT_TYPES)
 
 def session_stream(session_id: str) -> str:
     return f"session-{session_id}"
+
+
+def node_stream(node_id: str) -> str:
+    return f"node-{node_id}"
 
 
 def new_id() -> str:

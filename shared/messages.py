@@ -7,7 +7,14 @@ between versions as long as old senders stay decodable (add fields with defaults
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
+
+Pct = Annotated[float, msgspec.Meta(ge=0, le=100)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Bytes = Annotated[int, msgspec.Meta(ge=0)]
+NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 class Ping(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -19,3 +26,73 @@ class Pong(msgspec.Struct, frozen=True, kw_only=True):
     instance_id: str
     version: str
     uptime_s: float
+
+
+# -- nodes --------------------------------------------------------------------------
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    index: Count
+    name: str
+    uuid: str
+    memory_total_bytes: Bytes
+
+
+class RuntimeInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The inference runtime a node fronts (`kind="none"` until one is configured)."""
+
+    kind: str = "none"
+    version: str | None = None
+    base_url: str | None = None
+    models: tuple[str, ...] = ()
+    ready: bool = False
+
+
+class NodeRegistration(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`nexus.node.<id>.register` request: who the node is and what it has."""
+
+    node_id: NodeId
+    hostname: str
+    addresses: tuple[str, ...] = ()
+    labels: dict[str, str] = {}
+    cpu_count: Count
+    memory_total_bytes: Bytes
+    gpus: tuple[GpuInfo, ...] = ()
+    runtime: RuntimeInfo = RuntimeInfo()
+    agent_version: str
+    heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class RegistrationAck(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    status: str
+    heartbeat_timeout_s: float
+
+
+class GpuLoad(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    index: Count
+    utilization_pct: Pct
+    memory_used_bytes: Bytes
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`nexus.node.<id>.heartbeat`: live load, every `heartbeat_interval_s`."""
+
+    node_id: NodeId
+    seq: Count
+    sent_at: Annotated[float, msgspec.Meta(gt=0)]  # unix seconds
+    cpu_pct: Pct
+    memory_pct: Pct
+    gpus: tuple[GpuLoad, ...] = ()
+    active_requests: Count = 0
+    queue_depth: Count = 0
+    avg_response_ms: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    draining: bool = False
+
+
+class NodeStatusChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`nexus.node.<id>.status`: a node announces it is draining, then leaving."""
+
+    node_id: NodeId
+    status: Literal["draining", "leaving"]
+    reason: str = ""

@@ -164,6 +164,7 @@ class Bus:
                 max_age=spec.max_age_s,
                 max_msgs=spec.max_msgs,
                 max_bytes=spec.max_bytes,
+                max_msgs_per_subject=spec.max_msgs_per_subject,
             )
             try:
                 await self.js.add_stream(config)

@@ -21,6 +21,34 @@ QUEUE_ORCHESTRATOR = "orchestrator"
 QUEUE_PROVIDER = "provider"
 QUEUE_NODE = "node"
 
+# Nodes. A node publishes only under its own prefix `nexus.node.<node_id>.` (its NATS
+# credentials allow nothing else); the orchestrator listens on the wildcards.
+NODE_PREFIX = f"{PREFIX}.node"
+NODE_REGISTER_ALL = f"{NODE_PREFIX}.*.register"    # request/reply -> orchestrator (queue)
+NODE_HEARTBEAT_ALL = f"{NODE_PREFIX}.*.heartbeat"  # publish, kept on NEXUS_HEARTBEATS
+NODE_STATUS_ALL = f"{NODE_PREFIX}.*.status"        # publish: draining / leaving
+
+
+def node_register(node_id: str) -> str:
+    return f"{NODE_PREFIX}.{node_id}.register"
+
+
+def node_heartbeat(node_id: str) -> str:
+    return f"{NODE_PREFIX}.{node_id}.heartbeat"
+
+
+def node_status(node_id: str) -> str:
+    return f"{NODE_PREFIX}.{node_id}.status"
+
+
+def node_id_from_subject(subject: str) -> str:
+    """`nexus.node.<id>.<verb>` -> `<id>` (the id the sender's credentials vouch for)."""
+    parts = subject.split(".")
+    if len(parts) != 4 or f"{parts[0]}.{parts[1]}" != NODE_PREFIX:
+        raise ValueError(f"not a node subject: {subject!r}")
+    return parts[2]
+
+
 # Messages that could not be decoded are republished here with the reason.
 DEADLETTER_PREFIX = f"{PREFIX}.deadletter"
 
@@ -38,6 +66,7 @@ class StreamSpec:
     max_age_s: float
     max_msgs: int = -1
     max_bytes: int = -1
+    max_msgs_per_subject: int = -1
     description: str = ""
 
 
@@ -50,4 +79,13 @@ DEADLETTER_STREAM = StreamSpec(
     description="Undecodable NATS messages, kept a week for inspection",
 )
 
-STREAMS: tuple[StreamSpec, ...] = (DEADLETTER_STREAM,)
+HEARTBEATS_STREAM = StreamSpec(
+    name="NEXUS_HEARTBEATS",
+    subjects=(NODE_HEARTBEAT_ALL,),
+    max_age_s=10 * 60,
+    max_msgs_per_subject=150,  # 5 minutes of history per node at the default 2 s
+    max_bytes=1024 * 1024 * 1024,
+    description="Node heartbeats: bounded telemetry (10 min, 150 per node), never in Postgres",
+)
+
+STREAMS: tuple[StreamSpec, ...] = (DEADLETTER_STREAM, HEARTBEATS_STREAM)
