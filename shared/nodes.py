@@ -135,9 +135,9 @@ class NodeView:
         return node
 
     def apply_heartbeat(self, hb: Heartbeat, now: float | None = None) -> NodeLoad | None:
-        """Fold a heartbeat; unknown nodes and out-of-order heartbeats are ignored."""
+        """Fold a heartbeat (NATS keeps one publisher's order); unknown nodes are ignored."""
         node = self.nodes.get(hb.node_id)
-        if node is None or hb.seq <= node.last_seq and hb.seq != 0:
+        if node is None:
             return None
         node.last_seq = hb.seq
         node.last_heartbeat = time.monotonic() if now is None else now
