@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -27,8 +28,9 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import StreamConfig
+from nats.js.api import DeliverPolicy, StreamConfig
 from nats.js.errors import BadRequestError
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import subjects
@@ -173,8 +175,12 @@ class Bus:
 
     # -- publish / request --------------------------------------------------------
 
-    async def publish(self, subject: str, message: msgspec.Struct) -> None:
+    async def publish(self, subject: str, message: msgspec.Struct, *, traced: bool = True) -> None:
+        """Publish; `traced=False` for high-rate telemetry (heartbeats): no span."""
         payload = _encoder.encode(message)
+        if not traced:
+            await self.nc.publish(subject, payload)
+            return
         with self._tracer.start_as_current_span(
             f"{subject} publish", kind=SpanKind.PRODUCER,
             attributes=_attrs(subject, "send", len(payload)),
@@ -232,13 +238,33 @@ class Bus:
         await self.nc.flush()  # the server has the subscription when this returns
         return sub
 
-    async def _handle(self, msg: Msg, decoder: msgspec.json.Decoder, handler: Handler) -> None:
+    async def subscribe_stream(self, subject: str, message_type: type[T],
+                               handler: Callable[[T, Msg], Awaitable[None]], *,
+                               deliver_policy: DeliverPolicy = DeliverPolicy.LAST_PER_SUBJECT,
+                               traced: bool = False) -> Any:
+        """Follow a JetStream stream with an ordered (ephemeral, self-healing) consumer.
+
+        The default delivers the last message of every subject first, then new ones:
+        what a process needs to rebuild an in-memory view at start and keep it live.
+        Decoding, dead-lettering and error handling are those of `subscribe`.
+        """
+        decoder = msgspec.json.Decoder(message_type)
+
+        async def on_message(msg: Msg) -> None:
+            await self._handle(msg, decoder, handler, traced=traced)
+
+        return await self.js.subscribe(subject, cb=on_message, ordered_consumer=True,
+                                       deliver_policy=deliver_policy)
+
+    async def _handle(self, msg: Msg, decoder: msgspec.json.Decoder, handler: Handler, *,
+                      traced: bool = True) -> None:
         ctx = extract_context(msg.headers)
         kind = SpanKind.SERVER if msg.reply else SpanKind.CONSUMER
-        with self._tracer.start_as_current_span(
+        span_cm = self._tracer.start_as_current_span(
             f"{msg.subject} process", context=ctx, kind=kind,
             attributes=_attrs(msg.subject, "process", len(msg.data)),
-        ) as span:
+        ) if traced else contextlib.nullcontext(trace.INVALID_SPAN)
+        with span_cm as span:
             try:
                 message = decoder.decode(msg.data)
             except msgspec.DecodeError as exc:

@@ -53,12 +53,17 @@ class ServiceRuntime:
     def setup_process(self) -> None:
         setup_process(self.service, self.settings)
 
-    async def start(self, *, database: bool = False) -> None:
+    async def start(self, *, database: bool = False, manage_streams: bool = True) -> None:
+        """Connect (and with `manage_streams`, create/update the JetStream streams;
+        nodes leave that to the services, their credentials allow no JetStream API)."""
         nats_url = self.settings.nats_url
         if not nats_url:
             raise RuntimeError("NATS_URL is not set: start services with `nexus up`")
-        self.bus = await Bus.connect(nats_url, f"nexus-{self.service}")
-        await self.bus.ensure_streams()
+        self.bus = await Bus.connect(nats_url, f"nexus-{self.service}",
+                                     user=self.settings.nats_user,
+                                     password=self.settings.nats_password)
+        if manage_streams:
+            await self.bus.ensure_streams()
         if database:
             if not self.settings.database_url:
                 raise RuntimeError("DATABASE_URL is not set: start services with `nexus up`")

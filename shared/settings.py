@@ -40,6 +40,16 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
 
 
+def _parse_labels(raw: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"NEXUS_NODE_LABELS item {item!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str | None = None
@@ -87,6 +97,30 @@ class Settings:
     db_pool_size: int = 10
     """NEXUS_DB_POOL_SIZE: asyncpg pool size per process."""
 
+    nats_user: str | None = None
+    """NEXUS_NATS_USER: NATS user of this process (unset: connect without credentials)."""
+
+    nats_password: str | None = None
+    """NEXUS_NATS_PASSWORD: its password (never logged)."""
+
+    node_data_dir: Path | None = None
+    """NEXUS_NODE_DATA_DIR: where a node keeps its stable id (default `<NEXUS_DATA_DIR>/node`)."""
+
+    node_labels: dict[str, str] = field(default_factory=dict)
+    """NEXUS_NODE_LABELS: labels of this node, `key=value,key=value`."""
+
+    heartbeat_interval_s: float = 2.0
+    """NEXUS_HEARTBEAT_INTERVAL_S: how often a node reports its load."""
+
+    node_offline_after_s: float = 6.0
+    """NEXUS_NODE_OFFLINE_AFTER_S: silence after which the orchestrator marks a node offline."""
+
+    node_drain_timeout_s: float = 10.0
+    """NEXUS_NODE_DRAIN_TIMEOUT_S: how long a stopping node waits for in-flight work."""
+
+    node_selection: str = "least_loaded"
+    """NEXUS_NODE_SELECTION: round_robin, least_loaded or power_of_two."""
+
     @classmethod
     def from_env(cls) -> Settings:
         return cls(
@@ -105,7 +139,19 @@ class Settings:
             projection_batch_size=_env_int("NEXUS_PROJECTION_BATCH_SIZE", 500),
             max_body_bytes=_env_int("NEXUS_MAX_BODY_BYTES", 1_048_576),
             db_pool_size=_env_int("NEXUS_DB_POOL_SIZE", 10),
+            nats_user=_env("NEXUS_NATS_USER"),
+            nats_password=_env("NEXUS_NATS_PASSWORD"),
+            node_data_dir=Path(d) if (d := _env("NEXUS_NODE_DATA_DIR")) else None,
+            node_labels=_parse_labels(_env("NEXUS_NODE_LABELS", "") or ""),
+            heartbeat_interval_s=_env_float("NEXUS_HEARTBEAT_INTERVAL_S", 2.0),
+            node_offline_after_s=_env_float("NEXUS_NODE_OFFLINE_AFTER_S", 6.0),
+            node_drain_timeout_s=_env_float("NEXUS_NODE_DRAIN_TIMEOUT_S", 10.0),
+            node_selection=_env("NEXUS_NODE_SELECTION", "least_loaded") or "least_loaded",
         )
+
+    @property
+    def node_dir(self) -> Path:
+        return self.node_data_dir or self.data_dir / "node"
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -61,12 +61,16 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Infra]:
             pg.stop()
 
 
-@pytest.fixture
-def fresh_db(infra: Infra) -> str:
-    """A new, migrated database of its own for this test (named, not restarted)."""
+def new_database(infra: Infra) -> str:
     url = database_url_named(infra.database_url, f"t_{uuid.uuid4().hex[:16]}")
     migrate(url)
     return url
+
+
+@pytest.fixture
+def fresh_db(infra: Infra) -> str:
+    """A new, migrated database of its own for this test (named, not restarted)."""
+    return new_database(infra)
 
 
 @pytest.fixture

@@ -84,9 +84,14 @@ async def test_partly_reused_event_ids_are_rejected(store: EventStore) -> None:
         await store.append(other_stream, [started(other_sid)], expected_version=0, event_ids=[used])
 
 
-async def test_empty_append_is_refused(store: EventStore) -> None:
-    with pytest.raises(ValueError):
+async def test_empty_append_and_repeated_ids_are_refused(store: EventStore) -> None:
+    with pytest.raises(ValueError, match="at least one"):
         await store.append("session-x", [], expected_version=0)
+    sid, stream = new_stream()
+    same = uuid.uuid4()
+    with pytest.raises(ValueError, match="distinct"):
+        await store.append(stream, [started(sid), SessionClosed(session_id=sid)], 0,
+                           event_ids=[same, same])
 
 
 async def test_fifty_concurrent_appenders_exactly_one_wins(store: EventStore) -> None:

@@ -20,6 +20,9 @@ from shared.messages import Ping, Pong
 from shared.messaging import MessagingError
 from shared.service import ServiceRuntime
 from shared.settings import Settings
+from shared.nodes import NodeView
+from services.orchestrator.nodes import NodeService
+from services.orchestrator.nodes_api import NodesController
 from services.orchestrator.problems import EXCEPTION_HANDLERS, Problem
 from services.orchestrator.projections import PROJECTIONS
 from services.orchestrator.schemas import (
@@ -93,6 +96,10 @@ def create_app(settings: Settings) -> Litestar:
         app.state.runtime = runtime
         app.state.runner = runner
         app.state.sessions = SessionService(runtime.store, runner)
+        app.state.nodes = NodeService(runtime.store, runtime.bus, NodeView(),
+                                      offline_after_s=settings.node_offline_after_s,
+                                      poll_s=settings.projection_poll_s)
+        await app.state.nodes.start()
         task = asyncio.create_task(runner.run(), name="projections")
         try:
             yield
@@ -100,15 +107,20 @@ def create_app(settings: Settings) -> Litestar:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await app.state.nodes.stop()
             await runtime.stop()
 
     def provide_sessions(state: State) -> SessionService:
         return state.sessions
 
+    def provide_nodes(state: State) -> NodeService:
+        return state.nodes
+
     return Litestar(
-        route_handlers=[health, system_ping, create_session, get_session],
+        route_handlers=[health, system_ping, create_session, get_session, NodesController],
         lifespan=[lifespan],
-        dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False)},
+        dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False),
+                      "nodes": Provide(provide_nodes, sync_to_thread=False)},
         exception_handlers=EXCEPTION_HANDLERS,
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health"]))],
         request_max_body_size=settings.max_body_bytes,

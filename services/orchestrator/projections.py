@@ -7,6 +7,8 @@ import msgspec
 
 from shared.events import RecordedEvent, SessionClosed, SessionStarted
 from shared.eventstore import Projection
+from shared.messages import NodeRegistration
+from shared.nodes import NODE_EVENT_TYPES, NodeRecord, fold_node
 
 
 class SessionsProjection(Projection):
@@ -36,4 +38,40 @@ class SessionsProjection(Projection):
             )
 
 
-PROJECTIONS: tuple[Projection, ...] = (SessionsProjection(),)
+class NodesProjection(Projection):
+    """`nodes` table: the registry, the same fold (`fold_node`) the orchestrator keeps in memory."""
+
+    name = "nodes"
+    handles = NODE_EVENT_TYPES
+    tables = ("nodes",)
+
+    async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
+        node_id = rec.event.node_id  # type: ignore[attr-defined]
+        row = await conn.fetchrow(
+            "SELECT status, registration::text AS registration, version FROM nodes WHERE node_id = $1",
+            node_id,
+        )
+        state = None
+        if row is not None:
+            reg = msgspec.json.decode(row["registration"], type=NodeRegistration)
+            state = NodeRecord(node_id, row["status"], reg, row["version"])
+        new = fold_node(state, rec.event, rec.stream_version)
+        if new is None:
+            return
+        reg = new.registration
+        await conn.execute(
+            "INSERT INTO nodes (node_id, status, hostname, labels, models, registration, version,"
+            " registered_at, status_changed_at)"
+            " VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, $8, $8)"
+            " ON CONFLICT (node_id) DO UPDATE SET status = EXCLUDED.status,"
+            " hostname = EXCLUDED.hostname, labels = EXCLUDED.labels, models = EXCLUDED.models,"
+            " registration = EXCLUDED.registration, version = EXCLUDED.version,"
+            " status_changed_at = CASE WHEN nodes.status = EXCLUDED.status"
+            "   THEN nodes.status_changed_at ELSE EXCLUDED.status_changed_at END",
+            node_id, new.status, reg.hostname, msgspec.json.encode(reg.labels).decode(),
+            list(reg.runtime.models), msgspec.json.encode(reg).decode(), new.version,
+            rec.recorded_at,
+        )
+
+
+PROJECTIONS: tuple[Projection, ...] = (SessionsProjection(), NodesProjection())

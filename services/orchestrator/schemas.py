@@ -62,3 +62,52 @@ class SystemPing(msgspec.Struct, frozen=True, kw_only=True):
     orchestrator: ServicePing
     provider: ServicePing
     node: ServicePing
+
+
+class NodeLoadOut(msgspec.Struct, frozen=True, kw_only=True):
+    fresh: bool
+    heartbeat_age_s: float | None
+    cpu_pct: float | None
+    memory_pct: float | None
+    gpu_util_pct: float | None
+    gpu_memory_used_bytes: int
+    gpu_memory_total_bytes: int
+    active_requests: int
+    queue_depth: int
+    avg_response_ms: float | None
+    draining: bool
+
+
+class NodeOut(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    status: str
+    hostname: str
+    addresses: tuple[str, ...]
+    labels: dict[str, str]
+    cpu_count: int
+    memory_total_bytes: int
+    gpus: tuple[dict[str, object], ...]
+    runtime: dict[str, object]
+    agent_version: str
+    registered_at: datetime
+    status_changed_at: datetime
+    load: NodeLoadOut | None
+
+
+class LoadSample(msgspec.Struct, frozen=True, kw_only=True):
+    sent_at: float
+    cpu_pct: float
+    memory_pct: float
+    gpu_util_pct: float | None
+    gpu_memory_used_bytes: int
+    active_requests: int
+    avg_response_ms: float | None
+
+
+class NodeDetail(NodeOut, frozen=True, kw_only=True):
+    history: tuple[LoadSample, ...]
+
+
+class NodeList(msgspec.Struct, frozen=True, kw_only=True):
+    nodes: tuple[NodeOut, ...]
+    total: int

@@ -115,6 +115,8 @@ class EventStore:
         ids = list(event_ids) if event_ids is not None else [uuid.uuid4() for _ in events]
         if len(ids) != len(events):
             raise ValueError("event_ids must match events one to one")
+        if len(set(ids)) != len(ids):
+            raise ValueError("event_ids must be distinct within one append")
         meta = encode_metadata(_with_trace(metadata)).decode()
         args = (
             stream_id,
@@ -187,17 +189,20 @@ class EventStore:
         """The last committed global position (0 for an empty store)."""
         return await (conn or self.pool).fetchval("SELECT coalesce(max(position), 0) FROM events")
 
-    async def follow(self, after: int = 0, *, poll_s: float = 1.0,
-                     batch: int = 500) -> AsyncIterator[RecordedEvent]:
-        """Every event after `after`, then new ones as they commit (never ends)."""
+    async def follow(self, after: int = 0, *, poll_s: float = 1.0, batch: int = 500,
+                     types: Sequence[str] | None = None) -> AsyncIterator[RecordedEvent]:
+        """Every event after `after` (of `types`, if given), then new ones as they
+        commit; never ends. Safe to follow: positions commit in order (see above)."""
         async with Notifier(self.pool, poll_s) as notifier:
             position = after
             while True:
-                events = await self.read_all(position, batch)
+                head = await self.head()
+                events = await self.read_all(position, batch, types=types)
                 for event in events:
                     yield event
                     position = event.position
                 if len(events) < batch:
+                    position = max(position, head)
                     await notifier.wait()
 
 

@@ -1,0 +1,135 @@
+"""The node agent: identity, registration, heartbeats, drain and leave.
+
+`NodeAgent` holds the node's state (active requests, response-time EWMA) and builds
+its messages; `run()` drives it on a `Bus`. Inference relaying (the LLM path) plugs
+into `track_request`, which feeds active requests and latency into the heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from shared import __version__, subjects
+from shared.messages import Heartbeat, NodeRegistration, NodeStatusChange, RegistrationAck, RuntimeInfo
+from shared.messaging import Bus, MessagingError
+from services.node import hardware
+
+log = logging.getLogger("nexus.node")
+
+
+def load_or_create_node_id(data_dir: Path) -> str:
+    """The node's stable id, kept in `data_dir/node_id` (created once, atomically)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "node_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    node_id = uuid.uuid4().hex
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id + "\n")
+    os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+class NodeAgent:
+    def __init__(self, node_id: str, *, labels: dict[str, str], heartbeat_interval_s: float,
+                 runtime: RuntimeInfo | None = None, gpus: hardware.Gpus | None = None) -> None:
+        self.node_id = node_id
+        self.labels = labels
+        self.interval = heartbeat_interval_s
+        self.runtime = runtime or RuntimeInfo()
+        self.gpus = gpus or hardware.Gpus()
+        self.active_requests = 0
+        self.queue_depth = 0
+        self.avg_response_ms: float | None = None
+        self.draining = False
+        self.seq = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def registration(self) -> NodeRegistration:
+        return NodeRegistration(
+            node_id=self.node_id, hostname=socket.gethostname(),
+            addresses=hardware.host_addresses(), labels=self.labels,
+            cpu_count=hardware.cpu_count(), memory_total_bytes=hardware.memory_total(),
+            gpus=self.gpus.info, runtime=self.runtime, agent_version=__version__,
+            heartbeat_interval_s=self.interval,
+        )
+
+    def sample(self) -> Heartbeat:
+        """Blocking (psutil/NVML): call through `asyncio.to_thread`."""
+        cpu, mem = hardware.sample_host()
+        self.seq += 1
+        return Heartbeat(
+            node_id=self.node_id, seq=self.seq, sent_at=time.time(), cpu_pct=cpu,
+            memory_pct=mem, gpus=self.gpus.sample(), active_requests=self.active_requests,
+            queue_depth=self.queue_depth, avg_response_ms=self.avg_response_ms,
+            draining=self.draining,
+        )
+
+    @contextlib.asynccontextmanager
+    async def track_request(self):
+        """Wrap each inference request: counts it as active and feeds the latency EWMA."""
+        self.active_requests += 1
+        self._idle.clear()
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            elapsed_ms = (time.monotonic() - started) * 1000
+            self.avg_response_ms = (elapsed_ms if self.avg_response_ms is None
+                                    else 0.8 * self.avg_response_ms + 0.2 * elapsed_ms)
+            self.active_requests -= 1
+            if self.active_requests == 0:
+                self._idle.set()
+
+    async def register(self, bus: Bus, timeout: float) -> RegistrationAck:
+        """Ask the orchestrator to accept us; retry (with backoff) until it answers."""
+        delay = 0.2
+        while True:
+            try:
+                ack = await bus.request(subjects.node_register(self.node_id), self.registration(),
+                                        RegistrationAck, timeout=timeout)
+                log.info("registered", extra={"node_id": self.node_id, "status": ack.status})
+                return ack
+            except MessagingError as exc:
+                log.warning("registration not answered, retrying: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def heartbeat_loop(self, bus: Bus) -> None:
+        hardware.sample_host()  # prime psutil's cpu_percent baseline
+        while True:
+            started = time.monotonic()
+            try:
+                beat = await asyncio.to_thread(self.sample)
+                await bus.publish(subjects.node_heartbeat(self.node_id), beat, traced=False)
+            except Exception as exc:  # NATS down: keep beating, it reconnects
+                log.warning("heartbeat not sent: %s", exc)
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def drain_and_leave(self, bus: Bus, deadline_s: float) -> None:
+        """Announce draining, wait for in-flight work (up to the deadline), announce leaving."""
+        self.draining = True
+        with contextlib.suppress(Exception):
+            await bus.publish(subjects.node_status(self.node_id),
+                              NodeStatusChange(node_id=self.node_id, status="draining",
+                                               reason="agent stopping"))
+        try:
+            await asyncio.wait_for(self._idle.wait(), deadline_s)
+            reason = "stopped"
+        except TimeoutError:
+            reason = f"stopped with {self.active_requests} requests still running after {deadline_s:g}s"
+        with contextlib.suppress(Exception):
+            await bus.publish(subjects.node_status(self.node_id),
+                              NodeStatusChange(node_id=self.node_id, status="leaving", reason=reason))
+            await bus.nc.flush(timeout=2)
+        log.info("left", extra={"node_id": self.node_id, "reason": reason})

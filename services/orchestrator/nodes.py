@@ -1,0 +1,290 @@
+"""The node registry: registration, liveness and the in-memory load view.
+
+Durable facts (registered, capabilities changed, offline, back, draining, left,
+deregistered) are events on `node-<id>`, appended with the stream's expected version,
+so when several orchestrators see the same silence exactly one `NodeWentOffline` is
+written. Heartbeats never touch Postgres: they arrive through an ordered JetStream
+consumer (last heartbeat of every node first, so a restarted orchestrator knows at
+once who is alive) and are folded into `NodeView`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from shared import subjects
+from shared.events import (
+    Event,
+    Metadata,
+    NodeCameBack,
+    NodeCapabilitiesChanged,
+    NodeDeregistered,
+    NodeDraining,
+    NodeLeft,
+    NodeRegistered,
+    NodeWentOffline,
+    node_stream,
+)
+from shared.eventstore import EventStore, WrongExpectedVersion
+from shared.messages import Heartbeat, NodeRegistration, NodeStatusChange, RegistrationAck
+from shared.messaging import Bus, HandlerError
+from shared.nodes import (
+    DEREGISTERED,
+    DRAINING,
+    LEFT,
+    NODE_EVENT_TYPES,
+    OFFLINE,
+    ONLINE,
+    NodeRecord,
+    NodeView,
+    fold_node,
+)
+
+log = logging.getLogger("nexus.orchestrator.nodes")
+
+
+# -- decisions (pure) ---------------------------------------------------------------------
+
+
+def decide_registration(state: NodeRecord | None, reg: NodeRegistration) -> list[Event]:
+    if state is None or state.status == DEREGISTERED:
+        return [NodeRegistered(node_id=reg.node_id, registration=reg)]
+    events: list[Event] = []
+    if _capabilities(state.registration) != _capabilities(reg):
+        events.append(NodeCapabilitiesChanged(node_id=reg.node_id, registration=reg))
+    if state.status != ONLINE:
+        events.append(NodeCameBack(node_id=reg.node_id, via="registration"))
+    return events
+
+
+def _capabilities(reg: NodeRegistration) -> NodeRegistration:
+    """Registration minus what may change between restarts without meaning anything."""
+    return msgspec.structs.replace(reg, addresses=())
+
+
+def decide_status(state: NodeRecord | None, change: NodeStatusChange) -> list[Event]:
+    if state is None or state.status in (LEFT, DEREGISTERED):
+        return []
+    if change.status == "draining" and state.status != DRAINING:
+        return [NodeDraining(node_id=state.node_id, reason=change.reason)]
+    if change.status == "leaving":
+        return [NodeLeft(node_id=state.node_id, reason=change.reason)]
+    return []
+
+
+def decide_offline(state: NodeRecord | None, last_heartbeat_at: float | None,
+                   timeout_s: float) -> list[Event]:
+    if state is None or state.status not in (ONLINE, DRAINING):
+        return []
+    return [NodeWentOffline(node_id=state.node_id, last_heartbeat_at=last_heartbeat_at,
+                            timeout_s=timeout_s)]
+
+
+def decide_came_back(state: NodeRecord | None) -> list[Event]:
+    if state is None or state.status != OFFLINE:
+        return []
+    return [NodeCameBack(node_id=state.node_id, via="heartbeat")]
+
+
+# -- the service --------------------------------------------------------------------------
+
+
+class NodeService:
+    def __init__(self, store: EventStore, bus: Bus, view: NodeView, *, offline_after_s: float,
+                 poll_s: float = 1.0) -> None:
+        self.store = store
+        self.bus = bus
+        self.view = view
+        self.offline_after_s = offline_after_s
+        self.poll_s = poll_s
+        self.records: dict[str, NodeRecord] = {}
+        self.last_heartbeat_wall: dict[str, float] = {}
+        self.started = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: set[str] = set()
+        self._subs: list[object] = []
+        self.rejected_heartbeats = 0
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        position = 0
+        while batch := await self.store.read_all(position, 5000, types=sorted(NODE_EVENT_TYPES)):
+            for rec in batch:
+                self._fold(rec.event, rec.stream_version)
+            position = batch[-1].position
+        self._tasks.append(asyncio.create_task(self._follow(position), name="node-events"))
+        self._subs.append(await self.bus.subscribe(
+            subjects.NODE_REGISTER_ALL, NodeRegistration, self.on_register,
+            queue=subjects.QUEUE_ORCHESTRATOR, concurrent=True))
+        self._subs.append(await self.bus.subscribe(
+            subjects.NODE_STATUS_ALL, NodeStatusChange, self.on_status,
+            queue=subjects.QUEUE_ORCHESTRATOR))  # in order: draining before leaving
+        self._subs.append(await self.bus.subscribe_stream(
+            subjects.NODE_HEARTBEAT_ALL, Heartbeat, self.on_heartbeat,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT))
+        self._tasks.append(asyncio.create_task(self._liveness(), name="node-liveness"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # -- folding ----------------------------------------------------------------------
+
+    def _fold(self, event: Event, version: int) -> None:
+        node_id = getattr(event, "node_id")
+        current = self.records.get(node_id)
+        if current is not None and version <= current.version:
+            return  # already folded (our own append, seen again by the follower)
+        record = fold_node(current, event, version)
+        if record is None:
+            return
+        self.records[node_id] = record
+        if record.status == DEREGISTERED:
+            self.view.remove(node_id)
+        else:
+            self.view.apply_record(record)
+
+    async def _follow(self, after: int) -> None:
+        """Fold node events appended by any orchestrator into this process's view."""
+        async for rec in self.store.follow(after, poll_s=self.poll_s,
+                                           types=sorted(NODE_EVENT_TYPES)):
+            self._fold(rec.event, rec.stream_version)
+
+    async def transition(self, node_id: str,
+                         decide: Callable[[NodeRecord | None], list[Event]],
+                         actor: str = "orchestrator") -> NodeRecord | None:
+        """Read the node's stream, decide, append at its version; retry on a race."""
+        stream = node_stream(node_id)
+        for _ in range(5):
+            state: NodeRecord | None = None
+            for rec in await self.store.read_stream(stream):
+                state = fold_node(state, rec.event, rec.stream_version)
+            events = decide(state)
+            if not events:
+                return state
+            version = state.version if state else 0
+            try:
+                await self.store.append(stream, events, expected_version=version,
+                                        metadata=Metadata(actor=actor, correlation_id=node_id))
+            except WrongExpectedVersion:
+                continue  # another orchestrator moved first: decide again on its result
+            for offset, event in enumerate(events, start=1):
+                self._fold(event, version + offset)
+            return self.records.get(node_id)
+        raise RuntimeError(f"node {node_id}: too many concurrent transitions")
+
+    # -- handlers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _check_sender(claimed: str, msg: Msg) -> None:
+        sender = subjects.node_id_from_subject(msg.subject)
+        if claimed != sender:
+            raise HandlerError("Forbidden", f"node {sender} may not speak for node {claimed}")
+
+    async def on_register(self, reg: NodeRegistration, msg: Msg) -> RegistrationAck:
+        self._check_sender(reg.node_id, msg)
+        record = await self.transition(reg.node_id, lambda s: decide_registration(s, reg),
+                                       actor=f"node:{reg.node_id}")
+        assert record is not None
+        return RegistrationAck(node_id=reg.node_id, status=record.status,
+                               heartbeat_timeout_s=self.offline_after_s)
+
+    async def on_status(self, change: NodeStatusChange, msg: Msg) -> None:
+        self._check_sender(change.node_id, msg)
+        await self.transition(change.node_id, lambda s: decide_status(s, change),
+                              actor=f"node:{change.node_id}")
+
+    async def on_heartbeat(self, hb: Heartbeat, msg: Msg) -> None:
+        sender = subjects.node_id_from_subject(msg.subject)
+        if hb.node_id != sender:
+            self.rejected_heartbeats += 1
+            log.warning("forged heartbeat dropped",
+                        extra={"subject": msg.subject, "claimed_node_id": hb.node_id})
+            return
+        # Age from the server's receive time: right for live and for replayed heartbeats.
+        received = msg.metadata.timestamp.timestamp() if msg.metadata else time.time()
+        age = max(0.0, time.time() - received)
+        if self.view.apply_heartbeat(hb, now=time.monotonic() - age) is None:
+            return  # not (or no longer) registered
+        self.last_heartbeat_wall[hb.node_id] = received
+        record = self.records.get(hb.node_id)
+        if record and record.status == OFFLINE and age < self.offline_after_s:
+            self._spawn_once(hb.node_id, decide_came_back)
+
+    def _spawn_once(self, node_id: str, decide: Callable[[NodeRecord | None], list[Event]]) -> None:
+        if node_id in self._pending:
+            return
+        self._pending.add(node_id)
+
+        async def run() -> None:
+            try:
+                await self.transition(node_id, decide)
+            except Exception:
+                log.exception("node transition failed", extra={"node_id": node_id})
+            finally:
+                self._pending.discard(node_id)
+
+        task = asyncio.create_task(run())
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _liveness(self) -> None:
+        interval = max(0.1, min(1.0, self.offline_after_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for node_id, record in list(self.records.items()):
+                if record.status not in (ONLINE, DRAINING):
+                    continue
+                node = self.view.nodes.get(node_id)
+                last = node.last_heartbeat if node and node.last_heartbeat is not None else self.started
+                if now - last > self.offline_after_s:
+                    wall = self.last_heartbeat_wall.get(node_id)
+                    self._spawn_once(node_id, lambda s, w=wall: decide_offline(s, w, self.offline_after_s))
+
+    # -- queries ----------------------------------------------------------------------
+
+    async def deregister(self, node_id: str, actor: str) -> bool:
+        def decide(state: NodeRecord | None) -> list[Event]:
+            if state is None or state.status == DEREGISTERED:
+                return []
+            return [NodeDeregistered(node_id=node_id, actor=actor)]
+
+        existed = node_id in self.records and self.records[node_id].status != DEREGISTERED
+        await self.transition(node_id, decide, actor=actor)
+        return existed
+
+    async def history(self, node_id: str, limit: int = 150) -> list[Heartbeat]:
+        """The node's recent heartbeats from the bounded JetStream stream."""
+        sub = await self.bus.js.subscribe(subjects.node_heartbeat(node_id), ordered_consumer=True,
+                                          deliver_policy=DeliverPolicy.ALL)
+        beats: list[Heartbeat] = []
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except Exception:
+                    break
+                with contextlib.suppress(msgspec.DecodeError):
+                    beats.append(msgspec.json.decode(msg.data, type=Heartbeat))
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        return beats[-limit:]

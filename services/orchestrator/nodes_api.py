@@ -1,0 +1,103 @@
+"""`/v1/nodes`: the registry (projection) joined with live load (in-memory view)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, delete, get
+from litestar.params import Parameter
+
+from shared.messages import NodeRegistration
+from shared.nodes import STATUSES, NodeLoad
+from services.orchestrator.nodes import NodeService
+from services.orchestrator.problems import Problem
+from services.orchestrator.schemas import LoadSample, NodeDetail, NodeList, NodeLoadOut, NodeOut
+
+_COLUMNS = ("SELECT node_id, status, registration::text AS registration, registered_at,"
+            " status_changed_at FROM nodes")
+
+
+def _load(node: NodeLoad | None, fresh_within_s: float) -> NodeLoadOut | None:
+    if node is None:
+        return None
+    now = time.monotonic()
+    age = None if node.last_heartbeat is None else round(now - node.last_heartbeat, 3)
+    return NodeLoadOut(
+        fresh=node.fresh(now, fresh_within_s), heartbeat_age_s=age, cpu_pct=node.cpu_pct,
+        memory_pct=node.memory_pct, gpu_util_pct=node.gpu_util_pct,
+        gpu_memory_used_bytes=node.gpu_memory_used_bytes,
+        gpu_memory_total_bytes=node.gpu_memory_total_bytes,
+        active_requests=node.active_requests + node.dispatched, queue_depth=node.queue_depth,
+        avg_response_ms=node.avg_response_ms, draining=node.draining,
+    )
+
+
+def _node_out(row, nodes: NodeService) -> dict:
+    reg = msgspec.json.decode(row["registration"], type=NodeRegistration)
+    return dict(
+        node_id=row["node_id"], status=row["status"], hostname=reg.hostname,
+        addresses=reg.addresses, labels=reg.labels, cpu_count=reg.cpu_count,
+        memory_total_bytes=reg.memory_total_bytes,
+        gpus=tuple(msgspec.structs.asdict(g) for g in reg.gpus),
+        runtime=msgspec.structs.asdict(reg.runtime), agent_version=reg.agent_version,
+        registered_at=row["registered_at"], status_changed_at=row["status_changed_at"],
+        load=_load(nodes.view.nodes.get(row["node_id"]), nodes.offline_after_s),
+    )
+
+
+class NodesController(Controller):
+    path = "/v1/nodes"
+
+    @get("/")
+    async def list_nodes(
+        self, nodes: NodeService,
+        status: Annotated[str | None, Parameter(description="online, offline, draining, left, deregistered")] = None,
+        label: Annotated[str | None, Parameter(description="key=value")] = None,
+        model: str | None = None,
+    ) -> NodeList:
+        clauses, args = [], []
+        if status is not None:
+            if status not in STATUSES:
+                raise Problem(400, "validation", f"status: must be one of {', '.join(STATUSES)}",
+                              errors=[{"field": "status", "message": f"unknown status {status!r}"}])
+            args.append(status)
+            clauses.append(f"status = ${len(args)}")
+        else:
+            clauses.append("status <> 'deregistered'")
+        if label is not None:
+            key, sep, value = label.partition("=")
+            if not sep or not key:
+                raise Problem(400, "validation", "label: expected key=value",
+                              errors=[{"field": "label", "message": "expected key=value"}])
+            args.append(msgspec.json.encode({key: value}).decode())
+            clauses.append(f"labels @> ${len(args)}::jsonb")
+        if model is not None:
+            args.append(model)
+            clauses.append(f"${len(args)} = ANY(models)")
+        rows = await nodes.store.pool.fetch(
+            f"{_COLUMNS} WHERE {' AND '.join(clauses)} ORDER BY node_id", *args
+        )
+        out = tuple(NodeOut(**_node_out(row, nodes)) for row in rows)
+        return NodeList(nodes=out, total=len(out))
+
+    @get("/{node_id:str}")
+    async def get_node(self, node_id: str, nodes: NodeService) -> NodeDetail:
+        row = await nodes.store.pool.fetchrow(f"{_COLUMNS} WHERE node_id = $1", node_id)
+        if row is None:
+            raise Problem(404, "not-found", f"node {node_id!r} not found")
+        history = tuple(
+            LoadSample(sent_at=h.sent_at, cpu_pct=h.cpu_pct, memory_pct=h.memory_pct,
+                       gpu_util_pct=(sum(g.utilization_pct for g in h.gpus) / len(h.gpus))
+                       if h.gpus else None,
+                       gpu_memory_used_bytes=sum(g.memory_used_bytes for g in h.gpus),
+                       active_requests=h.active_requests, avg_response_ms=h.avg_response_ms)
+            for h in await nodes.history(node_id)
+        )
+        return NodeDetail(**_node_out(row, nodes), history=history)
+
+    @delete("/{node_id:str}", status_code=204)
+    async def deregister_node(self, node_id: str, nodes: NodeService) -> None:
+        if not await nodes.deregister(node_id, actor="admin"):
+            raise Problem(404, "not-found", f"node {node_id!r} not found")
