@@ -14,9 +14,12 @@ can keep its own indexes up to date instead of scanning all nodes per request.
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from shared.events import (
     Event,
@@ -36,6 +39,21 @@ NODE_EVENT_TYPES = frozenset(
     t.__name__ for t in (NodeRegistered, NodeCapabilitiesChanged, NodeWentOffline, NodeCameBack,
                          NodeDraining, NodeLeft, NodeDeregistered)
 )
+
+
+def load_or_create_node_id(data_dir: Path) -> str:
+    """The node's stable id, kept in `data_dir/node_id` (created once, atomically)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "node_id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    node_id = uuid.uuid4().hex
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id + "\n")
+    os.replace(tmp, path)
+    return path.read_text().strip()
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import time
-import uuid
-from pathlib import Path
 
 from shared import __version__, subjects
 from shared.messages import Heartbeat, NodeRegistration, NodeStatusChange, RegistrationAck, RuntimeInfo
@@ -22,21 +19,6 @@ from shared.messaging import Bus, MessagingError
 from services.node import hardware
 
 log = logging.getLogger("nexus.node")
-
-
-def load_or_create_node_id(data_dir: Path) -> str:
-    """The node's stable id, kept in `data_dir/node_id` (created once, atomically)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "node_id"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    node_id = uuid.uuid4().hex
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(node_id + "\n")
-    os.replace(tmp, path)
-    return path.read_text().strip()
 
 
 class NodeAgent:

@@ -7,7 +7,8 @@ import contextlib
 
 from shared.service import ServiceRuntime
 from shared.settings import Settings, get_settings
-from services.node.agent import NodeAgent, load_or_create_node_id
+from shared.nodes import load_or_create_node_id
+from services.node.agent import NodeAgent
 
 
 async def run(runtime: ServiceRuntime, settings: Settings) -> None:
