@@ -68,6 +68,65 @@ def _database_url() -> str:
     return resolve_urls(get_settings())[1]
 
 
+def _api_url() -> str:
+    from shared.supervisor import read_state
+
+    settings = get_settings()
+    return str(read_state(settings).get("api_url") or f"http://{settings.http_host}:{settings.http_port}")
+
+
+def _fmt(value: object, suffix: str = "", digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def nodes_table(nodes: list[dict]) -> str:
+    header = (f"{'NODE':<34}{'STATUS':<13}{'HOST':<20}{'CPU':>6}{'MEM':>6}{'GPU':>6}"
+              f"{'GPU MEM (GiB)':>15}{'ACTIVE':>8}{'AVG MS':>8}{'SEEN':>7}")
+    lines = [header]
+    gib = 1024**3
+    for n in nodes:
+        load = n.get("load") or {}
+        gpu_mem = (f"{load['gpu_memory_used_bytes'] / gib:.1f}/{load['gpu_memory_total_bytes'] / gib:.1f}"
+                   if load.get("gpu_memory_total_bytes") else "-")
+        status = n["status"] + ("" if not load or load.get("fresh") else "*")
+        lines.append(
+            f"{n['node_id'][:33]:<34}{status:<13}{n['hostname'][:19]:<20}"
+            f"{_fmt(load.get('cpu_pct'), '%'):>6}{_fmt(load.get('memory_pct'), '%'):>6}"
+            f"{_fmt(load.get('gpu_util_pct'), '%'):>6}{gpu_mem:>15}"
+            f"{_fmt(load.get('active_requests')):>8}{_fmt(load.get('avg_response_ms')):>8}"
+            f"{_fmt(load.get('heartbeat_age_s'), 's', 1):>7}"
+        )
+    return "\n".join(lines)
+
+
+@main.command(help="Nodes with status and live load (* = no fresh heartbeat).")
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds.")
+@click.option("--status", default=None, help="Only nodes with this status.")
+def nodes(watch: bool, status: str | None) -> None:
+    import json
+    import time
+    import urllib.parse
+    import urllib.request
+
+    url = f"{_api_url()}/v1/nodes" + (f"?{urllib.parse.urlencode({'status': status})}" if status else "")
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                table = nodes_table(json.load(resp)["nodes"])
+        except OSError as exc:
+            raise click.ClickException(f"cannot reach the orchestrator at {url}: {exc}") from exc
+        if watch:
+            click.clear()
+        click.echo(table)
+        if not watch:
+            return
+        time.sleep(2)
+
+
 @main.group(help="Read the event store.")
 def events() -> None:
     pass

@@ -280,3 +280,26 @@ async def test_admin_deregisters_a_node(cluster: Cluster, bus: Bus) -> None:
     assert httpx.delete(f"{cluster.api}/v1/nodes/{node_id}").status_code == 204
     assert node_id not in by_id(cluster.nodes())
     assert cluster.nodes(status="deregistered") and (await cluster.events(node_id))[-1] == "NodeDeregistered"
+
+
+async def test_nexus_nodes_prints_a_table(cluster: Cluster, bus: Bus) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    node_id = f"cli{uuid.uuid4().hex[:6]}"
+    fleet = SimFleet(bus, [node_id])
+    await fleet.register_all()
+    await fleet.beat_once()
+    await asyncio.to_thread(wait_until, lambda: cluster.node(node_id)["load"]["fresh"], 10, 0.1,
+                            "heartbeat folded")
+    env = {**os.environ, "NEXUS_HTTP_PORT": cluster.api.rsplit(":", 1)[1],
+           "NEXUS_DATA_DIR": str(cluster.tmp / "cli-data")}
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "shared.cli", "nodes", "--status", "online"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    [line] = [ln for ln in result.stdout.splitlines() if ln.startswith(node_id)]
+    assert line.split()[1] == "online" and f"sim-{node_id}" in line
