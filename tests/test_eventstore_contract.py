@@ -160,3 +160,26 @@ async def test_events_carry_the_current_trace_id(store: EventStore) -> None:
     [event] = await store.read_stream(stream)
     assert event.metadata.trace_id == expected
     assert event.metadata.span_id is not None
+
+
+async def test_concurrent_appends_fail_only_where_they_conflict(store: EventStore) -> None:
+    """Overlapping appends share commits; each is still checked and answered on its own."""
+    good = [new_stream() for _ in range(60)]
+    taken_sid, taken = new_stream()
+    await store.append(taken, [started(taken_sid)], expected_version=0)
+
+    async def attempt(i: int) -> str:
+        sid, stream = good[i] if i % 3 else (taken_sid, taken)
+        try:
+            result = await store.append(stream, [started(sid)], expected_version=0)
+        except WrongExpectedVersion:
+            return "conflict"
+        return "ok" if result.next_expected_version == 1 else "odd"
+
+    outcomes = await asyncio.gather(*(attempt(i) for i in range(60)))
+    assert outcomes.count("conflict") == 20
+    assert outcomes.count("ok") == 40
+    for i in range(60):
+        if i % 3:
+            assert await store.stream_version(good[i][1]) == 1
+    assert await store.stream_version(taken) == 1

@@ -1,6 +1,6 @@
 """The event store: append with optimistic concurrency, read a stream, read all.
 
-All writes go through the `nexus_append` SQL function (migrations/), which holds a
+All writes go through the `nexus_append_batch` SQL function (migrations/), which holds a
 transaction-scoped lock from assigning positions to commit. Commit order therefore
 equals position order: a reader that has seen position N will never later find a
 committed event below N, so `read_all(after=N)` can be followed without skipping.
@@ -12,6 +12,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -89,9 +90,37 @@ def _with_trace(meta: Metadata | None) -> Metadata:
     return meta
 
 
+@dataclass(eq=False)
+class _Append:
+    stream_id: str
+    expected_version: int | None
+    event_ids: list[uuid.UUID]
+    types: list[str]
+    data: list[str]
+    metadata: str
+    future: asyncio.Future[AppendResult] | None = None
+
+
+_APPEND_SQL = (
+    "SELECT idx, status, first_position, last_position, last_version, actual"
+    " FROM nexus_append_batch($1, $2, $3, $4, $5, $6, $7)"
+)
+
+
 class EventStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """Append and read events. Concurrent appends of one process share commits.
+
+    `append` calls that overlap in time are coalesced by one writer task into a single
+    `nexus_append_batch` statement and a single commit (group commit): each append is
+    still checked and reported on its own, so a conflict fails only its caller. A lone
+    append is a batch of one. `max_batch` bounds a group.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 128) -> None:
         self.pool = pool
+        self.max_batch = max_batch
+        self._queue: list[_Append] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def append(
         self,
@@ -109,6 +138,8 @@ class EventStore:
         `event_ids`: give them to make a retry idempotent (the same ids and stream
         return the stored result with `duplicate=True`); omitted, fresh ids are used.
         The current trace id is added to the metadata when it has none.
+        `conn`: append inside the caller's transaction (no coalescing; note that the
+        append lock is then held until the caller commits).
         """
         if not events:
             raise ValueError("append needs at least one event")
@@ -117,42 +148,71 @@ class EventStore:
             raise ValueError("event_ids must match events one to one")
         if len(set(ids)) != len(ids):
             raise ValueError("event_ids must be distinct within one append")
-        meta = encode_metadata(_with_trace(metadata)).decode()
-        args = (
-            stream_id,
-            expected_version,
-            ids,
-            [type(e).__name__ for e in events],
-            [encode_event(e).decode() for e in events],
-            [meta] * len(events),
+        request = _Append(
+            stream_id=stream_id, expected_version=expected_version, event_ids=ids,
+            types=[type(e).__name__ for e in events],
+            data=[encode_event(e).decode() for e in events],
+            metadata=encode_metadata(_with_trace(metadata)).decode(),
         )
-        sql = "SELECT out_position, out_version, out_duplicate FROM nexus_append($1, $2, $3, $4, $5, $6)"
-        try:
-            if conn is not None:
-                rows = await conn.fetch(sql, *args)
-            else:
-                rows = await self.pool.fetch(sql, *args)
-        except asyncpg.PostgresError as exc:
-            raise self._translate(exc, stream_id, expected_version) from None
-        return AppendResult(
-            stream_id=stream_id,
-            first_position=rows[0]["out_position"],
-            last_position=rows[-1]["out_position"],
-            next_expected_version=rows[-1]["out_version"],
-            duplicate=rows[0]["out_duplicate"],
-        )
+        if conn is not None:
+            [outcome] = await self._execute(conn, [request])
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        request.future = asyncio.get_running_loop().create_future()
+        self._queue.append(request)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name="eventstore-writer")
+        return await request.future
 
-    @staticmethod
-    def _translate(exc: asyncpg.PostgresError, stream_id: str, expected: int | None) -> Exception:
-        state = getattr(exc, "sqlstate", None)
-        if state == "NX409":
-            return WrongExpectedVersion(stream_id, expected, int(exc.detail or 0))
-        if state == "NX422":
-            return EventIdConflict(str(exc))
-        if isinstance(exc, asyncpg.UniqueViolationError):
-            # Only reachable if the lock were bypassed; report it as a version conflict.
-            return WrongExpectedVersion(stream_id, expected, -1)
-        return EventStoreError(f"append to {stream_id!r} failed: {exc}")
+    async def _write_loop(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            try:
+                async with self.pool.acquire() as conn:
+                    outcomes = await self._execute(conn, batch)
+            except Exception as exc:  # the whole group failed (connection lost, ...)
+                error = exc if isinstance(exc, EventStoreError) else EventStoreError(
+                    f"append failed: {exc}")
+                outcomes = [error] * len(batch)
+            for request, outcome in zip(batch, outcomes, strict=True):
+                assert request.future is not None
+                if request.future.done():  # the caller was cancelled
+                    continue
+                if isinstance(outcome, Exception):
+                    request.future.set_exception(outcome)
+                else:
+                    request.future.set_result(outcome)
+
+    async def _execute(self, conn: asyncpg.Connection,
+                       batch: list[_Append]) -> list[AppendResult | Exception]:
+        rows = await conn.fetch(
+            _APPEND_SQL,
+            [r.stream_id for r in batch],
+            [r.expected_version for r in batch],
+            [len(r.event_ids) for r in batch],
+            [i for r in batch for i in r.event_ids],
+            [t for r in batch for t in r.types],
+            [d for r in batch for d in r.data],
+            [r.metadata for r in batch for _ in r.event_ids],
+        )
+        outcomes: list[AppendResult | Exception] = []
+        for request, row in zip(batch, sorted(rows, key=lambda r: r["idx"]), strict=True):
+            status = row["status"]
+            if status in ("ok", "duplicate"):
+                outcomes.append(AppendResult(
+                    stream_id=request.stream_id, first_position=row["first_position"],
+                    last_position=row["last_position"], next_expected_version=row["last_version"],
+                    duplicate=status == "duplicate"))
+            elif status == "version":
+                outcomes.append(WrongExpectedVersion(request.stream_id, request.expected_version,
+                                                     row["actual"]))
+            else:
+                outcomes.append(EventIdConflict(
+                    f"event ids already used: {row['actual']} of {len(request.event_ids)} events "
+                    f"in this append to stream {request.stream_id!r} were stored before "
+                    "(a retry must resend the same events to the same stream)"))
+        return outcomes
 
     async def read_stream(self, stream_id: str, *, from_version: int = 1,
                           to_position: int | None = None) -> list[RecordedEvent]:
