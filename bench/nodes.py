@@ -60,14 +60,15 @@ async def run(seconds: float, count: int) -> None:
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("NEXUS_", "OTEL_"))},
            "NATS_URL": nats_server.url, "DATABASE_URL": db, "NEXUS_HTTP_PORT": str(port),
-           "NEXUS_LOG_LEVEL": "WARNING"}
+           "NEXUS_LOG_LEVEL": "WARNING", "NEXUS_ADMIN_KEY": "bench-admin-key"}
     log = open(tmp / "orchestrator.log", "wb")
     orch = subprocess.Popen([sys.executable, "-m", "services.orchestrator.main"], cwd=ROOT,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     api = f"http://127.0.0.1:{port}"
     bus = None
     try:
-        async with httpx.AsyncClient(timeout=10) as http:
+        admin = {"Authorization": "Bearer bench-admin-key"}
+        async with httpx.AsyncClient(timeout=10, headers=admin) as http:
             for _ in range(300):
                 try:
                     if (await http.get(f"{api}/health")).status_code == 200:
@@ -135,7 +136,8 @@ async def run(seconds: float, count: int) -> None:
             cpu1, wall1 = sum(proc.cpu_times()[:2]), time.monotonic()
             await fleet.stop()
 
-        online = len(httpx.get(f"{api}/v1/nodes", params={"status": "online"}, timeout=30)
+        online = len(httpx.get(f"{api}/v1/nodes", params={"status": "online"}, timeout=30,
+                               headers=admin)
                      .json()["nodes"])
         print(f"\nnodes benchmark: {count} simulated nodes at 1 Hz for {seconds:.0f} s, "
               f"one orchestrator process, 2-core machine (bench, NATS and Postgres share it)")

@@ -75,6 +75,19 @@ def _api_url() -> str:
     return str(read_state(settings).get("api_url") or f"http://{settings.http_host}:{settings.http_port}")
 
 
+def _auth_headers() -> dict[str, str]:
+    """The key CLI commands use: NEXUS_API_KEY, else the admin key (env or `nexus up`'s file)."""
+    from shared.supervisor import admin_key_path
+
+    settings = get_settings()
+    key = settings.api_key or settings.admin_key
+    if key is None and admin_key_path(settings).exists():
+        key = admin_key_path(settings).read_text().strip()
+    if not key:
+        raise click.ClickException("no API key: set NEXUS_API_KEY (or NEXUS_ADMIN_KEY)")
+    return {"Authorization": f"Bearer {key}"}
+
+
 def _fmt(value: object, suffix: str = "", digits: int = 0) -> str:
     if value is None:
         return "-"
@@ -113,9 +126,10 @@ def nodes(watch: bool, status: str | None) -> None:
     import urllib.request
 
     url = f"{_api_url()}/v1/nodes" + (f"?{urllib.parse.urlencode({'status': status})}" if status else "")
+    request = urllib.request.Request(url, headers=_auth_headers())
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
+            with urllib.request.urlopen(request, timeout=5) as resp:
                 table = nodes_table(json.load(resp)["nodes"])
         except OSError as exc:
             raise click.ClickException(f"cannot reach the orchestrator at {url}: {exc}") from exc

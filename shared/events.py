@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Union
+from typing import Literal, Union
 
 import msgspec
 
@@ -28,6 +28,8 @@ class Metadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     trace_id: str | None = None
     span_id: str | None = None
     actor: str | None = None
+    idempotency_key: str | None = None  # the client's Idempotency-Key, when it sent one
+    request_hash: str | None = None     # sha256 of the request body that carried it
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag=True, tag_field="type"):
@@ -97,6 +99,87 @@ class NodeDeregistered(Event, frozen=True):
     actor: str
 
 
+# -- tenants and API keys ---------------------------------------------------------------
+
+
+class ApiKeyCreated(Event, frozen=True):
+    """A key was issued. Only its SHA-256 is kept: the key itself is shown once."""
+
+    key_id: str
+    tenant: str
+    name: str
+    role: str  # "admin" (manages its tenant) or "member"
+    key_hash: str
+
+
+class ApiKeyRevoked(Event, frozen=True):
+    key_id: str
+    tenant: str
+    actor: str
+
+
+# -- budgets (folds and decisions: shared/budget.py) ------------------------------------
+
+
+class BudgetOpened(Event, frozen=True):
+    budget_id: str
+    scope: Literal["session", "tenant"]
+    owner: str  # session id or tenant
+    limit_micro_usd: int | None = None
+    limit_tokens: int | None = None
+    period: str | None = None  # "YYYY-MM" for tenant monthly budgets
+
+
+class BudgetReserved(Event, frozen=True):
+    budget_id: str
+    call_id: str
+    micro_usd: int
+    tokens: int
+    expires_at: float  # unix seconds
+
+
+class BudgetCommitted(Event, frozen=True):
+    """Actual spend of a call, charged; the rest of its reservation is released.
+
+    `micro_usd` / `tokens` are what was charged; `overrun_*` is the part of the actual
+    cost that did not fit in the budget and was not charged (actual = charged + overrun).
+    """
+
+    budget_id: str
+    call_id: str
+    micro_usd: int
+    tokens: int
+    overrun_micro_usd: int = 0
+    overrun_tokens: int = 0
+
+
+class BudgetReleased(Event, frozen=True):
+    budget_id: str
+    call_id: str
+    reason: str  # "failed", "cancelled", "expired"
+
+
+class BudgetExceeded(Event, frozen=True):
+    """A denied reservation, recorded for audit; it changes nothing.
+
+    `available_*` is None for an unlimited dimension.
+    """
+
+    budget_id: str
+    call_id: str
+    requested_micro_usd: int
+    requested_tokens: int
+    available_micro_usd: int | None
+    available_tokens: int | None
+    reason: str
+
+
+class BudgetLimitChanged(Event, frozen=True):
+    budget_id: str
+    limit_micro_usd: int | None
+    limit_tokens: int | None
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     SessionStarted,
     SessionClosed,
@@ -107,6 +190,14 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     NodeDraining,
     NodeLeft,
     NodeDeregistered,
+    ApiKeyCreated,
+    ApiKeyRevoked,
+    BudgetOpened,
+    BudgetReserved,
+    BudgetCommitted,
+    BudgetReleased,
+    BudgetExceeded,
+    BudgetLimitChanged,
 )
 AnyEvent = Union[EVENT_TYPES]  # type: ignore[valid-type]
 EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in EVENT_TYPES)
@@ -121,6 +212,10 @@ def session_stream(session_id: str) -> str:
 
 def node_stream(node_id: str) -> str:
     return f"node-{node_id}"
+
+
+def apikey_stream(key_id: str) -> str:
+    return f"apikey-{key_id}"
 
 
 def new_id() -> str:

@@ -97,6 +97,12 @@ class Settings:
     db_pool_size: int = 10
     """NEXUS_DB_POOL_SIZE: asyncpg pool size per process."""
 
+    admin_key: str | None = None
+    """NEXUS_ADMIN_KEY: the bootstrap platform-admin API key (`nexus up` generates one if unset)."""
+
+    api_key: str | None = None
+    """NEXUS_API_KEY: the key `nexus` CLI commands send to the API (default: the admin key)."""
+
     nats_user: str | None = None
     """NEXUS_NATS_USER: NATS user of this process (unset: connect without credentials)."""
 
@@ -139,6 +145,8 @@ class Settings:
             projection_batch_size=_env_int("NEXUS_PROJECTION_BATCH_SIZE", 500),
             max_body_bytes=_env_int("NEXUS_MAX_BODY_BYTES", 1_048_576),
             db_pool_size=_env_int("NEXUS_DB_POOL_SIZE", 10),
+            admin_key=_env("NEXUS_ADMIN_KEY"),
+            api_key=_env("NEXUS_API_KEY"),
             nats_user=_env("NEXUS_NATS_USER"),
             nats_password=_env("NEXUS_NATS_PASSWORD"),
             node_data_dir=Path(d) if (d := _env("NEXUS_NODE_DATA_DIR")) else None,
@@ -152,6 +160,14 @@ class Settings:
     @property
     def node_dir(self) -> Path:
         return self.node_data_dir or self.data_dir / "node"
+
+    def __repr__(self) -> str:  # never print secrets
+        hidden = {"admin_key", "api_key", "nats_password"}
+        fields = ", ".join(
+            f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"Settings({fields})"
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)

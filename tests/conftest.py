@@ -99,6 +99,12 @@ class Platform:
     provider: ServiceProc
     node: ServiceProc
     env: dict[str, str]
+    admin_key: str
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """Headers of the platform admin (acting for tenant `default`)."""
+        return {"Authorization": f"Bearer {self.admin_key}"}
 
 
 @pytest.fixture(scope="session")
@@ -106,9 +112,11 @@ def platform(infra: Infra, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPath
     """The three services as real processes, exporting traces to the test's receiver."""
     logs = tmp_path_factory.mktemp("platform")
     port = free_port_str()
+    admin_key = f"admin-{uuid.uuid4().hex}"
     env = service_env(
         infra.nats_url, infra.database_url,
         NEXUS_HTTP_PORT=port,
+        NEXUS_ADMIN_KEY=admin_key,
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="100",
         NEXUS_LOG_LEVEL="INFO",
@@ -120,7 +128,7 @@ def platform(infra: Infra, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPath
     api = f"http://127.0.0.1:{port}"
     try:
         wait_http_ok(f"{api}/health", proc=procs["orchestrator"])
-        yield Platform(api, procs["orchestrator"], procs["provider"], procs["node"], env)
+        yield Platform(api, procs["orchestrator"], procs["provider"], procs["node"], env, admin_key)
     finally:
         for proc in procs.values():
             if proc.proc and proc.proc.poll() is None:

@@ -33,8 +33,10 @@ class Up:
             "NEXUS_NATS_PORT": str(free_port()),
             "NEXUS_NATS_MONITOR_PORT": str(free_port()),
             "NEXUS_PG_PORT": str(free_port()),
+            "NEXUS_ADMIN_KEY": "admin-key-for-tests-" + data_dir.name,
             **env,
         }
+        self.headers = {"Authorization": f"Bearer {self.env['NEXUS_ADMIN_KEY']}"}
         self.api = f"http://127.0.0.1:{self.http_port}"
         self.proc: subprocess.Popen[str] | None = None
 
@@ -48,7 +50,7 @@ class Up:
         return self
 
     def all_pong(self) -> bool:
-        body = httpx.get(f"{self.api}/v1/system/ping", timeout=10).json()
+        body = httpx.get(f"{self.api}/v1/system/ping", timeout=10, headers=self.headers).json()
         return all(body[s]["ok"] for s in ("orchestrator", "provider", "node"))
 
     def state(self) -> dict:
@@ -83,7 +85,8 @@ def test_killed_postgres_is_restarted_and_the_api_recovers(tmp_path) -> None:
         os.kill(pg_pid, signal.SIGKILL)
 
         def session_created() -> bool:
-            return httpx.post(f"{up.api}/v1/sessions", json={}, timeout=5).status_code == 201
+            return httpx.post(f"{up.api}/v1/sessions", json={}, timeout=5,
+                              headers=up.headers).status_code == 201
 
         wait_until(session_created, 60, 0.3, "the API to create sessions again")
         assert "postgres exited unexpectedly; restarting it" in up.output()
@@ -94,7 +97,8 @@ def test_killed_postgres_is_restarted_and_the_api_recovers(tmp_path) -> None:
 
 def test_crash_of_everything_is_recovered_on_next_start(tmp_path) -> None:
     up = Up(tmp_path / "nexus").start()
-    session = httpx.post(f"{up.api}/v1/sessions", json={"metadata": {"survives": "yes"}}).json()
+    session = httpx.post(f"{up.api}/v1/sessions", json={"metadata": {"survives": "yes"}},
+                         headers=up.headers).json()
     state = up.state()
     # A crash: the servers die without shutting down, then the supervisor itself.
     os.kill(state["servers"]["postgres"], signal.SIGKILL)
@@ -108,9 +112,10 @@ def test_crash_of_everything_is_recovered_on_next_start(tmp_path) -> None:
     again = Up(up.data_dir)
     again.env = up.env
     again.api = up.api
+    again.headers = up.headers
     again.start()
     try:
-        fetched = httpx.get(f"{again.api}/v1/sessions/{session['session_id']}")
+        fetched = httpx.get(f"{again.api}/v1/sessions/{session['session_id']}", headers=again.headers)
         assert fetched.status_code == 200
         assert fetched.json()["metadata"] == {"survives": "yes"}
     finally:

@@ -42,6 +42,7 @@ class Cluster:
     env: dict[str, str]
     orchestrator: ServiceProc
     tmp: Path
+    admin: dict[str, str]
 
     def start_orchestrator(self, name: str = "orchestrator") -> ServiceProc:
         self.orchestrator = ServiceProc("orchestrator", self.env, self.tmp / f"{name}.log").start()
@@ -49,12 +50,12 @@ class Cluster:
         return self.orchestrator
 
     def nodes(self, **params: str) -> list[dict]:
-        resp = httpx.get(f"{self.api}/v1/nodes", params=params, timeout=10)
+        resp = httpx.get(f"{self.api}/v1/nodes", params=params, timeout=10, headers=self.admin)
         assert resp.status_code == 200, resp.text
         return resp.json()["nodes"]
 
     def node(self, node_id: str) -> dict:
-        resp = httpx.get(f"{self.api}/v1/nodes/{node_id}", timeout=10)
+        resp = httpx.get(f"{self.api}/v1/nodes/{node_id}", timeout=10, headers=self.admin)
         assert resp.status_code == 200, resp.text
         return resp.json()
 
@@ -83,9 +84,11 @@ def cluster(infra, tmp_path_factory) -> Iterator[Cluster]:
     server.start()
     database_url = new_database(infra)
     port = free_port_str()
-    env = service_env(server.url, database_url, NEXUS_HTTP_PORT=port,
+    admin_key = f"admin-{uuid.uuid4().hex}"
+    env = service_env(server.url, database_url, NEXUS_HTTP_PORT=port, NEXUS_ADMIN_KEY=admin_key,
                       NEXUS_NODE_OFFLINE_AFTER_S=str(OFFLINE_AFTER), NEXUS_PROJECTION_POLL_S="0.2")
-    c = Cluster(server, database_url, f"http://127.0.0.1:{port}", env, None, tmp)  # type: ignore[arg-type]
+    c = Cluster(server, database_url, f"http://127.0.0.1:{port}", env, None, tmp,  # type: ignore[arg-type]
+                {"Authorization": f"Bearer {admin_key}"})
     c.start_orchestrator()
     try:
         yield c
@@ -266,18 +269,19 @@ def bus_encode(message) -> bytes:
 
 
 def test_bad_node_queries_are_problems(cluster: Cluster) -> None:
-    resp = httpx.get(f"{cluster.api}/v1/nodes", params={"status": "sleepy"})
+    resp = httpx.get(f"{cluster.api}/v1/nodes", params={"status": "sleepy"}, headers=cluster.admin)
     assert resp.status_code == 400 and "status" in resp.json()["detail"]
-    resp = httpx.get(f"{cluster.api}/v1/nodes", params={"label": "novalue"})
+    resp = httpx.get(f"{cluster.api}/v1/nodes", params={"label": "novalue"}, headers=cluster.admin)
     assert resp.status_code == 400 and "label" in resp.json()["detail"]
-    assert httpx.get(f"{cluster.api}/v1/nodes/nope").status_code == 404
-    assert httpx.delete(f"{cluster.api}/v1/nodes/nope").status_code == 404
+    assert httpx.get(f"{cluster.api}/v1/nodes/nope", headers=cluster.admin).status_code == 404
+    assert httpx.delete(f"{cluster.api}/v1/nodes/nope", headers=cluster.admin).status_code == 404
+    assert httpx.get(f"{cluster.api}/v1/nodes").status_code == 401
 
 
 async def test_admin_deregisters_a_node(cluster: Cluster, bus: Bus) -> None:
     node_id = f"d{uuid.uuid4().hex[:6]}"
     await SimFleet(bus, [node_id]).register_all()
-    assert httpx.delete(f"{cluster.api}/v1/nodes/{node_id}").status_code == 204
+    assert httpx.delete(f"{cluster.api}/v1/nodes/{node_id}", headers=cluster.admin).status_code == 204
     assert node_id not in by_id(cluster.nodes())
     assert cluster.nodes(status="deregistered") and (await cluster.events(node_id))[-1] == "NodeDeregistered"
 
@@ -296,6 +300,7 @@ async def test_nexus_nodes_prints_a_table(cluster: Cluster, bus: Bus) -> None:
     await asyncio.to_thread(wait_until, lambda: cluster.node(node_id)["load"]["fresh"], 10, 0.1,
                             "heartbeat folded")
     env = {**os.environ, "NEXUS_HTTP_PORT": cluster.api.rsplit(":", 1)[1],
+           "NEXUS_API_KEY": cluster.admin["Authorization"].split()[1],
            "NEXUS_DATA_DIR": str(cluster.tmp / "cli-data")}
     result = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "shared.cli", "nodes", "--status", "online"],

@@ -21,7 +21,7 @@ def test_health_reports_nats_and_postgres(platform) -> None:
 
 
 def test_every_service_answers_a_ping_over_nats(platform) -> None:
-    body = httpx.get(f"{platform.api}/v1/system/ping", timeout=10).json()
+    body = httpx.get(f"{platform.api}/v1/system/ping", timeout=10, headers=platform.admin).json()
     for service in ("orchestrator", "provider", "node"):
         assert body[service]["ok"] is True, body
         assert body[service]["instance_id"] == f"{service}-test"
@@ -31,12 +31,12 @@ def test_create_then_read_a_session(platform, infra) -> None:
     created = httpx.post(f"{platform.api}/v1/sessions", json={
         "budget": {"limit_usd": 2.5, "limit_tokens": 10000},
         "policy": "default", "metadata": {"team": "qa"},
-    })
+    }, headers=platform.admin)
     assert created.status_code == 201, created.text
     session = created.json()
     assert session["status"] == "open"
     assert session["budget"] == {"limit_usd": 2.5, "limit_tokens": 10000}
-    fetched = httpx.get(f"{platform.api}/v1/sessions/{session['session_id']}")
+    fetched = httpx.get(f"{platform.api}/v1/sessions/{session['session_id']}", headers=platform.admin)
     assert fetched.status_code == 200
     assert fetched.json() == session
 
@@ -73,7 +73,7 @@ def test_openapi_is_served(platform) -> None:
     ],
 )
 def test_invalid_session_bodies_are_problems_naming_the_field(platform, body, field) -> None:
-    resp = httpx.post(f"{platform.api}/v1/sessions", json=body)
+    resp = httpx.post(f"{platform.api}/v1/sessions", json=body, headers=platform.admin)
     assert resp.status_code == 400, resp.text
     assert resp.headers["content-type"].startswith(PROBLEM)
     problem = resp.json()
@@ -84,25 +84,25 @@ def test_invalid_session_bodies_are_problems_naming_the_field(platform, body, fi
 @pytest.mark.parametrize("raw", [b"{", b"not json", b'{"budget": {"limit_usd": 1}', b"\xff\xfe"])
 def test_malformed_json_is_a_400_problem(platform, raw: bytes) -> None:
     resp = httpx.post(f"{platform.api}/v1/sessions", content=raw,
-                      headers={"content-type": "application/json"})
+                      headers={"content-type": "application/json", **platform.admin})
     assert resp.status_code == 400, resp.text
     assert resp.headers["content-type"].startswith(PROBLEM)
 
 
 def test_oversized_body_is_a_413_problem(platform) -> None:
     big = {"metadata": {"k": "x" * 1000}, "pad": "y" * 2_000_000}
-    resp = httpx.post(f"{platform.api}/v1/sessions", json=big)
+    resp = httpx.post(f"{platform.api}/v1/sessions", json=big, headers=platform.admin)
     assert resp.status_code == 413
     assert resp.headers["content-type"].startswith(PROBLEM)
 
 
 def test_unknown_session_and_wrong_method_are_problems(platform) -> None:
-    missing = httpx.get(f"{platform.api}/v1/sessions/{uuid.uuid4()}")
+    missing = httpx.get(f"{platform.api}/v1/sessions/{uuid.uuid4()}", headers=platform.admin)
     assert missing.status_code == 404 and missing.headers["content-type"].startswith(PROBLEM)
     assert "not found" in missing.json()["detail"]
-    wrong = httpx.delete(f"{platform.api}/v1/sessions")
+    wrong = httpx.delete(f"{platform.api}/v1/sessions", headers=platform.admin)
     assert wrong.status_code == 405 and wrong.headers["content-type"].startswith(PROBLEM)
-    nowhere = httpx.get(f"{platform.api}/v1/nothing-here")
+    nowhere = httpx.get(f"{platform.api}/v1/nothing-here", headers=platform.admin)
     assert nowhere.status_code == 404 and nowhere.headers["content-type"].startswith(PROBLEM)
 
 

@@ -9,7 +9,7 @@ from tests.support import wait_until
 
 
 def test_one_trace_spans_orchestrator_provider_and_node(platform, otlp) -> None:
-    resp = httpx.get(f"{platform.api}/v1/system/ping", timeout=10)
+    resp = httpx.get(f"{platform.api}/v1/system/ping", timeout=10, headers=platform.admin)
     assert resp.status_code == 200 and resp.json()["provider"]["ok"]
 
     # Find the trace by the orchestrator's HTTP server span for this route.

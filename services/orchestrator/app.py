@@ -8,9 +8,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from litestar import Litestar, get, post
+from litestar import Litestar, Request, get
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
@@ -23,25 +24,18 @@ from shared.settings import Settings
 from shared.nodes import NodeView
 from services.orchestrator.nodes import NodeService
 from services.orchestrator.nodes_api import NodesController
-from services.orchestrator.problems import EXCEPTION_HANDLERS, Problem
+from services.orchestrator.problems import EXCEPTION_HANDLERS
 from services.orchestrator.projections import PROJECTIONS
-from services.orchestrator.schemas import (
-    Health,
-    ServicePing,
-    SessionCreate,
-    SessionView,
-    SystemPing,
-)
+from services.orchestrator.auth import PUBLIC_PATHS, BearerKeyMiddleware
+from services.orchestrator.keys import KeyService, Principal
+from services.orchestrator.keys_api import KeysController
+from services.orchestrator.schemas import Health, ServicePing, SystemPing
 from services.orchestrator.sessions import SessionService
+from services.orchestrator.sessions_api import SessionsController
 
 log = logging.getLogger("nexus.orchestrator")
 
-# Until API keys land (sessions/tenants issue) every caller is this tenant.
-DEFAULT_TENANT = "default"
-ANONYMOUS = "anonymous"
-
-
-@get("/health", sync_to_thread=False)
+@get("/health")
 async def health(state: State) -> Health:
     runtime: ServiceRuntime = state.runtime
     db_ok = False
@@ -71,19 +65,6 @@ async def system_ping(state: State) -> SystemPing:
     return SystemPing(orchestrator=orchestrator, provider=provider, node=node)
 
 
-@post("/v1/sessions", status_code=201)
-async def create_session(data: SessionCreate, sessions: SessionService) -> SessionView:
-    return await sessions.start(DEFAULT_TENANT, ANONYMOUS, data)
-
-
-@get("/v1/sessions/{session_id:str}")
-async def get_session(session_id: str, sessions: SessionService) -> SessionView:
-    view = await sessions.get(DEFAULT_TENANT, session_id)
-    if view is None:
-        raise Problem(404, "not-found", f"session {session_id!r} not found")
-    return view
-
-
 def create_app(settings: Settings) -> Litestar:
     runtime = ServiceRuntime("orchestrator", settings)
 
@@ -96,6 +77,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.runtime = runtime
         app.state.runner = runner
         app.state.sessions = SessionService(runtime.store, runner)
+        app.state.key_service = KeyService(runtime.store, settings.admin_key)
         app.state.nodes = NodeService(runtime.store, runtime.bus, NodeView(),
                                       offline_after_s=settings.node_offline_after_s,
                                       poll_s=settings.projection_poll_s)
@@ -116,14 +98,24 @@ def create_app(settings: Settings) -> Litestar:
     def provide_nodes(state: State) -> NodeService:
         return state.nodes
 
+    def provide_keys(state: State) -> KeyService:
+        return state.key_service
+
+    def provide_principal(request: Request) -> Principal:
+        return request.user
+
     return Litestar(
-        route_handlers=[health, system_ping, create_session, get_session, NodesController],
+        route_handlers=[health, system_ping, SessionsController, KeysController, NodesController],
         lifespan=[lifespan],
         dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False),
-                      "nodes": Provide(provide_nodes, sync_to_thread=False)},
+                      "nodes": Provide(provide_nodes, sync_to_thread=False),
+                      "keys": Provide(provide_keys, sync_to_thread=False),
+                      "principal": Provide(provide_principal, sync_to_thread=False)},
+        middleware=[DefineMiddleware(BearerKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health"]))],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Nexus orchestrator", version=__version__, path="/schema"),
         debug=False,
+        logging_config=None,  # logs are ours: JSON lines with trace ids (shared.logs)
     )

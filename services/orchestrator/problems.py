@@ -64,9 +64,13 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response[dic
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or exc.detail
         return problem_response(request, 400, "validation", detail, errors=errors)
     status = exc.status_code
-    slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large",
-            415: "unsupported-media-type", 400: "bad-request"}.get(status, "http-error")
-    return problem_response(request, status, slug, exc.detail)
+    slug = {400: "bad-request", 401: "unauthorized", 403: "forbidden", 404: "not-found",
+            405: "method-not-allowed", 413: "body-too-large",
+            415: "unsupported-media-type"}.get(status, "http-error")
+    response = problem_response(request, status, slug, exc.detail)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="nexus"'
+    return response
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 
-from shared.events import RecordedEvent, SessionClosed, SessionStarted
+from shared.events import ApiKeyCreated, ApiKeyRevoked, RecordedEvent, SessionClosed, SessionStarted
 from shared.eventstore import Projection
 from shared.messages import NodeRegistration
 from shared.nodes import NODE_EVENT_TYPES, NodeRecord, fold_node
@@ -74,4 +74,24 @@ class NodesProjection(Projection):
         )
 
 
-PROJECTIONS: tuple[Projection, ...] = (SessionsProjection(), NodesProjection())
+class ApiKeysProjection(Projection):
+    """`api_keys` table: key id, tenant, role and the key's hash; revocations."""
+
+    name = "api_keys"
+    handles = frozenset({"ApiKeyCreated", "ApiKeyRevoked"})
+    tables = ("api_keys",)
+
+    async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
+        event = rec.event
+        if isinstance(event, ApiKeyCreated):
+            await conn.execute(
+                "INSERT INTO api_keys (key_id, tenant, name, role, key_hash, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                event.key_id, event.tenant, event.name, event.role, event.key_hash, rec.recorded_at,
+            )
+        elif isinstance(event, ApiKeyRevoked):
+            await conn.execute("UPDATE api_keys SET revoked_at = $2 WHERE key_id = $1",
+                               event.key_id, rec.recorded_at)
+
+
+PROJECTIONS: tuple[Projection, ...] = (SessionsProjection(), NodesProjection(), ApiKeysProjection())

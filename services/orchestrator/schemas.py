@@ -111,3 +111,53 @@ class NodeDetail(NodeOut, frozen=True, kw_only=True):
 class NodeList(msgspec.Struct, frozen=True, kw_only=True):
     nodes: tuple[NodeOut, ...]
     total: int
+
+
+class SessionList(msgspec.Struct, frozen=True, kw_only=True):
+    sessions: tuple[SessionView, ...]
+    next_cursor: str | None
+
+
+class SessionCloseIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    reason: Annotated[str, msgspec.Meta(max_length=500)] = "closed by client"
+
+
+class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
+    position: int
+    type: str
+    stream_id: str
+    recorded_at: datetime
+    trace_id: str | None
+    data: dict[str, object]
+
+
+class AuditLog(msgspec.Struct, frozen=True, kw_only=True):
+    events: tuple[AuditEvent, ...]
+    next_after: int | None
+
+
+class KeyCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    role: Annotated[str, msgspec.Meta(pattern=r"^(admin|member)$")] = "member"
+    tenant: Name | None = None  # platform admin only; default: the caller's tenant
+
+
+class KeyIssued(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str
+    key: str  # shown once
+    tenant: str
+    name: str
+    role: str
+
+
+class KeyView(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str
+    tenant: str
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyList(msgspec.Struct, frozen=True, kw_only=True):
+    keys: tuple[KeyView, ...]

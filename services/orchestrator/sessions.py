@@ -1,31 +1,63 @@
-"""Session management: start sessions (events) and read them (projection)."""
+"""Session management: start, list, read, close; the session's audit log."""
 
 from __future__ import annotations
 
+import base64
 import json
+from datetime import datetime
 
 import asyncpg
+import msgspec
 
-from shared.events import BudgetLimits, Metadata, SessionStarted, new_id, session_stream
-from shared.eventstore import EventStore, ProjectionRunner
-from services.orchestrator.schemas import BudgetView, SessionCreate, SessionView
+from shared.events import (
+    BudgetLimits,
+    Metadata,
+    SessionClosed,
+    SessionStarted,
+    new_id,
+    session_stream,
+)
+from shared.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
+from services.orchestrator import idempotency
+from services.orchestrator.keys import Principal
+from services.orchestrator.problems import Problem
+from services.orchestrator.schemas import (
+    AuditEvent,
+    AuditLog,
+    BudgetView,
+    SessionCreate,
+    SessionList,
+    SessionView,
+)
+
+_COLUMNS = (
+    "SELECT session_id, tenant, status, budget::text AS budget, policy, agent,"
+    " metadata::text AS metadata, created_at, closed_at, version, trace_id FROM sessions"
+)
 
 
 def _view(row: asyncpg.Record) -> SessionView:
     budget = json.loads(row["budget"]) if row["budget"] else None
     return SessionView(
-        session_id=row["session_id"],
-        tenant=row["tenant"],
-        status=row["status"],
-        budget=BudgetView(**budget) if budget is not None else None,
-        policy=row["policy"],
-        agent=row["agent"],
-        metadata=json.loads(row["metadata"]),
-        created_at=row["created_at"],
-        closed_at=row["closed_at"],
-        version=row["version"],
-        trace_id=row["trace_id"],
+        session_id=row["session_id"], tenant=row["tenant"], status=row["status"],
+        budget=BudgetView(**budget) if budget is not None else None, policy=row["policy"],
+        agent=row["agent"], metadata=json.loads(row["metadata"]), created_at=row["created_at"],
+        closed_at=row["closed_at"], version=row["version"], trace_id=row["trace_id"],
     )
+
+
+def _cursor(created_at: datetime, session_id: str) -> str:
+    raw = msgspec.json.encode([created_at.isoformat(), session_id])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _uncursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, sid = msgspec.json.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(created), str(sid)
+    except Exception as exc:
+        raise Problem(400, "validation", "cursor: not a cursor this API returned",
+                      errors=[{"field": "cursor", "message": "malformed"}]) from exc
 
 
 class SessionService:
@@ -33,30 +65,101 @@ class SessionService:
         self.store = store
         self.runner = runner
 
-    async def start(self, tenant: str, actor: str, request: SessionCreate) -> SessionView:
-        session_id = new_id()
-        budget = (
-            BudgetLimits(limit_usd=request.budget.limit_usd, limit_tokens=request.budget.limit_tokens)
-            if request.budget else None
-        )
+    async def start(self, who: Principal, request: SessionCreate, *, idempotency_key: str | None = None,
+                    request_hash: str | None = None) -> SessionView:
+        tenant = who.tenant
+        if idempotency_key:
+            session_id = str(idempotency.derived_id(tenant, idempotency_key, "session"))
+            event_ids = [idempotency.derived_id(tenant, idempotency_key, "session:started")]
+        else:
+            session_id, event_ids = new_id(), None
+        budget = (BudgetLimits(limit_usd=request.budget.limit_usd,
+                               limit_tokens=request.budget.limit_tokens)
+                  if request.budget else None)
         event = SessionStarted(session_id=session_id, tenant=tenant, budget=budget,
                                policy=request.policy, agent=request.agent,
                                metadata=dict(request.metadata))
-        result = await self.store.append(
-            session_stream(session_id), [event], expected_version=0,
-            metadata=Metadata(tenant=tenant, actor=actor, correlation_id=session_id),
-        )
+        stream = session_stream(session_id)
+        try:
+            result = await self.store.append(
+                stream, [event], expected_version=0, event_ids=event_ids,
+                metadata=Metadata(tenant=tenant, actor=who.actor, correlation_id=session_id,
+                                  idempotency_key=idempotency_key, request_hash=request_hash),
+            )
+        except WrongExpectedVersion:  # same key, other body: the ids differ from the stored ones
+            raise Problem(422, "idempotency-key-reused",
+                          "Idempotency-Key was used before with a different request body") from None
+        if result.duplicate and idempotency_key and request_hash:
+            await idempotency.ensure_same_request(self.store, stream, request_hash, idempotency_key)
         # Read-your-writes: fold the new event into the read models before answering.
         await self.runner.wait_for(result.last_position)
-        view = await self.get(tenant, session_id)
+        view = await self.get(who, session_id)
         assert view is not None, "session missing from its projection after catch-up"
         return view
 
-    async def get(self, tenant: str, session_id: str) -> SessionView | None:
-        row = await self.store.pool.fetchrow(
-            "SELECT session_id, tenant, status, budget::text AS budget, policy, agent,"
-            " metadata::text AS metadata, created_at, closed_at, version, trace_id"
-            " FROM sessions WHERE session_id = $1 AND tenant = $2",
-            session_id, tenant,
-        )
+    async def get(self, who: Principal, session_id: str) -> SessionView | None:
+        row = await self.store.pool.fetchrow(f"{_COLUMNS} WHERE session_id = $1 AND tenant = $2",
+                                             session_id, who.tenant)
         return _view(row) if row else None
+
+    async def require(self, who: Principal, session_id: str) -> SessionView:
+        view = await self.get(who, session_id)
+        if view is None:  # another tenant's session is "not found" too: no existence leak
+            raise Problem(404, "not-found", f"session {session_id!r} not found")
+        return view
+
+    async def list(self, who: Principal, *, status: str | None, agent: str | None, limit: int,
+                   cursor: str | None) -> SessionList:
+        args: list[object] = [who.tenant]
+        clauses = ["tenant = $1"]
+        if status:
+            args.append(status)
+            clauses.append(f"status = ${len(args)}")
+        if agent:
+            args.append(agent)
+            clauses.append(f"agent = ${len(args)}")
+        if cursor:
+            created, sid = _uncursor(cursor)
+            args += [created, sid]
+            clauses.append(f"(created_at, session_id) < (${len(args) - 1}, ${len(args)})")
+        args.append(limit + 1)
+        rows = await self.store.pool.fetch(
+            f"{_COLUMNS} WHERE {' AND '.join(clauses)}"
+            f" ORDER BY created_at DESC, session_id DESC LIMIT ${len(args)}", *args)
+        page = [_view(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return SessionList(sessions=tuple(page),
+                           next_cursor=_cursor(page[-1].created_at, page[-1].session_id)
+                           if more and page else None)
+
+    async def close(self, who: Principal, session_id: str, reason: str) -> SessionView:
+        view = await self.require(who, session_id)
+        if view.status == "closed":
+            return view  # closing twice is harmless
+        stream = session_stream(session_id)
+        for _ in range(5):
+            try:
+                result = await self.store.append(
+                    stream, [SessionClosed(session_id=session_id, reason=reason)],
+                    expected_version=await self.store.stream_version(stream),
+                    metadata=Metadata(tenant=who.tenant, actor=who.actor, correlation_id=session_id))
+                break
+            except WrongExpectedVersion:
+                continue
+        else:
+            raise Problem(409, "conflict", f"session {session_id!r} is changing too fast; retry")
+        await self.runner.wait_for(result.last_position)
+        return await self.require(who, session_id)
+
+    async def audit_log(self, who: Principal, session_id: str, *, after: int,
+                        limit: int) -> AuditLog:
+        await self.require(who, session_id)
+        rows = await self.store.pool.fetch(
+            "SELECT position, type, stream_id, data::text AS data, metadata ->> 'trace_id' AS trace_id,"
+            " recorded_at FROM events WHERE metadata ->> 'correlation_id' = $1"
+            " AND metadata ->> 'tenant' = $2 AND position > $3 ORDER BY position LIMIT $4",
+            session_id, who.tenant, after, limit + 1)
+        items = tuple(AuditEvent(position=r["position"], type=r["type"], stream_id=r["stream_id"],
+                                 recorded_at=r["recorded_at"], trace_id=r["trace_id"],
+                                 data=msgspec.json.decode(r["data"])) for r in rows[:limit])
+        return AuditLog(events=items, next_after=items[-1].position if len(rows) > limit else None)

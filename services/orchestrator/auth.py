@@ -1,0 +1,39 @@
+"""Bearer-key authentication for every API route except health and the schema."""
+
+from __future__ import annotations
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+
+from services.orchestrator.keys import KeyService, Principal
+
+PUBLIC_PATHS = ("/health", "/schema")
+TENANT_HEADER = "x-nexus-tenant"  # the platform-admin key acts for this tenant
+
+
+class BearerKeyMiddleware(AbstractAuthenticationMiddleware):
+    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+        header = connection.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise NotAuthorizedException("missing API key: send 'Authorization: Bearer <key>'")
+        keys: KeyService = connection.app.state.key_service
+        principal = await keys.authenticate(key.strip(), connection.headers.get(TENANT_HEADER))
+        if principal is None:
+            raise NotAuthorizedException("invalid or revoked API key")
+        return AuthenticationResult(user=principal, auth=None)
+
+
+def principal_of(connection: ASGIConnection) -> Principal:
+    return connection.user
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise PermissionDeniedException("this needs an admin key of the tenant")
+
+
+def require_platform(principal: Principal) -> None:
+    if principal.role != "platform":
+        raise PermissionDeniedException("this needs the platform admin key")

@@ -1,0 +1,112 @@
+"""API keys and the callers they identify.
+
+A key looks like `nx_<key_id>_<secret>`; only its SHA-256 is stored (in the
+`ApiKeyCreated` event and the `api_keys` projection), and it is shown once. The
+bootstrap platform-admin key comes from `NEXUS_ADMIN_KEY` and is never stored.
+
+Roles: `platform` (the bootstrap key: every tenant, node administration), `admin`
+(manages its own tenant: keys, policies, budgets), `member` (uses the API).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from shared.events import ApiKeyCreated, ApiKeyRevoked, Metadata, apikey_stream
+from shared.eventstore import EventStore
+
+KEY_PATTERN = re.compile(r"^nx_([0-9a-f]{16})_([A-Za-z0-9_-]{20,})$")
+ROLES = ("admin", "member")
+CACHE_TTL_S = 5.0  # a revoked key stops working within this time on every orchestrator
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    """(key_id, key): a fresh key, to be shown once."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"nx_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    key_id: str
+    role: str  # "platform", "admin" or "member"
+
+    @property
+    def actor(self) -> str:
+        return f"key:{self.key_id}"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role in ("platform", "admin")
+
+
+@dataclass
+class IssuedKey:
+    key_id: str
+    key: str
+    tenant: str
+    name: str
+    role: str
+
+
+class KeyService:
+    def __init__(self, store: EventStore, admin_key: str | None) -> None:
+        self.store = store
+        self._admin_hash = hash_key(admin_key) if admin_key else None
+        self._cache: dict[str, tuple[float, tuple[str, str, str, bool] | None]] = {}
+
+    async def create(self, tenant: str, name: str, role: str, actor: str) -> IssuedKey:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        key_id, key = new_key()
+        await self.store.append(
+            apikey_stream(key_id),
+            [ApiKeyCreated(key_id=key_id, tenant=tenant, name=name, role=role, key_hash=hash_key(key))],
+            expected_version=0, metadata=Metadata(tenant=tenant, actor=actor),
+        )
+        return IssuedKey(key_id, key, tenant, name, role)
+
+    async def revoke(self, key_id: str, tenant: str | None, actor: str) -> bool:
+        """Revoke a key (of `tenant`, or any tenant when None); False if there is none."""
+        row = await self.store.pool.fetchrow(
+            "SELECT tenant FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL"
+            " AND ($2::text IS NULL OR tenant = $2)", key_id, tenant)
+        if row is None:
+            return False
+        stream = apikey_stream(key_id)
+        await self.store.append(stream, [ApiKeyRevoked(key_id=key_id, tenant=row["tenant"], actor=actor)],
+                                expected_version=await self.store.stream_version(stream),
+                                metadata=Metadata(tenant=row["tenant"], actor=actor))
+        self._cache.pop(key_id, None)
+        return True
+
+    async def authenticate(self, key: str, tenant_header: str | None = None) -> Principal | None:
+        """The caller a presented key identifies, or None (constant-time comparisons)."""
+        if self._admin_hash and hmac.compare_digest(hash_key(key), self._admin_hash):
+            return Principal(tenant=tenant_header or "default", key_id="admin", role="platform")
+        match = KEY_PATTERN.match(key)
+        if not match:
+            return None
+        key_id = match.group(1)
+        now = time.monotonic()
+        cached = self._cache.get(key_id)
+        if cached is None or now - cached[0] > CACHE_TTL_S:
+            row = await self.store.pool.fetchrow(
+                "SELECT tenant, role, key_hash, revoked_at IS NOT NULL AS revoked"
+                " FROM api_keys WHERE key_id = $1", key_id)
+            cached = (now, (row["tenant"], row["role"], row["key_hash"], row["revoked"]) if row else None)
+            self._cache[key_id] = cached
+        entry = cached[1]
+        if entry is None or entry[3] or not hmac.compare_digest(hash_key(key), entry[2]):
+            return None
+        return Principal(tenant=entry[0], key_id=key_id, role=entry[1])

@@ -1,0 +1,41 @@
+"""`/v1/keys`: admins issue and revoke API keys of their tenant (the platform key: any)."""
+
+from __future__ import annotations
+
+from litestar import Controller, delete, get, post
+
+from services.orchestrator.auth import require_admin
+from services.orchestrator.keys import KeyService, Principal
+from services.orchestrator.problems import Problem
+from services.orchestrator.schemas import KeyCreate, KeyIssued, KeyList, KeyView
+
+
+class KeysController(Controller):
+    path = "/v1/keys"
+
+    @post("/", status_code=201)
+    async def create_key(self, data: KeyCreate, principal: Principal, keys: KeyService) -> KeyIssued:
+        require_admin(principal)
+        tenant = principal.tenant
+        if data.tenant is not None and data.tenant != tenant:
+            if principal.role != "platform":
+                raise Problem(403, "forbidden", "only the platform admin key creates keys of other tenants")
+            tenant = data.tenant
+        issued = await keys.create(tenant, data.name, data.role, principal.actor)
+        return KeyIssued(key_id=issued.key_id, key=issued.key, tenant=issued.tenant,
+                         name=issued.name, role=issued.role)
+
+    @get("/")
+    async def list_keys(self, principal: Principal, keys: KeyService) -> KeyList:
+        require_admin(principal)
+        rows = await keys.store.pool.fetch(
+            "SELECT key_id, tenant, name, role, created_at, revoked_at FROM api_keys"
+            " WHERE tenant = $1 ORDER BY created_at", principal.tenant)
+        return KeyList(keys=tuple(KeyView(**dict(r)) for r in rows))
+
+    @delete("/{key_id:str}", status_code=204)
+    async def revoke_key(self, key_id: str, principal: Principal, keys: KeyService) -> None:
+        require_admin(principal)
+        scope = None if principal.role == "platform" else principal.tenant
+        if not await keys.revoke(key_id, scope, principal.actor):
+            raise Problem(404, "not-found", f"key {key_id!r} not found")

@@ -1,0 +1,54 @@
+"""`/v1/sessions`: thin handlers over `SessionService`, scoped to the caller's tenant."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, Request, get, post
+from litestar.params import Parameter
+
+from services.orchestrator import idempotency
+from services.orchestrator.keys import Principal
+from services.orchestrator.schemas import (
+    AuditLog,
+    SessionCloseIn,
+    SessionCreate,
+    SessionList,
+    SessionView,
+)
+from services.orchestrator.sessions import SessionService
+
+Limit = Annotated[int, Parameter(ge=1, le=500)]
+
+
+class SessionsController(Controller):
+    path = "/v1/sessions"
+
+    @post("/", status_code=201)
+    async def create_session(self, request: Request, data: SessionCreate, principal: Principal,
+                             sessions: SessionService) -> SessionView:
+        key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
+        return await sessions.start(principal, data, idempotency_key=key,
+                                    request_hash=idempotency.body_hash(await request.body()))
+
+    @get("/")
+    async def list_sessions(self, principal: Principal, sessions: SessionService,
+                            status: str | None = None, agent: str | None = None,
+                            limit: Limit = 50, cursor: str | None = None) -> SessionList:
+        return await sessions.list(principal, status=status, agent=agent, limit=limit, cursor=cursor)
+
+    @get("/{session_id:str}")
+    async def get_session(self, session_id: str, principal: Principal,
+                          sessions: SessionService) -> SessionView:
+        return await sessions.require(principal, session_id)
+
+    @post("/{session_id:str}/close", status_code=200)
+    async def close_session(self, session_id: str, principal: Principal, sessions: SessionService,
+                            data: SessionCloseIn | None = None) -> SessionView:
+        return await sessions.close(principal, session_id, (data or SessionCloseIn()).reason)
+
+    @get("/{session_id:str}/events")
+    async def session_events(self, session_id: str, principal: Principal, sessions: SessionService,
+                             after: Annotated[int, Parameter(ge=0)] = 0,
+                             limit: Limit = 100) -> AuditLog:
+        return await sessions.audit_log(principal, session_id, after=after, limit=limit)

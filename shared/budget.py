@@ -1,0 +1,375 @@
+"""Budgets: reserve before an LLM call, commit the actual cost after, never overspend.
+
+Pure domain, no I/O. A budget is one event stream (`budget-session-<id>` or
+`budget-tenant-<tenant>-<period>`); its state is `fold_budget` over that stream, and
+every change is decided by a pure `decide_*` function that returns the events to
+append. The caller appends them at the state's `version` (optimistic concurrency) and,
+on a conflict, re-reads, re-folds and decides again. Because every decision is taken
+on the latest state of the stream, the invariant checked by each decision holds for
+the whole stream:
+
+    committed + reserved <= limit, for every limited dimension (USD, tokens),
+
+where `reserved` is the sum of the open reservations. A call must fit every budget
+it is charged to (its session's and its tenant's month): reserve on each.
+
+Money is integer **micro-dollars** (1 USD = 1_000_000) so that sums never drift;
+tokens are integers. A limit of `None` means that dimension is unlimited.
+
+Lifecycle of one call (`call_id` unique per LLM call):
+
+- `decide_reserve` -> `BudgetReserved` (worst case: prompt estimate + max_tokens x
+  price) or `BudgetExceeded` (a denial, kept for audit; it changes nothing).
+- `decide_commit` -> `BudgetCommitted` with the actual cost; the rest of the
+  reservation is released by the same event.
+- `decide_release` -> `BudgetReleased` on failure or cancellation.
+- `decide_expire` -> `BudgetReleased(reason="expired")` for reservations whose owner
+  died (`expires_at <= now`). `decide_reserve` also sweeps expired reservations first,
+  so a dead owner never blocks a budget past its reservation's TTL.
+
+Idempotence: the fold ignores events at versions it has already folded (duplicate
+delivery), a reserve for an open `call_id` decides nothing, and a commit or release
+of a `call_id` that is not open (unknown, already committed, released or expired)
+decides nothing and, if appended anyway, folds to no change but the version.
+
+Commit overrun (the actual cost above the reservation, possible when the prompt token
+estimate was low): the commit charges the actual cost **capped at the room the budget
+has for this call** (its own reservation plus what no one else has reserved or spent);
+the part that could not be charged is recorded on the event as `overrun_micro_usd` /
+`overrun_tokens`. The budget is thus never overspent on the books, and the
+uncharged spend stays visible for audit and alerting. See `decide_commit`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Literal
+
+from shared.events import (
+    BudgetCommitted,
+    BudgetExceeded,
+    BudgetLimitChanged,
+    BudgetOpened,
+    BudgetReleased,
+    BudgetReserved,
+    Event,
+)
+
+MICRO_PER_USD = 1_000_000
+
+Scope = Literal["session", "tenant"]
+SESSION, TENANT = "session", "tenant"
+FAILED, CANCELLED, EXPIRED = "failed", "cancelled", "expired"
+
+
+class BudgetNotOpened(LookupError):
+    """A decision that needs an open budget was asked of a stream with none."""
+
+
+# -- events live in the catalogue (shared/events.py) ---------------------------------
+
+BUDGET_EVENT_TYPES: tuple[type[Event], ...] = (
+    BudgetOpened,
+    BudgetReserved,
+    BudgetCommitted,
+    BudgetReleased,
+    BudgetExceeded,
+    BudgetLimitChanged,
+)
+BUDGET_EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in BUDGET_EVENT_TYPES)
+
+
+# -- streams and periods ----------------------------------------------------------------
+
+
+def budget_stream_for_session(session_id: str) -> str:
+    return f"budget-session-{session_id}"
+
+
+def budget_stream_for_tenant(tenant: str, period: str) -> str:
+    return f"budget-tenant-{tenant}-{period}"
+
+
+def month_period(ts: float) -> str:
+    """The UTC month of unix time `ts`, as "YYYY-MM"."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m")
+
+
+# -- money ------------------------------------------------------------------------------
+
+
+def usd_to_micro(usd: float) -> int:
+    """Dollars to micro-dollars, rounded half up (away from zero) to the micro.
+
+    The float's shortest repr is what is rounded (0.0000005 -> 1, 0.1 -> 100_000),
+    so binary noise never shifts a value that was written in decimal.
+    """
+    if isinstance(usd, float) and not math.isfinite(usd):
+        raise ValueError(f"not a finite amount: {usd!r}")
+    micro = (Decimal(repr(usd)) * MICRO_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    return int(micro)
+
+
+def micro_to_usd(micro: int) -> float:
+    return micro / MICRO_PER_USD
+
+
+def format_usd(micro: int) -> str:
+    """Exact decimal text, at least 2 decimals: 800_000 -> "0.80", 1_234 -> "0.001234"."""
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(micro), MICRO_PER_USD)
+    digits = f"{frac:06d}".rstrip("0")
+    return f"{sign}{whole}.{digits.ljust(2, '0')}"
+
+
+# -- state ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    micro_usd: int
+    tokens: int
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    """The fold of one budget stream. Treat `reservations` as read-only."""
+
+    budget_id: str
+    scope: str
+    owner: str
+    period: str | None
+    limit_micro_usd: int | None
+    limit_tokens: int | None
+    version: int
+    reserved_micro_usd: int = 0
+    reserved_tokens: int = 0
+    committed_micro_usd: int = 0
+    committed_tokens: int = 0
+    reservations: dict[str, Reservation] = field(default_factory=dict)
+
+    @property
+    def remaining_micro_usd(self) -> int | None:
+        """What can still be reserved (never negative); None when unlimited."""
+        return _remaining(self.limit_micro_usd, self.committed_micro_usd, self.reserved_micro_usd)
+
+    @property
+    def remaining_tokens(self) -> int | None:
+        return _remaining(self.limit_tokens, self.committed_tokens, self.reserved_tokens)
+
+    @property
+    def stream(self) -> str:
+        if self.scope == TENANT:
+            return budget_stream_for_tenant(self.owner, self.period or "")
+        return budget_stream_for_session(self.owner)
+
+
+def _remaining(limit: int | None, committed: int, reserved: int) -> int | None:
+    return None if limit is None else max(0, limit - committed - reserved)
+
+
+# -- fold -------------------------------------------------------------------------------
+
+
+def fold_budget(state: BudgetState | None, event: Event, version: int) -> BudgetState | None:
+    """Apply one budget event (at stream `version`) to the state. Pure.
+
+    Versions at or below `state.version` were folded already and are ignored
+    (duplicate delivery). Every other event of an opened budget advances `version`,
+    even one that changes nothing else (a denial, a commit of an unknown call), so the
+    state's version is always the stream's last version: the expected version of the
+    next append. Events before `BudgetOpened` fold to None.
+
+    Reserved amounts move only by the exact amounts of the open reservations and
+    amounts are clamped at zero, so reserved totals are never negative.
+    """
+    if state is not None and version <= state.version:
+        return state
+    match event:
+        case BudgetOpened() if state is None:
+            return BudgetState(
+                budget_id=event.budget_id, scope=event.scope, owner=event.owner,
+                period=event.period, limit_micro_usd=event.limit_micro_usd,
+                limit_tokens=event.limit_tokens, version=version)
+        case _ if state is None:
+            return None
+        case BudgetReserved(call_id=call_id) if call_id not in state.reservations:
+            res = Reservation(max(0, event.micro_usd), max(0, event.tokens), event.expires_at)
+            return replace(
+                state, version=version,
+                reserved_micro_usd=state.reserved_micro_usd + res.micro_usd,
+                reserved_tokens=state.reserved_tokens + res.tokens,
+                reservations={**state.reservations, call_id: res})
+        case BudgetCommitted(call_id=call_id) if call_id in state.reservations:
+            return replace(
+                _without(state, call_id), version=version,
+                committed_micro_usd=state.committed_micro_usd + max(0, event.micro_usd),
+                committed_tokens=state.committed_tokens + max(0, event.tokens))
+        case BudgetReleased(call_id=call_id) if call_id in state.reservations:
+            return replace(_without(state, call_id), version=version)
+        case BudgetLimitChanged():
+            return replace(state, version=version, limit_micro_usd=event.limit_micro_usd,
+                           limit_tokens=event.limit_tokens)
+    # BudgetExceeded, a second BudgetOpened, a duplicate reserve, a commit or release of
+    # a call that is not open: nothing changes but the version.
+    return replace(state, version=version)
+
+
+def _without(state: BudgetState, call_id: str) -> BudgetState:
+    res = state.reservations[call_id]
+    return replace(
+        state,
+        reserved_micro_usd=max(0, state.reserved_micro_usd - res.micro_usd),
+        reserved_tokens=max(0, state.reserved_tokens - res.tokens),
+        reservations={k: v for k, v in state.reservations.items() if k != call_id})
+
+
+def fold_budget_events(events: list[tuple[Event, int]] | list[Event],
+                       state: BudgetState | None = None) -> BudgetState | None:
+    """Fold a log: `(event, version)` pairs, or bare events numbered 1, 2, ..."""
+    for i, item in enumerate(events, start=1):
+        event, version = item if isinstance(item, tuple) else (item, i)
+        state = fold_budget(state, event, version)
+    return state
+
+
+# -- decisions --------------------------------------------------------------------------
+
+
+def decide_open(state: BudgetState | None, budget_id: str, scope: Scope, owner: str, *,
+                limit_micro_usd: int | None = None, limit_tokens: int | None = None,
+                period: str | None = None) -> list[Event]:
+    """`[BudgetOpened]` for a new stream; nothing if the budget is already open."""
+    if state is not None:
+        return []
+    if scope not in (SESSION, TENANT):
+        raise ValueError(f"unknown budget scope {scope!r}")
+    _check_limits(limit_micro_usd, limit_tokens)
+    return [BudgetOpened(budget_id=budget_id, scope=scope, owner=owner,
+                         limit_micro_usd=limit_micro_usd, limit_tokens=limit_tokens,
+                         period=period)]
+
+
+def decide_reserve(state: BudgetState | None, call_id: str, micro_usd: int, tokens: int,
+                   now: float, ttl_s: float) -> list[Event]:
+    """Reserve a call's worst-case cost, or deny it.
+
+    Reservations already expired at `now` are released first (`BudgetReleased`,
+    reason "expired"), then the verdict, always the last event: `BudgetReserved` if
+    `committed + reserved + amount <= limit` in every limited dimension, else
+    `BudgetExceeded` naming each dimension that does not fit. Nothing if `call_id` is
+    already open (a retried reserve). Raises `BudgetNotOpened` without a budget.
+    """
+    if state is None:
+        raise BudgetNotOpened("no budget opened on this stream")
+    if micro_usd < 0 or tokens < 0:
+        raise ValueError(f"negative reservation: {micro_usd} micro-USD, {tokens} tokens")
+    if call_id in state.reservations:
+        return []
+    events = decide_expire(state, now)
+    after = fold_budget_events([(e, state.version + i) for i, e in enumerate(events, 1)], state)
+    assert after is not None
+    avail_usd, avail_tokens = after.remaining_micro_usd, after.remaining_tokens
+    problems = []
+    if avail_usd is not None and micro_usd > avail_usd:
+        problems.append(f"{format_usd(micro_usd)} USD requested, "
+                        f"{format_usd(avail_usd)} USD available")
+    if avail_tokens is not None and tokens > avail_tokens:
+        problems.append(f"{tokens} tokens requested, {avail_tokens} tokens available")
+    if problems:
+        events.append(BudgetExceeded(
+            budget_id=state.budget_id, call_id=call_id, requested_micro_usd=micro_usd,
+            requested_tokens=tokens, available_micro_usd=avail_usd,
+            available_tokens=avail_tokens, reason=f"{state.scope} budget: " + "; ".join(problems)))
+    else:
+        events.append(BudgetReserved(budget_id=state.budget_id, call_id=call_id,
+                                     micro_usd=micro_usd, tokens=tokens,
+                                     expires_at=float(now + ttl_s)))
+    return events
+
+
+def decide_commit(state: BudgetState | None, call_id: str, micro_usd: int,
+                  tokens: int) -> list[Event]:
+    """Charge a call's actual cost and release the rest of its reservation.
+
+    Design decision, overrun: the actual cost may exceed the reservation (the prompt
+    token estimate was low). The commit is **capped**, per dimension: the charge is the
+    actual amount, at most the room this call has, which is its own reservation plus
+    what is neither committed nor reserved by other calls
+    (`limit - committed - (reserved - own)`); that room is never less than the call's
+    own reservation (granted earlier, even if the limit was lowered since), so an actual
+    cost within the reservation is always charged in full. What could not be charged
+    is recorded on the event as `overrun_micro_usd` / `overrun_tokens`
+    (charged + overrun == actual). Hence `committed + reserved <= limit` holds after
+    every commit, and the spend that did not fit stays visible for audit and alerting
+    instead of silently overspending the budget. Unlimited dimensions charge in full.
+
+    Nothing if `call_id` is not open: a retried commit, or a commit after the
+    reservation was released or expired (that spend is then not charged: keep
+    reservation TTLs above the longest call).
+    """
+    if micro_usd < 0 or tokens < 0:
+        raise ValueError(f"negative cost: {micro_usd} micro-USD, {tokens} tokens")
+    if state is None or call_id not in state.reservations:
+        return []
+    res = state.reservations[call_id]
+    charged_usd = _charge(micro_usd, res.micro_usd, state.limit_micro_usd,
+                          state.committed_micro_usd, state.reserved_micro_usd)
+    charged_tokens = _charge(tokens, res.tokens, state.limit_tokens,
+                             state.committed_tokens, state.reserved_tokens)
+    return [BudgetCommitted(budget_id=state.budget_id, call_id=call_id, micro_usd=charged_usd,
+                            tokens=charged_tokens, overrun_micro_usd=micro_usd - charged_usd,
+                            overrun_tokens=tokens - charged_tokens)]
+
+
+def _charge(actual: int, own: int, limit: int | None, committed: int, reserved: int) -> int:
+    if limit is None or actual <= own:
+        return actual
+    room = max(own, limit - committed - (reserved - own))
+    return min(actual, room)
+
+
+def decide_release(state: BudgetState | None, call_id: str, reason: str) -> list[Event]:
+    """`[BudgetReleased]` for an open reservation; nothing if it is not open."""
+    if state is None or call_id not in state.reservations:
+        return []
+    return [BudgetReleased(budget_id=state.budget_id, call_id=call_id, reason=reason)]
+
+
+def decide_expire(state: BudgetState | None, now: float) -> list[Event]:
+    """Release every open reservation with `expires_at <= now` (reason "expired"),
+    oldest first."""
+    if state is None:
+        return []
+    due = sorted((res.expires_at, call_id) for call_id, res in state.reservations.items()
+                 if res.expires_at <= now)
+    return [BudgetReleased(budget_id=state.budget_id, call_id=call_id, reason=EXPIRED)
+            for _, call_id in due]
+
+
+def decide_change_limit(state: BudgetState | None, limit_micro_usd: int | None,
+                        limit_tokens: int | None) -> list[Event]:
+    """`[BudgetLimitChanged]`, or nothing if the limits are unchanged.
+
+    A limit may be lowered below what is already committed or reserved (to stop
+    spending): remaining is then 0, no reservation fits, and commits charge at most
+    their own reservations, so committed + reserved only goes down until it is back
+    under the limit.
+    """
+    if state is None:
+        raise BudgetNotOpened("no budget opened on this stream")
+    _check_limits(limit_micro_usd, limit_tokens)
+    if (limit_micro_usd, limit_tokens) == (state.limit_micro_usd, state.limit_tokens):
+        return []
+    return [BudgetLimitChanged(budget_id=state.budget_id, limit_micro_usd=limit_micro_usd,
+                               limit_tokens=limit_tokens)]
+
+
+def _check_limits(limit_micro_usd: int | None, limit_tokens: int | None) -> None:
+    for name, value in (("limit_micro_usd", limit_micro_usd), ("limit_tokens", limit_tokens)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")

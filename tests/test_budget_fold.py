@@ -1,0 +1,671 @@
+"""Budgets (`shared.budget`): the fold and the reserve/commit/release/expire decisions.
+
+Pure: no store, no clock. Each operation decides on the current state and folds the
+events it returns at the next versions, as the orchestrator does when it appends them
+at the state's version. The property tests drive arbitrary interleavings and check
+"never overspent" (committed + reserved <= limit), no negative amounts, and that the
+event log folded from scratch is the state maintained step by step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from shared.budget import (
+    BUDGET_EVENT_TYPE_NAMES,
+    BUDGET_EVENT_TYPES,
+    EXPIRED,
+    BudgetCommitted,
+    BudgetExceeded,
+    BudgetLimitChanged,
+    BudgetNotOpened,
+    BudgetOpened,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetState,
+    Reservation,
+    budget_stream_for_session,
+    budget_stream_for_tenant,
+    decide_change_limit,
+    decide_commit,
+    decide_expire,
+    decide_open,
+    decide_release,
+    decide_reserve,
+    fold_budget,
+    fold_budget_events,
+    format_usd,
+    micro_to_usd,
+    month_period,
+    usd_to_micro,
+)
+from shared.events import Event
+
+USD = 1_000_000
+TTL = 60.0
+NOW = 1_000.0
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Union[BUDGET_EVENT_TYPES])  # type: ignore[valid-type]
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+class Budget:
+    """A budget stream in memory: the log and the state folded step by step."""
+
+    def __init__(self, limit_micro_usd: int | None = None, limit_tokens: int | None = None,
+                 scope: str = "session", owner: str = "s1", period: str | None = None) -> None:
+        self.log: list[tuple[Event, int]] = []
+        self.state: BudgetState | None = None
+        self.apply(decide_open(None, "b1", scope, owner, limit_micro_usd=limit_micro_usd,
+                               limit_tokens=limit_tokens, period=period))
+
+    def apply(self, events: list[Event]) -> list[Event]:
+        for event in events:
+            version = (self.state.version if self.state else 0) + 1
+            self.state = fold_budget(self.state, event, version)
+            self.log.append((event, version))
+        return events
+
+    @property
+    def s(self) -> BudgetState:
+        assert self.state is not None
+        return self.state
+
+    def reserve(self, call_id: str, micro_usd: int = 0, tokens: int = 0,
+                now: float = NOW, ttl_s: float = TTL) -> list[Event]:
+        return self.apply(decide_reserve(self.state, call_id, micro_usd, tokens, now, ttl_s))
+
+    def commit(self, call_id: str, micro_usd: int = 0, tokens: int = 0) -> list[Event]:
+        return self.apply(decide_commit(self.state, call_id, micro_usd, tokens))
+
+    def release(self, call_id: str, reason: str = "failed") -> list[Event]:
+        return self.apply(decide_release(self.state, call_id, reason))
+
+    def expire(self, now: float) -> list[Event]:
+        return self.apply(decide_expire(self.state, now))
+
+
+def only(events: list[Event]) -> Event:
+    assert len(events) == 1, events
+    return events[0]
+
+
+# -- reserve ----------------------------------------------------------------------------
+
+
+def test_open_budget():
+    b = Budget(limit_micro_usd=USD, limit_tokens=1000)
+    assert b.s.version == 1
+    assert (b.s.limit_micro_usd, b.s.limit_tokens) == (USD, 1000)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (USD, 1000)
+    assert b.s.reservations == {}
+    assert decide_open(b.state, "b1", "session", "s1", limit_micro_usd=5) == []  # idempotent
+
+
+def test_reserve_within_limit():
+    b = Budget(limit_micro_usd=USD, limit_tokens=1000)
+    ev = only(b.reserve("c1", 400_000, 300))
+    assert ev == BudgetReserved(budget_id="b1", call_id="c1", micro_usd=400_000, tokens=300,
+                                expires_at=NOW + TTL)
+    assert (b.s.reserved_micro_usd, b.s.reserved_tokens) == (400_000, 300)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (600_000, 700)
+    assert b.s.reservations == {"c1": Reservation(400_000, 300, NOW + TTL)}
+    assert b.s.version == 2
+
+
+def test_reserve_up_to_the_exact_limit():
+    b = Budget(limit_micro_usd=USD, limit_tokens=10)
+    assert isinstance(only(b.reserve("c1", USD, 10)), BudgetReserved)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (0, 0)
+    assert isinstance(only(b.reserve("c2", 0, 0)), BudgetReserved)  # nothing still fits
+    assert isinstance(only(b.reserve("c3", 1, 0)), BudgetExceeded)
+
+
+def test_reserve_beyond_limit_names_dimension_and_amounts():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", 650_000)
+    before = b.s
+    ev = only(b.reserve("c2", 800_000, 50))
+    assert ev == BudgetExceeded(
+        budget_id="b1", call_id="c2", requested_micro_usd=800_000, requested_tokens=50,
+        available_micro_usd=350_000, available_tokens=None,
+        reason="session budget: 0.80 USD requested, 0.35 USD available")
+    # a denial is audit only: nothing changes but the version
+    assert b.s == dataclasses.replace(before, version=before.version + 1)
+
+
+def test_reserve_beyond_token_limit_of_tenant_budget():
+    b = Budget(limit_tokens=1000, scope="tenant", owner="acme", period="2026-11")
+    b.reserve("c1", 10 * USD, 900)
+    ev = only(b.reserve("c2", 10 * USD, 200))
+    assert isinstance(ev, BudgetExceeded)
+    assert ev.reason == "tenant budget: 200 tokens requested, 100 tokens available"
+    assert (ev.available_tokens, ev.available_micro_usd) == (100, None)
+
+
+def test_reserve_beyond_both_limits_names_both():
+    b = Budget(limit_micro_usd=USD, limit_tokens=100)
+    ev = only(b.reserve("c1", 1_500_000, 101))
+    assert isinstance(ev, BudgetExceeded)
+    assert ev.reason == ("session budget: 1.50 USD requested, 1.00 USD available; "
+                         "101 tokens requested, 100 tokens available")
+
+
+def test_reserve_counts_committed_spend():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", 700_000)
+    b.commit("c1", 600_000)
+    assert isinstance(only(b.reserve("c2", 400_001)), BudgetExceeded)
+    assert isinstance(only(b.reserve("c3", 400_000)), BudgetReserved)
+    assert b.s.remaining_micro_usd == 0
+
+
+def test_second_reserve_for_an_open_call_is_idempotent():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", 500_000)
+    state = b.s
+    assert b.reserve("c1", 500_000) == []
+    assert b.reserve("c1", 2 * USD) == []  # not even a denial: the call is reserved
+    assert b.s == state
+    # and a duplicate BudgetReserved appended anyway does not reserve twice
+    b.apply([BudgetReserved(budget_id="b1", call_id="c1", micro_usd=500_000, tokens=0,
+                            expires_at=NOW + TTL)])
+    assert b.s.reserved_micro_usd == 500_000
+    assert b.s.version == state.version + 1
+
+
+def test_reserve_rejects_bad_input():
+    b = Budget(limit_micro_usd=USD)
+    with pytest.raises(ValueError):
+        decide_reserve(b.state, "c1", -1, 0, NOW, TTL)
+    with pytest.raises(ValueError):
+        decide_reserve(b.state, "c1", 0, -1, NOW, TTL)
+    with pytest.raises(BudgetNotOpened):
+        decide_reserve(None, "c1", 1, 1, NOW, TTL)
+    with pytest.raises(ValueError):
+        decide_open(None, "b1", "session", "s1", limit_micro_usd=-1)
+    with pytest.raises(ValueError):
+        decide_open(None, "b1", "galaxy", "s1")  # type: ignore[arg-type]
+
+
+# -- commit -----------------------------------------------------------------------------
+
+
+def test_commit_charges_actual_and_releases_the_remainder():
+    b = Budget(limit_micro_usd=USD, limit_tokens=1000)
+    b.reserve("c1", 800_000, 900)
+    b.reserve("c2", 100_000, 50)
+    ev = only(b.commit("c1", 300_000, 400))
+    assert ev == BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=300_000, tokens=400)
+    assert (ev.overrun_micro_usd, ev.overrun_tokens) == (0, 0)
+    assert (b.s.committed_micro_usd, b.s.committed_tokens) == (300_000, 400)
+    assert (b.s.reserved_micro_usd, b.s.reserved_tokens) == (100_000, 50)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (600_000, 550)
+    assert set(b.s.reservations) == {"c2"}
+
+
+def test_commit_over_the_reservation_charges_free_room():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", 300_000)
+    ev = only(b.commit("c1", 450_000))  # estimate was low, but the budget has room
+    assert (ev.micro_usd, ev.overrun_micro_usd) == (450_000, 0)
+    assert b.s.committed_micro_usd == 450_000
+
+
+def test_commit_overrun_is_capped_at_the_limit_and_recorded():
+    b = Budget(limit_micro_usd=USD, limit_tokens=100)
+    b.reserve("c1", 600_000, 60)
+    b.reserve("c2", 300_000, 30)
+    ev = only(b.commit("c1", 900_000, 95))
+    # room for c1: its own 600_000 + 100_000 unreserved (c2 keeps its 300_000)
+    assert ev == BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=700_000, tokens=70,
+                                 overrun_micro_usd=200_000, overrun_tokens=25)
+    assert b.s.committed_micro_usd + b.s.reserved_micro_usd == USD
+    assert b.s.committed_tokens + b.s.reserved_tokens == 100
+    assert b.s.remaining_micro_usd == 0
+
+
+def test_commit_unlimited_dimension_charges_in_full():
+    b = Budget(limit_tokens=100)
+    b.reserve("c1", 1, 10)
+    ev = only(b.commit("c1", 5 * USD, 10))
+    assert (ev.micro_usd, ev.overrun_micro_usd) == (5 * USD, 0)
+    assert b.s.committed_micro_usd == 5 * USD
+    assert b.s.remaining_micro_usd is None
+
+
+def test_commit_of_unknown_or_closed_call_is_a_noop():
+    b = Budget(limit_micro_usd=USD)
+    assert b.commit("nope", 100) == []
+    b.reserve("c1", 500_000)
+    b.commit("c1", 200_000)
+    assert b.commit("c1", 200_000) == []  # retried commit
+    state = b.s
+    # appended anyway (a retry that raced): harmless, only the version moves
+    b.apply([BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=200_000, tokens=0),
+             BudgetCommitted(budget_id="b1", call_id="ghost", micro_usd=9 * USD, tokens=9)])
+    assert b.s == dataclasses.replace(state, version=state.version + 2)
+    with pytest.raises(ValueError):
+        decide_commit(b.state, "c1", -5, 0)
+    assert decide_commit(None, "c1", 1, 1) == []
+
+
+# -- release and expire -----------------------------------------------------------------
+
+
+def test_release_frees_the_reservation():
+    b = Budget(limit_micro_usd=USD, limit_tokens=100)
+    b.reserve("c1", 700_000, 70)
+    ev = only(b.release("c1", "cancelled"))
+    assert ev == BudgetReleased(budget_id="b1", call_id="c1", reason="cancelled")
+    assert (b.s.reserved_micro_usd, b.s.reserved_tokens, b.s.committed_micro_usd) == (0, 0, 0)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (USD, 100)
+    assert b.release("c1", "cancelled") == []
+    state = b.s
+    b.apply([ev])  # a duplicate release appended anyway
+    assert b.s == dataclasses.replace(state, version=state.version + 1)
+    assert b.s.reserved_micro_usd == 0
+    assert decide_release(None, "c1", "failed") == []
+
+
+def test_expire_releases_only_due_reservations():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("old", 100_000, now=NOW, ttl_s=10)
+    b.reserve("older", 100_000, now=NOW - 5, ttl_s=10)
+    b.reserve("young", 100_000, now=NOW, ttl_s=100)
+    assert b.expire(NOW + 4) == []
+    events = b.expire(NOW + 10)  # expires_at <= now
+    assert events == [BudgetReleased(budget_id="b1", call_id="older", reason=EXPIRED),
+                      BudgetReleased(budget_id="b1", call_id="old", reason=EXPIRED)]
+    assert set(b.s.reservations) == {"young"}
+    assert b.s.reserved_micro_usd == 100_000
+    assert b.expire(NOW + 10) == []
+    assert decide_expire(None, NOW) == []
+
+
+def test_reserve_sweeps_expired_reservations_first():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("dead", 900_000, now=NOW, ttl_s=10)
+    assert isinstance(only(b.reserve("c1", 500_000, now=NOW + 5)), BudgetExceeded)
+    events = b.reserve("c2", 500_000, now=NOW + 10)
+    assert events[0] == BudgetReleased(budget_id="b1", call_id="dead", reason=EXPIRED)
+    assert isinstance(events[-1], BudgetReserved)
+    assert set(b.s.reservations) == {"c2"}
+    assert b.s.reserved_micro_usd == 500_000
+
+
+def test_commit_after_expiry_is_not_charged():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", 500_000, ttl_s=10)
+    b.expire(NOW + 10)
+    assert b.commit("c1", 400_000) == []
+    assert b.s.committed_micro_usd == 0
+
+
+# -- dimensions and limits --------------------------------------------------------------
+
+
+def test_usd_only_budget_ignores_tokens():
+    b = Budget(limit_micro_usd=USD)
+    assert isinstance(only(b.reserve("c1", USD, 10**9)), BudgetReserved)
+    assert b.s.remaining_tokens is None
+    assert b.s.reserved_tokens == 10**9
+
+
+def test_token_only_budget_ignores_usd():
+    b = Budget(limit_tokens=1000)
+    assert isinstance(only(b.reserve("c1", 10**6 * USD, 1000)), BudgetReserved)
+    assert isinstance(only(b.reserve("c2", 0, 1)), BudgetExceeded)
+    assert b.s.remaining_micro_usd is None
+    assert b.s.remaining_tokens == 0
+
+
+def test_unlimited_budget_always_reserves():
+    b = Budget()
+    for i in range(5):
+        assert isinstance(only(b.reserve(f"c{i}", 10**12, 10**9)), BudgetReserved)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (None, None)
+    b.commit("c0", 10**13, 10**10)
+    assert b.s.committed_micro_usd == 10**13
+
+
+def test_lowering_the_limit_below_usage_stops_spending():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", 600_000)
+    b.reserve("c2", 300_000)
+    ev = only(b.apply(decide_change_limit(b.state, 500_000, None)))
+    assert ev == BudgetLimitChanged(budget_id="b1", limit_micro_usd=500_000, limit_tokens=None)
+    assert b.s.remaining_micro_usd == 0  # never negative
+    assert isinstance(only(b.reserve("c3", 1)), BudgetExceeded)
+    # a commit over its reservation is capped at its own reservation (granted before)
+    ev = only(b.commit("c1", 800_000))
+    assert (ev.micro_usd, ev.overrun_micro_usd) == (600_000, 200_000)
+    assert decide_change_limit(b.state, 500_000, None) == []
+    b.apply(decide_change_limit(b.state, 2 * USD, 10))
+    assert (b.s.limit_micro_usd, b.s.limit_tokens) == (2 * USD, 10)
+    assert b.s.remaining_micro_usd == 2 * USD - 900_000
+    with pytest.raises(BudgetNotOpened):
+        decide_change_limit(None, 1, 1)
+    with pytest.raises(ValueError):
+        decide_change_limit(b.state, None, -1)
+
+
+# -- fold -------------------------------------------------------------------------------
+
+
+def test_fold_ignores_events_before_the_budget_is_opened():
+    assert fold_budget(None, BudgetReserved(budget_id="b1", call_id="c1", micro_usd=1,
+                                            tokens=1, expires_at=NOW), 1) is None
+    assert fold_budget(None, BudgetReleased(budget_id="b1", call_id="c1", reason="x"), 1) is None
+
+
+def test_fold_ignores_already_folded_versions():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", 100_000)
+    b.reserve("c2", 200_000)
+    state = b.s
+    for event, version in b.log:
+        assert fold_budget(state, event, version) == state
+    assert fold_budget_events(b.log) == state
+    assert fold_budget_events([e for e, _ in b.log]) == state  # numbered 1, 2, ...
+
+
+def test_fold_never_goes_negative_on_bad_events():
+    b = Budget(limit_micro_usd=USD)
+    b.apply([BudgetReserved(budget_id="b1", call_id="c1", micro_usd=-5, tokens=-5,
+                            expires_at=NOW)])
+    b.apply([BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=-7, tokens=-7)])
+    assert (b.s.reserved_micro_usd, b.s.reserved_tokens) == (0, 0)
+    assert (b.s.committed_micro_usd, b.s.committed_tokens) == (0, 0)
+
+
+def test_a_second_open_changes_nothing():
+    b = Budget(limit_micro_usd=USD)
+    state = b.s
+    b.apply([BudgetOpened(budget_id="b1", scope="tenant", owner="x", limit_micro_usd=1)])
+    assert b.s == dataclasses.replace(state, version=2)
+
+
+def test_events_round_trip_as_json():
+    b = Budget(limit_micro_usd=USD, limit_tokens=100, scope="tenant", owner="acme",
+               period="2026-11")
+    b.reserve("c1", 500_000, 50)
+    b.reserve("c2", 600_000, 10)
+    b.commit("c1", 700_000, 60)
+    b.release("c9", "failed")
+    b.expire(NOW + TTL)
+    b.apply(decide_change_limit(b.state, None, 5))
+    names = {type(e).__name__ for e, _ in b.log}
+    assert names == BUDGET_EVENT_TYPE_NAMES - {"BudgetReleased"}
+    for event, _ in b.log:
+        data = _encoder.encode(event)
+        assert msgspec.json.decode(data)["type"] == type(event).__name__
+        assert _decoder.decode(data) == event
+    with pytest.raises(AttributeError):
+        b.log[0][0].budget_id = "other"  # type: ignore[misc]
+
+
+# -- streams and money ------------------------------------------------------------------
+
+
+def test_stream_names_and_periods():
+    assert budget_stream_for_session("abc") == "budget-session-abc"
+    assert budget_stream_for_tenant("acme", "2026-11") == "budget-tenant-acme-2026-11"
+    assert month_period(0) == "1970-01"
+    assert month_period(1_796_083_199.5) == "2026-11"  # 2026-11-30T23:59:59.5Z
+    assert month_period(1_796_083_200) == "2026-12"  # 2026-12-01T00:00:00Z
+    assert Budget(owner="s9").s.stream == "budget-session-s9"
+    assert Budget(scope="tenant", owner="acme", period="2026-11").s.stream == \
+        "budget-tenant-acme-2026-11"
+
+
+@pytest.mark.parametrize("usd, micro", [
+    (0.0, 0), (1.0, 1_000_000), (0.1, 100_000), (0.35, 350_000), (2.675, 2_675_000),
+    (0.0000005, 1), (0.0000004, 0), (0.0000015, 2), (0.0000025, 3), (1e-7, 0),
+    (123.4567895, 123_456_790), (-0.0000005, -1), (3, 3_000_000),
+])
+def test_usd_to_micro_rounds_half_up(usd, micro):
+    assert usd_to_micro(usd) == micro
+
+
+def test_money_helpers():
+    assert micro_to_usd(350_000) == 0.35
+    assert micro_to_usd(usd_to_micro(12.345678)) == 12.345678
+    assert [format_usd(m) for m in (0, 800_000, 350_000, 1_234, 12_500_000, -50_000)] == \
+        ["0.00", "0.80", "0.35", "0.001234", "12.50", "-0.05"]
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            usd_to_micro(bad)
+
+
+@given(st.integers(min_value=0, max_value=10**15))
+def test_micro_usd_round_trip(micro):
+    assert usd_to_micro(micro_to_usd(micro)) == micro
+
+
+# -- properties -------------------------------------------------------------------------
+
+CALL_IDS = [f"c{i}" for i in range(6)]
+limits_usd = st.none() | st.integers(min_value=0, max_value=3 * USD)
+limits_tokens = st.none() | st.integers(min_value=0, max_value=5_000)
+amounts_usd = st.integers(min_value=0, max_value=2 * USD)
+amounts_tokens = st.integers(min_value=0, max_value=3_000)
+call_ids = st.sampled_from(CALL_IDS)
+ttls = st.sampled_from([0.0, 1.0, 5.0, 30.0, 1e9])
+
+
+def usage(state: BudgetState) -> dict[str, tuple[int, int | None]]:
+    return {
+        "usd": (state.committed_micro_usd + state.reserved_micro_usd, state.limit_micro_usd),
+        "tokens": (state.committed_tokens + state.reserved_tokens, state.limit_tokens),
+    }
+
+
+class BudgetMachine(RuleBasedStateMachine):
+    """Any interleaving of decisions keeps the budget within its limits."""
+
+    change_limits = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b: Budget | None = None
+        self.now = NOW
+        self.over_before: dict[str, int] = {}
+
+    @initialize(limit_usd=limits_usd, limit_tokens=limits_tokens,
+                scope=st.sampled_from(["session", "tenant"]))
+    def open(self, limit_usd, limit_tokens, scope):
+        self.b = Budget(limit_micro_usd=limit_usd, limit_tokens=limit_tokens, scope=scope,
+                        period="2026-11" if scope == "tenant" else None)
+
+    def step(self, events: list[Event]) -> list[Event]:
+        assert self.b is not None
+        before = usage(self.b.s)
+        version = self.b.s.version
+        self.b.apply(events)
+        assert self.b.s.version == version + len(events)
+        after = usage(self.b.s)
+        for dim, (used, limit) in after.items():
+            if limit is not None and used > limit:
+                # only possible after a limit was lowered below usage, and then usage
+                # never grows until it is back under the limit
+                assert self.change_limits and used <= before[dim][0], (dim, before, after)
+        return events
+
+    @rule(call_id=call_ids, micro_usd=amounts_usd, tokens=amounts_tokens, ttl=ttls)
+    def reserve(self, call_id, micro_usd, tokens, ttl):
+        s = self.b.s
+        was_open = call_id in s.reservations
+        events = self.step(decide_reserve(s, call_id, micro_usd, tokens, self.now, ttl))
+        if was_open:
+            assert events == []
+            return
+        assert all(isinstance(e, BudgetReleased) and e.reason == EXPIRED for e in events[:-1])
+        verdict = events[-1]
+        if isinstance(verdict, BudgetReserved):
+            assert self.b.s.reservations[call_id] == Reservation(micro_usd, tokens,
+                                                                 self.now + ttl)
+        else:
+            assert isinstance(verdict, BudgetExceeded)
+            assert call_id not in self.b.s.reservations
+            assert verdict.reason.startswith(f"{s.scope} budget: ")
+            assert (verdict.available_micro_usd is not None
+                    and micro_usd > verdict.available_micro_usd) or \
+                   (verdict.available_tokens is not None and tokens > verdict.available_tokens)
+
+    @rule(call_id=call_ids, micro_usd=amounts_usd, tokens=amounts_tokens)
+    def commit(self, call_id, micro_usd, tokens):
+        s = self.b.s
+        res = s.reservations.get(call_id)
+        events = self.step(decide_commit(s, call_id, micro_usd, tokens))
+        if res is None:
+            assert events == []
+            return
+        ev = only(events)
+        assert isinstance(ev, BudgetCommitted)
+        assert ev.micro_usd + ev.overrun_micro_usd == micro_usd
+        assert ev.tokens + ev.overrun_tokens == tokens
+        assert min(micro_usd, res.micro_usd) <= ev.micro_usd <= micro_usd
+        assert min(tokens, res.tokens) <= ev.tokens <= tokens
+        n = self.b.s
+        assert call_id not in n.reservations
+        assert n.committed_micro_usd == s.committed_micro_usd + ev.micro_usd
+        assert n.committed_tokens == s.committed_tokens + ev.tokens
+        assert n.reserved_micro_usd == s.reserved_micro_usd - res.micro_usd
+        assert n.reserved_tokens == s.reserved_tokens - res.tokens
+
+    @rule(call_id=call_ids, reason=st.sampled_from(["failed", "cancelled"]))
+    def release(self, call_id, reason):
+        s = self.b.s
+        events = self.step(decide_release(s, call_id, reason))
+        assert len(events) == (call_id in s.reservations)
+        assert call_id not in self.b.s.reservations
+        assert self.b.s.committed_micro_usd == s.committed_micro_usd
+
+    @rule()
+    def expire(self):
+        s = self.b.s
+        events = self.step(decide_expire(s, self.now))
+        due = {c for c, r in s.reservations.items() if r.expires_at <= self.now}
+        assert {e.call_id for e in events} == due
+        assert all(r.expires_at > self.now for r in self.b.s.reservations.values())
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 5.0, 30.0, 100.0]))
+    def tick(self, dt):
+        self.now += dt
+
+    @rule(data=st.data())
+    def redeliver(self, data):
+        """A duplicate delivery of any folded event at its version changes nothing."""
+        event, version = data.draw(st.sampled_from(self.b.log))
+        assert fold_budget(self.b.s, event, version) == self.b.s
+
+    @precondition(lambda self: self.change_limits)
+    @rule(limit_usd=limits_usd, limit_tokens=limits_tokens)
+    def change_limit(self, limit_usd, limit_tokens):
+        self.b.apply(decide_change_limit(self.b.s, limit_usd, limit_tokens))
+        assert (self.b.s.limit_micro_usd, self.b.s.limit_tokens) == (limit_usd, limit_tokens)
+
+    @invariant()
+    def within_limits_and_non_negative(self):
+        if self.b is None:
+            return
+        s = self.b.s
+        for value in (s.reserved_micro_usd, s.reserved_tokens, s.committed_micro_usd,
+                      s.committed_tokens):
+            assert value >= 0
+        assert s.reserved_micro_usd == sum(r.micro_usd for r in s.reservations.values())
+        assert s.reserved_tokens == sum(r.tokens for r in s.reservations.values())
+        for remaining in (s.remaining_micro_usd, s.remaining_tokens):
+            assert remaining is None or remaining >= 0
+        if not self.change_limits:
+            for dim, (used, limit) in usage(s).items():
+                assert limit is None or used <= limit, (dim, used, limit)
+
+    @invariant()
+    def fold_from_scratch_equals_incremental_state(self):
+        if self.b is None:
+            return
+        assert fold_budget_events(self.b.log) == self.b.s
+        decoded = [(_decoder.decode(_encoder.encode(e)), v) for e, v in self.b.log]
+        assert fold_budget_events(decoded) == self.b.s
+
+
+class LimitChangingBudgetMachine(BudgetMachine):
+    """Limits may also be changed, even below usage: usage then only goes down."""
+
+    change_limits = True
+
+
+_machine_settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+TestBudgetMachine = BudgetMachine.TestCase
+TestBudgetMachine.settings = _machine_settings
+TestLimitChangingBudgetMachine = LimitChangingBudgetMachine.TestCase
+TestLimitChangingBudgetMachine.settings = _machine_settings
+
+
+# op lists: the same properties from generated scripts, plus duplicate delivery
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("reserve"), call_ids, amounts_usd, amounts_tokens, ttls),
+    st.tuples(st.just("commit"), call_ids, amounts_usd, amounts_tokens),
+    st.tuples(st.just("release"), call_ids),
+    st.tuples(st.just("expire")),
+    st.tuples(st.just("tick"), st.sampled_from([1.0, 10.0, 100.0])),
+), max_size=40)
+
+
+def run_ops(limit_usd, limit_tokens, script) -> Budget:
+    b, now = Budget(limit_micro_usd=limit_usd, limit_tokens=limit_tokens), NOW
+    for op, *args in script:
+        if op == "reserve":
+            call_id, micro_usd, tokens, ttl = args
+            b.reserve(call_id, micro_usd, tokens, now=now, ttl_s=ttl)
+        elif op == "commit":
+            b.commit(*args)
+        elif op == "release":
+            b.release(args[0], "failed")
+        elif op == "expire":
+            b.expire(now)
+        else:
+            now += args[0]
+    return b
+
+
+@settings(max_examples=200, deadline=None)
+@given(limits_usd, limits_tokens, ops)
+def test_generated_scripts_never_overspend(limit_usd, limit_tokens, script):
+    b = run_ops(limit_usd, limit_tokens, script)
+    for used, limit in usage(b.s).values():
+        assert limit is None or used <= limit
+    assert min(b.s.reserved_micro_usd, b.s.reserved_tokens, b.s.committed_micro_usd,
+               b.s.committed_tokens) >= 0
+    assert fold_budget_events(b.log) == b.s
+
+
+@settings(max_examples=200, deadline=None)
+@given(limits_usd, limits_tokens, ops, st.data())
+def test_duplicate_delivery_does_not_change_the_state(limit_usd, limit_tokens, script, data):
+    b = run_ops(limit_usd, limit_tokens, script)
+    # each event delivered again right after itself, or any already-folded event again
+    # later, at its version: the fold ignores it
+    doubled = [item for item in b.log for _ in range(2)]
+    assert fold_budget_events(doubled) == b.s
+    extra = data.draw(st.lists(st.tuples(st.integers(0, len(b.log) - 1),
+                                         st.integers(0, len(b.log) - 1)), max_size=10))
+    log = list(b.log)
+    for src, at in sorted(extra, key=lambda p: -p[1]):
+        if src <= at:  # redeliver event `src` after event `at` has been folded
+            log.insert(at + 1, b.log[src])
+    assert fold_budget_events(log) == b.s
