@@ -48,7 +48,9 @@ class SessionStarted(Event, frozen=True):
     session_id: str
     tenant: str
     budget: BudgetLimits | None = None
-    policy: str | None = None
+    policy: str | None = None  # a tenant policy's name ...
+    policy_version: int | None = None  # ... pinned at the version current at start
+    policy_rules: dict[str, object] | None = None  # or inline rules (shared.policy.PolicyRules)
     agent: str | None = None
     metadata: dict[str, str] = {}
 
@@ -180,6 +182,94 @@ class BudgetLimitChanged(Event, frozen=True):
     limit_tokens: int | None
 
 
+class PolicyDefined(Event, frozen=True):
+    """A tenant's named policy; each definition is a new version (the stream version)."""
+
+    tenant: str
+    name: str
+    rules: dict[str, object]  # shared.policy.PolicyRules, as JSON
+
+
+class PolicyEvaluated(Event, frozen=True):
+    """One policy decision, with the rule that decided and a readable reason."""
+
+    session_id: str
+    call_id: str
+    action: str  # "chat", "tool", "output"
+    allowed: bool
+    rule: str
+    reason: str
+    policy: str | None = None  # name@version, or "inline"
+    scope: str | None = None
+
+
+class MessageAppended(Event, frozen=True):
+    """A turn of a session's conversation (stream conversation-{session_id})."""
+
+    session_id: str
+    message_id: str
+    role: str  # "user" or "assistant"
+    content: str
+    call_id: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    node: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_micro_usd: int | None = None
+    finish_reason: str | None = None
+
+
+class TenantBudgetSet(Event, frozen=True):
+    """A tenant's monthly budget (across all its sessions); applies from the next reserve."""
+
+    tenant: str
+    limit_micro_usd: int | None
+    limit_tokens: int | None
+
+
+# -- LLM calls (appended by the provider; stream llmcall-{call_id}) ---------------------
+
+
+class LLMCallStarted(Event, frozen=True):
+    call_id: str
+    session_id: str
+    model: str  # as the client asked
+    targets: tuple[str, ...]  # the fallback chain, "provider/model"
+
+
+class LLMCallFailed(Event, frozen=True):
+    """One failed attempt; `fallback` names the next target taken (None: retry or give up)."""
+
+    call_id: str
+    session_id: str
+    target: str
+    attempt: int
+    error: str
+    detail: str
+    status: int | None = None
+    fallback: str | None = None
+    after_first_token: bool = False
+    final: bool = False  # the call as a whole failed
+
+
+class LLMCallCompleted(Event, frozen=True):
+    call_id: str
+    session_id: str
+    model: str  # as the upstream reported it
+    provider: str
+    target: str
+    node: str | None
+    latency_ms: float
+    ttft_ms: float | None
+    input_tokens: int
+    output_tokens: int
+    usage_estimated: bool
+    cost_micro_usd: int
+    finish_reason: str
+    attempts: int
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     SessionStarted,
     SessionClosed,
@@ -198,6 +288,13 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     BudgetReleased,
     BudgetExceeded,
     BudgetLimitChanged,
+    TenantBudgetSet,
+    PolicyDefined,
+    PolicyEvaluated,
+    MessageAppended,
+    LLMCallStarted,
+    LLMCallFailed,
+    LLMCallCompleted,
 )
 AnyEvent = Union[EVENT_TYPES]  # type: ignore[valid-type]
 EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in EVENT_TYPES)
@@ -212,6 +309,22 @@ def session_stream(session_id: str) -> str:
 
 def node_stream(node_id: str) -> str:
     return f"node-{node_id}"
+
+
+def llmcall_stream(call_id: str) -> str:
+    return f"llmcall-{call_id}"
+
+
+def conversation_stream(session_id: str) -> str:
+    return f"conversation-{session_id}"
+
+
+def policy_stream(tenant: str, name: str) -> str:
+    return f"policy-{tenant}-{name}"
+
+
+def tenant_stream(tenant: str) -> str:
+    return f"tenant-{tenant}"
 
 
 def apikey_stream(key_id: str) -> str:

@@ -7,7 +7,7 @@ between versions as long as old senders stay decodable (add fields with defaults
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -96,3 +96,49 @@ class NodeStatusChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     node_id: NodeId
     status: Literal["draining", "leaving"]
     reason: str = ""
+
+
+# -- LLM completions (orchestrator -> provider; frames in shared.streaming) -------------
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An OpenAI-style chat message (content may be text or a list of parts)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`nexus.provider.complete`: one LLM call; the reply is a frame stream."""
+
+    call_id: str
+    session_id: str
+    tenant: str
+    model: str  # what the client asked for: a route name or "provider/model"
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    redact: tuple[str, ...] = ()  # kinds to redact before text leaves for a hosted provider
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    name: str  # the name clients use
+    targets: tuple[str, ...]  # "provider/model", in fallback order
+    input_usd_per_mtok: float  # the highest price along the chain (worst case)
+    output_usd_per_mtok: float
+    context: int
+
+
+class ModelsRequest(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class ModelsReply(msgspec.Struct, frozen=True, kw_only=True):
+    models: tuple[ModelInfo, ...]

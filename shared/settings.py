@@ -97,6 +97,12 @@ class Settings:
     db_pool_size: int = 10
     """NEXUS_DB_POOL_SIZE: asyncpg pool size per process."""
 
+    reservation_ttl_s: float = 600.0
+    """NEXUS_RESERVATION_TTL_S: a budget reservation whose call never settles is released after this."""
+
+    budget_sweep_s: float = 5.0
+    """NEXUS_BUDGET_SWEEP_S: how often the orchestrator looks for expired reservations."""
+
     admin_key: str | None = None
     """NEXUS_ADMIN_KEY: the bootstrap platform-admin API key (`nexus up` generates one if unset)."""
 
@@ -145,6 +151,8 @@ class Settings:
             projection_batch_size=_env_int("NEXUS_PROJECTION_BATCH_SIZE", 500),
             max_body_bytes=_env_int("NEXUS_MAX_BODY_BYTES", 1_048_576),
             db_pool_size=_env_int("NEXUS_DB_POOL_SIZE", 10),
+            reservation_ttl_s=_env_float("NEXUS_RESERVATION_TTL_S", 600.0),
+            budget_sweep_s=_env_float("NEXUS_BUDGET_SWEEP_S", 5.0),
             admin_key=_env("NEXUS_ADMIN_KEY"),
             api_key=_env("NEXUS_API_KEY"),
             nats_user=_env("NEXUS_NATS_USER"),

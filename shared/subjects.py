@@ -16,6 +16,11 @@ PING_ORCHESTRATOR = f"{PREFIX}.orchestrator.ping"
 PING_PROVIDER = f"{PREFIX}.provider.ping"
 PING_NODE = f"{PREFIX}.node.ping"
 
+# LLM calls: the orchestrator asks a provider instance (queue group) and receives the
+# answer as a frame stream on its reply inbox (shared.streaming).
+PROVIDER_COMPLETE = f"{PREFIX}.provider.complete"
+PROVIDER_MODELS = f"{PREFIX}.provider.models"
+
 # Queue groups (one per service kind: instances of a service share the work).
 QUEUE_ORCHESTRATOR = "orchestrator"
 QUEUE_PROVIDER = "provider"

@@ -6,6 +6,12 @@ A child that dies is restarted with backoff; Ctrl-C or SIGTERM stops the service
 first (SIGTERM, so they drain), then the servers. Every child gets SIGTERM if the
 supervisor itself is killed, so a crash leaves nothing running; the next start
 recovers the data dir (Postgres replays its WAL, JetStream its store).
+
+The embedded NATS requires a login: each service gets its own user (`orchestrator`,
+`provider`, `node-<node_id>`; passwords in `<data dir>/nats/credentials.json`, mode
+0600) through NEXUS_NATS_USER / NEXUS_NATS_PASSWORD, and the node may publish only
+under `nexus.node.<node_id>.` (shared.infra.nats_auth). With NATS_URL set, the
+operator's server and environment decide.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,7 +29,9 @@ from pathlib import Path
 
 from shared.infra import EmbeddedNats, EmbeddedPostgres
 from shared.infra.migrate import migrate
+from shared.infra.nats_auth import NatsCredentials, NatsUser, authorization_config, dev_credentials
 from shared.infra.process import ChildServer, die_with_parent
+from shared.nodes import load_or_create_node_id
 from shared.settings import Settings
 
 log = logging.getLogger("nexus.up")
@@ -67,6 +76,25 @@ def read_state(settings: Settings) -> dict[str, object]:
         return {}
 
 
+def admin_key_path(settings: Settings) -> Path:
+    return settings.data_dir / "admin_key"
+
+
+def ensure_admin_key(settings: Settings) -> tuple[str, bool]:
+    """NEXUS_ADMIN_KEY, or the one generated on the first `nexus up` (0600 file); (key, new)."""
+    if settings.admin_key:
+        return settings.admin_key, False
+    path = admin_key_path(settings)
+    if path.exists():
+        return path.read_text().strip(), False
+    key = f"nx_admin_{secrets.token_urlsafe(32)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, True
+
+
 def resolve_urls(settings: Settings) -> tuple[str, str]:
     """NATS and Postgres URLs for CLI commands: env first, then a running `nexus up`."""
     state = read_state(settings)
@@ -83,6 +111,7 @@ class Supervisor:
         self.services_wanted = services
         self.servers: list[ChildServer] = []
         self.services: list[ServiceProcess] = []
+        self.nats_users: dict[str, NatsUser] = {}  # per service; empty with an external NATS
         self._stopping = False
 
     def _say(self, text: str) -> None:
@@ -93,7 +122,10 @@ class Supervisor:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         nats_url, db_url = s.nats_url, s.database_url
         if not nats_url:
-            nats = EmbeddedNats(s.data_dir / "nats", port=s.nats_port, monitor_port=s.nats_monitor_port)
+            credentials = self.nats_credentials()
+            nats = EmbeddedNats(s.data_dir / "nats", port=s.nats_port,
+                                monitor_port=s.nats_monitor_port,
+                                extra_config=authorization_config(credentials))
             self._say(f"starting embedded NATS (JetStream) on {nats.url} ...")
             nats.start()
             self.servers.append(nats)
@@ -108,12 +140,36 @@ class Supervisor:
         migrate(db_url)
         return nats_url, db_url
 
+    def nats_credentials(self) -> NatsCredentials:
+        """Users of the embedded NATS (created once, kept in its data dir), one per service."""
+        node_ids = ([load_or_create_node_id(self.settings.node_dir)]
+                    if "node" in self.services_wanted else [])
+        credentials = dev_credentials(self.settings.data_dir / "nats", node_ids)
+        self.nats_users = {name: credentials.service(name)
+                           for name in self.services_wanted if name != "node"}
+        if node_ids:
+            self.nats_users["node"] = credentials.node(node_ids[0])
+        return credentials
+
+    def service_env(self, name: str, base: dict[str, str]) -> dict[str, str]:
+        env = {**base, "NEXUS_INSTANCE_ID": f"{name}-1"}
+        user = self.nats_users.get(name)
+        if user is not None:
+            env["NEXUS_NATS_USER"] = user.name
+            env["NEXUS_NATS_PASSWORD"] = user.password
+        return env
+
     def start_services(self, nats_url: str, db_url: str) -> None:
-        env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": db_url}
+        admin_key, new = ensure_admin_key(self.settings)
+        if new:  # shown once; afterwards it is only in the 0600 file
+            self._say(f"generated the platform admin API key (shown once, kept in "
+                      f"{admin_key_path(self.settings)}):\n  {admin_key}\n")
+        env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": db_url,
+               "NEXUS_ADMIN_KEY": admin_key}
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for name in self.services_wanted:
-            svc = ServiceProcess(name, {**env, "NEXUS_INSTANCE_ID": f"{name}-1"}, logs / f"{name}.log")
+            svc = ServiceProcess(name, self.service_env(name, env), logs / f"{name}.log")
             svc.start()
             self.services.append(svc)
 

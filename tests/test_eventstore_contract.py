@@ -183,3 +183,14 @@ async def test_concurrent_appends_fail_only_where_they_conflict(store: EventStor
         if i % 3:
             assert await store.stream_version(good[i][1]) == 1
     assert await store.stream_version(taken) == 1
+
+
+async def test_atomic_append_to_several_streams_is_all_or_nothing(store: EventStore) -> None:
+    (sid_a, a), (sid_b, b) = new_stream(), new_stream()
+    await store.append(b, [started(sid_b)], expected_version=0)
+    with pytest.raises(WrongExpectedVersion):
+        await store.append_atomic([(a, [started(sid_a)], 0), (b, [started(sid_b)], 0)])
+    assert await store.stream_version(a) == 0  # the first append was rolled back
+    results = await store.append_atomic([(a, [started(sid_a)], 0),
+                                         (b, [SessionClosed(session_id=sid_b)], 1)])
+    assert [r.next_expected_version for r in results] == [1, 2]

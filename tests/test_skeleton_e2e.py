@@ -28,6 +28,9 @@ def test_every_service_answers_a_ping_over_nats(platform) -> None:
 
 
 def test_create_then_read_a_session(platform, infra) -> None:
+    policy = httpx.post(f"{platform.api}/v1/policies", headers=platform.admin,
+                        json={"name": "default", "rules": {"max_tokens_per_call": 512}})
+    assert policy.status_code == 201, policy.text
     created = httpx.post(f"{platform.api}/v1/sessions", json={
         "budget": {"limit_usd": 2.5, "limit_tokens": 10000},
         "policy": "default", "metadata": {"team": "qa"},
@@ -36,6 +39,7 @@ def test_create_then_read_a_session(platform, infra) -> None:
     session = created.json()
     assert session["status"] == "open"
     assert session["budget"] == {"limit_usd": 2.5, "limit_tokens": 10000}
+    assert session["policy"] == "default" and session["policy_version"] == policy.json()["version"]
     fetched = httpx.get(f"{platform.api}/v1/sessions/{session['session_id']}", headers=platform.admin)
     assert fetched.status_code == 200
     assert fetched.json() == session

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from litestar import Litestar, Request, get
 from litestar.datastructures import State
@@ -29,6 +30,11 @@ from services.orchestrator.projections import PROJECTIONS
 from services.orchestrator.auth import PUBLIC_PATHS, BearerKeyMiddleware
 from services.orchestrator.keys import KeyService, Principal
 from services.orchestrator.keys_api import KeysController
+from services.orchestrator.budget import BudgetManager
+from services.orchestrator.chat import ChatService
+from services.orchestrator.chat_api import ChatController
+from services.orchestrator.policies import PolicyService
+from services.orchestrator.ratelimits import RateCounter
 from services.orchestrator.schemas import Health, ServicePing, SystemPing
 from services.orchestrator.sessions import SessionService
 from services.orchestrator.sessions_api import SessionsController
@@ -65,6 +71,18 @@ async def system_ping(state: State) -> SystemPing:
     return SystemPing(orchestrator=orchestrator, provider=provider, node=node)
 
 
+async def _sweep(budgets: BudgetManager, settings: Settings) -> None:
+    """Release reservations whose owner died, found from the events (survives restarts)."""
+    while True:
+        await asyncio.sleep(settings.budget_sweep_s)
+        try:
+            released = await budgets.sweep_expired()
+            if released:
+                log.info("expired reservations released", extra={"count": released})
+        except Exception:
+            log.exception("budget sweep failed")
+
+
 def create_app(settings: Settings) -> Litestar:
     runtime = ServiceRuntime("orchestrator", settings)
 
@@ -76,19 +94,29 @@ def create_app(settings: Settings) -> Litestar:
                                   batch_size=settings.projection_batch_size)
         app.state.runtime = runtime
         app.state.runner = runner
-        app.state.sessions = SessionService(runtime.store, runner)
+        app.state.policies = PolicyService(runtime.store, runner)
+        app.state.sessions = SessionService(runtime.store, runner, app.state.policies)
+        app.state.budgets = BudgetManager(runtime.store,
+                                          reservation_ttl_s=settings.reservation_ttl_s)
+        app.state.chat = ChatService(runtime.store, runtime.bus, app.state.sessions,
+                                     app.state.budgets, app.state.policies,
+                                     RateCounter(runtime.pool),
+                                     request_timeout_s=settings.request_timeout_s)
         app.state.key_service = KeyService(runtime.store, settings.admin_key)
         app.state.nodes = NodeService(runtime.store, runtime.bus, NodeView(),
                                       offline_after_s=settings.node_offline_after_s,
                                       poll_s=settings.projection_poll_s)
         await app.state.nodes.start()
-        task = asyncio.create_task(runner.run(), name="projections")
+        tasks = [asyncio.create_task(runner.run(), name="projections"),
+                 asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper")]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await app.state.nodes.stop()
             await runtime.stop()
 
@@ -104,13 +132,22 @@ def create_app(settings: Settings) -> Litestar:
     def provide_principal(request: Request) -> Principal:
         return request.user
 
+    def from_state(name: str) -> Provide:
+        def provide(state: State) -> Any:
+            return getattr(state, name)
+
+        return Provide(provide, sync_to_thread=False)
+
     return Litestar(
-        route_handlers=[health, system_ping, SessionsController, KeysController, NodesController],
+        route_handlers=[health, system_ping, SessionsController, KeysController, NodesController,
+                        ChatController],
         lifespan=[lifespan],
         dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False),
                       "nodes": Provide(provide_nodes, sync_to_thread=False),
                       "keys": Provide(provide_keys, sync_to_thread=False),
-                      "principal": Provide(provide_principal, sync_to_thread=False)},
+                      "principal": Provide(provide_principal, sync_to_thread=False),
+                      "chat": from_state("chat"), "budgets": from_state("budgets"),
+                      "policies": from_state("policies")},
         middleware=[DefineMiddleware(BearerKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health"]))],

@@ -5,7 +5,16 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 
-from shared.events import ApiKeyCreated, ApiKeyRevoked, RecordedEvent, SessionClosed, SessionStarted
+from shared.budget import BUDGET_EVENT_TYPE_NAMES, BudgetState, Reservation, fold_budget
+from shared.events import (
+    ApiKeyCreated,
+    ApiKeyRevoked,
+    MessageAppended,
+    PolicyDefined,
+    RecordedEvent,
+    SessionClosed,
+    SessionStarted,
+)
 from shared.eventstore import Projection
 from shared.messages import NodeRegistration
 from shared.nodes import NODE_EVENT_TYPES, NodeRecord, fold_node
@@ -22,12 +31,14 @@ class SessionsProjection(Projection):
         event = rec.event
         if isinstance(event, SessionStarted):
             await conn.execute(
-                "INSERT INTO sessions (session_id, tenant, status, budget, policy, agent, metadata,"
-                " created_at, version, event_count, trace_id)"
-                " VALUES ($1, $2, 'open', $3::jsonb, $4, $5, $6::jsonb, $7, $8, 1, $9)",
+                "INSERT INTO sessions (session_id, tenant, status, budget, policy, policy_version,"
+                " policy_rules, agent, metadata, created_at, version, event_count, trace_id)"
+                " VALUES ($1, $2, 'open', $3::jsonb, $4, $5, $6::jsonb, $7, $8::jsonb, $9, $10, 1, $11)",
                 event.session_id, event.tenant,
                 msgspec.json.encode(event.budget).decode() if event.budget else None,
-                event.policy, event.agent, msgspec.json.encode(event.metadata).decode(),
+                event.policy, event.policy_version,
+                msgspec.json.encode(event.policy_rules).decode() if event.policy_rules is not None else None,
+                event.agent, msgspec.json.encode(event.metadata).decode(),
                 rec.recorded_at, rec.stream_version, rec.metadata.trace_id,
             )
         elif isinstance(event, SessionClosed):
@@ -94,4 +105,87 @@ class ApiKeysProjection(Projection):
                                event.key_id, rec.recorded_at)
 
 
-PROJECTIONS: tuple[Projection, ...] = (SessionsProjection(), NodesProjection(), ApiKeysProjection())
+def _budget_from_json(raw: str) -> BudgetState:
+    data = msgspec.json.decode(raw)
+    data["reservations"] = {k: Reservation(**v) for k, v in data["reservations"].items()}
+    return BudgetState(**data)
+
+
+class BudgetsProjection(Projection):
+    """`budgets` table: each budget stream folded with `fold_budget` (the manager's fold)."""
+
+    name = "budgets"
+    handles = BUDGET_EVENT_TYPE_NAMES
+    tables = ("budgets",)
+
+    async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
+        raw = await conn.fetchval("SELECT state::text FROM budgets WHERE budget_id = $1", rec.stream_id)
+        state = _budget_from_json(raw) if raw else None
+        new = fold_budget(state, rec.event, rec.stream_version)
+        if new is None or new is state:
+            return
+        await conn.execute(
+            "INSERT INTO budgets (budget_id, scope, owner, tenant, period, limit_micro_usd, limit_tokens,"
+            " reserved_micro_usd, reserved_tokens, committed_micro_usd, committed_tokens,"
+            " open_reservations, state, version, updated_at)"
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13::jsonb,$14,$15)"
+            " ON CONFLICT (budget_id) DO UPDATE SET limit_micro_usd = EXCLUDED.limit_micro_usd,"
+            " limit_tokens = EXCLUDED.limit_tokens, reserved_micro_usd = EXCLUDED.reserved_micro_usd,"
+            " reserved_tokens = EXCLUDED.reserved_tokens,"
+            " committed_micro_usd = EXCLUDED.committed_micro_usd,"
+            " committed_tokens = EXCLUDED.committed_tokens,"
+            " open_reservations = EXCLUDED.open_reservations, state = EXCLUDED.state,"
+            " version = EXCLUDED.version, updated_at = EXCLUDED.updated_at",
+            rec.stream_id, new.scope, new.owner, rec.metadata.tenant, new.period,
+            new.limit_micro_usd, new.limit_tokens, new.reserved_micro_usd, new.reserved_tokens,
+            new.committed_micro_usd, new.committed_tokens, len(new.reservations),
+            msgspec.json.encode(new).decode(), new.version, rec.recorded_at,
+        )
+
+
+class MessagesProjection(Projection):
+    """`messages` table: the conversation of every session."""
+
+    name = "messages"
+    handles = frozenset({"MessageAppended"})
+    tables = ("messages",)
+
+    async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
+        e = rec.event
+        assert isinstance(e, MessageAppended)
+        await conn.execute(
+            "INSERT INTO messages (position, session_id, message_id, role, content, call_id, model,"
+            " provider, node, input_tokens, output_tokens, cost_micro_usd, finish_reason, created_at)"
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
+            rec.position, e.session_id, e.message_id, e.role, e.content, e.call_id, e.model,
+            e.provider, e.node, e.input_tokens, e.output_tokens, e.cost_micro_usd, e.finish_reason,
+            rec.recorded_at,
+        )
+
+
+class PoliciesProjection(Projection):
+    """`policies` table: the current version of each tenant's named policies."""
+
+    name = "policies"
+    handles = frozenset({"PolicyDefined"})
+    tables = ("policies",)
+
+    async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
+        e = rec.event
+        assert isinstance(e, PolicyDefined)
+        await conn.execute(
+            "INSERT INTO policies (tenant, name, version, rules, updated_at)"
+            " VALUES ($1, $2, $3, $4::jsonb, $5) ON CONFLICT (tenant, name) DO UPDATE SET"
+            " version = EXCLUDED.version, rules = EXCLUDED.rules, updated_at = EXCLUDED.updated_at",
+            e.tenant, e.name, rec.stream_version, msgspec.json.encode(e.rules).decode(),
+            rec.recorded_at)
+
+
+PROJECTIONS: tuple[Projection, ...] = (
+    SessionsProjection(),
+    NodesProjection(),
+    ApiKeysProjection(),
+    BudgetsProjection(),
+    MessagesProjection(),
+    PoliciesProjection(),
+)

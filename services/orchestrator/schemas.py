@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -19,7 +19,8 @@ class BudgetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class SessionCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     budget: BudgetIn | None = None
-    policy: Name | None = None
+    policy: Name | None = None  # a tenant policy by name (the current version is pinned)
+    policy_rules: dict[str, Any] | None = None  # or inline rules (see POST /v1/policies)
     agent: Name | None = None
     metadata: Annotated[dict[MetaKey, MetaValue], msgspec.Meta(max_length=64)] = {}
 
@@ -35,6 +36,8 @@ class SessionView(msgspec.Struct, frozen=True, kw_only=True):
     status: str
     budget: BudgetView | None
     policy: str | None
+    policy_version: int | None
+    policy_rules: dict[str, Any] | None
     agent: str | None
     metadata: dict[str, str]
     created_at: datetime
@@ -161,3 +164,133 @@ class KeyView(msgspec.Struct, frozen=True, kw_only=True):
 
 class KeyList(msgspec.Struct, frozen=True, kw_only=True):
     keys: tuple[KeyView, ...]
+
+
+# -- OpenAI-compatible chat -----------------------------------------------------------------
+
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
+                  omit_defaults=True):
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    type: Annotated[str, msgspec.Meta(pattern="^function$")]
+    function: FunctionDef
+
+
+class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    include_usage: bool = False
+
+
+class MessageIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True,
+                omit_defaults=True):
+    role: Annotated[str, msgspec.Meta(pattern="^(system|developer|user|assistant|tool)$")]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+
+
+class ChatCompletionIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The OpenAI chat-completions body. Fields Nexus does not act on but SDKs send are
+    accepted (`user`, `seed`, penalties...); anything else is a 400 naming the field."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    messages: Annotated[list[MessageIn], msgspec.Meta(min_length=1, max_length=10_000)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] | None = None
+    user: str | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+
+class SessionMessageIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    content: Annotated[str, msgspec.Meta(min_length=1, max_length=1_000_000)]
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "default"
+    stream: bool = False
+    max_tokens: MaxTokens | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+
+
+class MessageOut(msgspec.Struct, frozen=True, kw_only=True):
+    message_id: str
+    role: str
+    content: str
+    call_id: str | None
+    model: str | None
+    provider: str | None
+    node: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_usd: float | None
+    finish_reason: str | None
+    created_at: datetime
+
+
+class MessageList(msgspec.Struct, frozen=True, kw_only=True):
+    messages: tuple[MessageOut, ...]
+
+
+class SessionReply(msgspec.Struct, frozen=True, kw_only=True):
+    session_id: str
+    call_id: str
+    message: MessageOut
+
+
+class BudgetOut(msgspec.Struct, frozen=True, kw_only=True):
+    budget_id: str
+    scope: str
+    limit_usd: float | None
+    limit_tokens: int | None
+    reserved_usd: float
+    reserved_tokens: int
+    committed_usd: float
+    committed_tokens: int
+    remaining_usd: float | None
+    remaining_tokens: int | None
+    open_reservations: int
+    version: int
+    as_of_position: int | None
+
+
+class SessionBudgets(msgspec.Struct, frozen=True, kw_only=True):
+    session: BudgetOut | None
+    tenant: BudgetOut | None
+
+
+class TenantBudgetIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    limit_usd: Annotated[float, msgspec.Meta(ge=0, le=1e9)] | None = None
+    limit_tokens: Annotated[int, msgspec.Meta(ge=0, le=10**15)] | None = None
+
+
+class PolicyIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    name: Name
+    rules: dict[str, Any]
+
+
+class PolicyOut(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    version: int
+    rules: dict[str, Any]

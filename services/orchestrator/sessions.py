@@ -18,7 +18,9 @@ from shared.events import (
     session_stream,
 )
 from shared.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
+from shared.budget import SESSION, budget_stream_for_session, decide_open, usd_to_micro
 from services.orchestrator import idempotency
+from services.orchestrator.policies import PolicyService, rules_or_problem
 from services.orchestrator.keys import Principal
 from services.orchestrator.problems import Problem
 from services.orchestrator.schemas import (
@@ -31,7 +33,8 @@ from services.orchestrator.schemas import (
 )
 
 _COLUMNS = (
-    "SELECT session_id, tenant, status, budget::text AS budget, policy, agent,"
+    "SELECT session_id, tenant, status, budget::text AS budget, policy, policy_version,"
+    " policy_rules::text AS policy_rules, agent,"
     " metadata::text AS metadata, created_at, closed_at, version, trace_id FROM sessions"
 )
 
@@ -41,6 +44,8 @@ def _view(row: asyncpg.Record) -> SessionView:
     return SessionView(
         session_id=row["session_id"], tenant=row["tenant"], status=row["status"],
         budget=BudgetView(**budget) if budget is not None else None, policy=row["policy"],
+        policy_version=row["policy_version"],
+        policy_rules=json.loads(row["policy_rules"]) if row["policy_rules"] else None,
         agent=row["agent"], metadata=json.loads(row["metadata"]), created_at=row["created_at"],
         closed_at=row["closed_at"], version=row["version"], trace_id=row["trace_id"],
     )
@@ -61,9 +66,10 @@ def _uncursor(cursor: str) -> tuple[datetime, str]:
 
 
 class SessionService:
-    def __init__(self, store: EventStore, runner: ProjectionRunner) -> None:
+    def __init__(self, store: EventStore, runner: ProjectionRunner, policies: PolicyService) -> None:
         self.store = store
         self.runner = runner
+        self.policies = policies
 
     async def start(self, who: Principal, request: SessionCreate, *, idempotency_key: str | None = None,
                     request_hash: str | None = None) -> SessionView:
@@ -76,16 +82,36 @@ class SessionService:
         budget = (BudgetLimits(limit_usd=request.budget.limit_usd,
                                limit_tokens=request.budget.limit_tokens)
                   if request.budget else None)
+        if request.policy is not None and request.policy_rules is not None:
+            raise Problem(400, "validation", "policy: give a policy name or policy_rules, not both",
+                          errors=[{"field": "policy", "message": "not both"}])
+        policy_version = None
+        if request.policy is not None:
+            policy_version = await self.policies.current_version(tenant, request.policy)
+            if policy_version is None:
+                raise Problem(400, "validation", f"policy: no policy named {request.policy!r}",
+                              errors=[{"field": "policy", "message": "unknown policy"}])
+        inline = (msgspec.to_builtins(rules_or_problem(request.policy_rules, "policy_rules"))
+                  if request.policy_rules is not None else None)
         event = SessionStarted(session_id=session_id, tenant=tenant, budget=budget,
-                               policy=request.policy, agent=request.agent,
+                               policy=request.policy, policy_version=policy_version,
+                               policy_rules=inline, agent=request.agent,
                                metadata=dict(request.metadata))
         stream = session_stream(session_id)
+        metadata = Metadata(tenant=tenant, actor=who.actor, correlation_id=session_id,
+                            idempotency_key=idempotency_key, request_hash=request_hash)
+        appends: list = [(stream, [event], 0, event_ids)]
+        if budget is not None:  # opened in the same transaction: never a session without it
+            budget_stream = budget_stream_for_session(session_id)
+            opened = decide_open(
+                None, budget_stream, SESSION, session_id,
+                limit_micro_usd=usd_to_micro(budget.limit_usd) if budget.limit_usd is not None else None,
+                limit_tokens=budget.limit_tokens, period=None)
+            appends.append((budget_stream, opened, 0,
+                            [idempotency.derived_id(tenant, idempotency_key, "session:budget")]
+                            if idempotency_key else None))
         try:
-            result = await self.store.append(
-                stream, [event], expected_version=0, event_ids=event_ids,
-                metadata=Metadata(tenant=tenant, actor=who.actor, correlation_id=session_id,
-                                  idempotency_key=idempotency_key, request_hash=request_hash),
-            )
+            result = (await self.store.append_atomic(appends, metadata))[-1]
         except WrongExpectedVersion:  # same key, other body: the ids differ from the stored ones
             raise Problem(422, "idempotency-key-reused",
                           "Idempotency-Key was used before with a different request body") from None

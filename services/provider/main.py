@@ -1,17 +1,81 @@
-"""`nexus provider`: starts, answers pings on NATS, stops cleanly on SIGTERM."""
+"""`nexus provider`: LLM calls from NATS (queue group `provider`) to model runtimes."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
-from shared.service import ServiceRuntime, serve
+from nats.aio.msg import Msg
+
+from shared import subjects
+from shared.messages import CompletionRequest, ModelsReply, ModelsRequest
+from shared.messaging import HandlerError
+from shared.service import ServiceRuntime
 from shared.settings import get_settings
+from shared.streaming import ConsumerLost, Failed, StreamSender
+from services.provider import config as provider_config
+from services.provider.router import Router
+
+log = logging.getLogger("nexus.provider")
+
+
+class ProviderService:
+    def __init__(self, runtime: ServiceRuntime, router: Router) -> None:
+        self.runtime = runtime
+        self.router = router
+
+    async def start(self) -> None:
+        bus = self.runtime.bus
+        assert bus is not None
+        await bus.subscribe(subjects.PROVIDER_COMPLETE, CompletionRequest, self.on_complete,
+                            queue=subjects.QUEUE_PROVIDER, concurrent=True)
+        await bus.subscribe(subjects.PROVIDER_MODELS, ModelsRequest, self.on_models,
+                            queue=subjects.QUEUE_PROVIDER)
+
+    async def on_models(self, request: ModelsRequest, msg: Msg) -> ModelsReply:
+        return ModelsReply(models=self.router.models())
+
+    async def on_complete(self, request: CompletionRequest, msg: Msg) -> None:
+        if not msg.reply:
+            raise HandlerError("NoReplySubject", "completion requests need a reply subject")
+        bus = self.runtime.bus
+        assert bus is not None
+        async with StreamSender(bus, msg.reply) as sender:
+            try:
+                outcome = await self.router.run(request, sender)
+            except ConsumerLost as exc:
+                outcome = Failed(error="Cancelled", detail=str(exc), status=499)
+            except Exception as exc:  # a bug must still end the stream cleanly
+                log.exception("completion failed", extra={"call_id": request.call_id})
+                outcome = Failed(error=type(exc).__name__, detail="internal error in provider",
+                                 status=500)
+            if isinstance(outcome, Failed):
+                await sender.fail(outcome)
+            else:
+                await sender.done(outcome)
+
+
+async def run(runtime: ServiceRuntime) -> None:
+    runtime.install_signal_handlers()
+    config = provider_config.load()
+    await runtime.start(database=True)
+    from shared.policy import redact_kinds
+
+    router = Router(config, runtime.store, redactor=redact_kinds)
+    service = ProviderService(runtime, router)
+    await service.start()
+    log.info("provider ready", extra={"targets": sorted(router.targets), "routes": sorted(router.routes)})
+    try:
+        await runtime.wait_for_stop()
+    finally:
+        await runtime.stop()
+        await router.close()
 
 
 def main() -> None:
     runtime = ServiceRuntime("provider", get_settings())
     runtime.setup_process()
-    asyncio.run(serve(runtime))
+    asyncio.run(run(runtime))
 
 
 if __name__ == "__main__":

@@ -165,6 +165,25 @@ class EventStore:
             self._writer = asyncio.create_task(self._write_loop(), name="eventstore-writer")
         return await request.future
 
+    async def append_atomic(
+        self, appends: Sequence[tuple[str, Sequence[Event], int | None]
+                                | tuple[str, Sequence[Event], int | None, Sequence[uuid.UUID] | None]],
+        metadata: Metadata | None = None,
+    ) -> list[AppendResult]:
+        """Append to several streams in one transaction: all or nothing.
+
+        Each item is `(stream_id, events, expected_version[, event_ids])`. Raises the
+        first `WrongExpectedVersion` / `EventIdConflict` (then nothing is written).
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            results = []
+            for item in appends:
+                stream_id, events, expected = item[0], item[1], item[2]
+                event_ids = item[3] if len(item) > 3 else None  # type: ignore[misc]
+                results.append(await self.append(stream_id, events, expected, metadata,
+                                                 event_ids=event_ids, conn=conn))
+            return results
+
     async def _write_loop(self) -> None:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,8 +24,8 @@ def nats_server_binary() -> str:
 class EmbeddedNats(ChildServer):
     """`nats-server -js` on 127.0.0.1, its JetStream store under `data_dir/jetstream`.
 
-    The server reads a config file we write on every start (`nats.conf`), so later
-    features (per-node accounts and permissions) extend the config, not the command line.
+    The server reads a config file we write on every start (`nats.conf`, mode 0600:
+    `extra_config` may hold the users and passwords of `shared.infra.nats_auth`).
     """
 
     name = "nats"
@@ -46,23 +47,25 @@ class EmbeddedNats(ChildServer):
     def prepare(self) -> None:
         store = self.data_dir / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            "\n".join(
-                [
-                    f'listen: "{self.host}:{self.port}"',
-                    f'http: "{self.host}:{self.monitor_port}"',
-                    f'server_name: "nexus-embedded-{self.port}"',
-                    "max_payload: 8MB",
-                    "jetstream {",
-                    f'  store_dir: "{store}"',
-                    "  max_memory_store: 256MB",
-                    "  max_file_store: 4GB",
-                    "}",
-                    self.extra_config,
-                    "",
-                ]
-            )
+        text = "\n".join(
+            [
+                f'listen: "{self.host}:{self.port}"',
+                f'http: "{self.host}:{self.monitor_port}"',
+                f'server_name: "nexus-embedded-{self.port}"',
+                "max_payload: 8MB",
+                "jetstream {",
+                f'  store_dir: "{store}"',
+                "  max_memory_store: 256MB",
+                "  max_file_store: 4GB",
+                "}",
+                self.extra_config,
+                "",
+            ]
         )
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # an older, looser file keeps its mode through O_TRUNC
+            f.write(text)
 
     def command(self) -> list[str]:
         return [nats_server_binary(), "-c", str(self.config_path)]

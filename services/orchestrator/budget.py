@@ -1,0 +1,184 @@
+"""The budget manager: reserve before a call, commit after, release on failure.
+
+"Never overspent, under any concurrency and with several orchestrator processes":
+every change is decided on the latest state of the budget's stream and appended at
+that stream's version (`expected_version`). When another process appended first the
+append fails, the state is caught up and the decision taken again. A call charged to
+two budgets (its session's and its tenant's month) reserves on both in one atomic
+append. No in-process lock is involved; the per-process state cache only saves reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from shared.budget import (
+    TENANT,
+    BudgetState,
+    budget_stream_for_session,
+    budget_stream_for_tenant,
+    decide_commit,
+    decide_expire,
+    decide_open,
+    decide_release,
+    decide_reserve,
+    fold_budget,
+    format_usd,
+    month_period,
+)
+from shared.events import BudgetExceeded, Event, Metadata, TenantBudgetSet, tenant_stream
+from shared.eventstore import EventStore, WrongExpectedVersion
+
+log = logging.getLogger("nexus.orchestrator.budget")
+
+MAX_RETRIES = 50
+
+
+class BudgetDenied(Exception):
+    def __init__(self, budget: str, reason: str) -> None:
+        super().__init__(reason)
+        self.budget = budget
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a call is charged to: the budget streams that exist for it."""
+
+    call_id: str
+    streams: tuple[str, ...]
+    tenant: str
+    session_id: str
+
+
+class BudgetManager:
+    def __init__(self, store: EventStore, *, reservation_ttl_s: float = 600.0) -> None:
+        self.store = store
+        self.ttl_s = reservation_ttl_s
+        self._states: dict[str, BudgetState | None] = {}
+
+    async def state(self, stream: str, *, to_position: int | None = None) -> BudgetState | None:
+        """The budget's state: cached and caught up with the stream (or as of a position)."""
+        if to_position is not None:
+            state = None
+            for rec in await self.store.read_stream(stream, to_position=to_position):
+                state = fold_budget(state, rec.event, rec.stream_version)
+            return state
+        state = self._states.get(stream)
+        start = state.version + 1 if state else 1
+        for rec in await self.store.read_stream(stream, from_version=start):
+            state = fold_budget(state, rec.event, rec.stream_version)
+        self._states[stream] = state
+        return state
+
+    async def set_tenant_budget(self, tenant: str, limit_micro_usd: int | None,
+                                limit_tokens: int | None, metadata: Metadata) -> None:
+        await self.store.append(tenant_stream(tenant), [TenantBudgetSet(
+            tenant=tenant, limit_micro_usd=limit_micro_usd, limit_tokens=limit_tokens)],
+            expected_version=None, metadata=metadata)
+
+    async def tenant_limits(self, tenant: str) -> TenantBudgetSet | None:
+        events = await self.store.read_stream(tenant_stream(tenant))
+        last = [e.event for e in events if isinstance(e.event, TenantBudgetSet)]
+        return last[-1] if last else None
+
+    async def charge_for(self, call_id: str, tenant: str, session_id: str,
+                         now: float | None = None) -> Charge:
+        """The budgets a new call must fit: the session's (if any), the tenant's month (if set)."""
+        streams = []
+        session = budget_stream_for_session(session_id)
+        if await self.state(session) is not None:
+            streams.append(session)
+        limits = await self.tenant_limits(tenant)
+        if limits is not None:
+            period = month_period(now or time.time())
+            stream = budget_stream_for_tenant(tenant, period)
+            if await self.state(stream) is None:
+                events = decide_open(None, stream, TENANT, tenant,
+                                     limit_micro_usd=limits.limit_micro_usd,
+                                     limit_tokens=limits.limit_tokens, period=period)
+                try:
+                    await self.store.append(stream, events, expected_version=0,
+                                            metadata=Metadata(tenant=tenant, actor="orchestrator"))
+                except WrongExpectedVersion:
+                    pass  # another process opened it first
+            streams.append(stream)
+        return Charge(call_id, tuple(streams), tenant, session_id)
+
+    async def reserve(self, charge: Charge, micro_usd: int, tokens: int,
+                      metadata: Metadata) -> None:
+        """Reserve on every budget of the charge atomically, or raise `BudgetDenied`."""
+        for _ in range(MAX_RETRIES):
+            now = time.time()
+            appends: list[tuple[str, list[Event], int | None]] = []
+            denied: tuple[str, list[Event], int] | None = None
+            for stream in charge.streams:
+                state = await self.state(stream)
+                assert state is not None
+                events = decide_reserve(state, charge.call_id, micro_usd, tokens, now, self.ttl_s)
+                if events and isinstance(events[-1], BudgetExceeded):
+                    denied = (stream, events, state.version)
+                    break
+                if events:
+                    appends.append((stream, events, state.version))
+            try:
+                if denied is not None:
+                    stream, events, version = denied
+                    await self.store.append(stream, events, expected_version=version,
+                                            metadata=metadata)
+                    scope = "session" if stream.startswith("budget-session-") else "tenant"
+                    raise BudgetDenied(scope, events[-1].reason)  # type: ignore[attr-defined]
+                if appends:
+                    await self.store.append_atomic(appends, metadata)
+                return
+            except WrongExpectedVersion:
+                continue  # someone else moved a budget: catch up and decide again
+        raise BudgetDenied("contention", "budget is too contended right now; retry")
+
+    async def _settle(self, charge: Charge, decide, metadata: Metadata) -> None:
+        for stream in charge.streams:
+            for _ in range(MAX_RETRIES):
+                state = await self.state(stream)
+                events = decide(state)
+                if not events:
+                    break
+                try:
+                    await self.store.append(stream, events, expected_version=state.version,
+                                            metadata=metadata)
+                    break
+                except WrongExpectedVersion:
+                    continue
+
+    async def commit(self, charge: Charge, micro_usd: int, tokens: int, metadata: Metadata) -> None:
+        await self._settle(charge, lambda s: decide_commit(s, charge.call_id, micro_usd, tokens),
+                           metadata)
+
+    async def release(self, charge: Charge, reason: str, metadata: Metadata) -> None:
+        await self._settle(charge, lambda s: decide_release(s, charge.call_id, reason), metadata)
+
+    async def sweep_expired(self, now: float | None = None) -> int:
+        """Release reservations whose owner died (found from the events, so restarts keep them)."""
+        now = now or time.time()
+        rows = await self.store.pool.fetch(
+            "SELECT DISTINCT stream_id FROM events WHERE type = 'BudgetReserved'"
+            " AND (data ->> 'expires_at')::float8 <= $1"
+            " AND recorded_at > now() - make_interval(secs => $2)",
+            now, self.ttl_s * 4 + 3600)
+        released = 0
+        for row in rows:
+            stream = row["stream_id"]
+            for _ in range(MAX_RETRIES):
+                state = await self.state(stream)
+                events = decide_expire(state, now)
+                if not events:
+                    break
+                try:
+                    await self.store.append(stream, events, expected_version=state.version,
+                                            metadata=Metadata(actor="orchestrator"))
+                    released += len(events)
+                    break
+                except WrongExpectedVersion:
+                    continue
+        return released

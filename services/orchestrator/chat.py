@@ -1,0 +1,244 @@
+"""One LLM call as the orchestrator runs it.
+
+prepare: session -> model -> policy (`PolicyEvaluated`) -> rate limits -> budget
+reservation (`BudgetReserved` on every budget the call is charged to);
+execute: stream frames from a provider over NATS; then commit the actual cost (or
+release on failure/cancellation) and append the conversation (`MessageAppended`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from shared import subjects
+from shared.budget import FAILED, CANCELLED
+from shared.events import Metadata, MessageAppended, PolicyEvaluated, conversation_stream, llmcall_stream
+from shared.eventstore import EventStore
+from shared.messages import ChatMessage, CompletionRequest, ModelInfo, ModelsReply, ModelsRequest
+from shared.messaging import Bus, MessagingError
+from shared.policy import ChatRequestFacts, CompiledPolicy
+from shared.streaming import Delta, Done, Failed, StreamReceiver
+from services.orchestrator.budget import BudgetDenied, BudgetManager, Charge
+from services.orchestrator.keys import Principal
+from services.orchestrator.policies import PolicyService
+from services.orchestrator.problems import Problem
+from services.orchestrator.ratelimits import RateCounter
+from services.orchestrator.schemas import SessionCreate, SessionView
+from services.orchestrator.sessions import SessionService
+
+log = logging.getLogger("nexus.orchestrator.chat")
+
+DEFAULT_MAX_TOKENS = 1024
+MODELS_TTL_S = 10.0
+
+
+def estimate_prompt_tokens(messages: tuple[ChatMessage, ...]) -> int:
+    """Worst-case-leaning estimate: 1 token per 4 characters, plus 4 per message."""
+    chars = 0
+    for m in messages:
+        if isinstance(m.content, str):
+            chars += len(m.content)
+        elif isinstance(m.content, list):
+            chars += sum(len(str(p.get("text", ""))) for p in m.content if isinstance(p, dict))
+    return math.ceil(chars / 4) + 4 * len(messages)
+
+
+def user_text(messages: tuple[ChatMessage, ...]) -> str:
+    parts = []
+    for m in messages:
+        if isinstance(m.content, str):
+            parts.append(m.content)
+        elif isinstance(m.content, list):
+            parts += [str(p.get("text", "")) for p in m.content if isinstance(p, dict)]
+    return "\n".join(parts)
+
+
+@dataclass
+class PreparedCall:
+    call_id: str
+    who: Principal
+    session: SessionView
+    model: ModelInfo
+    request: CompletionRequest
+    charge: Charge
+    metadata: Metadata
+    new_user_text: str
+    rate_subjects: dict[str, str]
+    policy: CompiledPolicy | None
+    policy_label: str | None
+    output: list[str] = field(default_factory=list)
+
+
+class ChatService:
+    def __init__(self, store: EventStore, bus: Bus, sessions: SessionService,
+                 budgets: BudgetManager, policies: PolicyService, rates: RateCounter, *,
+                 request_timeout_s: float) -> None:
+        self.store = store
+        self.bus = bus
+        self.sessions = sessions
+        self.budgets = budgets
+        self.policies = policies
+        self.rates = rates
+        self.request_timeout_s = request_timeout_s
+        self._models: tuple[float, dict[str, ModelInfo]] = (0.0, {})
+
+    # -- models ---------------------------------------------------------------------
+
+    async def models(self) -> dict[str, ModelInfo]:
+        fetched_at, models = self._models
+        if time.monotonic() - fetched_at > MODELS_TTL_S or not models:
+            try:
+                reply = await self.bus.request(subjects.PROVIDER_MODELS, ModelsRequest(),
+                                               ModelsReply, timeout=self.request_timeout_s)
+            except MessagingError as exc:
+                if models:
+                    return models
+                raise Problem(503, "provider-unavailable", f"no provider answered: {exc}") from None
+            models = {m.name: m for m in reply.models}
+            self._models = (time.monotonic(), models)
+        return models
+
+    # -- sessions -------------------------------------------------------------------
+
+    async def session_for(self, who: Principal, session_id: str | None) -> SessionView:
+        """The named session (open, of this tenant), or the caller key's default session."""
+        if session_id is None:
+            default = await self.sessions.start(
+                who, SessionCreate(metadata={"default_for_key": who.key_id}),
+                idempotency_key=f"default-session:{who.key_id}", request_hash=None)
+            return default
+        view = await self.sessions.require(who, session_id)
+        if view.status != "open":
+            raise Problem(409, "session-closed", f"session {session_id!r} is closed")
+        return view
+
+    async def history(self, session_id: str) -> tuple[ChatMessage, ...]:
+        rows = await self.store.pool.fetch(
+            "SELECT role, content FROM messages WHERE session_id = $1 ORDER BY position", session_id)
+        return tuple(ChatMessage(role=r["role"], content=r["content"]) for r in rows)
+
+    # -- prepare --------------------------------------------------------------------
+
+    async def prepare(self, who: Principal, session: SessionView, *, model: str,
+                      messages: tuple[ChatMessage, ...], new_user_text: str,
+                      max_tokens: int | None, temperature: float | None, top_p: float | None,
+                      stop: tuple[str, ...] | None, tools: list[dict] | None,
+                      tool_choice: object) -> PreparedCall:
+        models = await self.models()
+        info = models.get(model)
+        if info is None:
+            raise Problem(404, "unknown-model", f"model {model!r} is not served here; "
+                          f"known: {', '.join(sorted(models)) or 'none'}",
+                          errors=[{"field": "model", "message": "unknown model"}])
+        prompt_tokens = estimate_prompt_tokens(messages)
+        if max_tokens is not None and max_tokens + prompt_tokens > info.context:
+            raise Problem(400, "validation",
+                          f"max_tokens: {max_tokens} plus the prompt (~{prompt_tokens} tokens) "
+                          f"exceeds the context of {model!r} ({info.context} tokens)",
+                          errors=[{"field": "max_tokens", "message": "exceeds the model's context"}])
+        call_id = str(uuid.uuid4())
+        metadata = Metadata(tenant=who.tenant, actor=who.actor, correlation_id=session.session_id,
+                            causation_id=call_id)
+        policy, label = await self.policies.compiled(who.tenant, session.policy,
+                                                     session.policy_version, session.policy_rules)
+        rate_subjects: dict[str, str] = {}
+        redact: tuple[str, ...] = ()
+        if policy is not None:
+            scopes = {"tenant": who.tenant, "key": who.key_id, "session": session.session_id}
+            rate_subjects = {s: scopes[s] for s in policy.rate_scopes}
+            provider = info.targets[0].split("/", 1)[0] if info.targets else ""
+            decision = policy.evaluate_chat(
+                ChatRequestFacts(model=model, provider=provider, max_tokens=max_tokens,
+                                 input_text=user_text(messages), hosted=True,
+                                 tools=tuple(t.get("function", {}).get("name", "") for t in tools or ())),
+                await self.rates.usage(rate_subjects))
+            if decision.allowed:
+                for scope, subject in rate_subjects.items():
+                    limits = getattr(policy.rules, f"rate_per_{scope}")
+                    if not await self.rates.admit(scope, subject, limits.calls_per_minute if limits else None):
+                        decision = type(decision)(
+                            allowed=False, rule=f"rate.calls_per_minute.{scope}", scope=scope,
+                            reason=f"{scope} rate limit reached: {limits.calls_per_minute} calls per minute")
+                        break
+            await self.store.append(llmcall_stream(call_id), [PolicyEvaluated(
+                session_id=session.session_id, call_id=call_id, action="chat",
+                allowed=decision.allowed, rule=decision.rule, reason=decision.reason,
+                policy=label, scope=decision.scope)], expected_version=None, metadata=metadata)
+            if not decision.allowed:
+                status = 429 if decision.rule.startswith("rate.") else 403
+                raise Problem(status, "policy-denied", decision.reason, rule=decision.rule,
+                              policy=label)
+            redact = tuple(decision.redact)
+            if max_tokens is None and decision.max_tokens is not None:
+                max_tokens = decision.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, info.context - prompt_tokens))
+        worst_tokens = prompt_tokens + max_tokens
+        worst_cost = math.ceil(prompt_tokens * info.input_usd_per_mtok
+                               + max_tokens * info.output_usd_per_mtok)
+        charge = await self.budgets.charge_for(call_id, who.tenant, session.session_id)
+        if charge.streams:
+            try:
+                await self.budgets.reserve(charge, worst_cost, worst_tokens, metadata)
+            except BudgetDenied as exc:
+                raise Problem(402, "budget-exceeded", exc.reason, budget=exc.budget) from None
+        request = CompletionRequest(
+            call_id=call_id, session_id=session.session_id, tenant=who.tenant, model=model,
+            messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            stop=stop, tools=tools, tool_choice=tool_choice, redact=redact)
+        return PreparedCall(call_id, who, session, info, request, charge, metadata, new_user_text,
+                            rate_subjects, policy, label)
+
+    # -- execute --------------------------------------------------------------------
+
+    async def execute(self, call: PreparedCall) -> AsyncIterator[Delta | Done | Failed]:
+        """Frames of the call; settles budget and conversation however the stream ends."""
+        outcome: Done | Failed | None = None
+        try:
+            async with StreamReceiver(self.bus, subjects.PROVIDER_COMPLETE, call.request,
+                                      first_frame_timeout_s=self.request_timeout_s) as stream:
+                try:
+                    async for frame in stream.frames():
+                        if isinstance(frame, Delta):
+                            call.output.append(frame.content)
+                        else:
+                            outcome = frame
+                        yield frame
+                except MessagingError as exc:
+                    outcome = Failed(error="ProviderUnavailable", detail=str(exc), status=503)
+                    yield outcome
+        finally:
+            await asyncio.shield(self._settle(call, outcome))
+
+    async def _settle(self, call: PreparedCall, outcome: Done | Failed | None) -> None:
+        try:
+            if isinstance(outcome, Done):
+                tokens = outcome.usage.input_tokens + outcome.usage.output_tokens
+                if call.charge.streams:
+                    await self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens,
+                                              call.metadata)
+                await self.rates.add_tokens(call.rate_subjects, tokens)
+                await self.store.append(conversation_stream(call.session.session_id), [
+                    MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
+                                    role="user", content=call.new_user_text, call_id=call.call_id),
+                    MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
+                                    role="assistant", content="".join(call.output),
+                                    call_id=call.call_id, model=outcome.model,
+                                    provider=outcome.provider, node=outcome.node,
+                                    input_tokens=outcome.usage.input_tokens,
+                                    output_tokens=outcome.usage.output_tokens,
+                                    cost_micro_usd=outcome.cost_micro_usd,
+                                    finish_reason=outcome.finish_reason),
+                ], expected_version=None, metadata=call.metadata)
+            elif call.charge.streams:
+                reason = FAILED if isinstance(outcome, Failed) and outcome.error != "Cancelled" else CANCELLED
+                await self.budgets.release(call.charge, reason, call.metadata)
+        except Exception:
+            log.exception("settling a call failed; the sweeper releases its reservation",
+                          extra={"call_id": call.call_id})

@@ -1,0 +1,57 @@
+"""Tenant policies: declared (versioned events), pinned by sessions, compiled once."""
+
+from __future__ import annotations
+
+import msgspec
+
+from shared.events import Metadata, PolicyDefined, policy_stream
+from shared.eventstore import EventStore, ProjectionRunner
+from shared.policy import CompiledPolicy, PolicyError, PolicyRules, compile_policy, decode_rules
+from services.orchestrator.keys import Principal
+from services.orchestrator.problems import Problem
+
+
+def rules_or_problem(raw: object, field: str = "rules") -> PolicyRules:
+    """Decode and validate user-written rules; a 400 naming each offending field."""
+    try:
+        rules = decode_rules(msgspec.json.encode(raw))
+        compile_policy(rules)
+        return rules
+    except PolicyError as exc:
+        problems = [f"{field}.{p}" for p in exc.problems]
+        raise Problem(400, "validation", "; ".join(problems),
+                      errors=[{"field": p.split(":")[0], "message": p} for p in problems]) from None
+
+
+class PolicyService:
+    def __init__(self, store: EventStore, runner: ProjectionRunner) -> None:
+        self.store = store
+        self.runner = runner
+        self._compiled: dict[tuple[str, str, int], CompiledPolicy] = {}
+
+    async def define(self, who: Principal, name: str, rules: PolicyRules) -> int:
+        stream = policy_stream(who.tenant, name)
+        result = await self.store.append(
+            stream, [PolicyDefined(tenant=who.tenant, name=name, rules=msgspec.to_builtins(rules))],
+            expected_version=None, metadata=Metadata(tenant=who.tenant, actor=who.actor))
+        await self.runner.wait_for(result.last_position)
+        return result.next_expected_version
+
+    async def current_version(self, tenant: str, name: str) -> int | None:
+        return await self.store.pool.fetchval(
+            "SELECT version FROM policies WHERE tenant = $1 AND name = $2", tenant, name)
+
+    async def compiled(self, tenant: str, name: str | None, version: int | None,
+                       inline: dict | None) -> tuple[CompiledPolicy | None, str | None]:
+        """The session's policy, compiled (cached by name@version), and its label."""
+        if inline is not None:
+            return compile_policy(decode_rules(msgspec.json.encode(inline))), "inline"
+        if name is None or version is None:
+            return None, None
+        key = (tenant, name, version)
+        if key not in self._compiled:
+            events = await self.store.read_stream(policy_stream(tenant, name))
+            event = next(e.event for e in events if e.stream_version == version)
+            assert isinstance(event, PolicyDefined)
+            self._compiled[key] = compile_policy(decode_rules(msgspec.json.encode(event.rules)))
+        return self._compiled[key], f"{name}@{version}"

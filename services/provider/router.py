@@ -1,0 +1,297 @@
+"""Run one completion: the route's fallback chain, retries, limits, usage and cost.
+
+For each target in the chain: up to `retry.max_attempts` attempts, retrying
+connection errors, timeouts, 429 and 5xx with exponential backoff and jitter
+(`Retry-After` honoured); then fall back to the next target. Fallback works for
+streams too, as long as no token has reached the client; after the first token a
+failure ends the stream with a `Failed(after_first_token=True)` frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from shared.events import (
+    LLMCallCompleted,
+    LLMCallFailed,
+    LLMCallStarted,
+    Metadata,
+    llmcall_stream,
+)
+from shared.eventstore import EventStore
+from shared.messages import ChatMessage, CompletionRequest, ModelInfo
+from shared.streaming import ConsumerLost, Done, Failed, StreamSender, Usage
+from services.provider.adapters import Adapter, End, Text, ToolCalls, UpstreamError, adapter_for
+from services.provider.config import ModelPrice, ProvidersConfig
+
+log = logging.getLogger("nexus.provider")
+
+
+class Overloaded(UpstreamError):
+    def __init__(self, provider: str) -> None:
+        super().__init__("Overloaded", f"{provider}: concurrency limit and queue are full",
+                         status=429, retryable=False)
+
+
+class Limiter:
+    """At most `limit` calls in flight; at most `queue` waiting; beyond that: Overloaded."""
+
+    def __init__(self, name: str, limit: int, queue: int) -> None:
+        self.name = name
+        self._sem = asyncio.Semaphore(limit)
+        self._queue = queue
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self._sem.locked() and self.waiting >= self._queue:
+            raise Overloaded(self.name)
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+
+def estimate_tokens(text: str) -> int:
+    """Stated estimate when the runtime reports no usage: 1 token per 4 characters."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+def prompt_text(messages: tuple[ChatMessage, ...]) -> str:
+    parts = []
+    for m in messages:
+        if isinstance(m.content, str):
+            parts.append(m.content)
+        elif isinstance(m.content, list):
+            parts += [p.get("text", "") for p in m.content if isinstance(p, dict)]
+    return "\n".join(parts)
+
+
+def cost_micro_usd(price: ModelPrice, input_tokens: int, output_tokens: int) -> int:
+    # USD per million tokens == micro-USD per token.
+    return round(input_tokens * price.input_usd_per_mtok + output_tokens * price.output_usd_per_mtok)
+
+
+@dataclass
+class Target:
+    name: str  # provider/model
+    provider: str
+    model: str
+    price: ModelPrice
+    adapter: Adapter
+    limiter: Limiter
+    hosted: bool
+
+
+@dataclass
+class AttemptResult:
+    text_chars: int = 0
+    first_token_at: float | None = None
+    end: End | None = None
+    sent_any: bool = False
+    output: list[str] = field(default_factory=list)
+
+
+class Router:
+    def __init__(self, config: ProvidersConfig, store: EventStore | None,
+                 redactor=None) -> None:
+        self.config = config
+        self.store = store
+        self.redactor = redactor  # callable(text, kinds) -> text, for hosted targets
+        self.targets: dict[str, Target] = {}
+        for p in config.providers:
+            adapter = adapter_for(p)
+            limiter = Limiter(p.name, p.max_concurrency, p.max_queue)
+            for m in p.models:
+                name = f"{p.name}/{m.name}"
+                self.targets[name] = Target(name, p.name, m.name, m, adapter, limiter, p.hosted)
+        self.routes = {r.model: r.targets for r in config.routes}
+
+    async def close(self) -> None:
+        for adapter in {id(t.adapter): t.adapter for t in self.targets.values()}.values():
+            await adapter.close()
+
+    def chain(self, model: str) -> tuple[str, ...] | None:
+        if model in self.routes:
+            return self.routes[model]
+        return (model,) if model in self.targets else None
+
+    def models(self) -> tuple[ModelInfo, ...]:
+        names = list(self.routes) + [t for t in self.targets if t not in self.routes]
+        out = []
+        for name in names:
+            chain = self.chain(name) or ()
+            prices = [self.targets[t].price for t in chain]
+            out.append(ModelInfo(
+                name=name, targets=chain,
+                input_usd_per_mtok=max(p.input_usd_per_mtok for p in prices),
+                output_usd_per_mtok=max(p.output_usd_per_mtok for p in prices),
+                context=min(p.context for p in prices)))
+        return tuple(out)
+
+    async def _event(self, request: CompletionRequest, event) -> None:
+        if self.store is None:
+            return
+        await self.store.append(
+            llmcall_stream(request.call_id), [event], expected_version=None,
+            metadata=Metadata(tenant=request.tenant, correlation_id=request.session_id,
+                              causation_id=request.call_id, actor="provider"))
+
+    def _messages_for(self, target: Target, request: CompletionRequest) -> tuple[ChatMessage, ...]:
+        if not (target.hosted and request.redact and self.redactor):
+            return request.messages
+        out = []
+        for m in request.messages:
+            if isinstance(m.content, str):
+                m = ChatMessage(role=m.role, content=self.redactor(m.content, request.redact),
+                                name=m.name, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
+            out.append(m)
+        return tuple(out)
+
+    async def run(self, request: CompletionRequest, sender: StreamSender) -> Done | Failed:
+        chain = self.chain(request.model)
+        if chain is None:
+            return Failed(error="UnknownModel", detail=f"no model or route named {request.model!r}",
+                          status=404)
+        started = time.monotonic()
+        await self._event(request, LLMCallStarted(call_id=request.call_id,
+                                                  session_id=request.session_id,
+                                                  model=request.model, targets=chain))
+        retry = self.config.retry
+        attempts = 0
+        fallbacks: list[str] = []
+        last: UpstreamError | None = None
+        for index, name in enumerate(chain):
+            target = self.targets[name]
+            for attempt in range(1, retry.max_attempts + 1):
+                attempts += 1
+                result = AttemptResult()
+                try:
+                    async with target.limiter.slot():
+                        await self._attempt(target, request, sender, result)
+                except ConsumerLost as exc:
+                    failed = Failed(error="Cancelled", detail=str(exc), status=499,
+                                    after_first_token=result.sent_any)
+                    await self._event(request, LLMCallFailed(
+                        call_id=request.call_id, session_id=request.session_id, target=name,
+                        attempt=attempt, error="Cancelled", detail=str(exc), final=True,
+                        after_first_token=result.sent_any))
+                    return failed
+                except UpstreamError as exc:
+                    last = exc
+                    more_here = exc.retryable and attempt < retry.max_attempts and not result.sent_any
+                    next_target = chain[index + 1] if index + 1 < len(chain) else None
+                    give_up = result.sent_any or (not more_here and next_target is None)
+                    await self._event(request, LLMCallFailed(
+                        call_id=request.call_id, session_id=request.session_id, target=name,
+                        attempt=attempt, error=exc.kind, detail=exc.detail[:500], status=exc.status,
+                        fallback=None if more_here or give_up else next_target,
+                        after_first_token=result.sent_any, final=give_up))
+                    if result.sent_any:
+                        return Failed(error=exc.kind, detail=f"{name}: {exc.detail}"[:500],
+                                      status=502, after_first_token=True)
+                    if more_here:
+                        await asyncio.sleep(self._backoff(attempt, exc.retry_after_s))
+                        continue
+                    fallbacks.append(f"{name}: {exc.kind}")
+                    break
+                end = result.end
+                assert end is not None
+                input_tokens = end.input_tokens
+                output_tokens = end.output_tokens
+                estimated = input_tokens is None or output_tokens is None
+                if input_tokens is None:
+                    input_tokens = estimate_tokens(prompt_text(request.messages))
+                if output_tokens is None:
+                    output_tokens = estimate_tokens("".join(result.output))
+                latency_ms = (time.monotonic() - started) * 1000
+                ttft_ms = ((result.first_token_at - started) * 1000
+                           if result.first_token_at is not None else None)
+                cost = cost_micro_usd(target.price, input_tokens, output_tokens)
+                done = Done(finish_reason=end.finish_reason,
+                            usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens,
+                                        estimated=estimated),
+                            model=end.model or target.model, provider=target.provider,
+                            latency_ms=round(latency_ms, 3),
+                            ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
+                            cost_micro_usd=cost, attempts=attempts, fallbacks=tuple(fallbacks))
+                await self._event(request, LLMCallCompleted(
+                    call_id=request.call_id, session_id=request.session_id, model=done.model,
+                    provider=target.provider, target=name, node=None, latency_ms=done.latency_ms,
+                    ttft_ms=done.ttft_ms, input_tokens=input_tokens, output_tokens=output_tokens,
+                    usage_estimated=estimated, cost_micro_usd=cost,
+                    finish_reason=end.finish_reason, attempts=attempts))
+                return done
+        status = 429 if isinstance(last, Overloaded) else 502
+        return Failed(error=last.kind if last else "NoTarget",
+                      detail="all targets failed: " + "; ".join(fallbacks), status=status)
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        retry = self.config.retry
+        delay = min(retry.max_delay_s, retry.base_delay_s * 2 ** (attempt - 1))
+        delay *= random.uniform(0.5, 1.5)
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, 30.0))
+        return delay
+
+    async def _attempt(self, target: Target, request: CompletionRequest, sender: StreamSender,
+                       result: AttemptResult) -> None:
+        """One try against one target; cancelled at once when the receiver cancels."""
+        work = asyncio.ensure_future(self._consume(target, request, sender, result))
+        cancelled = asyncio.ensure_future(sender.cancelled.wait())
+        try:
+            await asyncio.wait({work, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            raise ConsumerLost("the receiver cancelled")
+        work.result()
+
+    async def _consume(self, target: Target, request: CompletionRequest, sender: StreamSender,
+                       result: AttemptResult) -> None:
+        stream = target.adapter.stream(target.model, request, self._messages_for(target, request))
+        first = True
+        try:
+            while True:
+                try:
+                    if first:
+                        piece = await asyncio.wait_for(
+                            anext(stream), self.config.retry.first_token_timeout_s)
+                    else:
+                        piece = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise UpstreamError("Timeout", f"{target.name}: no first token within "
+                                        f"{self.config.retry.first_token_timeout_s:g}s") from None
+                first = False
+                if isinstance(piece, Text):
+                    if result.first_token_at is None:
+                        result.first_token_at = time.monotonic()
+                    result.output.append(piece.content)
+                    await sender.delta(content=piece.content)
+                    result.sent_any = True
+                elif isinstance(piece, ToolCalls):
+                    await sender.delta(tool_calls=piece.tool_calls)
+                    result.sent_any = True
+                else:
+                    result.end = piece
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        if result.end is None:
+            raise UpstreamError("StreamCut", f"{target.name}: no end of stream")

@@ -1,0 +1,234 @@
+"""Streaming over NATS, with flow control and cancellation.
+
+A streamed reply (LLM tokens) travels as frames on the requester's reply subject:
+
+    requester                                  sender (provider / node)
+    request(reply=_INBOX.a) ------------------>
+                         <------------------ Started(control=_INBOX.b)
+                         <------------------ Delta(seq=1) ... Delta(seq=n)
+    Credit(acked=k) -----------------------> (on _INBOX.b)
+    Cancel ------------------------------->  (client went away)
+                         <------------------ Done(usage...) | Failed(error...)
+
+- **Flow control**: the sender never has more than `window` deltas unacknowledged; the
+  receiver acknowledges every `window // 4`. A slow client therefore slows the
+  upstream read instead of growing a buffer.
+- **Lost consumer**: a sender blocked on credit for `idle_timeout_s` gives up and
+  cancels its upstream work, so a vanished receiver stops the generation.
+- **Cancellation**: the receiver publishes `Cancel` on the control subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+from shared.messaging import Bus, NoResponders, RequestTimeout
+from shared.tracing import inject_headers
+
+log = logging.getLogger("nexus.streaming")
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: bool = False  # True when the runtime reported none and we counted
+
+
+class Started(msgspec.Struct, frozen=True, tag="started", kw_only=True):
+    control: str  # where Credit / Cancel go
+
+
+class Delta(msgspec.Struct, frozen=True, tag="delta", kw_only=True):
+    seq: int
+    content: str = ""
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI delta.tool_calls, passed through
+
+
+class Done(msgspec.Struct, frozen=True, tag="done", kw_only=True):
+    finish_reason: str
+    usage: Usage
+    model: str
+    provider: str
+    node: str | None = None
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    cost_micro_usd: int = 0
+    attempts: int = 1
+    fallbacks: tuple[str, ...] = ()  # "provider/model: why" for each target given up
+
+
+class Failed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
+    error: str  # a class name: UpstreamError, Timeout, NoRoute, Overloaded, ...
+    detail: str
+    status: int = 502  # what an HTTP gateway should answer
+    after_first_token: bool = False
+
+
+Frame = Started | Delta | Done | Failed
+
+
+class Credit(msgspec.Struct, frozen=True, tag="credit", kw_only=True):
+    acked: int
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel", kw_only=True):
+    reason: str = "client went away"
+
+
+Control = Credit | Cancel
+
+_enc = msgspec.json.Encoder()
+_frame_dec = msgspec.json.Decoder(Frame)
+_control_dec = msgspec.json.Decoder(Control)
+
+
+class ConsumerLost(Exception):
+    """The receiver stopped acknowledging: stop producing."""
+
+
+class StreamSender:
+    """The producing side, inside a request handler."""
+
+    def __init__(self, bus: Bus, reply: str, *, window: int = 64, idle_timeout_s: float = 15.0) -> None:
+        self.bus = bus
+        self.reply = reply
+        self.window = window
+        self.idle_timeout_s = idle_timeout_s
+        self.seq = 0
+        self.acked = 0
+        self.cancelled = asyncio.Event()
+        self._credit = asyncio.Event()
+        self._sub = None
+
+    async def __aenter__(self) -> StreamSender:
+        control = self.bus.nc.new_inbox()
+        self._sub = await self.bus.nc.subscribe(control, cb=self._on_control)
+        await self._publish(Started(control=control))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            control = _control_dec.decode(msg.data)
+        except msgspec.DecodeError:
+            log.warning("bad stream control message", extra={"subject": msg.subject})
+            return
+        if isinstance(control, Cancel):
+            self.cancelled.set()
+            self._credit.set()
+        else:
+            self.acked = max(self.acked, control.acked)
+            self._credit.set()
+
+    async def _publish(self, frame: msgspec.Struct) -> None:
+        await self.bus.nc.publish(self.reply, _enc.encode(frame))
+
+    async def delta(self, content: str = "", tool_calls: list[dict[str, Any]] | None = None) -> None:
+        """Send one delta; waits for credit when `window` deltas are unacknowledged."""
+        while self.seq - self.acked >= self.window and not self.cancelled.is_set():
+            self._credit.clear()
+            try:
+                await asyncio.wait_for(self._credit.wait(), self.idle_timeout_s)
+            except TimeoutError:
+                raise ConsumerLost(f"no credit from the receiver for {self.idle_timeout_s:g}s") from None
+        if self.cancelled.is_set():
+            raise ConsumerLost("the receiver cancelled")
+        self.seq += 1
+        await self._publish(Delta(seq=self.seq, content=content, tool_calls=tool_calls))
+
+    async def done(self, done: Done) -> None:
+        await self._publish(done)
+        await self.bus.nc.flush()
+
+    async def fail(self, failed: Failed) -> None:
+        await self._publish(failed)
+        await self.bus.nc.flush()
+
+
+class StreamReceiver:
+    """The consuming side: send the request, iterate frames, acknowledge, cancel."""
+
+    def __init__(self, bus: Bus, subject: str, request: msgspec.Struct, *,
+                 first_frame_timeout_s: float, idle_timeout_s: float = 120.0,
+                 window: int = 64) -> None:
+        self.bus = bus
+        self.subject = subject
+        self.request = request
+        self.first_frame_timeout_s = first_frame_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.window = window
+        self.control: str | None = None
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._sub = None
+        self._finished = False
+
+    async def __aenter__(self) -> StreamReceiver:
+        inbox = self.bus.nc.new_inbox()
+        self._sub = await self.bus.nc.subscribe(inbox, cb=self._queue.put)
+        headers = inject_headers()
+        await self.bus.nc.publish(self.subject, _enc.encode(self.request), reply=inbox,
+                                  headers=headers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self._finished:
+            await self.cancel()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def cancel(self, reason: str = "client went away") -> None:
+        if self.control and not self._finished:
+            with contextlib.suppress(Exception):
+                await self.bus.nc.publish(self.control, _enc.encode(Cancel(reason=reason)))
+                await self.bus.nc.flush(timeout=1)
+        self._finished = True
+
+    async def frames(self) -> AsyncIterator[Delta | Done | Failed]:
+        timeout = self.first_frame_timeout_s
+        acked = 0
+        while True:
+            try:
+                msg = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                if self.control is None:
+                    raise RequestTimeout(self.subject, timeout) from None
+                raise RequestTimeout(f"{self.subject} (stream stalled)", timeout) from None
+            if msg.headers and msg.headers.get("Status") == "503":
+                raise NoResponders(self.subject)
+            try:
+                frame = _frame_dec.decode(msg.data)
+            except msgspec.DecodeError:
+                # an error reply of Bus.subscribe (undecodable request, handler crash)
+                raise RemoteStreamError(msg) from None
+            timeout = self.idle_timeout_s
+            if isinstance(frame, Started):
+                self.control = frame.control
+                continue
+            if isinstance(frame, Delta):
+                if self.control and frame.seq - acked >= max(1, self.window // 4):
+                    acked = frame.seq
+                    await self.bus.nc.publish(self.control, _enc.encode(Credit(acked=acked)))
+                yield frame
+                continue
+            self._finished = True
+            yield frame
+            return
+
+
+class RemoteStreamError(Exception):
+    def __init__(self, msg: Msg) -> None:
+        error = (msg.headers or {}).get("Nexus-Error", "InvalidReply")
+        super().__init__(f"stream on {msg.subject!r} answered {error}: {msg.data[:200]!r}")
+        self.error = error
