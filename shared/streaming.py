@@ -149,11 +149,9 @@ class StreamSender:
 
     async def done(self, done: Done) -> None:
         await self._publish(done)
-        await self.bus.nc.flush()
 
     async def fail(self, failed: Failed) -> None:
         await self._publish(failed)
-        await self.bus.nc.flush()
 
 
 class StreamReceiver:
@@ -189,10 +187,12 @@ class StreamReceiver:
                 await self._sub.unsubscribe()
 
     async def cancel(self, reason: str = "client went away") -> None:
+        # No flush here: this runs while a task is being cancelled, and a flush cancelled
+        # mid-wait leaves nats-py a cancelled PONG future that later kills its read loop.
+        # The client's flusher sends the publish promptly anyway.
         if self.control and not self._finished:
             with contextlib.suppress(Exception):
                 await self.bus.nc.publish(self.control, _enc.encode(Cancel(reason=reason)))
-                await self.bus.nc.flush(timeout=1)
         self._finished = True
 
     async def frames(self) -> AsyncIterator[Delta | Done | Failed]:

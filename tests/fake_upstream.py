@@ -83,9 +83,9 @@ import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 import uvicorn
@@ -255,7 +255,7 @@ _BEHAVIOUR_KEYS: dict[str, tuple[type, ...]] = {
 
 def _check_behaviour(behaviour: Any) -> dict[str, Any]:
     if not isinstance(behaviour, dict):
-        raise ValueError(f"a behaviour is a dict, not {behaviour!r}")
+        raise TypeError(f"a behaviour is a dict, not {behaviour!r}")
     for key, value in behaviour.items():
         kinds = _BEHAVIOUR_KEYS.get(key)
         if kinds is None:
@@ -375,7 +375,7 @@ class _Watch:
     """Watches one request's connection: ``event`` is set when the client disconnects
     (``disconnected``) or the fake is stopping."""
 
-    __slots__ = ("event", "disconnected", "_task", "_registry")
+    __slots__ = ("_registry", "_task", "disconnected", "event")
 
     def __init__(self, receive: Callable[[], Any], registry: set[_Watch]) -> None:
         self.event = asyncio.Event()
@@ -400,7 +400,7 @@ class _Watch:
             return False
         try:
             await asyncio.wait_for(self.event.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -476,7 +476,7 @@ class _Ctx:
 
     @property
     def ollama_time(self) -> str:
-        return datetime.fromtimestamp(self.created, timezone.utc).strftime(
+        return datetime.fromtimestamp(self.created, UTC).strftime(
             "%Y-%m-%dT%H:%M:%S.000000000Z")
 
 
@@ -861,15 +861,14 @@ class _App:
             hang = behaviour.get("hang", False)
             if stream or hang or first_byte_ms or (token_delay and plan.pieces):
                 watch = _Watch(receive, self.watches)
-            if first_byte_ms and await watch.sleep(first_byte_ms / 1000):  # type: ignore[union-attr]
-                outcome = "cancelled" if watch.disconnected else "aborted"  # type: ignore[union-attr]
-                _DELIBERATE.set(True)
-                return
-            if hang:
-                await watch.event.wait()  # type: ignore[union-attr]
-                outcome = "cancelled" if watch.disconnected else "aborted"  # type: ignore[union-attr]
-                _DELIBERATE.set(True)
-                return
+                gone = bool(first_byte_ms) and await watch.sleep(first_byte_ms / 1000)
+                if hang and not gone:
+                    await watch.event.wait()  # until the client goes away (or the fake stops)
+                    gone = True
+                if gone:
+                    outcome = "cancelled" if watch.disconnected else "aborted"
+                    _DELIBERATE.set(True)
+                    return
             if "status" in behaviour:
                 status, outcome = behaviour["status"], "error"
                 extra = [(b"x-request-id" if proto == "openai" else b"request-id",
@@ -881,8 +880,9 @@ class _App:
                                                            behaviour.get("message")), extra)
                 return
             if stream:
+                assert watch is not None
                 tokens, outcome = await self._stream(ctx, plan, behaviour, token_delay,
-                                                     watch, send)  # type: ignore[arg-type]
+                                                     watch, send)
             else:
                 tokens, outcome = await self._respond(ctx, plan, behaviour, token_delay,
                                                       watch, send)
@@ -984,7 +984,7 @@ class _App:
                 data = data["behaviours"]
             items = data if isinstance(data, list) else [data]
             behaviours = [_check_behaviour(b) for b in items]
-        except (msgspec.DecodeError, ValueError) as exc:
+        except (msgspec.DecodeError, ValueError, TypeError) as exc:
             await _send_json(send, 400, {"error": str(exc)})
             return
         with self.state.lock:
@@ -1016,7 +1016,7 @@ class _App:
 
 def _apply_config(config: _Config, changes: Any) -> None:
     if not isinstance(changes, dict):
-        raise ValueError("config changes are a JSON object")
+        raise TypeError("config changes are a JSON object")
     for key, value in changes.items():
         if key not in _RUNTIME_CONFIG:
             raise ValueError(f"unknown config key {key!r}; known: {list(_RUNTIME_CONFIG)}")
@@ -1157,7 +1157,7 @@ class FakeUpstream:
         with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
             runner.run(self._serve(sock, ready))
 
-    def __enter__(self) -> FakeUpstream:
+    def __enter__(self) -> Self:
         if self._thread is None:
             self.start()
         return self
@@ -1307,7 +1307,7 @@ class FakeUpstreamProcess:
                 self.proc.wait()
         return self.proc.returncode
 
-    def __enter__(self) -> FakeUpstreamProcess:
+    def __enter__(self) -> Self:
         if self.proc is None:
             self.start()
         return self

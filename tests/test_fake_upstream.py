@@ -8,6 +8,7 @@ disconnects are observed from the server side (``stats.cancelled``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -534,7 +535,7 @@ def test_token_delay(fake: FakeUpstream) -> None:
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.monotonic() - started)
     assert len(arrivals) == 5
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert min(gaps) >= 0.03 and arrivals[-1] >= 0.18
 
     fake.configure(token_delay_ms=20)  # the configured delay also paces non-streamed replies

@@ -1,0 +1,214 @@
+"""The LLM path end to end: client -> orchestrator -> NATS -> provider -> upstream.
+
+Upstreams are fakes of hosted APIs (real HTTP, real OpenAI / Anthropic / Ollama wire
+protocols, scripted faults); everything else is real: NATS, Postgres, the services as
+processes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import new_database
+from tests.fake_upstream import reply_text
+from tests.llm_cluster import LLMCluster, start_llm_cluster
+from tests.support import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llm(infra, tmp_path_factory):
+    cluster = start_llm_cluster(infra, tmp_path_factory.mktemp("llm"), new_database(infra))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def key(llm: LLMCluster) -> dict[str, str]:
+    llm.primary.reset()
+    llm.backup.reset()
+    return llm.tenant_key()
+
+
+def client(llm: LLMCluster, key: dict[str, str], session: str | None = None) -> openai.OpenAI:
+    headers = {"X-Nexus-Session": session} if session else None
+    return openai.OpenAI(base_url=f"{llm.api}/v1", api_key=key["Authorization"].split()[1],
+                         default_headers=headers, max_retries=0, timeout=30)
+
+
+def types(llm: LLMCluster, session_id: str) -> list[str]:
+    return [e.type for e in llm.events(session_id)]
+
+
+def test_openai_sdk_non_streaming(llm: LLMCluster, key) -> None:
+    sdk = client(llm, key)
+    reply = sdk.chat.completions.with_raw_response.create(
+        model="default", messages=[{"role": "user", "content": "hello there"}], max_tokens=5)
+    completion = reply.parse()
+    assert completion.choices[0].message.content == reply_text(5)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 5
+    assert completion.usage.prompt_tokens == 2 + 3  # the fake's stated count
+    session = reply.headers["x-nexus-session"]
+    messages = httpx.get(f"{llm.api}/v1/sessions/{session}/messages", headers=key).json()["messages"]
+    assert [m["role"] for m in messages][-2:] == ["user", "assistant"]
+    assert messages[-1]["content"] == reply_text(5) and messages[-1]["provider"] == "primary"
+    assert messages[-1]["output_tokens"] == 5 and messages[-1]["cost_usd"] == pytest.approx(15e-6)
+    # the upstream got the provider's key, never the client's
+    assert llm.primary.stats.last_headers["authorization"].endswith("primary-0123456789abcdefghij")
+
+
+def test_openai_sdk_streaming_with_usage(llm: LLMCluster, key) -> None:
+    sdk = client(llm, key)
+    stream = sdk.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "stream please"}], max_tokens=6,
+        stream=True, stream_options={"include_usage": True})
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == reply_text(6)
+    assert finish == "length" and usage.completion_tokens == 6
+
+
+def test_models_lists_routes_and_targets(llm: LLMCluster, key) -> None:
+    ids = {m.id for m in client(llm, key).models.list()}
+    assert {"default", "ollama-chat", "primary/fake-small", "backup/fake-large"} <= ids
+
+
+def test_session_messages_stream_as_sse_and_are_kept(llm: LLMCluster, key) -> None:
+    sid = llm.session(key)
+    with httpx.stream("POST", f"{llm.api}/v1/sessions/{sid}/messages", headers=key,
+                      json={"content": "first turn", "stream": True, "max_tokens": 4}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line.startswith("event:")]
+    assert events[:4] == ["event: token"] * 4 and events[-1] == "event: done"
+    second = httpx.post(f"{llm.api}/v1/sessions/{sid}/messages", headers=key,
+                        json={"content": "second turn", "max_tokens": 3}).json()
+    assert second["message"]["content"] == reply_text(3)
+    # the second call saw the conversation so far
+    sent = llm.primary.stats.last_body["messages"]
+    assert [m["content"] for m in sent] == ["first turn", reply_text(4), "second turn"]
+    kept = httpx.get(f"{llm.api}/v1/sessions/{sid}/messages", headers=key).json()["messages"]
+    assert [(m["role"], m["content"]) for m in kept] == [
+        ("user", "first turn"), ("assistant", reply_text(4)),
+        ("user", "second turn"), ("assistant", reply_text(3))]
+    assert all(m["model"] == "fake-small" for m in kept if m["role"] == "assistant")
+    log = types(llm, sid)
+    assert log.count("LLMCallStarted") == 2 and log.count("LLMCallCompleted") == 2
+
+
+def test_ollama_route(llm: LLMCluster, key) -> None:
+    reply = client(llm, key).chat.completions.create(
+        model="ollama-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert reply.choices[0].message.content == reply_text(3)
+    assert llm.backup.stats.count("/api/chat") == 1
+
+
+@pytest.mark.parametrize("fault", [
+    {"status": 500}, {"status": 429, "retry_after": 0}, {"hang": True},
+    {"drop_before_first_token": True},
+], ids=["500", "429", "timeout", "drop-before-first-token"])
+def test_fallback_before_the_first_token(llm: LLMCluster, key, fault) -> None:
+    llm.primary.script(fault, fault)  # both attempts on the primary fail
+    sid = llm.session(key)
+    reply = client(llm, key, sid).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+    assert text == reply_text(4)  # from the backup (Anthropic protocol)
+    failed = [e.event for e in llm.events(sid) if e.type == "LLMCallFailed"]
+    assert [f.target for f in failed] == ["primary/fake-small"] * 2
+    assert failed[0].fallback is None and failed[1].fallback == "backup/fake-large"
+    [done] = [e.event for e in llm.events(sid) if e.type == "LLMCallCompleted"]
+    assert done.provider == "backup" and done.attempts == 3
+
+
+def test_failure_after_the_first_token_ends_the_stream_cleanly(llm: LLMCluster, key) -> None:
+    llm.primary.script({"drop_after_tokens": 2})
+    sid = llm.session(key)
+    with httpx.stream("POST", f"{llm.api}/v1/chat/completions", timeout=20,
+                      headers={**key, "X-Nexus-Session": sid},
+                      json={"model": "default", "stream": True, "max_tokens": 6,
+                            "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][5:])["error"]
+    assert error["code"] in ("StreamCut", "ConnectionError")  # cut mid-body
+    assert [e.event.after_first_token for e in llm.events(sid) if e.type == "LLMCallFailed"] == [True]
+    budget = httpx.get(f"{llm.api}/v1/sessions/{sid}/budget", headers=key).json()
+    assert budget["session"] is None  # no budget here; with one it is released (test_budgets)
+
+
+def test_client_disconnect_stops_the_upstream_generation(llm: LLMCluster, key) -> None:
+    llm.primary.script({"token_delay_ms": 200})
+    sid = llm.session(key)
+    with httpx.stream("POST", f"{llm.api}/v1/chat/completions", timeout=20,
+                      headers={**key, "X-Nexus-Session": sid},
+                      json={"model": "default", "stream": True, "max_tokens": 50,
+                            "messages": [{"role": "user", "content": "FAKE_TOKENS=50 go"}]}) as resp:
+        for line in resp.iter_lines():
+            if "tok1" in line:
+                break  # leave after two tokens
+    wait_until(lambda: llm.primary.stats.cancelled >= 1, 10, 0.1, "the upstream to see the cancel")
+    wait_until(lambda: any(e.type == "LLMCallFailed" and e.event.error == "Cancelled"
+                           for e in llm.events(sid)), 10, 0.1, "the cancellation event")
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "nope"),
+    ({"model": "default", "messages": []}, 400, "messages"),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 999999}, 400, "max_tokens"),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400, "tools"),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function"}]}, 400, "function"),
+    ({"model": "default", "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ({"model": "default", "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+], ids=["unknown-model", "empty-messages", "absurd-max-tokens", "zero-max-tokens",
+        "bad-tool-name", "tool-without-function", "bad-role", "n"])
+def test_bad_requests_are_clear_4xx_without_event_pollution(llm: LLMCluster, key, body, status,
+                                                            needle) -> None:
+    sid = llm.session(key)
+    before = types(llm, sid)
+    resp = httpx.post(f"{llm.api}/v1/chat/completions", json=body,
+                      headers={**key, "X-Nexus-Session": sid})
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    assert needle in resp.json()["detail"]
+    assert types(llm, sid) == before
+    assert llm.primary.stats.count("/v1/chat/completions") == 0
+
+
+def test_tool_definitions_pass_through(llm: LLMCluster, key) -> None:
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    reply = client(llm, key).chat.completions.create(
+        model="default", tools=tools, messages=[{"role": "user", "content": "CALL_TOOL please"}])
+    call = reply.choices[0].message.tool_calls[0]
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    assert llm.primary.stats.last_body["tools"] == tools
+
+
+def test_overload_beyond_the_queue_is_a_clear_429_or_fallback(llm: LLMCluster, key) -> None:
+    """Unknown upstream load is bounded: a call either answers or fails fast, never hangs."""
+    started = time.monotonic()
+    reply = client(llm, key).chat.completions.create(
+        model="primary/fake-small", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert reply.choices[0].message.content == reply_text(2)
+    assert time.monotonic() - started < 30
