@@ -5,13 +5,21 @@ every change is decided on the latest state of the budget's stream and appended 
 that stream's version (`expected_version`). When another process appended first the
 append fails, the state is caught up and the decision taken again. A call charged to
 two budgets (its session's and its tenant's month) reserves on both in one atomic
-append. No in-process lock is involved; the per-process state cache only saves reads.
+append.
+
+Correctness comes from Postgres alone. Two things only reduce contention: a per-stream
+asyncio lock, so the calls of one process take turns on a budget instead of racing
+each other into version conflicts, and denials (`BudgetExceeded`) recorded on the
+call's own stream (`llmcall-<id>`), since they change no budget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from shared.budget import (
@@ -28,12 +36,16 @@ from shared.budget import (
     format_usd,
     month_period,
 )
-from shared.events import BudgetExceeded, Event, Metadata, TenantBudgetSet, tenant_stream
+from shared.events import BudgetExceeded, Event, Metadata, TenantBudgetSet, llmcall_stream, tenant_stream
 from shared.eventstore import EventStore, WrongExpectedVersion
 
 log = logging.getLogger("nexus.orchestrator.budget")
 
-MAX_RETRIES = 50
+MAX_RETRIES = 200
+
+
+async def _backoff(attempt: int) -> None:
+    await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
 
 
 class BudgetDenied(Exception):
@@ -58,6 +70,7 @@ class BudgetManager:
         self.store = store
         self.ttl_s = reservation_ttl_s
         self._states: dict[str, BudgetState | None] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def state(self, stream: str, *, to_position: int | None = None) -> BudgetState | None:
         """The budget's state: cached and caught up with the stream (or as of a position)."""
@@ -110,46 +123,64 @@ class BudgetManager:
     async def reserve(self, charge: Charge, micro_usd: int, tokens: int,
                       metadata: Metadata) -> None:
         """Reserve on every budget of the charge atomically, or raise `BudgetDenied`."""
-        for _ in range(MAX_RETRIES):
+        locks = [self._locks[s] for s in sorted(charge.streams)]
+        for lock in locks:
+            await lock.acquire()
+        try:
+            await self._reserve(charge, micro_usd, tokens, metadata)
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    async def _reserve(self, charge: Charge, micro_usd: int, tokens: int,
+                       metadata: Metadata) -> None:
+        for attempt in range(MAX_RETRIES):
             now = time.time()
             appends: list[tuple[str, list[Event], int | None]] = []
-            denied: tuple[str, list[Event], int] | None = None
+            denial: BudgetExceeded | None = None
             for stream in charge.streams:
                 state = await self.state(stream)
                 assert state is not None
                 events = decide_reserve(state, charge.call_id, micro_usd, tokens, now, self.ttl_s)
                 if events and isinstance(events[-1], BudgetExceeded):
-                    denied = (stream, events, state.version)
-                    break
+                    denial = events[-1]
+                    events = events[:-1]  # expired releases still happen
                 if events:
                     appends.append((stream, events, state.version))
+                if denial is not None:
+                    break
             try:
-                if denied is not None:
-                    stream, events, version = denied
-                    await self.store.append(stream, events, expected_version=version,
-                                            metadata=metadata)
-                    scope = "session" if stream.startswith("budget-session-") else "tenant"
-                    raise BudgetDenied(scope, events[-1].reason)  # type: ignore[attr-defined]
+                if denial is not None:
+                    if appends:
+                        await self.store.append_atomic(appends, metadata)
+                    await self.store.append(llmcall_stream(charge.call_id), [denial],
+                                            expected_version=None, metadata=metadata)
+                    scope = "session" if denial.budget_id.startswith("budget-session-") else "tenant"
+                    raise BudgetDenied(scope, denial.reason)
                 if appends:
                     await self.store.append_atomic(appends, metadata)
                 return
             except WrongExpectedVersion:
-                continue  # someone else moved a budget: catch up and decide again
+                await _backoff(attempt)  # another process moved a budget: catch up, decide again
         raise BudgetDenied("contention", "budget is too contended right now; retry")
 
     async def _settle(self, charge: Charge, decide, metadata: Metadata) -> None:
         for stream in charge.streams:
-            for _ in range(MAX_RETRIES):
-                state = await self.state(stream)
-                events = decide(state)
-                if not events:
-                    break
-                try:
-                    await self.store.append(stream, events, expected_version=state.version,
-                                            metadata=metadata)
-                    break
-                except WrongExpectedVersion:
-                    continue
+            async with self._locks[stream]:
+                for attempt in range(MAX_RETRIES):
+                    state = await self.state(stream)
+                    events = decide(state)
+                    if not events:
+                        break
+                    try:
+                        await self.store.append(stream, events, expected_version=state.version,
+                                                metadata=metadata)
+                        break
+                    except WrongExpectedVersion:
+                        await _backoff(attempt)
+                else:
+                    log.error("could not settle a reservation; the sweeper will release it",
+                              extra={"call_id": charge.call_id, "budget": stream})
 
     async def commit(self, charge: Charge, micro_usd: int, tokens: int, metadata: Metadata) -> None:
         await self._settle(charge, lambda s: decide_commit(s, charge.call_id, micro_usd, tokens),
@@ -174,9 +205,11 @@ class BudgetManager:
                 events = decide_expire(state, now)
                 if not events:
                     break
+                owner = state.owner if state.scope == "session" else None
                 try:
                     await self.store.append(stream, events, expected_version=state.version,
-                                            metadata=Metadata(actor="orchestrator"))
+                                            metadata=Metadata(actor="orchestrator",
+                                                              correlation_id=owner))
                     released += len(events)
                     break
                 except WrongExpectedVersion:

@@ -140,6 +140,16 @@ class Router:
                 context=min(p.context for p in prices)))
         return tuple(out)
 
+    def scrub(self, text: str) -> str:
+        """Error text from upstreams may echo credentials: never let them travel on."""
+        for provider in self.config.providers:
+            key = provider.api_key()
+            if key:
+                text = text.replace(key, "[REDACTED:api_key]")
+        if self.redactor is not None:
+            text = self.redactor(text, ("api_key",))
+        return text
+
     async def _event(self, request: CompletionRequest, event) -> None:
         if self.store is None:
             return
@@ -189,6 +199,7 @@ class Router:
                         after_first_token=result.sent_any))
                     return failed
                 except UpstreamError as exc:
+                    exc.detail = self.scrub(exc.detail)
                     last = exc
                     more_here = exc.retryable and attempt < retry.max_attempts and not result.sent_any
                     next_target = chain[index + 1] if index + 1 < len(chain) else None
