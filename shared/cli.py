@@ -141,6 +141,31 @@ def nodes(watch: bool, status: str | None) -> None:
         time.sleep(2)
 
 
+@main.group(help="API keys of tenants.")
+def keys() -> None:
+    pass
+
+
+@keys.command("create", help="Issue an API key; it is printed once, only its hash is kept.")
+@click.option("--tenant", required=True, help="The tenant the key belongs to.")
+@click.option("--name", required=True, help="What the key is for (e.g. ci).")
+@click.option("--role", type=click.Choice(["member", "admin"]), default="member", show_default=True)
+def keys_create(tenant: str, name: str, role: str) -> None:
+    from services.orchestrator.keys import KeyService
+    from shared.eventstore.store import EventStore, create_pool
+
+    async def run():
+        pool = await create_pool(_database_url(), max_size=2)
+        try:
+            return await KeyService(EventStore(pool), None).create(tenant, name, role, "cli")
+        finally:
+            await pool.close()
+
+    issued = asyncio.run(run())
+    click.echo(f"key_id  {issued.key_id}\ntenant  {issued.tenant}\nrole    {issued.role}\n"
+               f"key     {issued.key}\n(shown once: store it now)")
+
+
 @main.group(help="Read the event store.")
 def events() -> None:
     pass

@@ -61,3 +61,25 @@ async def test_projections_list_and_rebuild(fresh_db: str) -> None:
         assert unknown.returncode != 0 and "unknown projection 'nope'" in unknown.stderr
     finally:
         await pool.close()
+
+
+def test_keys_create_prints_a_key_once_and_stores_its_hash(fresh_db: str) -> None:
+    import asyncio
+
+    from shared.eventstore.store import create_pool
+
+    result = nexus("keys", "create", "--tenant", "acme", "--name", "ci", database_url=fresh_db)
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.count(" "))
+    key = fields["key"].strip()
+    assert key.startswith("nx_") and fields["tenant"].strip() == "acme"
+
+    async def stored() -> str:
+        pool = await create_pool(fresh_db, max_size=1)
+        try:
+            return await pool.fetchval("SELECT string_agg(data::text, '') FROM events")
+        finally:
+            await pool.close()
+
+    events = asyncio.run(stored())
+    assert key not in events and "key_hash" in events
