@@ -9,6 +9,7 @@ up: $(VENV)/.installed
 	$(BIN)/nexus up
 
 test: $(VENV)/.installed-dev
+	$(BIN)/nexus runtime prepare
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-dev

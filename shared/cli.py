@@ -141,6 +141,22 @@ def nodes(watch: bool, status: str | None) -> None:
         time.sleep(2)
 
 
+@main.group(help="The local LLM runtime (llama.cpp's llama-server with Gemma 3 270M).")
+def runtime() -> None:
+    pass
+
+
+@runtime.command("prepare", help="Build llama-server and assemble the model, once per machine.")
+def runtime_prepare() -> None:
+    from shared.infra.llama import ensure_llama_server, ensure_model
+
+    def say(message: str) -> None:
+        click.echo(message, err=True)
+
+    click.echo(f"model        {ensure_model(say)}")
+    click.echo(f"llama-server {ensure_llama_server(say)}")
+
+
 @main.group(help="API keys of tenants.")
 def keys() -> None:
     pass

@@ -126,6 +126,7 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     redact: tuple[str, ...] = ()  # kinds to redact before text leaves for a hosted provider
+    nodes: dict[str, tuple[str, ...]] = {}  # runtime model -> nodes chosen by the orchestrator, best first
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,6 +135,7 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     input_usd_per_mtok: float  # the highest price along the chain (worst case)
     output_usd_per_mtok: float
     context: int
+    node_models: tuple[str, ...] = ()  # models of this chain served by nodes (selection needed)
 
 
 class ModelsRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -130,6 +130,15 @@ class Settings:
     node_drain_timeout_s: float = 10.0
     """NEXUS_NODE_DRAIN_TIMEOUT_S: how long a stopping node waits for in-flight work."""
 
+    runtime_url: str | None = None
+    """NEXUS_RUNTIME_URL: the OpenAI-compatible runtime a node fronts (e.g. http://host:8080/v1)."""
+
+    runtime: str = "llama"
+    """NEXUS_RUNTIME: with no NEXUS_RUNTIME_URL, `llama` (start llama-server) or `none`."""
+
+    runtime_model: str | None = None
+    """NEXUS_RUNTIME_MODEL: the model name the runtime serves (default: what it reports)."""
+
     node_selection: str = "least_loaded"
     """NEXUS_NODE_SELECTION: round_robin, least_loaded or power_of_two."""
 
@@ -162,6 +171,9 @@ class Settings:
             heartbeat_interval_s=_env_float("NEXUS_HEARTBEAT_INTERVAL_S", 2.0),
             node_offline_after_s=_env_float("NEXUS_NODE_OFFLINE_AFTER_S", 6.0),
             node_drain_timeout_s=_env_float("NEXUS_NODE_DRAIN_TIMEOUT_S", 10.0),
+            runtime_url=_env("NEXUS_RUNTIME_URL"),
+            runtime=_env("NEXUS_RUNTIME", "llama") or "llama",
+            runtime_model=_env("NEXUS_RUNTIME_MODEL"),
             node_selection=_env("NEXUS_NODE_SELECTION", "least_loaded") or "least_loaded",
         )
 

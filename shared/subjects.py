@@ -46,6 +46,11 @@ def node_status(node_id: str) -> str:
     return f"{NODE_PREFIX}.{node_id}.status"
 
 
+def node_infer(node_id: str) -> str:
+    """Inference on one node: a `CompletionRequest` with a frame-stream reply."""
+    return f"{NODE_PREFIX}.{node_id}.infer"
+
+
 def node_id_from_subject(subject: str) -> str:
     """`nexus.node.<id>.<verb>` -> `<id>` (the id the sender's credentials vouch for)."""
     parts = subject.split(".")

@@ -77,8 +77,10 @@ class ServiceProc:
 
 
 def service_env(nats_url: str, database_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "NEXUS_"))}
-    env.update({"NATS_URL": nats_url, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"})
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OTEL_", "NEXUS_")) or k == "NEXUS_CACHE_DIR"}
+    env.update({"NATS_URL": nats_url, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1",
+                "NEXUS_RUNTIME": "none"})  # a test that wants llama-server says so
     env.update(extra)
     return env
 

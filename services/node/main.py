@@ -1,38 +1,71 @@
-"""`nexus node`: register, heartbeat, and on SIGTERM drain then leave."""
+"""`nexus node`: front a runtime, register, heartbeat, relay inference; on SIGTERM drain, leave."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
+from shared import subjects
+from shared.messages import CompletionRequest, RuntimeInfo
+from shared.nodes import load_or_create_node_id
 from shared.service import ServiceRuntime
 from shared.settings import Settings, get_settings
-from shared.nodes import load_or_create_node_id
 from services.node.agent import NodeAgent
+from services.node.runtime import ManagedLlama, Relay, probe
+
+log = logging.getLogger("nexus.node")
 
 
 async def run(runtime: ServiceRuntime, settings: Settings) -> None:
     runtime.install_signal_handlers()
     await runtime.start(manage_streams=False)
-    assert runtime.bus is not None
+    bus = runtime.bus
+    assert bus is not None
     agent = NodeAgent(load_or_create_node_id(settings.node_dir), labels=settings.node_labels,
                       heartbeat_interval_s=settings.heartbeat_interval_s)
-    beats: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = []
+    managed: ManagedLlama | None = None
+    registered = asyncio.Event()
+
+    def runtime_changed(info: RuntimeInfo) -> None:
+        agent.runtime = info
+        log.info("runtime %s", "ready" if info.ready else "not ready",
+                 extra={"runtime": info.kind, "models": list(info.models)})
+        if registered.is_set():  # tell the orchestrator (capabilities changed)
+            tasks.append(asyncio.create_task(agent.register(bus, settings.request_timeout_s)))
+
+    if settings.runtime_url:
+        agent.runtime = await probe(settings.runtime_url)
+        if settings.runtime_model and agent.runtime.ready:
+            agent.runtime = RuntimeInfo(kind=agent.runtime.kind, base_url=settings.runtime_url,
+                                        models=(settings.runtime_model,), ready=True)
+    elif settings.runtime == "llama":
+        managed = ManagedLlama(settings.node_dir / "logs", runtime_changed)
+        agent.runtime = managed.info
+        tasks.append(asyncio.create_task(managed.run(), name="llama-server"))
+    relay = Relay(agent, bus, lambda: agent.runtime)
+    await bus.subscribe(subjects.node_infer(agent.node_id), CompletionRequest, relay.on_infer,
+                        concurrent=True)
     try:
-        registering = asyncio.create_task(agent.register(runtime.bus, settings.request_timeout_s))
+        registering = asyncio.create_task(agent.register(bus, settings.request_timeout_s))
         stop = asyncio.create_task(runtime.wait_for_stop())
         await asyncio.wait({registering, stop}, return_when=asyncio.FIRST_COMPLETED)
         if registering.done():
-            beats = asyncio.create_task(agent.heartbeat_loop(runtime.bus))
+            registered.set()
+            tasks.append(asyncio.create_task(agent.heartbeat_loop(bus)))
             await stop
-            await agent.drain_and_leave(runtime.bus, settings.node_drain_timeout_s)
+            await agent.drain_and_leave(bus, settings.node_drain_timeout_s)
         else:
             registering.cancel()
     finally:
-        if beats is not None:
-            beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beats
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if managed is not None:
+            managed.stop()
         agent.gpus.close()
         await runtime.stop()
 

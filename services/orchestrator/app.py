@@ -23,6 +23,7 @@ from shared.messaging import MessagingError
 from shared.service import ServiceRuntime
 from shared.settings import Settings
 from shared.nodes import NodeView
+from shared.selection import NodeSelector
 from services.orchestrator.nodes import NodeService
 from services.orchestrator.nodes_api import NodesController
 from services.orchestrator.problems import EXCEPTION_HANDLERS
@@ -98,14 +99,16 @@ def create_app(settings: Settings) -> Litestar:
         app.state.sessions = SessionService(runtime.store, runner, app.state.policies)
         app.state.budgets = BudgetManager(runtime.store,
                                           reservation_ttl_s=settings.reservation_ttl_s)
-        app.state.chat = ChatService(runtime.store, runtime.bus, app.state.sessions,
-                                     app.state.budgets, app.state.policies,
-                                     RateCounter(runtime.pool),
-                                     request_timeout_s=settings.request_timeout_s)
-        app.state.key_service = KeyService(runtime.store, settings.admin_key)
         app.state.nodes = NodeService(runtime.store, runtime.bus, NodeView(),
                                       offline_after_s=settings.node_offline_after_s,
                                       poll_s=settings.projection_poll_s)
+        selector = NodeSelector(app.state.nodes.view, settings.node_selection,
+                                stale_after_s=settings.node_offline_after_s)
+        app.state.chat = ChatService(runtime.store, runtime.bus, app.state.sessions,
+                                     app.state.budgets, app.state.policies,
+                                     RateCounter(runtime.pool), selector,
+                                     request_timeout_s=settings.request_timeout_s)
+        app.state.key_service = KeyService(runtime.store, settings.admin_key)
         await app.state.nodes.start()
         tasks = [asyncio.create_task(runner.run(), name="projections"),
                  asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper")]

@@ -23,6 +23,7 @@ from shared.eventstore import EventStore
 from shared.messages import ChatMessage, CompletionRequest, ModelInfo, ModelsReply, ModelsRequest
 from shared.messaging import Bus, MessagingError
 from shared.policy import ChatRequestFacts, CompiledPolicy
+from shared.selection import NoEligibleNode, NodeSelector
 from shared.streaming import Delta, Done, Failed, StreamReceiver
 from services.orchestrator.budget import BudgetDenied, BudgetManager, Charge
 from services.orchestrator.keys import Principal
@@ -77,8 +78,9 @@ class PreparedCall:
 
 class ChatService:
     def __init__(self, store: EventStore, bus: Bus, sessions: SessionService,
-                 budgets: BudgetManager, policies: PolicyService, rates: RateCounter, *,
-                 request_timeout_s: float) -> None:
+                 budgets: BudgetManager, policies: PolicyService, rates: RateCounter,
+                 selector: NodeSelector, *, request_timeout_s: float) -> None:
+        self.selector = selector
         self.store = store
         self.bus = bus
         self.sessions = sessions
@@ -188,12 +190,28 @@ class ChatService:
                 await self.budgets.reserve(charge, worst_cost, worst_tokens, metadata)
             except BudgetDenied as exc:
                 raise Problem(402, "budget-exceeded", exc.reason, budget=exc.budget) from None
+        nodes = self.choose_nodes(info)
         request = CompletionRequest(
             call_id=call_id, session_id=session.session_id, tenant=who.tenant, model=model,
             messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            stop=stop, tools=tools, tool_choice=tool_choice, redact=redact)
+            stop=stop, tools=tools, tool_choice=tool_choice, redact=redact, nodes=nodes)
         return PreparedCall(call_id, who, session, info, request, charge, metadata, new_user_text,
                             rate_subjects, policy, label)
+
+    def choose_nodes(self, info: ModelInfo) -> dict[str, tuple[str, ...]]:
+        """Where node-served models of the route run: the selector's pick, then a spare."""
+        chosen: dict[str, tuple[str, ...]] = {}
+        for model in info.node_models:
+            picks: list[str] = []
+            for _ in range(2):
+                try:
+                    node = self.selector.select(model=model).node_id
+                except NoEligibleNode:
+                    break
+                if node not in picks:
+                    picks.append(node)
+            chosen[model] = tuple(picks)
+        return chosen
 
     # -- execute --------------------------------------------------------------------
 

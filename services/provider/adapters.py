@@ -40,6 +40,7 @@ class End:
     input_tokens: int | None
     output_tokens: int | None
     model: str | None
+    node: str | None = None  # the node that answered (kind "node")
 
 
 Piece = Text | ToolCalls | End
@@ -232,10 +233,64 @@ class OllamaAdapter(Adapter):
         raise UpstreamError("StreamCut", f"{self.config.name}: stream ended without done")
 
 
+class NodeAdapter(Adapter):
+    """A self-hosted runtime behind a node agent, over NATS (`nexus.node.<id>.infer`).
+
+    The orchestrator chose the nodes (load-based selection) and put them in the request;
+    they are tried in order until one starts answering.
+    """
+
+    def __init__(self, config: ProviderConfig, bus) -> None:
+        super().__init__(config)
+        self.bus = bus
+
+    async def stream(self, model: str, request: CompletionRequest,
+                     messages: tuple[ChatMessage, ...]) -> AsyncIterator[Piece]:
+        from shared import subjects
+        from shared.messaging import MessagingError
+        from shared.streaming import Delta, Done, StreamReceiver
+
+        candidates = request.nodes.get(model, ())
+        if not candidates:
+            raise UpstreamError("NoNode", f"no online node serves {model!r}", status=503,
+                                retryable=False)
+        last: UpstreamError | None = None
+        for node_id in candidates:
+            node_request = msgspec.structs.replace(request, model=model, messages=messages, nodes={})
+            started_answer = False
+            try:
+                async with StreamReceiver(self.bus, subjects.node_infer(node_id), node_request,
+                                          first_frame_timeout_s=self.config.connect_timeout_s,
+                                          idle_timeout_s=self.config.timeout_s) as stream:
+                    async for frame in stream.frames():
+                        started_answer = True
+                        if isinstance(frame, Delta):
+                            if frame.content:
+                                yield Text(frame.content)
+                            if frame.tool_calls:
+                                yield ToolCalls(frame.tool_calls)
+                        elif isinstance(frame, Done):
+                            yield End(frame.finish_reason, frame.usage.input_tokens,
+                                      frame.usage.output_tokens, frame.model, node=node_id)
+                            return
+                        else:
+                            raise UpstreamError(frame.error, f"node {node_id}: {frame.detail}",
+                                                status=frame.status,
+                                                retryable=not frame.after_first_token)
+            except MessagingError as exc:
+                last = UpstreamError("NodeUnavailable", f"node {node_id}: {exc}", status=503)
+                if started_answer:
+                    raise last from None
+                continue
+        raise last or UpstreamError("NoNode", "no node answered", status=503)
+
+
 ADAPTERS: dict[str, type[Adapter]] = {
     "openai": OpenAIAdapter, "anthropic": AnthropicAdapter, "ollama": OllamaAdapter,
 }
 
 
-def adapter_for(config: ProviderConfig) -> Adapter:
+def adapter_for(config: ProviderConfig, bus=None) -> Adapter:
+    if config.kind == "node":
+        return NodeAdapter(config, bus)
     return ADAPTERS[config.kind](config)

@@ -44,8 +44,8 @@ class ModelPrice(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
 
 class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
-    kind: Literal["openai", "anthropic", "ollama"]
-    base_url: str
+    kind: Literal["openai", "anthropic", "ollama", "node"]
+    base_url: str = ""  # not used by kind "node": the orchestrator picks the node
     api_key_env: str | None = None
     hosted: bool = True  # redaction applies before text leaves for a hosted provider
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 16
@@ -110,6 +110,24 @@ def parse(text: str) -> ProvidersConfig:
         raise ConfigError(f"provider config: {exc}") from None
 
 
+# Out of the box: the model the node agents serve (llama-server with Gemma 3 270M).
+DEFAULT = """
+[[providers]]
+name = "node"
+kind = "node"
+hosted = false
+max_concurrency = 8
+timeout_s = 300
+[[providers.models]]
+name = "gemma-3-270m"
+context = 4096
+
+[[routes]]
+model = "default"
+targets = ["node/gemma-3-270m"]
+"""
+
+
 def load() -> ProvidersConfig:
     text = os.environ.get("NEXUS_PROVIDERS")
     path = os.environ.get("NEXUS_PROVIDERS_FILE")
@@ -117,4 +135,4 @@ def load() -> ProvidersConfig:
         return parse(text)
     if path:
         return parse(Path(path).read_text())
-    return ProvidersConfig()
+    return parse(DEFAULT)

@@ -61,7 +61,7 @@ async def run(runtime: ServiceRuntime) -> None:
     await runtime.start(database=True)
     from shared.policy import redact_kinds
 
-    router = Router(config, runtime.store, redactor=redact_kinds)
+    router = Router(config, runtime.store, redactor=redact_kinds, bus=runtime.bus)
     service = ProviderService(runtime, router)
     await service.start()
     log.info("provider ready", extra={"targets": sorted(router.targets), "routes": sorted(router.routes)})

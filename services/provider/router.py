@@ -92,6 +92,7 @@ class Target:
     adapter: Adapter
     limiter: Limiter
     hosted: bool
+    on_node: bool = False
 
 
 @dataclass
@@ -105,17 +106,18 @@ class AttemptResult:
 
 class Router:
     def __init__(self, config: ProvidersConfig, store: EventStore | None,
-                 redactor=None) -> None:
+                 redactor=None, bus=None) -> None:
         self.config = config
         self.store = store
         self.redactor = redactor  # callable(text, kinds) -> text, for hosted targets
         self.targets: dict[str, Target] = {}
         for p in config.providers:
-            adapter = adapter_for(p)
+            adapter = adapter_for(p, bus)
             limiter = Limiter(p.name, p.max_concurrency, p.max_queue)
             for m in p.models:
                 name = f"{p.name}/{m.name}"
-                self.targets[name] = Target(name, p.name, m.name, m, adapter, limiter, p.hosted)
+                self.targets[name] = Target(name, p.name, m.name, m, adapter, limiter, p.hosted,
+                                            p.kind == "node")
         self.routes = {r.model: r.targets for r in config.routes}
 
     async def close(self) -> None:
@@ -137,7 +139,8 @@ class Router:
                 name=name, targets=chain,
                 input_usd_per_mtok=max(p.input_usd_per_mtok for p in prices),
                 output_usd_per_mtok=max(p.output_usd_per_mtok for p in prices),
-                context=min(p.context for p in prices)))
+                context=min(p.context for p in prices),
+                node_models=tuple(self.targets[t].model for t in chain if self.targets[t].on_node)))
         return tuple(out)
 
     def scrub(self, text: str) -> str:
@@ -230,7 +233,8 @@ class Router:
                 ttft_ms = ((result.first_token_at - started) * 1000
                            if result.first_token_at is not None else None)
                 cost = cost_micro_usd(target.price, input_tokens, output_tokens)
-                done = Done(finish_reason=end.finish_reason,
+                node = end.node
+                done = Done(finish_reason=end.finish_reason, node=node,
                             usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens,
                                         estimated=estimated),
                             model=end.model or target.model, provider=target.provider,
@@ -239,7 +243,7 @@ class Router:
                             cost_micro_usd=cost, attempts=attempts, fallbacks=tuple(fallbacks))
                 await self._event(request, LLMCallCompleted(
                     call_id=request.call_id, session_id=request.session_id, model=done.model,
-                    provider=target.provider, target=name, node=None, latency_ms=done.latency_ms,
+                    provider=target.provider, target=name, node=node, latency_ms=done.latency_ms,
                     ttft_ms=done.ttft_ms, input_tokens=input_tokens, output_tokens=output_tokens,
                     usage_estimated=estimated, cost_micro_usd=cost,
                     finish_reason=end.finish_reason, attempts=attempts))
