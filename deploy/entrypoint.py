@@ -1,13 +1,14 @@
 """Entrypoint of the Nexus container image: secrets from files, then `nexus ARGS`.
 
 Secrets reach a container either as files (compose `secrets:`, Kubernetes secret
-volumes) or as plain variables (Kubernetes `secretKeyRef`). For every variable
-`NAME_FILE`, the file's content, trailing newline stripped, becomes `NAME`: the
-convention of the official postgres image, so `NEXUS_ADMIN_KEY_FILE`,
-`NEXUS_NATS_PASSWORD_FILE`, `PGPASSWORD_FILE` or `OPENAI_API_KEY_FILE` all work and the
-value never appears in `docker inspect`. Setting both `NAME` and `NAME_FILE` is an
-error. `NEXUS_PROVIDERS_FILE` is left alone: it is a Nexus setting of its own (the
-path of the provider TOML, which Nexus reads itself).
+volumes) or as plain variables (Kubernetes `secretKeyRef`). For a variable `NAME_FILE`
+whose NAME is a secret, the file's content, trailing newline stripped, becomes `NAME`:
+the convention of the official postgres image, so the value never appears in
+`docker inspect`. A secret NAME is `DATABASE_URL`, `PGPASSWORD`, or ends in `_KEY`,
+`_PASSWORD`, `_TOKEN` or `_SECRET` (`NEXUS_ADMIN_KEY`, `NEXUS_NATS_PASSWORD`,
+`OPENAI_API_KEY`, ...); other `*_FILE` variables, `NEXUS_PROVIDERS_FILE` among them
+(a Nexus setting: the path of the provider TOML), are left alone. Setting both `NAME`
+and `NAME_FILE` is an error.
 
 `ARGS` run as `nexus ARGS` (in this process, so signals reach Nexus directly), unless
 the first one is not a `nexus` subcommand but an absolute path or a program on PATH
@@ -22,20 +23,25 @@ import sys
 from collections.abc import MutableMapping, Sequence
 
 SUFFIX = "_FILE"
-NOT_SECRETS = frozenset({"NEXUS_PROVIDERS_FILE"})
+SECRET_NAMES = frozenset({"DATABASE_URL", "PGPASSWORD"})
+SECRET_SUFFIXES = ("_KEY", "_PASSWORD", "_TOKEN", "_SECRET")
 
 
 class SecretFileError(ValueError):
     """A `NAME_FILE` variable that cannot be honoured (the message never holds a value)."""
 
 
+def is_secret_name(name: str) -> bool:
+    return name in SECRET_NAMES or name.endswith(SECRET_SUFFIXES)
+
+
 def expand_secret_files(env: MutableMapping[str, str]) -> list[str]:
     """Set `NAME` from the file named by `NAME_FILE`, for each such variable; the names set."""
     filled: list[str] = []
     for key in sorted(env):
-        if not key.endswith(SUFFIX) or key in NOT_SECRETS or len(key) == len(SUFFIX):
+        name = key.removesuffix(SUFFIX)
+        if name == key or not is_secret_name(name):
             continue
-        name = key[: -len(SUFFIX)]
         path = env[key]
         if env.get(name):
             raise SecretFileError(f"both {name} and {key} are set; set only one")

@@ -16,6 +16,9 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
 - **Lost consumer**: a sender blocked on credit for `idle_timeout_s` gives up and
   cancels its upstream work, so a vanished receiver stops the generation.
 - **Cancellation**: the receiver publishes `Cancel` on the control subject.
+- **Liveness**: the sender publishes a `Keepalive` every `KEEPALIVE_S` while it has
+  nothing else to say (retries, backoff, a slow first token), so a receiver whose sender
+  died (a killed provider) notices within `idle_timeout_s` instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -71,7 +74,12 @@ class Failed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
     after_first_token: bool = False
 
 
-Frame = Started | Delta | Done | Failed
+class Keepalive(msgspec.Struct, frozen=True, tag="keepalive", kw_only=True):
+    pass
+
+
+Frame = Started | Delta | Done | Failed | Keepalive
+KEEPALIVE_S = 2.0
 
 
 class Credit(msgspec.Struct, frozen=True, tag="credit", kw_only=True):
@@ -106,17 +114,30 @@ class StreamSender:
         self.cancelled = asyncio.Event()
         self._credit = asyncio.Event()
         self._sub = None
+        self._keepalive: asyncio.Task[None] | None = None
+        self._last_sent = 0.0
 
     async def __aenter__(self) -> StreamSender:
         control = self.bus.nc.new_inbox()
         self._sub = await self.bus.nc.subscribe(control, cb=self._on_control)
         await self._publish(Started(control=control))
+        self._keepalive = asyncio.create_task(self._keep_alive())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+
+    async def _keep_alive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(KEEPALIVE_S / 2)
+            if loop.time() - self._last_sent >= KEEPALIVE_S:
+                with contextlib.suppress(Exception):
+                    await self._publish(Keepalive())
 
     async def _on_control(self, msg: Msg) -> None:
         try:
@@ -132,6 +153,7 @@ class StreamSender:
             self._credit.set()
 
     async def _publish(self, frame: msgspec.Struct) -> None:
+        self._last_sent = asyncio.get_running_loop().time()
         await self.bus.nc.publish(self.reply, _enc.encode(frame))
 
     async def delta(self, content: str = "", tool_calls: list[dict[str, Any]] | None = None) -> None:
@@ -158,7 +180,7 @@ class StreamReceiver:
     """The consuming side: send the request, iterate frames, acknowledge, cancel."""
 
     def __init__(self, bus: Bus, subject: str, request: msgspec.Struct, *,
-                 first_frame_timeout_s: float, idle_timeout_s: float = 120.0,
+                 first_frame_timeout_s: float, idle_timeout_s: float = 5 * KEEPALIVE_S,
                  window: int = 64) -> None:
         self.bus = bus
         self.subject = subject
@@ -213,6 +235,8 @@ class StreamReceiver:
                 # an error reply of Bus.subscribe (undecodable request, handler crash)
                 raise RemoteStreamError(msg) from None
             timeout = self.idle_timeout_s
+            if isinstance(frame, Keepalive):
+                continue
             if isinstance(frame, Started):
                 self.control = frame.control
                 continue

@@ -184,6 +184,31 @@ class Supervisor:
         }
         state_path(self.settings).write_text(json.dumps(state, indent=2))
 
+    def prepare_runtime(self) -> None:
+        """Build llama-server / assemble the model in the background, with progress here.
+
+        The platform is usable meanwhile; the node reports its runtime as not ready until
+        it can start it (it waits on the same build lock).
+        """
+        import threading
+
+        from shared.infra.llama import ensure_llama_server, ensure_model, server_path
+
+        if (self.settings.runtime_url or self.settings.runtime != "llama"
+                or "node" not in self.services_wanted):
+            return
+
+        def work() -> None:
+            try:
+                ensure_model(self._say)
+                if not server_path().exists():
+                    self._say("first start on this machine: building llama-server in the background")
+                ensure_llama_server(self._say)
+            except Exception as exc:  # the node keeps reporting "not ready"; say why
+                self._say(f"could not prepare the local LLM runtime: {exc}")
+
+        threading.Thread(target=work, name="runtime-prepare", daemon=True).start()
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
@@ -191,6 +216,7 @@ class Supervisor:
             nats_url, db_url = self.start_infrastructure()
             self.start_services(nats_url, db_url)
             self.write_state(nats_url, db_url)
+            self.prepare_runtime()
             s = self.settings
             self._say(
                 "\nNexus is up.\n"

@@ -212,3 +212,40 @@ def test_overload_beyond_the_queue_is_a_clear_429_or_fallback(llm: LLMCluster, k
         model="primary/fake-small", messages=[{"role": "user", "content": "x"}], max_tokens=2)
     assert reply.choices[0].message.content == reply_text(2)
     assert time.monotonic() - started < 30
+
+
+def test_two_providers_share_the_queue_and_a_killed_one_fails_cleanly(llm: LLMCluster, key) -> None:
+    """Kill one of two providers while streams run: its calls end with a clear error
+    (within the stream's liveness timeout), the others complete; nothing hangs."""
+    import concurrent.futures
+
+    second = llm.start_provider()
+    llm.primary.configure(token_delay_ms=150)
+    try:
+        def one(i: int) -> str:
+            with httpx.stream("POST", f"{llm.api}/v1/chat/completions", headers=key, timeout=60,
+                              json={"model": "primary/fake-small", "stream": True, "max_tokens": 30,
+                                    "messages": [{"role": "user", "content": f"FAKE_TOKENS=30 {i}"}]}) as r:
+                if r.status_code != 200:
+                    return f"http-{r.status_code}"
+                lines = [line for line in r.iter_lines() if line.startswith("data:")]
+            if any('"error"' in line for line in lines):
+                return "error"
+            return "ok" if lines and lines[-1] == "data: [DONE]" else "truncated"
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            futures = [pool.submit(one, i) for i in range(10)]
+            wait_until(lambda: llm.primary.stats.in_flight >= 8, 20, 0.05, "streams in flight")
+            second.kill()
+            started = time.monotonic()
+            outcomes = [f.result(timeout=60) for f in futures]
+        assert time.monotonic() - started < 45  # nobody waited forever
+        assert set(outcomes) <= {"ok", "error"}  # a clean end either way, never a cut stream
+        # the dead provider's upstream streams were cut (the fake saw the disconnects);
+        # those that had sent tokens ended with an error, the others were retried
+        cut = wait_until(lambda: llm.primary.stats.cancelled, 10, 0.1, "cut streams")
+        assert 1 <= cut and outcomes.count("error") <= cut
+        assert outcomes.count("ok") >= 10 - cut
+    finally:
+        llm.primary.configure(token_delay_ms=0)
+        llm.providers.remove(second)

@@ -216,20 +216,35 @@ class ChatService:
     # -- execute --------------------------------------------------------------------
 
     async def execute(self, call: PreparedCall) -> AsyncIterator[Delta | Done | Failed]:
-        """Frames of the call; settles budget and conversation however the stream ends."""
+        """Frames of the call; settles budget and conversation however the stream ends.
+
+        A provider that vanishes before the first token (killed, partitioned) is not the
+        client's problem: the request goes once more to the queue, i.e. to another
+        provider instance. After the first token a lost provider ends the stream with a
+        clear failure.
+        """
         outcome: Done | Failed | None = None
         try:
-            async with StreamReceiver(self.bus, subjects.PROVIDER_COMPLETE, call.request,
-                                      first_frame_timeout_s=self.request_timeout_s) as stream:
+            for attempt in (1, 2):
+                sent_any = False
                 try:
-                    async for frame in stream.frames():
-                        if isinstance(frame, Delta):
-                            call.output.append(frame.content)
-                        else:
-                            outcome = frame
-                        yield frame
+                    async with StreamReceiver(self.bus, subjects.PROVIDER_COMPLETE, call.request,
+                                              first_frame_timeout_s=self.request_timeout_s) as stream:
+                        async for frame in stream.frames():
+                            if isinstance(frame, Delta):
+                                call.output.append(frame.content)
+                                sent_any = True
+                            else:
+                                outcome = frame
+                            yield frame
+                    break
                 except MessagingError as exc:
-                    outcome = Failed(error="ProviderUnavailable", detail=str(exc), status=503)
+                    if not sent_any and attempt == 1:
+                        log.warning("provider lost before the first token; retrying once",
+                                    extra={"call_id": call.call_id, "error": str(exc)})
+                        continue
+                    outcome = Failed(error="ProviderUnavailable", detail=str(exc), status=503,
+                                     after_first_token=sent_any)
                     yield outcome
         finally:
             await asyncio.shield(self._settle(call, outcome))

@@ -260,8 +260,8 @@ class NodeAdapter(Adapter):
             started_answer = False
             try:
                 async with StreamReceiver(self.bus, subjects.node_infer(node_id), node_request,
-                                          first_frame_timeout_s=self.config.connect_timeout_s,
-                                          idle_timeout_s=self.config.timeout_s) as stream:
+                                          first_frame_timeout_s=self.config.connect_timeout_s
+                                          ) as stream:
                     async for frame in stream.frames():
                         started_answer = True
                         if isinstance(frame, Delta):
