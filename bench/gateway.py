@@ -18,8 +18,9 @@ Cases: non-streaming and streaming (short reply), sequentially (one client) and 
 and 64 concurrent clients (closed loop, each client its own keep-alive connection and,
 on the Nexus side, its own session) for a bounded time. Printed: latency p50/p95/p99 of
 both paths, the added latency (Nexus minus direct at the same percentile), time to the
-first token for streams, throughput and the ratios, and the CPU each process spent per
-request (psutil), which shows where the time goes on a small machine.
+first token for streams, throughput and the ratios; the events recorded per call and the
+Postgres transactions per call (pg_stat_database); and the CPU each process spent per
+request (/proc schedstat), which shows where the time goes on a small machine.
 
 The load generator is a minimal HTTP/1.1 keep-alive client on raw asyncio streams
 (uvloop when installed): `httpx.AsyncClient` is too slow a client for this.
@@ -462,8 +463,8 @@ def row(label: str, nexus: list[float], direct: list[float], n_rate: float | Non
     rates = ""
     if n_rate is not None and d_rate is not None:
         rates = f"  {n_rate:>7,.0f} {d_rate:>7,.0f} {n_rate / d_rate:>5.2f}x"
-    return (f"{label:<26}" + "".join(f"{v:>7.2f}" for v in n) + "  "
-            + "".join(f"{v:>7.2f}" for v in d) + "  " + "".join(f"{v:>+7.2f}" for v in add)
+    return (f"{label:<29}" + "".join(f"{v:>8.1f}" for v in n) + "  "
+            + "".join(f"{v:>6.2f}" for v in d) + "  " + "".join(f"{v:>+8.1f}" for v in add)
             + rates)
 
 
@@ -471,9 +472,9 @@ def cpu_line(sample: Sample) -> str:
     n = len(sample.total_ms)
     if not n:
         return "no request completed"
-    parts = [f"{k} {v * 1000 / n:.2f}" for k, v in sample.cpu.items() if v > 0]
+    parts = [f"{k} {v * 1000 / n:.2f}" for k, v in sample.cpu.items()]
     busy = sum(sample.cpu.values()) / sample.seconds if sample.seconds else 0
-    return "CPU ms/request: " + ", ".join(parts) + f"  (all: {busy:.2f} cores busy)"
+    return ", ".join(parts) + f"  (these processes: {busy:.2f} cores busy)"
 
 
 async def events_per_call(database_url: str, session_id: str, calls: int) -> str:
@@ -530,6 +531,7 @@ async def db_work_per_call(platform: Platform, target: Target, calls: int = 50) 
 
 async def run(platform: Platform, seconds: float, count: int) -> None:
     started = time.perf_counter()
+    load0 = os.getloadavg()[0]
     key = platform.tenant_key("bench")
     async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {key}"}) as http:
         sessions = []
@@ -569,9 +571,10 @@ async def run(platform: Platform, seconds: float, count: int) -> None:
       f"{os.cpu_count()} CPUs shared by client, orchestrator, provider, NATS, Postgres, upstream\n")
     w(f"Nexus recorded {events_line}\n")
     w(f"{db_line}\n\n")
-    w(f"{'':<26}{'nexus ms':^21}  {'direct ms':^21}  {'added ms (nexus - direct)':^21}"
+    w(f"{'':<29}{'nexus ms':^24}  {'direct ms':^18}  {'added ms (nexus - direct)':^24}"
       f"  {'requests/s':^23}\n")
-    w(f"{'case':<26}" + "    p50    p95    p99" * 3 + "    nexus  direct ratio\n")
+    w(f"{'case':<29}" + "     p50     p95     p99" + "   p50   p95   p99"
+      + "     p50     p95     p99" + "    nexus  direct ratio\n")
     for stream in (False, True):
         kind = "stream" if stream else "non-stream"
         n, d = seq[stream]
@@ -584,15 +587,13 @@ async def run(platform: Platform, seconds: float, count: int) -> None:
             w(row(f"{kind}, {level} clients", n.total_ms, d.total_ms, n.rate, d.rate) + "\n")
             if stream:
                 w(row("  first token", n.first_ms, d.first_ms, None, None) + "\n")
-    w("\nwhere the CPU goes (per request completed; client = this process):\n")
+    w("\nwhere the CPU goes (CPU ms per request completed; client = this process):\n")
     for stream in (False, True):
         kind = "stream" if stream else "non-stream"
-        n, d = seq[stream]
-        w(f"  {kind}, sequential   nexus  {cpu_line(n)}\n")
-        w(f"  {' ' * len(kind)}               direct {cpu_line(d)}\n")
+        w(f"  {kind + ', sequential':<24} nexus  {cpu_line(seq[stream][0])}\n")
         n, d = conc[(stream, max(LEVELS))]
-        w(f"  {kind}, {max(LEVELS)} clients  nexus  {cpu_line(n)}\n")
-        w(f"  {' ' * len(kind)}               direct {cpu_line(d)}\n")
+        w(f"  {kind + f', {max(LEVELS)} clients':<24} nexus  {cpu_line(n)}\n")
+        w(f"  {'':<24} direct {cpu_line(d)}\n")
     errors = [(f"{'stream' if s else 'non-stream'} {name}", smp.errors)
               for (s, lvl), pair in conc.items() for name, smp in zip(("nexus", "direct"), pair)]
     errors += [(f"sequential {'stream' if s else 'non-stream'} {name}", smp.errors)
@@ -609,7 +610,8 @@ async def run(platform: Platform, seconds: float, count: int) -> None:
       f"{pct(seq[True][0].total_ms, .5) - pct(seq[True][1].total_ms, .5):+.2f} ms (streaming): "
       f"{'met' if added < GOAL_ADDED_P50_MS else 'NOT met'}\n")
     w(f"{seconds:g} s per concurrent case after {WARMUP_S:g} s warm-up; run took "
-      f"{time.perf_counter() - started:.1f} s\n")
+      f"{time.perf_counter() - started:.1f} s; load average (1 min) at the start {load0:.2f}, "
+      f"at the end {os.getloadavg()[0]:.2f} (other work shares this machine)\n")
 
 
 def raise_fd_limit(wanted: int = 16384) -> None:

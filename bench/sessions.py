@@ -56,6 +56,7 @@ import asyncpg  # noqa: E402
 
 from bench.gateway import (  # noqa: E402
     POLICY_RULES,
+    CpuMeter,
     UPSTREAM_KEY,
     HttpConn,
     Platform,
@@ -355,6 +356,7 @@ async def create_sessions(platform: Platform, key: str, count: int) -> list[str]
 
 async def run(platform: Platform, seconds: float, levels: list[int]) -> None:
     started = time.perf_counter()
+    load0 = os.getloadavg()[0]
     w = sys.stdout.write
     key = platform.tenant_key("bench")
 
@@ -403,17 +405,22 @@ async def run(platform: Platform, seconds: float, levels: list[int]) -> None:
         return json.dumps({"model": model, "stream": True, "max_tokens": 16,
                            "messages": [{"role": "user", "content": "hello there"}]}).encode()
 
+    meter = CpuMeter(platform.processes())
     c_results = []
     for n in levels:
         ramp = n / START_RATE
         stream_s = ramp + 1.5  # every call outlives the ramp: all n in flight at the peak
         delay_ms = stream_s * 1000 / STREAM_TOKENS
         await asyncio.to_thread(control.configure, token_delay_ms=delay_ms)
+        meter.start()
+        t_cpu = time.perf_counter()
         nexus, direct = await burst(platform.port, nexus_head[:n], body("default"),
                                     platform.fake.port, direct_head, body("fake-small"),
                                     START_RATE)
+        cpu = meter.stop()
+        cores = {k: v / (time.perf_counter() - t_cpu) for k, v in cpu.items()}
         await asyncio.sleep(1.0)
-        c_results.append((n, delay_ms, nexus, direct))
+        c_results.append((n, delay_ms, nexus, direct, cores))
 
     # report
     w(f"\nsessions benchmark: one orchestrator and one provider process, NATS, Postgres "
@@ -445,7 +452,7 @@ async def run(platform: Platform, seconds: float, levels: list[int]) -> None:
     w(f"  {'sessions':>8} {'peak':>5}  {'':<7}{'first token p50/p95 ms':>24}  "
       f"{'total p50/p95 ms':>22}  {'errors':>6}\n")
     added_p95 = {}
-    for n, delay_ms, nexus, direct in c_results:
+    for n, delay_ms, nexus, direct, cores in c_results:
         for label, r in (("nexus", nexus), ("direct", direct)):
             w(f"  {n:>8} {r.peak_in_flight:>5}  {label:<7}{pct(r.first_ms, .5):>12.1f}"
               f"{pct(r.first_ms, .95):>12.1f}  {pct(r.total_ms, .5):>11.1f}"
@@ -453,9 +460,13 @@ async def run(platform: Platform, seconds: float, levels: list[int]) -> None:
         add_first = pct(nexus.first_ms, .95) - pct(direct.first_ms, .95)
         add_total = pct(nexus.total_ms, .95) - pct(direct.total_ms, .95)
         added_p95[n] = (add_first, add_total)
-        w(f"  {'':>8} {'':>5}  {'added':<7}{pct(nexus.first_ms, .5) - pct(direct.first_ms, .5):>+12.1f}"
+        add_first50 = pct(nexus.first_ms, .5) - pct(direct.first_ms, .5)
+        w(f"  {'':>8} {'':>5}  {'added':<7}{add_first50:>+12.1f}"
           f"{add_first:>+12.1f}  {pct(nexus.total_ms, .5) - pct(direct.total_ms, .5):>+11.1f}"
           f"{add_total:>+11.1f}   (token delay {delay_ms:.0f} ms)\n")
+        w(f"  {'':>8} {'':>5}  CPU over the run, cores: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
+          + f"; all {sum(cores.values()):.2f} of {os.cpu_count()}\n")
         for label, r in (("nexus", nexus), ("direct", direct)):
             if r.errors:
                 w(f"  {'':>8} {label} errors: first: {r.errors[0]}\n")
@@ -470,7 +481,8 @@ async def run(platform: Platform, seconds: float, levels: list[int]) -> None:
       f"{SEED_ADDED_P95_MS:g} ms) -> first token {add_first:+.1f} ms, total {add_total:+.1f} ms "
       f"({'met' if worst <= GOAL_ADDED_P95_MS else 'NOT met'}; seed "
       f"{'met' if worst < SEED_ADDED_P95_MS else 'NOT met'})\n")
-    w(f"run took {time.perf_counter() - started:.1f} s\n")
+    w(f"run took {time.perf_counter() - started:.1f} s; load average (1 min) at the start "
+      f"{load0:.2f}, at the end {os.getloadavg()[0]:.2f} (other work shares this machine)\n")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from collections.abc import Mapping
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from entrypoint import SecretFileError, expand_secret_files  # noqa: E402
+from entrypoint import SecretFileError, expand_secret_files
 
 TIMEOUT_S = 3.0
 
@@ -44,7 +45,8 @@ def check_orchestrator(env: Mapping[str, str], timeout: float = TIMEOUT_S) -> tu
     except (OSError, ValueError) as exc:
         return False, f"{url}: {exc}"
     if body.get("status") != "ok":
-        return False, f"{url}: status {body.get('status')!r} (nats={body.get('nats')}, postgres={body.get('postgres')})"
+        return False, (f"{url}: status {body.get('status')!r} "
+                       f"(nats={body.get('nats')}, postgres={body.get('postgres')})")
     return True, f"{url}: ok"
 
 
@@ -58,8 +60,9 @@ async def _ping(service: str, timeout: float) -> tuple[bool, str]:
     if not settings.nats_url:
         return False, "NATS_URL is not set"
     subject = PING_SUBJECTS[service][0]
-    bus = await Bus.connect(settings.nats_url, f"nexus-healthcheck-{service}", user=settings.nats_user,
-                            password=settings.nats_password, connect_timeout=timeout)
+    bus = await Bus.connect(settings.nats_url, f"nexus-healthcheck-{service}",
+                            user=settings.nats_user, password=settings.nats_password,
+                            connect_timeout=timeout)
     try:
         pong = await bus.request(subject, Ping(sender=f"healthcheck-{settings.instance_id}"),
                                  Pong, timeout=timeout)
@@ -69,8 +72,11 @@ async def _ping(service: str, timeout: float) -> tuple[bool, str]:
 
 
 def check_ping(service: str, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
+    logging.disable(logging.WARNING)  # the NATS client's retry chatter; one line says why
     try:
         return asyncio.run(asyncio.wait_for(_ping(service, timeout), timeout * 2))
+    except TimeoutError:
+        return False, f"{service} ping: no answer within {timeout * 2:g} s"
     except Exception as exc:  # any failure is "unhealthy", said in one line
         return False, f"{service} ping: {type(exc).__name__}: {exc}"
 

@@ -173,7 +173,12 @@ def keys_create(tenant: str, name: str, role: str) -> None:
     async def run():
         pool = await create_pool(_database_url(), max_size=2)
         try:
-            return await KeyService(EventStore(pool), None).create(tenant, name, role, "cli")
+            from services.orchestrator.projections import PROJECTIONS
+            from shared.eventstore import ProjectionRunner
+
+            store = EventStore(pool)
+            return await KeyService(store, None, ProjectionRunner(store, PROJECTIONS)).create(
+                tenant, name, role, "cli")
         finally:
             await pool.close()
 

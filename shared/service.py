@@ -72,6 +72,10 @@ class ServiceRuntime:
             self.store = EventStore(self.pool)
         subject, queue = PING_SUBJECTS[self.service]
         await self.bus.subscribe(subject, Ping, self._on_ping, queue=queue)
+        if self.service != "orchestrator":  # the orchestrator registers its gauges itself
+            from shared.metrics import nats_reconnects
+
+            nats_reconnects(lambda: self.bus.reconnects if self.bus else 0)
         log.info("service started", extra={"instance_id": self.settings.instance_id})
 
     async def _on_ping(self, ping: Ping, msg: Msg) -> Pong:

@@ -130,6 +130,9 @@ class Settings:
     node_drain_timeout_s: float = 10.0
     """NEXUS_NODE_DRAIN_TIMEOUT_S: how long a stopping node waits for in-flight work."""
 
+    cache_dir: Path = Path.home() / ".cache" / "nexus"
+    """NEXUS_CACHE_DIR: where the built llama-server and the model are kept (per machine)."""
+
     runtime_url: str | None = None
     """NEXUS_RUNTIME_URL: the OpenAI-compatible runtime a node fronts (e.g. http://host:8080/v1)."""
 
@@ -171,6 +174,7 @@ class Settings:
             heartbeat_interval_s=_env_float("NEXUS_HEARTBEAT_INTERVAL_S", 2.0),
             node_offline_after_s=_env_float("NEXUS_NODE_OFFLINE_AFTER_S", 6.0),
             node_drain_timeout_s=_env_float("NEXUS_NODE_DRAIN_TIMEOUT_S", 10.0),
+            cache_dir=Path(_env("NEXUS_CACHE_DIR") or Path.home() / ".cache" / "nexus"),
             runtime_url=_env("NEXUS_RUNTIME_URL"),
             runtime=_env("NEXUS_RUNTIME", "llama") or "llama",
             runtime_model=_env("NEXUS_RUNTIME_MODEL"),

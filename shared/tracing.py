@@ -43,13 +43,36 @@ def setup_tracing(service_name: str, instance_id: str | None = None) -> TracerPr
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider = provider
+    from shared.metrics import setup_metrics
+
+    setup_metrics(resource)
+    _instrument_libraries()
     return provider
 
 
+def _instrument_libraries() -> None:
+    """Client spans for outgoing HTTP (runtimes, upstreams) and Postgres queries."""
+    try:
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        HTTPXClientInstrumentor().instrument()
+    except Exception:  # instrumentation is an aid, never a reason not to start
+        pass
+    try:
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+        AsyncPGInstrumentor().instrument()
+    except Exception:
+        pass
+
+
 def shutdown_tracing() -> None:
-    """Flush and stop exporting; call on process exit."""
+    """Flush and stop exporting (spans and metrics); call on process exit."""
+    from shared.metrics import shutdown_metrics
+
     if _provider is not None:
         _provider.shutdown()
+    shutdown_metrics()
 
 
 def tracer(name: str = "nexus") -> trace.Tracer:

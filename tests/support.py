@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from shared.infra.process import die_with_parent
@@ -107,10 +108,32 @@ class ReceivedSpan:
 
 
 @dataclass
+class ReceivedPoint:
+    service: str
+    metric: str
+    unit: str
+    kind: str  # "sum", "gauge", "histogram"
+    value: float  # sum value, gauge value, or histogram sum
+    count: int  # histogram count (1 otherwise)
+    attributes: dict[str, object]
+    monotonic: bool = False
+
+
+def _attrs(attributes) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for a in attributes:
+        v = a.value
+        out[a.key] = v.string_value or v.int_value or v.double_value or v.bool_value
+    return out
+
+
+@dataclass
 class OtlpReceiver:
-    """An OTLP/HTTP endpoint (`POST /v1/traces`, protobuf) that keeps what it receives."""
+    """An OTLP/HTTP endpoint (`POST /v1/traces`, `/v1/metrics`, protobuf) that keeps what
+    it receives."""
 
     spans: list[ReceivedSpan] = field(default_factory=list)
+    points: list[ReceivedPoint] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
 
@@ -127,6 +150,8 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.path == "/v1/traces":
                     receiver._ingest(body)
+                elif self.path == "/v1/metrics":
+                    receiver._ingest_metrics(body)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.end_headers()
@@ -161,6 +186,43 @@ class OtlpReceiver:
                     ))
         with self.lock:
             self.spans.extend(spans)
+
+    def _ingest_metrics(self, body: bytes) -> None:
+        request = ExportMetricsServiceRequest()
+        request.ParseFromString(body)
+        points = []
+        for rm in request.resource_metrics:
+            service = str(_attrs(rm.resource.attributes).get("service.name", ""))
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    kind = metric.WhichOneof("data")
+                    if kind == "sum":
+                        for dp in metric.sum.data_points:
+                            points.append(ReceivedPoint(service, metric.name, metric.unit, "sum",
+                                                        dp.as_double or dp.as_int, 1,
+                                                        _attrs(dp.attributes),
+                                                        metric.sum.is_monotonic))
+                    elif kind == "gauge":
+                        for dp in metric.gauge.data_points:
+                            points.append(ReceivedPoint(service, metric.name, metric.unit, "gauge",
+                                                        dp.as_double or dp.as_int, 1,
+                                                        _attrs(dp.attributes)))
+                    elif kind == "histogram":
+                        for dp in metric.histogram.data_points:
+                            points.append(ReceivedPoint(service, metric.name, metric.unit,
+                                                        "histogram", dp.sum, dp.count,
+                                                        _attrs(dp.attributes)))
+        with self.lock:
+            self.points.extend(points)
+
+    def latest(self, metric: str) -> list[ReceivedPoint]:
+        """The last exported point of each (service, attributes) series of `metric`."""
+        with self.lock:
+            series: dict[tuple, ReceivedPoint] = {}
+            for p in self.points:
+                if p.metric == metric:
+                    series[(p.service, tuple(sorted(p.attributes.items())))] = p
+            return list(series.values())
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         with self.lock:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def real(infra, tmp_path_factory):
+def real(infra, tmp_path_factory, otlp):
     assert server_path().exists(), (
         f"{server_path()} is missing: run `nexus runtime prepare` (make test does) first")
     tmp = tmp_path_factory.mktemp("real")
@@ -32,7 +32,9 @@ def real(infra, tmp_path_factory):
     admin = f"admin-{uuid.uuid4().hex}"
     port = free_port_str()
     env = service_env(server.url, new_database(infra), NEXUS_ADMIN_KEY=admin, NEXUS_HTTP_PORT=port,
-                      NEXUS_HEARTBEAT_INTERVAL_S="0.5", NEXUS_PROJECTION_POLL_S="0.2")
+                      NEXUS_HEARTBEAT_INTERVAL_S="0.5", NEXUS_PROJECTION_POLL_S="0.2",
+                      OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint, OTEL_BSP_SCHEDULE_DELAY="100",
+                      OTEL_METRIC_EXPORT_INTERVAL="500")
     procs = [
         ServiceProc("orchestrator", env, tmp / "orchestrator.log").start(),
         ServiceProc("provider", env, tmp / "provider.log").start(),
@@ -97,3 +99,109 @@ def test_node_counts_its_requests_in_heartbeats(real) -> None:
     api, headers, node, _ = real
     detail = httpx.get(f"{api}/v1/nodes/{node['node_id']}", headers=headers).json()
     assert detail["load"]["avg_response_ms"] is not None  # latency EWMA from the relayed calls
+
+
+def test_one_trace_from_the_http_call_to_the_runtime(real, otlp) -> None:
+    """orchestrator HTTP -> NATS publish -> provider process -> GenAI span -> NATS publish
+    -> node process -> relay -> HTTP call to llama-server; the call's events share it."""
+    api, headers, node, _ = real
+    resp = httpx.post(f"{api}/v1/chat/completions", headers=headers, timeout=120,
+                      json={"model": "default", "max_tokens": 6,
+                            "messages": [{"role": "user", "content": "Hi"}]})
+    assert resp.status_code == 200, resp.text
+    call_id = resp.headers["x-nexus-call-id"]
+
+    def genai_span():
+        return next((s for s in list(otlp.spans) if s.service == "nexus-provider"
+                     and s.name.startswith("chat ") and s.attributes.get("nexus.call_id") == call_id), None)
+
+    genai = wait_until(genai_span, 20, 0.2, "the GenAI span of the call")
+    assert genai.name == f"chat {MODEL_NAME}" and genai.kind == 3  # CLIENT
+    assert genai.attributes["gen_ai.provider.name"] == "node"
+    assert genai.attributes["gen_ai.request.model"] == MODEL_NAME
+    assert genai.attributes["gen_ai.response.model"]
+    assert genai.attributes["gen_ai.usage.output_tokens"] > 0
+    assert genai.attributes["gen_ai.usage.input_tokens"] > 0
+
+    def whole() -> list | None:
+        spans = otlp.trace(genai.trace_id)
+        names = {(s.service, s.name) for s in spans}
+        wanted = {("nexus-node", f"relay {MODEL_NAME}")}
+        return spans if wanted <= names and any(s.service == "nexus-orchestrator" and s.kind == 2
+                                                for s in spans) else None
+
+    spans = wait_until(whole, 20, 0.2, "spans of all three services")
+    by_id = {s.span_id: s for s in spans}
+
+    def chain(span):
+        out = [span]
+        while span.parent_span_id in by_id:
+            span = by_id[span.parent_span_id]
+            out.append(span)
+        return out
+
+    runtime_call = [s for s in spans if s.service == "nexus-node" and s.name == "POST"
+                    and "chat/completions" in str(s.attributes.get("url.full")
+                                                  or s.attributes.get("http.url", ""))]
+    assert runtime_call, [(s.name, s.attributes) for s in spans if s.service == "nexus-node"]
+    path = [(s.service, s.name) for s in chain(runtime_call[0])]
+    services = [svc for svc, _ in path]
+    # from the runtime call up to the client's HTTP request, through every process
+    assert services[0] == "nexus-node" and services[-1] == "nexus-orchestrator"
+    assert ("nexus-node", f"relay {MODEL_NAME}") in path
+    assert ("nexus-provider", f"chat {MODEL_NAME}") in path
+    assert any(name.endswith(" process") and svc == "nexus-provider" for svc, name in path)
+    assert any(name.endswith(" process") and svc == "nexus-node" for svc, name in path)
+    assert path[-1][1].startswith("POST /v1/chat/completions")
+    nats_spans = [s for s in spans if s.name.endswith((" publish", " process"))]
+    assert all(s.attributes["messaging.system"] == "nats" for s in nats_spans)
+
+    log = httpx.get(f"{api}/v1/sessions/{resp.headers['x-nexus-session']}/events",
+                    headers=headers).json()["events"]
+    mine = [e for e in log if e["data"].get("call_id") == call_id]
+    assert {e["type"] for e in mine} >= {"LLMCallStarted", "LLMCallCompleted"}
+    assert {e["trace_id"] for e in mine} == {genai.trace_id}
+
+
+def test_metrics_match_the_events(real, otlp) -> None:
+    api, headers, _, procs = real
+    for _ in range(2):
+        assert httpx.post(f"{api}/v1/chat/completions", headers=headers, timeout=120,
+                          json={"model": "default", "max_tokens": 4,
+                                "messages": [{"role": "user", "content": "Hello"}]}).status_code == 200
+
+    async def totals() -> tuple[int, int]:
+        from shared.eventstore.store import create_pool
+
+        url = procs[0].env["DATABASE_URL"]
+        pool = await create_pool(url, max_size=1)
+        try:
+            row = await pool.fetchrow(
+                "SELECT sum((data->>'input_tokens')::int) AS i, sum((data->>'output_tokens')::int) AS o,"
+                " count(*) AS n FROM events WHERE type = 'LLMCallCompleted'")
+            return row["i"], row["o"], row["n"]
+        finally:
+            await pool.close()
+
+    import asyncio
+
+    events_in, events_out, calls = asyncio.run(totals())
+
+    def exported() -> tuple[int, int, int] | None:
+        points = [p for p in otlp.latest("gen_ai.client.token.usage") if p.service == "nexus-provider"]
+        by_type = {"input": 0, "output": 0}
+        count = 0
+        for p in points:
+            by_type[p.attributes["gen_ai.token.type"]] += int(p.value)
+            count += p.count if p.attributes["gen_ai.token.type"] == "output" else 0
+        result = (by_type["input"], by_type["output"], count)
+        return result if result == (events_in, events_out, calls) else None
+
+    wait_until(exported, 20, 0.3, "exported token usage to equal the events' totals")
+    duration = otlp.latest("gen_ai.client.operation.duration")
+    assert sum(p.count for p in duration) == calls and all(p.unit == "s" for p in duration)
+    names = {p.metric for p in otlp.points}
+    assert {"nexus.llm.time_to_first_token", "nexus.llm.cost", "nexus.node.cpu.utilization",
+            "nexus.nodes", "nexus.nats.reconnects"} <= names
+    cpu = otlp.latest("nexus.node.cpu.utilization")
+    assert cpu and all(0 <= p.value <= 100 and "node" in p.attributes for p in cpu)

@@ -31,6 +31,7 @@ from shared.infra.process import die_with_parent
 from shared.messages import CompletionRequest, RuntimeInfo
 from shared.messaging import Bus
 from shared.streaming import ConsumerLost, Done, Failed, StreamSender, Usage
+from shared.tracing import tracer
 from services.node.agent import NodeAgent
 from services.provider.adapters import End, OpenAIAdapter, Text, ToolCalls, UpstreamError
 from services.provider.config import ModelPrice, ProviderConfig
@@ -166,6 +167,14 @@ class Relay:
             return Failed(error="RuntimeNotReady", detail=f"node {self.agent.node_id}: runtime not ready",
                           status=503)
         model = request.model if request.model in info.models else info.models[0]
+        with tracer("nexus.node").start_as_current_span(
+                f"relay {model}", attributes={"nexus.node.id": self.agent.node_id,
+                                              "gen_ai.request.model": model,
+                                              "nexus.call_id": request.call_id}):
+            return await self._relay(info, model, request, sender)
+
+    async def _relay(self, info: RuntimeInfo, model: str, request: CompletionRequest,
+                     sender: StreamSender) -> Done | Failed:
         started = time.monotonic()
         first: float | None = None
         sent = False

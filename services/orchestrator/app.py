@@ -23,6 +23,7 @@ from shared.messaging import MessagingError
 from shared.service import ServiceRuntime
 from shared.settings import Settings
 from shared.nodes import NodeView
+from shared.metrics import nats_reconnects, observe_gauges
 from shared.selection import NodeSelector
 from services.orchestrator.nodes import NodeService
 from services.orchestrator.nodes_api import NodesController
@@ -84,6 +85,39 @@ async def _sweep(budgets: BudgetManager, settings: Settings) -> None:
             log.exception("budget sweep failed")
 
 
+def _register_gauges(nodes: NodeService, runner: ProjectionRunner, runtime: ServiceRuntime) -> None:
+    """Observable gauges, read from memory at export time (no I/O)."""
+    import time as _time
+
+    def per_node(attr: str):
+        def read():
+            now = _time.monotonic()
+            for node in nodes.view.nodes.values():
+                value = getattr(node, attr)
+                if value is not None and node.fresh(now, nodes.offline_after_s):
+                    yield float(value), {"node": node.node_id}
+        return read
+
+    for name, attr, unit in (("nexus.node.cpu.utilization", "cpu_pct", "%"),
+                             ("nexus.node.memory.utilization", "memory_pct", "%"),
+                             ("nexus.node.gpu.utilization", "gpu_util_pct", "%"),
+                             ("nexus.node.gpu.memory.used", "gpu_memory_used_bytes", "By"),
+                             ("nexus.node.gpu.memory.total", "gpu_memory_total_bytes", "By"),
+                             ("nexus.node.active_requests", "active_requests", "{request}")):
+        observe_gauges(name, unit, f"per node: {attr}", per_node(attr))
+
+    def by_status():
+        counts: dict[str, int] = {}
+        for record in nodes.records.values():
+            counts[record.status] = counts.get(record.status, 0) + 1
+        return [(float(n), {"status": status}) for status, n in counts.items()]
+
+    observe_gauges("nexus.nodes", "{node}", "nodes by status", by_status)
+    observe_gauges("nexus.projection.lag", "s", "append-to-applied lag of the last event",
+                   lambda: [(lag, {"projection": name}) for name, lag in runner.lag_s.items()])
+    nats_reconnects(lambda: runtime.bus.reconnects if runtime.bus else 0)
+
+
 def create_app(settings: Settings) -> Litestar:
     runtime = ServiceRuntime("orchestrator", settings)
 
@@ -108,8 +142,9 @@ def create_app(settings: Settings) -> Litestar:
                                      app.state.budgets, app.state.policies,
                                      RateCounter(runtime.pool), selector,
                                      request_timeout_s=settings.request_timeout_s)
-        app.state.key_service = KeyService(runtime.store, settings.admin_key)
+        app.state.key_service = KeyService(runtime.store, settings.admin_key, runner)
         await app.state.nodes.start()
+        _register_gauges(app.state.nodes, runner, runtime)
         tasks = [asyncio.create_task(runner.run(), name="projections"),
                  asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper")]
         try:

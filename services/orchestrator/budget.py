@@ -42,6 +42,7 @@ from shared.eventstore import EventStore, WrongExpectedVersion
 log = logging.getLogger("nexus.orchestrator.budget")
 
 MAX_RETRIES = 200
+TENANT_LIMITS_TTL_S = 5.0
 
 
 async def _backoff(attempt: int) -> None:
@@ -71,6 +72,7 @@ class BudgetManager:
         self.ttl_s = reservation_ttl_s
         self._states: dict[str, BudgetState | None] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tenant_limits: dict[str, tuple[float, TenantBudgetSet | None]] = {}
 
     async def state(self, stream: str, *, to_position: int | None = None) -> BudgetState | None:
         """The budget's state: cached and caught up with the stream (or as of a position)."""
@@ -91,11 +93,18 @@ class BudgetManager:
         await self.store.append(tenant_stream(tenant), [TenantBudgetSet(
             tenant=tenant, limit_micro_usd=limit_micro_usd, limit_tokens=limit_tokens)],
             expected_version=None, metadata=metadata)
+        self._tenant_limits.pop(tenant, None)
 
     async def tenant_limits(self, tenant: str) -> TenantBudgetSet | None:
+        """The tenant's monthly limits; cached 5 s (a change applies from then on)."""
+        cached = self._tenant_limits.get(tenant)
+        if cached is not None and time.monotonic() - cached[0] < TENANT_LIMITS_TTL_S:
+            return cached[1]
         events = await self.store.read_stream(tenant_stream(tenant))
         last = [e.event for e in events if isinstance(e.event, TenantBudgetSet)]
-        return last[-1] if last else None
+        limits = last[-1] if last else None
+        self._tenant_limits[tenant] = (time.monotonic(), limits)
+        return limits
 
     async def charge_for(self, call_id: str, tenant: str, session_id: str,
                          now: float | None = None) -> Charge:

@@ -23,6 +23,7 @@ from shared.eventstore import EventStore
 from shared.messages import ChatMessage, CompletionRequest, ModelInfo, ModelsReply, ModelsRequest
 from shared.messaging import Bus, MessagingError
 from shared.policy import ChatRequestFacts, CompiledPolicy
+from shared.metrics import ControlMetrics
 from shared.selection import NoEligibleNode, NodeSelector
 from shared.streaming import Delta, Done, Failed, StreamReceiver
 from services.orchestrator.budget import BudgetDenied, BudgetManager, Charge
@@ -81,6 +82,7 @@ class ChatService:
                  budgets: BudgetManager, policies: PolicyService, rates: RateCounter,
                  selector: NodeSelector, *, request_timeout_s: float) -> None:
         self.selector = selector
+        self.metrics = ControlMetrics()
         self.store = store
         self.bus = bus
         self.sessions = sessions
@@ -168,6 +170,8 @@ class ChatService:
                             allowed=False, rule=f"rate.calls_per_minute.{scope}", scope=scope,
                             reason=f"{scope} rate limit reached: {limits.calls_per_minute} calls per minute")
                         break
+            self.metrics.policy.add(1, {"rule": decision.rule,
+                                        "allowed": str(decision.allowed).lower()})
             await self.store.append(llmcall_stream(call_id), [PolicyEvaluated(
                 session_id=session.session_id, call_id=call_id, action="chat",
                 allowed=decision.allowed, rule=decision.rule, reason=decision.reason,
@@ -189,6 +193,7 @@ class ChatService:
             try:
                 await self.budgets.reserve(charge, worst_cost, worst_tokens, metadata)
             except BudgetDenied as exc:
+                self.metrics.budget_denials.add(1, {"budget": exc.budget})
                 raise Problem(402, "budget-exceeded", exc.reason, budget=exc.budget) from None
         nodes = self.choose_nodes(info)
         request = CompletionRequest(
@@ -256,6 +261,7 @@ class ChatService:
                 if call.charge.streams:
                     await self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens,
                                               call.metadata)
+                    self.metrics.budget_committed.add(outcome.cost_micro_usd / 1e6)
                 await self.rates.add_tokens(call.rate_subjects, tokens)
                 await self.store.append(conversation_stream(call.session.session_id), [
                     MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),

@@ -60,8 +60,9 @@ class IssuedKey:
 
 
 class KeyService:
-    def __init__(self, store: EventStore, admin_key: str | None) -> None:
+    def __init__(self, store: EventStore, admin_key: str | None, runner=None) -> None:
         self.store = store
+        self.runner = runner  # a ProjectionRunner: answer after the key is usable
         self._admin_hash = hash_key(admin_key) if admin_key else None
         self._cache: dict[str, tuple[float, tuple[str, str, str, bool] | None]] = {}
 
@@ -69,11 +70,13 @@ class KeyService:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         key_id, key = new_key()
-        await self.store.append(
+        result = await self.store.append(
             apikey_stream(key_id),
             [ApiKeyCreated(key_id=key_id, tenant=tenant, name=name, role=role, key_hash=hash_key(key))],
             expected_version=0, metadata=Metadata(tenant=tenant, actor=actor),
         )
+        if self.runner is not None:
+            await self.runner.wait_for(result.last_position, names=("api_keys",))
         return IssuedKey(key_id, key, tenant, name, role)
 
     async def revoke(self, key_id: str, tenant: str | None, actor: str) -> bool:
@@ -105,7 +108,8 @@ class KeyService:
                 "SELECT tenant, role, key_hash, revoked_at IS NOT NULL AS revoked"
                 " FROM api_keys WHERE key_id = $1", key_id)
             cached = (now, (row["tenant"], row["role"], row["key_hash"], row["revoked"]) if row else None)
-            self._cache[key_id] = cached
+            if row is not None:  # misses are not cached: a key just issued elsewhere works at once
+                self._cache[key_id] = cached
         entry = cached[1]
         if entry is None or entry[3] or not hmac.compare_digest(hash_key(key), entry[2]):
             return None

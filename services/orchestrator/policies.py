@@ -34,7 +34,7 @@ class PolicyService:
         result = await self.store.append(
             stream, [PolicyDefined(tenant=who.tenant, name=name, rules=msgspec.to_builtins(rules))],
             expected_version=None, metadata=Metadata(tenant=who.tenant, actor=who.actor))
-        await self.runner.wait_for(result.last_position)
+        await self.runner.wait_for(result.last_position, names=("policies",))
         return result.next_expected_version
 
     async def current_version(self, tenant: str, name: str) -> int | None:
@@ -45,7 +45,13 @@ class PolicyService:
                        inline: dict | None) -> tuple[CompiledPolicy | None, str | None]:
         """The session's policy, compiled (cached by name@version), and its label."""
         if inline is not None:
-            return compile_policy(decode_rules(msgspec.json.encode(inline))), "inline"
+            raw = msgspec.json.encode(inline)
+            key = ("inline", raw.decode(), 0)
+            if key not in self._compiled:
+                if len(self._compiled) > 10_000:
+                    self._compiled.clear()
+                self._compiled[key] = compile_policy(decode_rules(raw))
+            return self._compiled[key], "inline"
         if name is None or version is None:
             return None, None
         key = (tenant, name, version)

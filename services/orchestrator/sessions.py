@@ -118,7 +118,7 @@ class SessionService:
         if result.duplicate and idempotency_key and request_hash:
             await idempotency.ensure_same_request(self.store, stream, request_hash, idempotency_key)
         # Read-your-writes: fold the new event into the read models before answering.
-        await self.runner.wait_for(result.last_position)
+        await self.runner.wait_for(result.last_position, names=("sessions",))
         view = await self.get(who, session_id)
         assert view is not None, "session missing from its projection after catch-up"
         return view
@@ -174,7 +174,7 @@ class SessionService:
                 continue
         else:
             raise Problem(409, "conflict", f"session {session_id!r} is changing too fast; retry")
-        await self.runner.wait_for(result.last_position)
+        await self.runner.wait_for(result.last_position, names=("sessions",))
         return await self.require(who, session_id)
 
     async def audit_log(self, who: Principal, session_id: str, *, after: int,

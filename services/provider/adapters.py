@@ -130,12 +130,16 @@ class OpenAIAdapter(Adapter):
             body["stop"] = list(request.stop)
         headers = {"Authorization": f"Bearer {key}"} if (key := self.config.api_key()) else {}
         finish, usage, seen_model = None, None, None
+        done = False
         async for line in self._lines("POST", "/chat/completions", body, headers):
-            if not line.startswith("data:"):
+            # read to the end even after [DONE]: a response read whole returns its
+            # connection to the pool (no new TCP/TLS handshake for the next call)
+            if done or not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
-                break
+                done = True
+                continue
             try:
                 chunk = json.loads(data)
             except ValueError:
@@ -197,7 +201,7 @@ class AnthropicAdapter(Adapter):
             elif event == "error":
                 raise UpstreamError("UpstreamError", f"{self.config.name}: {data.get('error')}"[:300])
             elif event == "message_stop":
-                break
+                continue  # read to the end: the connection goes back to the pool
         if stop is None:
             raise UpstreamError("StreamCut", f"{self.config.name}: stream ended without a stop")
         finish = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop",
@@ -217,6 +221,7 @@ class OllamaAdapter(Adapter):
             options["stop"] = list(request.stop)
         body = {"model": model, "stream": True, "options": options,
                 "messages": [{"role": m.role, "content": _text_of(m)} for m in messages]}
+        end: End | None = None
         async for line in self._lines("POST", "/api/chat", body, {}):
             if not line.strip():
                 continue
@@ -227,10 +232,11 @@ class OllamaAdapter(Adapter):
             if text:
                 yield Text(text)
             if data.get("done"):
-                yield End(data.get("done_reason") or "stop", data.get("prompt_eval_count"),
+                end = End(data.get("done_reason") or "stop", data.get("prompt_eval_count"),
                           data.get("eval_count"), data.get("model"))
-                return
-        raise UpstreamError("StreamCut", f"{self.config.name}: stream ended without done")
+        if end is None:
+            raise UpstreamError("StreamCut", f"{self.config.name}: stream ended without done")
+        yield end
 
 
 class NodeAdapter(Adapter):

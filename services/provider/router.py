@@ -24,13 +24,23 @@ from shared.events import (
     Metadata,
     llmcall_stream,
 )
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 from shared.eventstore import EventStore
+from shared.metrics import LLMMetrics
+from shared.tracing import tracer
 from shared.messages import ChatMessage, CompletionRequest, ModelInfo
 from shared.streaming import ConsumerLost, Done, Failed, StreamSender, Usage
 from services.provider.adapters import Adapter, End, Text, ToolCalls, UpstreamError, adapter_for
 from services.provider.config import ModelPrice, ProvidersConfig
 
 log = logging.getLogger("nexus.provider")
+
+
+def trace_use(span):
+    from opentelemetry import trace
+
+    return trace.use_span(span, end_on_exit=False)
 
 
 class Overloaded(UpstreamError):
@@ -119,6 +129,8 @@ class Router:
                 self.targets[name] = Target(name, p.name, m.name, m, adapter, limiter, p.hosted,
                                             p.kind == "node")
         self.routes = {r.model: r.targets for r in config.routes}
+        self.metrics = LLMMetrics()
+        self._tracer = tracer("nexus.provider")
 
     async def close(self) -> None:
         for adapter in {id(t.adapter): t.adapter for t in self.targets.values()}.values():
@@ -190,10 +202,20 @@ class Router:
             for attempt in range(1, retry.max_attempts + 1):
                 attempts += 1
                 result = AttemptResult()
+                span = self._tracer.start_span(
+                    f"chat {target.model}", kind=SpanKind.CLIENT, attributes={
+                        "gen_ai.operation.name": "chat", "gen_ai.provider.name": target.provider,
+                        "gen_ai.request.model": target.model,
+                        "gen_ai.request.max_tokens": request.max_tokens or 0,
+                        "nexus.call_id": request.call_id, "nexus.attempt": attempt})
                 try:
-                    async with target.limiter.slot():
-                        await self._attempt(target, request, sender, result)
+                    with trace_use(span):
+                        async with target.limiter.slot():
+                            await self._attempt(target, request, sender, result)
                 except ConsumerLost as exc:
+                    span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                    span.set_attribute("error.type", "Cancelled")
+                    span.end()
                     failed = Failed(error="Cancelled", detail=str(exc), status=499,
                                     after_first_token=result.sent_any)
                     await self._event(request, LLMCallFailed(
@@ -203,6 +225,11 @@ class Router:
                     return failed
                 except UpstreamError as exc:
                     exc.detail = self.scrub(exc.detail)
+                    span.set_status(Status(StatusCode.ERROR, exc.kind))
+                    span.set_attribute("error.type", exc.kind)
+                    span.end()
+                    self.metrics.failures.add(1, {"gen_ai.provider.name": target.provider,
+                                                  "error.type": exc.kind})
                     last = exc
                     more_here = exc.retryable and attempt < retry.max_attempts and not result.sent_any
                     next_target = chain[index + 1] if index + 1 < len(chain) else None
@@ -219,6 +246,8 @@ class Router:
                         await asyncio.sleep(self._backoff(attempt, exc.retry_after_s))
                         continue
                     fallbacks.append(f"{name}: {exc.kind}")
+                    if index + 1 < len(chain):
+                        self.metrics.fallbacks.add(1, {"gen_ai.provider.name": target.provider})
                     break
                 end = result.end
                 assert end is not None
@@ -241,6 +270,17 @@ class Router:
                             latency_ms=round(latency_ms, 3),
                             ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
                             cost_micro_usd=cost, attempts=attempts, fallbacks=tuple(fallbacks))
+                span.set_attributes({
+                    "gen_ai.response.model": done.model,
+                    "gen_ai.usage.input_tokens": input_tokens,
+                    "gen_ai.usage.output_tokens": output_tokens,
+                    "gen_ai.response.finish_reasons": (end.finish_reason,),
+                    **({"nexus.node.id": node} if node else {})})
+                span.end()
+                self.metrics.completed(
+                    model=target.model, provider=target.provider, input_tokens=input_tokens,
+                    output_tokens=output_tokens, seconds=latency_ms / 1000,
+                    ttft_s=ttft_ms / 1000 if ttft_ms is not None else None, cost_usd=cost / 1e6)
                 await self._event(request, LLMCallCompleted(
                     call_id=request.call_id, session_id=request.session_id, model=done.model,
                     provider=target.provider, target=name, node=node, latency_ms=done.latency_ms,

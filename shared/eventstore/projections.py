@@ -68,9 +68,24 @@ class ProjectionRunner:
         )
 
     async def step(self, projection: Projection) -> int:
-        """Apply one batch in one transaction; returns how many events were applied."""
+        """Apply one batch in one transaction; returns how many events were applied.
+
+        A projection with nothing to do (no handled event after its checkpoint) costs one
+        indexed read and no transaction: its checkpoint only moves when it applies
+        something, and the next look starts from there using the type index.
+        """
+        if not await self._has_work(projection):
+            return 0
         async with self.pool.acquire() as conn, conn.transaction():
             return await self._step(conn, projection)
+
+    async def _has_work(self, projection: Projection) -> bool:
+        if projection.handles is None:
+            return await self.store.head() > await self.checkpoint(projection.name)
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE type = ANY($2::text[]) AND position >"
+            " coalesce((SELECT position FROM projection_checkpoints WHERE name = $1), 0))",
+            projection.name, sorted(projection.handles)))
 
     async def _step(self, conn: asyncpg.Connection, projection: Projection) -> int:
         await conn.execute(
@@ -89,6 +104,8 @@ class ProjectionRunner:
         events = [e for e in events if e.position <= head]
         for event in events:
             await projection.apply(conn, event)
+        if not events:
+            return 0  # nothing handled: leave the checkpoint (and its row) alone
         full = len(events) == self.batch_size
         new_position = events[-1].position if full else head
         await conn.execute(
@@ -103,18 +120,27 @@ class ProjectionRunner:
         """Apply everything committed so far (to one projection, or all)."""
         targets = [self.projections[name]] if name else list(self.projections.values())
         for projection in targets:
-            head = await self.store.head()
-            while await self.checkpoint(projection.name) < head:
-                await self.step(projection)
+            while await self.step(projection) >= self.batch_size:
+                pass
 
-    async def wait_for(self, position: int, timeout: float = 5.0) -> None:
-        """Return once every projection has applied `position` (read-your-writes)."""
+    async def wait_for(self, position: int, timeout: float = 5.0,
+                       names: tuple[str, ...] | None = None) -> None:
+        """Return once the projections (all, or `names`) have applied everything up to
+        `position` that concerns them (read-your-writes)."""
         deadline = time.monotonic() + timeout
-        for projection in self.projections.values():
-            while await self.checkpoint(projection.name) < position:
+        for projection in [self.projections[n] for n in names] if names else self.projections.values():
+            while await self._pending_until(projection, position):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"projection {projection.name!r} did not reach {position}")
                 await self.step(projection)
+
+    async def _pending_until(self, projection: Projection, position: int) -> bool:
+        types = sorted(projection.handles) if projection.handles is not None else None
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $2 AND ($3::text[] IS NULL"
+            " OR type = ANY($3::text[])) AND position >"
+            " coalesce((SELECT position FROM projection_checkpoints WHERE name = $1), 0))",
+            projection.name, position, types))
 
     async def rebuild(self, name: str) -> int:
         """Empty the read model and fold every event again, in one transaction.

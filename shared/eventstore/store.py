@@ -341,6 +341,17 @@ class Notifier:
         await self._release()
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (RESET ALL, UNLISTEN *, ...).
+
+    asyncpg still rolls back a transaction left open and drops local listeners; Nexus
+    keeps no other session state (no SET, no session advisory locks, and the Notifier
+    unlistens before it returns its connection), so the extra round trip per release
+    buys nothing.
+    """
+
+
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """An asyncpg pool for Nexus (statement cache on; jsonb passed as text)."""
-    return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size)
+    return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size,
+                                     reset=_keep_session)

@@ -51,7 +51,9 @@ class RuntimeBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("NEXUS_CACHE_DIR") or Path.home() / ".cache" / "nexus")
+    from shared.settings import Settings
+
+    return Settings.from_env().cache_dir
 
 
 def server_path() -> Path:

@@ -1,0 +1,125 @@
+"""Metrics: OpenTelemetry instruments, declared once, exported over OTLP.
+
+Names follow the OpenTelemetry GenAI conventions for LLM calls
+(`gen_ai.client.token.usage`, `gen_ai.client.operation.duration`) and a `nexus.`
+prefix for the rest. In Prometheus (through the collector or grafana/otel-lgtm) they
+read as `gen_ai_client_token_usage_*`, `nexus_llm_cost_usd_total`, ... (dots to
+underscores, unit suffixes, `_total` on counters); the dashboards in `observability/`
+use those names. Labels are bounded: model, provider, error type, rule, status,
+projection, node id (acceptable up to thousands); never a session, call or request id.
+
+With `OTEL_EXPORTER_OTLP_ENDPOINT` set, every service pushes its metrics every
+`OTEL_METRIC_EXPORT_INTERVAL` ms (default 60000); without it they are kept in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+
+_provider: MeterProvider | None = None
+
+# GenAI semantic-convention buckets (seconds and tokens).
+_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                     40.96, 81.92)
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+def setup_metrics(resource: Resource) -> MeterProvider:
+    global _provider
+    if _provider is not None:
+        return _provider
+    readers = []
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    views = [
+        View(instrument_name="gen_ai.client.operation.duration",
+             aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
+        View(instrument_name="nexus.llm.time_to_first_token",
+             aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
+        View(instrument_name="gen_ai.client.token.usage",
+             aggregation=ExplicitBucketHistogramAggregation(_TOKEN_BUCKETS)),
+    ]
+    _provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
+    metrics.set_meter_provider(_provider)
+    return _provider
+
+
+def shutdown_metrics() -> None:
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def _meter() -> metrics.Meter:
+    return metrics.get_meter("nexus")
+
+
+class LLMMetrics:
+    """Provider side: what every LLM call cost and how it went."""
+
+    def __init__(self) -> None:
+        m = _meter()
+        self.tokens = m.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}",
+            description="Tokens used per LLM call, by gen_ai.token.type (input/output)")
+        self.duration = m.create_histogram(
+            "gen_ai.client.operation.duration", unit="s", description="Duration of LLM calls")
+        self.ttft = m.create_histogram(
+            "nexus.llm.time_to_first_token", unit="s", description="Time to the first token")
+        self.cost = m.create_counter("nexus.llm.cost", unit="USD", description="Cost of LLM calls")
+        self.failures = m.create_counter(
+            "nexus.llm.failures", unit="{attempt}", description="Failed LLM attempts by error type")
+        self.fallbacks = m.create_counter(
+            "nexus.llm.fallbacks", unit="{fallback}", description="Fallbacks to the next target")
+
+    def completed(self, *, model: str, provider: str, input_tokens: int, output_tokens: int,
+                  seconds: float, ttft_s: float | None, cost_usd: float) -> None:
+        base = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": provider,
+                "gen_ai.request.model": model}
+        self.tokens.record(input_tokens, {**base, "gen_ai.token.type": "input"})
+        self.tokens.record(output_tokens, {**base, "gen_ai.token.type": "output"})
+        self.duration.record(seconds, base)
+        if ttft_s is not None:
+            self.ttft.record(ttft_s, base)
+        self.cost.add(cost_usd, {"gen_ai.provider.name": provider, "gen_ai.request.model": model})
+
+
+class ControlMetrics:
+    """Orchestrator side: policy and budget decisions, requests of the platform."""
+
+    def __init__(self) -> None:
+        m = _meter()
+        self.policy = m.create_counter(
+            "nexus.policy.decisions", unit="{decision}", description="Policy evaluations by rule")
+        self.budget_denials = m.create_counter(
+            "nexus.budget.denials", unit="{call}", description="Calls denied by a budget")
+        self.budget_committed = m.create_counter(
+            "nexus.budget.committed", unit="USD", description="Spend committed to budgets")
+
+
+def observe_gauges(name: str, unit: str, description: str,
+                   read: Callable[[], Iterable[tuple[float, dict[str, str]]]]) -> None:
+    """An observable gauge read at export time from in-memory state (no I/O)."""
+
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(value, attrs) for value, attrs in read()]
+
+    _meter().create_observable_gauge(name, callbacks=[callback], unit=unit, description=description)
+
+
+def nats_reconnects(read: Callable[[], int]) -> None:
+    def callback(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(read())]
+
+    _meter().create_observable_counter("nexus.nats.reconnects", callbacks=[callback],
+                                       unit="{reconnect}", description="NATS reconnections")
