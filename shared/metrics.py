@@ -4,8 +4,9 @@ Names follow the OpenTelemetry GenAI conventions for LLM calls
 (`gen_ai.client.token.usage`, `gen_ai.client.operation.duration`) and a `nexus.`
 prefix for the rest. In Prometheus (through the collector or grafana/otel-lgtm) they
 read as `gen_ai_client_token_usage_*`, `nexus_llm_cost_usd_total`, ... (dots to
-underscores, unit suffixes, `_total` on counters); the dashboards in `observability/`
-use those names. Labels are bounded: model, provider, error type, rule, status,
+underscores, unit suffixes such as `_seconds`/`_bytes`/`_percent`, `_total` on
+counters, `{...}` units dropped); the dashboards in `observability/` use those names
+and `tests/test_dashboards.py` checks them against a live run. Labels are bounded: model, provider, error type, rule, status,
 projection, node id (acceptable up to thousands); never a session, call or request id.
 
 With `OTEL_EXPORTER_OTLP_ENDPOINT` set, every service pushes its metrics every
@@ -76,7 +77,8 @@ class LLMMetrics:
             "gen_ai.client.operation.duration", unit="s", description="Duration of LLM calls")
         self.ttft = m.create_histogram(
             "nexus.llm.time_to_first_token", unit="s", description="Time to the first token")
-        self.cost = m.create_counter("nexus.llm.cost", unit="USD", description="Cost of LLM calls")
+        self.cost = m.create_counter("nexus.llm.cost.usd", unit="{USD}",
+                                     description="Cost of LLM calls in USD")
         self.failures = m.create_counter(
             "nexus.llm.failures", unit="{attempt}", description="Failed LLM attempts by error type")
         self.fallbacks = m.create_counter(
@@ -104,7 +106,7 @@ class ControlMetrics:
         self.budget_denials = m.create_counter(
             "nexus.budget.denials", unit="{call}", description="Calls denied by a budget")
         self.budget_committed = m.create_counter(
-            "nexus.budget.committed", unit="USD", description="Spend committed to budgets")
+            "nexus.budget.committed.usd", unit="{USD}", description="Spend committed to budgets, USD")
 
 
 def observe_gauges(name: str, unit: str, description: str,

@@ -59,9 +59,17 @@ class ServiceRuntime:
         nats_url = self.settings.nats_url
         if not nats_url:
             raise RuntimeError("NATS_URL is not set: start services with `nexus up`")
-        self.bus = await Bus.connect(nats_url, f"nexus-{self.service}",
-                                     user=self.settings.nats_user,
-                                     password=self.settings.nats_password)
+        # NATS may not be up yet (the connection retries); a stop signal meanwhile wins.
+        connecting = asyncio.create_task(Bus.connect(nats_url, f"nexus-{self.service}",
+                                                     user=self.settings.nats_user,
+                                                     password=self.settings.nats_password))
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            raise SystemExit(0)
+        self.bus = connecting.result()
         if manage_streams:
             await self.bus.ensure_streams()
         if database:

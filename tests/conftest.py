@@ -119,6 +119,7 @@ def platform(infra: Infra, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPath
         NEXUS_ADMIN_KEY=admin_key,
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="100",
+        OTEL_METRIC_EXPORT_INTERVAL="500",
         NEXUS_LOG_LEVEL="INFO",
     )
     procs = {

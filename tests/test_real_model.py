@@ -201,7 +201,75 @@ def test_metrics_match_the_events(real, otlp) -> None:
     duration = otlp.latest("gen_ai.client.operation.duration")
     assert sum(p.count for p in duration) == calls and all(p.unit == "s" for p in duration)
     names = {p.metric for p in otlp.points}
-    assert {"nexus.llm.time_to_first_token", "nexus.llm.cost", "nexus.node.cpu.utilization",
+    assert {"nexus.llm.time_to_first_token", "nexus.llm.cost.usd", "nexus.node.cpu.utilization",
             "nexus.nodes", "nexus.nats.reconnects"} <= names
     cpu = otlp.latest("nexus.node.cpu.utilization")
     assert cpu and all(0 <= p.value <= 100 and "node" in p.attributes for p in cpu)
+
+
+def prometheus_names(point) -> set[str]:
+    """The names an exported OTLP metric has in Prometheus (OTel's compatibility rules:
+    dots to underscores, unit suffix, `{...}` units dropped, `_total` on monotonic sums,
+    `_bucket`/`_sum`/`_count` for histograms)."""
+    import re
+
+    base = re.sub(r"[^a-zA-Z0-9_:]", "_", point.metric)
+    unit = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "%": "percent",
+            "1": "ratio"}.get(point.unit, "" if point.unit.startswith("{") else point.unit)
+    if unit and not base.endswith(unit):
+        base = f"{base}_{unit}"
+    if point.kind == "histogram":
+        return {f"{base}_bucket", f"{base}_sum", f"{base}_count"}
+    if point.kind == "sum" and point.monotonic:
+        return {f"{base}_total"}
+    return {base}
+
+
+def test_dashboards_only_query_metrics_the_services_export(real, otlp) -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    api, headers, _, _ = real
+    # exercise what the budget and policy panels show: a commit, a denial, a policy verdict
+    sid = httpx.post(f"{api}/v1/sessions", headers=headers, json={
+        "budget": {"limit_tokens": 60}, "policy_rules": {"max_tokens_per_call": 16}}).json()["session_id"]
+    ask = {"model": "default", "messages": [{"role": "user", "content": "Hi"}]}
+    assert httpx.post(f"{api}/v1/chat/completions", headers={**headers, "X-Nexus-Session": sid},
+                      json={**ask, "max_tokens": 8}, timeout=120).status_code == 200
+    assert httpx.post(f"{api}/v1/chat/completions", headers={**headers, "X-Nexus-Session": sid},
+                      json={**ask, "max_tokens": 32}, timeout=120).status_code == 403
+    assert httpx.post(f"{api}/v1/chat/completions", headers={**headers, "X-Nexus-Session": sid},
+                      json={**ask, "max_tokens": 16}, timeout=120).status_code in (200, 402)
+    for _ in range(3):
+        httpx.post(f"{api}/v1/chat/completions", headers={**headers, "X-Nexus-Session": sid},
+                   json={**ask, "max_tokens": 16}, timeout=120)
+
+    dashboards = sorted((Path(__file__).parents[1] / "observability/grafana/dashboards").glob("*.json"))
+    assert len(dashboards) == 4
+    wanted: set[str] = set()
+    for path in dashboards:
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                expr = re.sub(r"\{[^}]*\}", "", target["expr"])  # label matchers
+                expr = re.sub(r"\b(?:by|without)\s*\([^)]*\)", "", expr)  # grouping labels
+                names = set(re.findall(r"\b((?:nexus|gen_ai|http)_[a-z0-9_]+)\b", expr))
+                assert names, f"{path.name}: panel {panel['title']!r} queries no metric"
+                wanted |= names
+
+    # Only observable with a GPU, and this machine has none (NVML finds no device, so the
+    # node reports no utilisation rather than a made-up 0).
+    needs_gpu = {"nexus_node_gpu_utilization_percent"}
+
+    def missing() -> set[str]:
+        exported: set[str] = set()
+        for point in list(otlp.points):
+            exported |= prometheus_names(point)
+        return wanted - exported - needs_gpu
+
+    try:
+        wait_until(lambda: not missing(), 20, 0.5, "every dashboard metric to be exported")
+    except AssertionError:
+        exported = sorted({n for p in otlp.points for n in prometheus_names(p)})
+        raise AssertionError(f"dashboards query {sorted(missing())}, not exported; "
+                             f"exported: {exported}") from None

@@ -130,6 +130,9 @@ class Router:
                                             p.kind == "node")
         self.routes = {r.model: r.targets for r in config.routes}
         self.metrics = LLMMetrics()
+        for provider in {t.provider for t in self.targets.values()}:  # series exist from the start
+            self.metrics.failures.add(0, {"gen_ai.provider.name": provider})
+            self.metrics.fallbacks.add(0, {"gen_ai.provider.name": provider})
         self._tracer = tracer("nexus.provider")
 
     async def close(self) -> None:
