@@ -115,7 +115,7 @@ async def login() -> AsyncIterator[Connect]:
         await conn.nc.close()
 
 
-async def eventually(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+async def eventually(predicate: Callable[[], object], what: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

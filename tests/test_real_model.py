@@ -97,8 +97,12 @@ def test_streamed_chat_through_all_services_and_the_real_model(real) -> None:
 
 def test_node_counts_its_requests_in_heartbeats(real) -> None:
     api, headers, node, _ = real
-    detail = httpx.get(f"{api}/v1/nodes/{node['node_id']}", headers=headers).json()
-    assert detail["load"]["avg_response_ms"] is not None  # latency EWMA from the relayed calls
+
+    def latency() -> float | None:  # arrives with the node's next heartbeat
+        detail = httpx.get(f"{api}/v1/nodes/{node['node_id']}", headers=headers).json()
+        return detail["load"]["avg_response_ms"]
+
+    assert wait_until(latency, 10, 0.2, "the latency EWMA of the relayed calls") > 0
 
 
 def test_one_trace_from_the_http_call_to_the_runtime(real, otlp) -> None:
