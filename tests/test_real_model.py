@@ -165,6 +165,13 @@ def test_one_trace_from_the_http_call_to_the_runtime(real, otlp) -> None:
     mine = [e for e in log if e["data"].get("call_id") == call_id]
     assert {e["type"] for e in mine} >= {"LLMCallStarted", "LLMCallCompleted"}
     assert {e["trace_id"] for e in mine} == {genai.trace_id}
+    # and from the trace to its events
+    by_trace = httpx.get(f"{api}/v1/events", headers=headers,
+                         params={"trace_id": genai.trace_id}).json()["events"]
+    assert {e["type"] for e in by_trace} >= {"LLMCallStarted", "LLMCallCompleted", "MessageAppended"}
+    assert {e["trace_id"] for e in by_trace} == {genai.trace_id}
+    assert httpx.get(f"{api}/v1/events", headers=headers,
+                     params={"trace_id": "not-a-trace"}).status_code == 400
 
 
 def test_metrics_match_the_events(real, otlp) -> None:

@@ -121,6 +121,12 @@ def test_tenants_never_see_each_other(platform, two_tenants) -> None:
     assert all(k["tenant"] == b for k in keys_b)
     a_key_ids = [k["key_id"] for k in httpx.get(f"{platform.api}/v1/keys", headers=admin_a).json()["keys"]]
     assert httpx.delete(f"{platform.api}/v1/keys/{a_key_ids[0]}", headers=admin_b).status_code == 404
+    # nor find another tenant's events by trace id
+    trace = httpx.get(f"{platform.api}/v1/sessions/{sid}", headers=key_a).json()["trace_id"]
+    assert httpx.get(f"{platform.api}/v1/events", headers=key_a,
+                     params={"trace_id": trace}).json()["events"]
+    assert httpx.get(f"{platform.api}/v1/events", headers=key_b,
+                     params={"trace_id": trace}).json()["events"] == []
     # a tenant's key cannot administer nodes
     assert httpx.delete(f"{platform.api}/v1/nodes/whatever", headers=admin_a).status_code == 403
 

@@ -39,7 +39,7 @@ from services.orchestrator.policies import PolicyService
 from services.orchestrator.ratelimits import RateCounter
 from services.orchestrator.schemas import Health, ServicePing, SystemPing
 from services.orchestrator.sessions import SessionService
-from services.orchestrator.sessions_api import SessionsController
+from services.orchestrator.sessions_api import EventsController, SessionsController
 
 log = logging.getLogger("nexus.orchestrator")
 
@@ -178,7 +178,7 @@ def create_app(settings: Settings) -> Litestar:
 
     return Litestar(
         route_handlers=[health, system_ping, SessionsController, KeysController, NodesController,
-                        ChatController],
+                        ChatController, EventsController],
         lifespan=[lifespan],
         dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False),
                       "nodes": Provide(provide_nodes, sync_to_thread=False),

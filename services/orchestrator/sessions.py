@@ -177,6 +177,18 @@ class SessionService:
         await self.runner.wait_for(result.last_position, names=("sessions",))
         return await self.require(who, session_id)
 
+    async def events_by_trace(self, who: Principal, trace_id: str, *, limit: int) -> AuditLog:
+        tenant = None if who.role == "platform" else who.tenant
+        rows = await self.store.pool.fetch(
+            "SELECT position, type, stream_id, data::text AS data, metadata ->> 'trace_id' AS trace_id,"
+            " recorded_at FROM events WHERE metadata ->> 'trace_id' = $1"
+            " AND ($2::text IS NULL OR metadata ->> 'tenant' = $2) ORDER BY position LIMIT $3",
+            trace_id, tenant, limit)
+        return AuditLog(events=tuple(
+            AuditEvent(position=r["position"], type=r["type"], stream_id=r["stream_id"],
+                       recorded_at=r["recorded_at"], trace_id=r["trace_id"],
+                       data=msgspec.json.decode(r["data"])) for r in rows), next_after=None)
+
     async def audit_log(self, who: Principal, session_id: str, *, after: int,
                         limit: int) -> AuditLog:
         await self.require(who, session_id)

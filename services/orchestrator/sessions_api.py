@@ -52,3 +52,14 @@ class SessionsController(Controller):
                              after: Annotated[int, Parameter(ge=0)] = 0,
                              limit: Limit = 100) -> AuditLog:
         return await sessions.audit_log(principal, session_id, after=after, limit=limit)
+
+
+class EventsController(Controller):
+    path = "/v1/events"
+
+    @get("/")
+    async def events_by_trace(self, principal: Principal, sessions: SessionService,
+                              trace_id: Annotated[str, Parameter(pattern=r"^[0-9a-f]{32}$")],
+                              limit: Limit = 500) -> AuditLog:
+        """Every event a trace produced (of the caller's tenant): from a trace to its facts."""
+        return await sessions.events_by_trace(principal, trace_id, limit=limit)
