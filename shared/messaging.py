@@ -109,7 +109,8 @@ class Bus:
 
     @classmethod
     async def connect(cls, url: str, service: str, *, user: str | None = None,
-                      password: str | None = None, connect_timeout: float = 5.0) -> Bus:
+                      password: str | None = None, connect_timeout: float = 5.0,
+                      inbox_prefix: str | None = None) -> Bus:
         holder: dict[str, Bus] = {}
 
         async def on_disconnect() -> None:
@@ -123,9 +124,11 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             log.warning("nats error: %s", exc, extra={"nats_url": url})
 
+        extra = {"inbox_prefix": inbox_prefix} if inbox_prefix else {}
         nc = await nats.connect(
             servers=[url],
             name=service,
+            **extra,
             user=user,
             password=password,
             connect_timeout=connect_timeout,

@@ -53,7 +53,8 @@ class ServiceRuntime:
     def setup_process(self) -> None:
         setup_process(self.service, self.settings)
 
-    async def start(self, *, database: bool = False, manage_streams: bool = True) -> None:
+    async def start(self, *, database: bool = False, manage_streams: bool = True,
+                    inbox_prefix: str | None = None) -> None:
         """Connect (and with `manage_streams`, create/update the JetStream streams;
         nodes leave that to the services, their credentials allow no JetStream API)."""
         nats_url = self.settings.nats_url
@@ -62,7 +63,8 @@ class ServiceRuntime:
         # NATS may not be up yet (the connection retries); a stop signal meanwhile wins.
         connecting = asyncio.create_task(Bus.connect(nats_url, f"nexus-{self.service}",
                                                      user=self.settings.nats_user,
-                                                     password=self.settings.nats_password))
+                                                     password=self.settings.nats_password,
+                                                     inbox_prefix=inbox_prefix))
         stopping = asyncio.create_task(self._stop.wait())
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()

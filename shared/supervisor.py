@@ -125,8 +125,9 @@ class Supervisor:
             credentials = self.nats_credentials()
             nats = EmbeddedNats(s.data_dir / "nats", port=s.nats_port,
                                 monitor_port=s.nats_monitor_port,
-                                extra_config=authorization_config(credentials, max_responses=-1,
-                                                                  response_ttl_s=3600))
+                                extra_config=authorization_config(
+                                    credentials, private_inboxes=True, max_responses=-1,
+                                    response_ttl_s=3600))
             self._say(f"starting embedded NATS (JetStream) on {nats.url} ...")
             nats.start()
             self.servers.append(nats)

@@ -8,6 +8,7 @@ import logging
 
 from shared import subjects
 from shared.messages import CompletionRequest, RuntimeInfo
+from shared.infra.nats_auth import node_inbox_prefix
 from shared.nodes import load_or_create_node_id
 from shared.service import ServiceRuntime
 from shared.settings import Settings, get_settings
@@ -19,10 +20,12 @@ log = logging.getLogger("nexus.node")
 
 async def run(runtime: ServiceRuntime, settings: Settings) -> None:
     runtime.install_signal_handlers()
-    await runtime.start(manage_streams=False)
+    node_id = load_or_create_node_id(settings.node_dir)
+    # Replies to this node come to inboxes only it may read (nats_auth private inboxes).
+    await runtime.start(manage_streams=False, inbox_prefix=node_inbox_prefix(node_id))
     bus = runtime.bus
     assert bus is not None
-    agent = NodeAgent(load_or_create_node_id(settings.node_dir), labels=settings.node_labels,
+    agent = NodeAgent(node_id, labels=settings.node_labels,
                       heartbeat_interval_s=settings.heartbeat_interval_s)
     tasks: list[asyncio.Task[None]] = []
     managed: ManagedLlama | None = None
