@@ -130,19 +130,25 @@ class BudgetManager:
         return Charge(call_id, tuple(streams), tenant, session_id)
 
     async def reserve(self, charge: Charge, micro_usd: int, tokens: int,
-                      metadata: Metadata) -> None:
-        """Reserve on every budget of the charge atomically, or raise `BudgetDenied`."""
+                      metadata: Metadata,
+                      with_events: tuple[tuple[str, list[Event]], ...] = ()) -> None:
+        """Reserve on every budget of the charge atomically, or raise `BudgetDenied`.
+
+        `with_events` (stream, events) are appended in the same transaction, whatever the
+        verdict (e.g. the call's `PolicyEvaluated`): one commit instead of two.
+        """
         locks = [self._locks[s] for s in sorted(charge.streams)]
         for lock in locks:
             await lock.acquire()
         try:
-            await self._reserve(charge, micro_usd, tokens, metadata)
+            await self._reserve(charge, micro_usd, tokens, metadata, with_events)
         finally:
             for lock in reversed(locks):
                 lock.release()
 
-    async def _reserve(self, charge: Charge, micro_usd: int, tokens: int,
-                       metadata: Metadata) -> None:
+    async def _reserve(self, charge: Charge, micro_usd: int, tokens: int, metadata: Metadata,
+                       with_events: tuple[tuple[str, list[Event]], ...]) -> None:
+        extra = [(stream, events, None) for stream, events in with_events]
         for attempt in range(MAX_RETRIES):
             now = time.time()
             appends: list[tuple[str, list[Event], int | None]] = []
@@ -160,14 +166,13 @@ class BudgetManager:
                     break
             try:
                 if denial is not None:
-                    if appends:
-                        await self.store.append_atomic(appends, metadata)
-                    await self.store.append(llmcall_stream(charge.call_id), [denial],
-                                            expected_version=None, metadata=metadata)
+                    await self.store.append_atomic(
+                        [*appends, *extra, (llmcall_stream(charge.call_id), [denial], None)],
+                        metadata)
                     scope = "session" if denial.budget_id.startswith("budget-session-") else "tenant"
                     raise BudgetDenied(scope, denial.reason)
-                if appends:
-                    await self.store.append_atomic(appends, metadata)
+                if appends or extra:
+                    await self.store.append_atomic([*appends, *extra], metadata)
                 return
             except WrongExpectedVersion:
                 await _backoff(attempt)  # another process moved a budget: catch up, decide again

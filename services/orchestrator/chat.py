@@ -172,11 +172,13 @@ class ChatService:
                         break
             self.metrics.policy.add(1, {"rule": decision.rule,
                                         "allowed": str(decision.allowed).lower()})
-            await self.store.append(llmcall_stream(call_id), [PolicyEvaluated(
+            evaluated = PolicyEvaluated(
                 session_id=session.session_id, call_id=call_id, action="chat",
                 allowed=decision.allowed, rule=decision.rule, reason=decision.reason,
-                policy=label, scope=decision.scope)], expected_version=None, metadata=metadata)
+                policy=label, scope=decision.scope)
             if not decision.allowed:
+                await self.store.append(llmcall_stream(call_id), [evaluated],
+                                        expected_version=None, metadata=metadata)
                 status = 429 if decision.rule.startswith("rate.") else 403
                 raise Problem(status, "policy-denied", decision.reason, rule=decision.rule,
                               policy=label)
@@ -189,9 +191,14 @@ class ChatService:
         worst_cost = math.ceil(prompt_tokens * info.input_usd_per_mtok
                                + max_tokens * info.output_usd_per_mtok)
         charge = await self.budgets.charge_for(call_id, who.tenant, session.session_id)
+        policy_events = ((llmcall_stream(call_id), [evaluated]),) if policy is not None else ()
+        if not charge.streams and policy_events:
+            await self.store.append(llmcall_stream(call_id), [evaluated], expected_version=None,
+                                    metadata=metadata)
         if charge.streams:
-            try:
-                await self.budgets.reserve(charge, worst_cost, worst_tokens, metadata)
+            try:  # the policy verdict commits with the reservation (one transaction)
+                await self.budgets.reserve(charge, worst_cost, worst_tokens, metadata,
+                                           with_events=policy_events)
             except BudgetDenied as exc:
                 self.metrics.budget_denials.add(1, {"budget": exc.budget})
                 raise Problem(402, "budget-exceeded", exc.reason, budget=exc.budget) from None
@@ -259,25 +266,30 @@ class ChatService:
             if isinstance(outcome, Done):
                 tokens = outcome.usage.input_tokens + outcome.usage.output_tokens
                 if call.charge.streams:
-                    await self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens,
-                                              call.metadata)
                     self.metrics.budget_committed.add(outcome.cost_micro_usd / 1e6)
-                await self.rates.add_tokens(call.rate_subjects, tokens)
-                await self.store.append(conversation_stream(call.session.session_id), [
-                    MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
-                                    role="user", content=call.new_user_text, call_id=call.call_id),
-                    MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
-                                    role="assistant", content="".join(call.output),
-                                    call_id=call.call_id, model=outcome.model,
-                                    provider=outcome.provider, node=outcome.node,
-                                    input_tokens=outcome.usage.input_tokens,
-                                    output_tokens=outcome.usage.output_tokens,
-                                    cost_micro_usd=outcome.cost_micro_usd,
-                                    finish_reason=outcome.finish_reason),
-                ], expected_version=None, metadata=call.metadata)
+                # independent writes: commit, token counters and the conversation together
+                await asyncio.gather(
+                    self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata)
+                    if call.charge.streams else asyncio.sleep(0),
+                    self.rates.add_tokens(call.rate_subjects, tokens),
+                    self._record_conversation(call, outcome))
             elif call.charge.streams:
                 reason = FAILED if isinstance(outcome, Failed) and outcome.error != "Cancelled" else CANCELLED
                 await self.budgets.release(call.charge, reason, call.metadata)
         except Exception:
             log.exception("settling a call failed; the sweeper releases its reservation",
                           extra={"call_id": call.call_id})
+
+    async def _record_conversation(self, call: PreparedCall, outcome: Done) -> None:
+        await self.store.append(conversation_stream(call.session.session_id), [
+            MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
+                            role="user", content=call.new_user_text, call_id=call.call_id),
+            MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
+                            role="assistant", content="".join(call.output),
+                            call_id=call.call_id, model=outcome.model,
+                            provider=outcome.provider, node=outcome.node,
+                            input_tokens=outcome.usage.input_tokens,
+                            output_tokens=outcome.usage.output_tokens,
+                            cost_micro_usd=outcome.cost_micro_usd,
+                            finish_reason=outcome.finish_reason),
+        ], expected_version=None, metadata=call.metadata)

@@ -129,6 +129,7 @@ class Router:
                 self.targets[name] = Target(name, p.name, m.name, m, adapter, limiter, p.hosted,
                                             p.kind == "node")
         self.routes = {r.model: r.targets for r in config.routes}
+        self._starting: dict[str, asyncio.Future] = {}
         self.metrics = LLMMetrics()
         for provider in {t.provider for t in self.targets.values()}:  # series exist from the start
             self.metrics.failures.add(0, {"gen_ai.provider.name": provider})
@@ -158,6 +159,12 @@ class Router:
                 node_models=tuple(self.targets[t].model for t in chain if self.targets[t].on_node)))
         return tuple(out)
 
+    async def _started_first(self, request: CompletionRequest) -> None:
+        """Events of a call after its LLMCallStarted: wait for that one to be written."""
+        task = self._starting.get(request.call_id)
+        if task is not None:
+            await task
+
     def scrub(self, text: str) -> str:
         """Error text from upstreams may echo credentials: never let them travel on."""
         for provider in self.config.providers:
@@ -171,6 +178,8 @@ class Router:
     async def _event(self, request: CompletionRequest, event) -> None:
         if self.store is None:
             return
+        if not isinstance(event, LLMCallStarted):
+            await self._started_first(request)
         await self.store.append(
             llmcall_stream(request.call_id), [event], expected_version=None,
             metadata=Metadata(tenant=request.tenant, correlation_id=request.session_id,
@@ -193,9 +202,21 @@ class Router:
             return Failed(error="UnknownModel", detail=f"no model or route named {request.model!r}",
                           status=404)
         started = time.monotonic()
-        await self._event(request, LLMCallStarted(call_id=request.call_id,
-                                                  session_id=request.session_id,
-                                                  model=request.model, targets=chain))
+        # Recorded while the upstream call starts, not before it: the completion (or
+        # failure) event waits for it, so the stream's order is kept.
+        started_event = asyncio.ensure_future(self._event(request, LLMCallStarted(
+            call_id=request.call_id, session_id=request.session_id, model=request.model,
+            targets=chain)))
+        self._starting[request.call_id] = started_event
+        try:
+            return await self._run(request, sender, chain, started)
+        finally:
+            self._starting.pop(request.call_id, None)
+            if not started_event.done():
+                await started_event
+
+    async def _run(self, request: CompletionRequest, sender: StreamSender, chain: tuple[str, ...],
+                   started: float) -> Done | Failed:
         retry = self.config.retry
         attempts = 0
         fallbacks: list[str] = []
