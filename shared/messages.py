@@ -110,6 +110,20 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
+    @property
+    def text(self) -> str:
+        """The message's text (the text parts of multi-part content, joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if isinstance(p, dict))
+        return ""
+
+
+def messages_text(messages: tuple[ChatMessage, ...]) -> str:
+    """All text of a conversation, one message per line."""
+    return "\n".join(m.text for m in messages)
+
 
 class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`nexus.provider.complete`: one LLM call; the reply is a frame stream."""

@@ -20,7 +20,14 @@ from shared import subjects
 from shared.budget import FAILED, CANCELLED
 from shared.events import Metadata, MessageAppended, PolicyEvaluated, conversation_stream, llmcall_stream
 from shared.eventstore import EventStore
-from shared.messages import ChatMessage, CompletionRequest, ModelInfo, ModelsReply, ModelsRequest
+from shared.messages import (
+    ChatMessage,
+    CompletionRequest,
+    ModelInfo,
+    ModelsReply,
+    ModelsRequest,
+    messages_text,
+)
 from shared.messaging import Bus, MessagingError
 from shared.policy import ChatRequestFacts, CompiledPolicy
 from shared.metrics import ControlMetrics
@@ -42,23 +49,7 @@ MODELS_TTL_S = 10.0
 
 def estimate_prompt_tokens(messages: tuple[ChatMessage, ...]) -> int:
     """Worst-case-leaning estimate: 1 token per 4 characters, plus 4 per message."""
-    chars = 0
-    for m in messages:
-        if isinstance(m.content, str):
-            chars += len(m.content)
-        elif isinstance(m.content, list):
-            chars += sum(len(str(p.get("text", ""))) for p in m.content if isinstance(p, dict))
-    return math.ceil(chars / 4) + 4 * len(messages)
-
-
-def user_text(messages: tuple[ChatMessage, ...]) -> str:
-    parts = []
-    for m in messages:
-        if isinstance(m.content, str):
-            parts.append(m.content)
-        elif isinstance(m.content, list):
-            parts += [str(p.get("text", "")) for p in m.content if isinstance(p, dict)]
-    return "\n".join(parts)
+    return math.ceil(sum(len(m.text) for m in messages) / 4) + 4 * len(messages)
 
 
 @dataclass
@@ -159,7 +150,7 @@ class ChatService:
             provider = info.targets[0].split("/", 1)[0] if info.targets else ""
             decision = policy.evaluate_chat(
                 ChatRequestFacts(model=model, provider=provider, max_tokens=max_tokens,
-                                 input_text=user_text(messages), hosted=True,
+                                 input_text=messages_text(messages), hosted=True,
                                  tools=tuple(t.get("function", {}).get("name", "") for t in tools or ())),
                 await self.rates.usage(rate_subjects))
             if decision.allowed:

@@ -158,7 +158,7 @@ class ChatController(Controller):
         stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop) if data.stop else None
         call = await chat.prepare(
             principal, session, model=data.model, messages=messages,
-            new_user_text=last_user.content if isinstance(last_user.content, str) else "",
+            new_user_text=last_user.text,
             max_tokens=data.max_completion_tokens or data.max_tokens, temperature=data.temperature,
             top_p=data.top_p, stop=stop,
             tools=[msgspec.to_builtins(t) for t in data.tools] if data.tools else None,

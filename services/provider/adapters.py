@@ -76,14 +76,6 @@ async def _raise_for_status(resp: httpx.Response, provider: str) -> None:
                         retry_after_s=_retry_after(resp))
 
 
-def _text_of(message: ChatMessage) -> str:
-    if isinstance(message.content, str):
-        return message.content
-    if isinstance(message.content, list):
-        return "".join(p.get("text", "") for p in message.content if isinstance(p, dict))
-    return ""
-
-
 class Adapter:
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -164,8 +156,8 @@ class OpenAIAdapter(Adapter):
 class AnthropicAdapter(Adapter):
     async def stream(self, model: str, request: CompletionRequest,
                      messages: tuple[ChatMessage, ...]) -> AsyncIterator[Piece]:
-        system = "\n".join(_text_of(m) for m in messages if m.role in ("system", "developer"))
-        turns = [{"role": "assistant" if m.role == "assistant" else "user", "content": _text_of(m)}
+        system = "\n".join(m.text for m in messages if m.role in ("system", "developer"))
+        turns = [{"role": "assistant" if m.role == "assistant" else "user", "content": m.text}
                  for m in messages if m.role not in ("system", "developer")]
         body: dict[str, Any] = {"model": model, "stream": True, "messages": turns,
                                 "max_tokens": request.max_tokens or 1024}
@@ -220,7 +212,7 @@ class OllamaAdapter(Adapter):
         if request.stop:
             options["stop"] = list(request.stop)
         body = {"model": model, "stream": True, "options": options,
-                "messages": [{"role": m.role, "content": _text_of(m)} for m in messages]}
+                "messages": [{"role": m.role, "content": m.text} for m in messages]}
         end: End | None = None
         async for line in self._lines("POST", "/api/chat", body, {}):
             if not line.strip():

@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from shared.eventstore import EventStore
 from shared.metrics import LLMMetrics
 from shared.tracing import tracer
-from shared.messages import ChatMessage, CompletionRequest, ModelInfo
+from shared.messages import ChatMessage, CompletionRequest, ModelInfo, messages_text
 from shared.streaming import ConsumerLost, Done, Failed, StreamSender, Usage
 from services.provider.adapters import Adapter, End, Text, ToolCalls, UpstreamError, adapter_for
 from services.provider.config import ModelPrice, ProvidersConfig
@@ -76,16 +76,6 @@ class Limiter:
 def estimate_tokens(text: str) -> int:
     """Stated estimate when the runtime reports no usage: 1 token per 4 characters."""
     return max(1, math.ceil(len(text) / 4)) if text else 0
-
-
-def prompt_text(messages: tuple[ChatMessage, ...]) -> str:
-    parts = []
-    for m in messages:
-        if isinstance(m.content, str):
-            parts.append(m.content)
-        elif isinstance(m.content, list):
-            parts += [p.get("text", "") for p in m.content if isinstance(p, dict)]
-    return "\n".join(parts)
 
 
 def cost_micro_usd(price: ModelPrice, input_tokens: int, output_tokens: int) -> int:
@@ -279,7 +269,7 @@ class Router:
                 output_tokens = end.output_tokens
                 estimated = input_tokens is None or output_tokens is None
                 if input_tokens is None:
-                    input_tokens = estimate_tokens(prompt_text(request.messages))
+                    input_tokens = estimate_tokens(messages_text(request.messages))
                 if output_tokens is None:
                     output_tokens = estimate_tokens("".join(result.output))
                 latency_ms = (time.monotonic() - started) * 1000
