@@ -8,6 +8,10 @@
 Errors are `UpstreamError`s classified as retryable (connection errors, timeouts,
 429, 5xx) or not (other 4xx), with `Retry-After` when the upstream sent one. Error
 details never include the request headers (where the API key travels).
+
+HTTP is aiohttp, one session (connection pool) per upstream: at a thousand concurrent
+streams httpx's pool added seconds per call where aiohttp stays at the ideal (measured:
+1000 slow streams, 16.3 s vs 37.7 s for 16 s of generation).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from shared.messages import ChatMessage, CompletionRequest
@@ -57,7 +61,7 @@ class UpstreamError(Exception):
         self.retry_after_s = retry_after_s
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
     value = resp.headers.get("retry-after")
     try:
         return max(0.0, float(value)) if value is not None else None
@@ -65,29 +69,36 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
-async def _raise_for_status(resp: httpx.Response, provider: str) -> None:
-    if resp.status_code < 400:
+async def _raise_for_status(resp: aiohttp.ClientResponse, provider: str) -> None:
+    if resp.status < 400:
         return
-    body = (await resp.aread())[:300].decode(errors="replace")
-    retryable = resp.status_code == 429 or resp.status_code >= 500
-    kind = "RateLimited" if resp.status_code == 429 else f"HTTP{resp.status_code}"
-    raise UpstreamError(kind, f"{provider} answered {resp.status_code}: {body}",
-                        status=resp.status_code, retryable=retryable,
+    body = (await resp.read())[:300].decode(errors="replace")
+    retryable = resp.status == 429 or resp.status >= 500
+    kind = "RateLimited" if resp.status == 429 else f"HTTP{resp.status}"
+    raise UpstreamError(kind, f"{provider} answered {resp.status}: {body}",
+                        status=resp.status, retryable=retryable,
                         retry_after_s=_retry_after(resp))
 
 
 class Adapter:
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
-        self.client = httpx.AsyncClient(
-            base_url=config.base_url.rstrip("/"),
-            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
-            limits=httpx.Limits(max_connections=config.max_concurrency * 2,
-                                max_keepalive_connections=config.max_concurrency),
-        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The upstream's connection pool (created in the running event loop)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s,
+                                              sock_read=self.config.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self.config.max_concurrency * 2),
+                read_bufsize=1 << 20,  # SSE lines up to 1 MiB
+            )
+        return self._session
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def stream(self, model: str, request: CompletionRequest,
                messages: tuple[ChatMessage, ...]) -> AsyncIterator[Piece]:
@@ -95,14 +106,15 @@ class Adapter:
 
     async def _lines(self, method: str, path: str, body: dict[str, Any],
                      headers: dict[str, str]) -> AsyncIterator[str]:
+        url = self.config.base_url.rstrip("/") + path
         try:
-            async with self.client.stream(method, path, json=body, headers=headers) as resp:
+            async with self.session().request(method, url, json=body, headers=headers) as resp:
                 await _raise_for_status(resp, self.config.name)
-                async for line in resp.aiter_lines():
-                    yield line
-        except httpx.TimeoutException as exc:
+                async for raw in resp.content:  # line by line, read to the end
+                    yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        except TimeoutError as exc:
             raise UpstreamError("Timeout", f"{self.config.name}: {type(exc).__name__}") from None
-        except (httpx.TransportError, httpx.StreamError) as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError("ConnectionError",
                                 f"{self.config.name}: {type(exc).__name__}: {exc}") from None
 
