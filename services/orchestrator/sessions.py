@@ -115,18 +115,39 @@ class SessionService:
         except WrongExpectedVersion:  # same key, other body: the ids differ from the stored ones
             raise Problem(422, "idempotency-key-reused",
                           "Idempotency-Key was used before with a different request body") from None
-        if result.duplicate and idempotency_key and request_hash:
-            await idempotency.ensure_same_request(self.store, stream, request_hash, idempotency_key)
-        # Read-your-writes: fold the new event into the read models before answering.
-        await self.runner.wait_for(result.last_position, names=("sessions",))
-        view = await self.get(who, session_id)
-        assert view is not None, "session missing from its projection after catch-up"
-        return view
+        if result.duplicate:
+            if idempotency_key and request_hash:
+                await idempotency.ensure_same_request(self.store, stream, request_hash,
+                                                      idempotency_key)
+            return await self.require(who, session_id)  # the first answer, from the read model
+        # Answer from the event itself (what the projection will store); a read that
+        # comes before the projection has it catches the projection up (see `get`).
+        row = await self.store.pool.fetchrow(
+            "SELECT recorded_at, metadata ->> 'trace_id' AS trace_id FROM events"
+            " WHERE stream_id = $1 AND stream_version = 1", stream)
+        return SessionView(
+            session_id=session_id, tenant=tenant, status="open",
+            budget=BudgetView(limit_usd=budget.limit_usd, limit_tokens=budget.limit_tokens)
+            if budget is not None else None,
+            policy=event.policy, policy_version=event.policy_version,
+            policy_rules=event.policy_rules, agent=event.agent, metadata=dict(event.metadata),
+            created_at=row["recorded_at"], closed_at=None, version=1, trace_id=row["trace_id"])
 
     async def get(self, who: Principal, session_id: str) -> SessionView | None:
-        row = await self.store.pool.fetchrow(f"{_COLUMNS} WHERE session_id = $1 AND tenant = $2",
-                                             session_id, who.tenant)
+        """The session from the read model; read-your-writes: if the read model does not
+        have it yet but its stream exists, catch the projection up first."""
+        row = await self._row(who, session_id)
+        if row is None:
+            head = await self.store.pool.fetchval(
+                "SELECT max(position) FROM events WHERE stream_id = $1", session_stream(session_id))
+            if head is not None:
+                await self.runner.wait_for(head, names=("sessions",))
+                row = await self._row(who, session_id)
         return _view(row) if row else None
+
+    async def _row(self, who: Principal, session_id: str) -> asyncpg.Record | None:
+        return await self.store.pool.fetchrow(f"{_COLUMNS} WHERE session_id = $1 AND tenant = $2",
+                                              session_id, who.tenant)
 
     async def require(self, who: Principal, session_id: str) -> SessionView:
         view = await self.get(who, session_id)
@@ -136,6 +157,8 @@ class SessionService:
 
     async def list(self, who: Principal, *, status: str | None, agent: str | None, limit: int,
                    cursor: str | None) -> SessionList:
+        # read-your-writes: sessions created a moment ago are in the read model
+        await self.runner.wait_for(await self.store.head(), names=("sessions",))
         args: list[object] = [who.tenant]
         clauses = ["tenant = $1"]
         if status:
