@@ -147,15 +147,22 @@ class Bus:
     def connected(self) -> bool:
         return self.nc.is_connected
 
-    async def close(self) -> None:
-        """Drain subscriptions (in-flight handlers finish), then close."""
+    async def close(self, drain_timeout_s: float = 5.0) -> None:
+        """Drain subscriptions (in-flight handlers finish), then close. Without a server
+        to drain to (NATS is down), or past the timeout, just close: a stopping process
+        must not wait for a server that is not there."""
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if not self.nc.is_closed:
+            await asyncio.wait(self._tasks, timeout=drain_timeout_s)
+        if self.nc.is_closed:
+            return
+        if self.nc.is_connected:
             try:
-                await self.nc.drain()
-            except (nats.errors.ConnectionClosedError, nats.errors.FlushTimeoutError):
-                await self.nc.close()
+                await asyncio.wait_for(self.nc.drain(), drain_timeout_s)
+                return
+            except (TimeoutError, nats.errors.ConnectionClosedError,
+                    nats.errors.FlushTimeoutError, nats.errors.ConnectionDrainingError):
+                pass
+        await self.nc.close()
 
     # -- streams ------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ def test_crash_of_everything_is_recovered_on_next_start(tmp_path) -> None:
     up.proc.kill()
     up.proc.wait()
     for pid in up.child_pids():
-        wait_until(lambda: not pid_alive(pid), 20, what=f"orphan {pid} to exit")
+        wait_until(lambda: not pid_alive(pid), 40, what=f"orphan {pid} to exit")
     assert (up.data_dir / "postgres" / "pgdata" / "postmaster.pid").exists()  # stale
 
     again = Up(up.data_dir)
