@@ -109,7 +109,9 @@ def test_openai_chat_completion(fake: FakeUpstream) -> None:
     assert stats.count("/v1/chat/completions") == 1
     assert stats.last_body["messages"] == MESSAGES
     assert stats.last_headers["authorization"] == "Bearer sk-test"
-    assert stats.outcome(resp.id)["outcome"] == "completed"
+    # the server records the outcome just after the last byte leaves: wait for it
+    done = fake.wait_for(lambda st: st.outcome(resp.id) is not None, what="the outcome")
+    assert done.outcome(resp.id)["outcome"] == "completed"
 
 
 def test_openai_stream_with_usage(fake: FakeUpstream) -> None:
