@@ -239,7 +239,8 @@ def _runner_call(fn_name: str, *args: object) -> object:
             runner = ProjectionRunner(EventStore(pool), PROJECTIONS)
             if fn_name == "list":
                 head = await runner.store.head()
-                return [(name, await runner.checkpoint(name), head) for name in runner.projections]
+                return [(name, await runner.checkpoint(name), head, await runner.pending(name))
+                        for name in runner.projections]
             return await getattr(runner, fn_name)(*args)
         finally:
             await pool.close()
@@ -247,12 +248,12 @@ def _runner_call(fn_name: str, *args: object) -> object:
     return asyncio.run(run())
 
 
-@projections.command("list", help="Each projection's checkpoint and how far behind it is.")
+@projections.command("list", help="Each projection's checkpoint and the events it has yet to apply.")
 def projections_list() -> None:
     rows = _runner_call("list")
-    click.echo(f"{'projection':<24}{'checkpoint':>12}{'head':>12}{'behind':>10}")
-    for name, checkpoint, head in rows:  # type: ignore[union-attr]
-        click.echo(f"{name:<24}{checkpoint:>12}{head:>12}{head - checkpoint:>10}")
+    click.echo(f"{'projection':<24}{'checkpoint':>12}{'head':>12}{'pending':>10}")
+    for name, checkpoint, head, pending in rows:  # type: ignore[union-attr]
+        click.echo(f"{name:<24}{checkpoint:>12}{head:>12}{pending:>10}")
 
 
 @projections.command("rebuild", help="Empty a read model and fold every event again.")

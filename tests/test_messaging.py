@@ -34,7 +34,7 @@ async def bus(infra):
 async def test_request_reply_is_typed(bus: Bus) -> None:
     s = subject("ping")
     await bus.subscribe(s, Ping, pong)
-    reply = await bus.request(s, Ping(sender="me"), Pong, timeout=2)
+    reply = await bus.request(s, Ping(sender="me"), Pong, timeout=10)
     assert reply == Pong(service="test", instance_id="me", version="0", uptime_s=0.0)
 
 
@@ -66,10 +66,10 @@ async def test_handler_errors_reach_the_caller(bus: Bus) -> None:
 
     await bus.subscribe(s, Ping, fails)
     with pytest.raises(RemoteError) as info:
-        await bus.request(s, Ping(sender="eve"), Pong, timeout=2)
+        await bus.request(s, Ping(sender="eve"), Pong, timeout=10)
     assert (info.value.error, info.value.detail) == ("NotAllowed", "eve may not ping")
     with pytest.raises(RemoteError) as info:
-        await bus.request(s, Ping(sender="bug"), Pong, timeout=2)
+        await bus.request(s, Ping(sender="bug"), Pong, timeout=10)
     assert info.value.error == "KeyError" and "oops" not in info.value.detail  # no internals
 
 
@@ -80,14 +80,14 @@ async def test_malformed_message_is_dead_lettered_and_subscriber_survives(bus: B
     try:
         dead = await raw.subscribe(subjects.deadletter(s))
         for bad in (b"not json", b'{"sender": 5}', b'{"sender": "x", "extra": 1}'):
-            reply = await raw.request(s, bad, timeout=2)
+            reply = await raw.request(s, bad, timeout=10)
             assert reply.headers and reply.headers.get("Nexus-Error") == "InvalidMessage"
         for _ in range(3):
-            letter = await dead.next_msg(timeout=2)
+            letter = await dead.next_msg(timeout=10)
             assert letter.headers["Nexus-Subject"] == s
             assert letter.headers["Nexus-Reason"].startswith("undecodable")
         # still serving
-        assert (await bus.request(s, Ping(sender="ok"), Pong, timeout=2)).instance_id == "ok"
+        assert (await bus.request(s, Ping(sender="ok"), Pong, timeout=10)).instance_id == "ok"
         # and the dead letters are kept on the bounded JetStream stream
         info = await raw.jetstream().stream_info(subjects.DEADLETTER_STREAM.name)
         assert info.state.messages >= 3
@@ -115,7 +115,7 @@ async def test_trace_context_travels_in_headers(bus: Bus) -> None:
 
     await bus.subscribe(s, Ping, record)
     with tracer("test").start_as_current_span("caller") as span:
-        await bus.request(s, Ping(sender="me"), Pong, timeout=2)
+        await bus.request(s, Ping(sender="me"), Pong, timeout=10)
         trace_id = format(span.get_span_context().trace_id, "032x")
     assert seen["traceparent"].split("-")[1] == trace_id
 
@@ -128,7 +128,7 @@ async def test_restarted_nats_does_not_leave_a_subscriber_deaf(tmp_path) -> None
         caller = await Bus.connect(server.url, "caller")
         s = subject("survivor")
         await responder.subscribe(s, Ping, pong)
-        assert await caller.request(s, Ping(sender="before"), Pong, timeout=2)
+        assert await caller.request(s, Ping(sender="before"), Pong, timeout=10)
         server.kill()
         server.start()
 

@@ -79,6 +79,15 @@ class ProjectionRunner:
         async with self.pool.acquire() as conn, conn.transaction():
             return await self._step(conn, projection)
 
+    async def pending(self, name: str) -> int:
+        """How many events this projection handles that it has not applied yet."""
+        projection = self.projections[name]
+        types = sorted(projection.handles) if projection.handles is not None else None
+        return await self.pool.fetchval(
+            "SELECT count(*) FROM events WHERE ($2::text[] IS NULL OR type = ANY($2::text[]))"
+            " AND position > coalesce((SELECT position FROM projection_checkpoints"
+            " WHERE name = $1), 0)", name, types)
+
     async def _has_work(self, projection: Projection) -> bool:
         if projection.handles is None:
             return await self.store.head() > await self.checkpoint(projection.name)
