@@ -142,6 +142,12 @@ class Settings:
     runtime_model: str | None = None
     """NEXUS_RUNTIME_MODEL: the model name the runtime serves (default: what it reports)."""
 
+    node_max_concurrency: int = 4
+    """NEXUS_NODE_MAX_CONCURRENCY: inference requests a node runs at once."""
+
+    node_max_queue: int = 32
+    """NEXUS_NODE_MAX_QUEUE: requests a node lets wait beyond that; then it answers busy (429)."""
+
     node_selection: str = "least_loaded"
     """NEXUS_NODE_SELECTION: round_robin, least_loaded or power_of_two."""
 
@@ -178,6 +184,8 @@ class Settings:
             runtime_url=_env("NEXUS_RUNTIME_URL"),
             runtime=_env("NEXUS_RUNTIME", "llama") or "llama",
             runtime_model=_env("NEXUS_RUNTIME_MODEL"),
+            node_max_concurrency=_env_int("NEXUS_NODE_MAX_CONCURRENCY", 4),
+            node_max_queue=_env_int("NEXUS_NODE_MAX_QUEUE", 32),
             node_selection=_env("NEXUS_NODE_SELECTION", "least_loaded") or "least_loaded",
         )
 

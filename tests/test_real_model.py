@@ -38,7 +38,8 @@ def real(infra, tmp_path_factory, otlp):
     procs = [
         ServiceProc("orchestrator", env, tmp / "orchestrator.log").start(),
         ServiceProc("provider", env, tmp / "provider.log").start(),
-        ServiceProc("node", {**env, "NEXUS_RUNTIME": "llama", "NEXUS_NODE_DATA_DIR": str(tmp / "node")},
+        ServiceProc("node", {**env, "NEXUS_RUNTIME": "llama", "NEXUS_NODE_DATA_DIR": str(tmp / "node"),
+                             "NEXUS_NODE_MAX_CONCURRENCY": "1", "NEXUS_NODE_MAX_QUEUE": "0"},
                     tmp / "node.log").start(),
     ]
     api = f"http://127.0.0.1:{port}"
@@ -284,3 +285,35 @@ def test_dashboards_only_query_metrics_the_services_export(real, otlp) -> None:
         exported = sorted({n for p in otlp.points for n in prometheus_names(p)})
         raise AssertionError(f"dashboards query {sorted(missing())}, not exported; "
                              f"exported: {exported}") from None
+
+
+def test_a_busy_node_answers_429_and_nothing_hangs(real) -> None:
+    """The node runs one request at a time and queues none: concurrent calls beyond
+    that are refused by the node (NodeBusy), retried by the provider with backoff, and
+    end either answered or as a clear 429, never hung or a 5xx."""
+    import concurrent.futures
+
+    api, headers, _, _ = real
+
+    def call(i: int) -> int:
+        return httpx.post(f"{api}/v1/chat/completions", headers=headers, timeout=120, json={
+            "model": "default", "max_tokens": 24,
+            "messages": [{"role": "user", "content": f"Tell a story {i}"}]}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(call, range(4)))
+    assert set(codes) <= {200, 429} and 200 in codes
+
+    async def busy_attempts() -> int:
+        from shared.eventstore.store import create_pool
+
+        pool = await create_pool(real[3][0].env["DATABASE_URL"], max_size=1)
+        try:
+            return await pool.fetchval("SELECT count(*) FROM events WHERE type = 'LLMCallFailed'"
+                                       " AND data ->> 'error' = 'NodeBusy'")
+        finally:
+            await pool.close()
+
+    import asyncio
+
+    assert asyncio.run(busy_attempts()) >= 1

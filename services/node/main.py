@@ -47,7 +47,8 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
         managed = ManagedLlama(settings.node_dir / "logs", runtime_changed)
         agent.runtime = managed.info
         tasks.append(asyncio.create_task(managed.run(), name="llama-server"))
-    relay = Relay(agent, bus, lambda: agent.runtime)
+    relay = Relay(agent, bus, lambda: agent.runtime, max_concurrency=settings.node_max_concurrency,
+                  max_queue=settings.node_max_queue)
     await bus.subscribe(subjects.node_infer(agent.node_id), CompletionRequest, relay.on_infer,
                         concurrent=True)
     try:

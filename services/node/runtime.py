@@ -135,10 +135,13 @@ class ManagedLlama:
 class Relay:
     """`nexus.node.<id>.infer` -> the runtime's OpenAI API -> frames back."""
 
-    def __init__(self, agent: NodeAgent, bus: Bus, runtime: Callable[[], RuntimeInfo]) -> None:
+    def __init__(self, agent: NodeAgent, bus: Bus, runtime: Callable[[], RuntimeInfo], *,
+                 max_concurrency: int = 4, max_queue: int = 32) -> None:
         self.agent = agent
         self.bus = bus
         self.runtime = runtime
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._max_queue = max_queue
         self._adapter: OpenAIAdapter | None = None
         self._adapter_url: str | None = None
 
@@ -155,7 +158,19 @@ class Relay:
         if not msg.reply:
             return
         async with StreamSender(self.bus, msg.reply) as sender:
-            outcome = await self._run(request, sender)
+            if self._slots.locked() and self.agent.queue_depth >= self._max_queue:
+                await sender.fail(Failed(error="NodeBusy", status=429, detail=(
+                    f"node {self.agent.node_id}: {self.agent.queue_depth} requests already waiting")))
+                return
+            self.agent.queue_depth += 1  # reported in heartbeats
+            try:
+                await self._slots.acquire()
+            finally:
+                self.agent.queue_depth -= 1
+            try:
+                outcome = await self._run(request, sender)
+            finally:
+                self._slots.release()
             if isinstance(outcome, Failed):
                 await sender.fail(outcome)
             else:

@@ -243,6 +243,9 @@ class OllamaAdapter(Adapter):
         yield end
 
 
+_TRY_NEXT_NODE = ("NodeBusy", "RuntimeNotReady")
+
+
 class NodeAdapter(Adapter):
     """A self-hosted runtime behind a node agent, over NATS (`nexus.node.<id>.infer`).
 
@@ -267,14 +270,14 @@ class NodeAdapter(Adapter):
         last: UpstreamError | None = None
         for node_id in candidates:
             node_request = msgspec.structs.replace(request, model=model, messages=messages, nodes={})
-            started_answer = False
+            sent = False
             try:
                 async with StreamReceiver(self.bus, subjects.node_infer(node_id), node_request,
                                           first_frame_timeout_s=self.config.connect_timeout_s
                                           ) as stream:
                     async for frame in stream.frames():
-                        started_answer = True
                         if isinstance(frame, Delta):
+                            sent = True
                             if frame.content:
                                 yield Text(frame.content)
                             if frame.tool_calls:
@@ -283,15 +286,19 @@ class NodeAdapter(Adapter):
                             yield End(frame.finish_reason, frame.usage.input_tokens,
                                       frame.usage.output_tokens, frame.model, node=node_id)
                             return
+                        elif frame.error in _TRY_NEXT_NODE and not sent:
+                            # this node cannot take it now; the orchestrator's spare may
+                            last = UpstreamError(frame.error, f"node {node_id}: {frame.detail}",
+                                                 status=frame.status)
+                            break
                         else:
                             raise UpstreamError(frame.error, f"node {node_id}: {frame.detail}",
                                                 status=frame.status,
                                                 retryable=not frame.after_first_token)
             except MessagingError as exc:
                 last = UpstreamError("NodeUnavailable", f"node {node_id}: {exc}", status=503)
-                if started_answer:
+                if sent:
                     raise last from None
-                continue
         raise last or UpstreamError("NoNode", "no node answered", status=503)
 
 

@@ -302,7 +302,8 @@ class Router:
                     usage_estimated=estimated, cost_micro_usd=cost,
                     finish_reason=end.finish_reason, attempts=attempts))
                 return done
-        status = 429 if isinstance(last, Overloaded) else 502
+        # busy or rate-limited to the end (queue full, node busy, upstream 429): say so
+        status = 429 if isinstance(last, Overloaded) or (last and last.status == 429) else 502
         return Failed(error=last.kind if last else "NoTarget",
                       detail="all targets failed: " + "; ".join(fallbacks), status=status)
 
