@@ -26,7 +26,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 import time

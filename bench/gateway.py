@@ -564,8 +564,8 @@ async def run(platform: Platform, seconds: float, count: int) -> None:
             conc[(stream, level)] = (n, d)
 
     w = sys.stdout.write
-    w(f"\ngateway benchmark: Nexus path (HTTP -> orchestrator -> NATS -> provider -> upstream) "
-      f"vs the same request straight to the upstream\n")
+    w("\ngateway benchmark: Nexus path (HTTP -> orchestrator -> NATS -> provider -> upstream) "
+      "vs the same request straight to the upstream\n")
     w(f"upstream: fake OpenAI-compatible server, own process, 0 ms token delay, "
       f"{REPLY_TOKENS}-token reply; Nexus sessions with a budget and an inline policy; "
       f"{os.cpu_count()} CPUs shared by client, orchestrator, provider, NATS, Postgres, upstream\n")

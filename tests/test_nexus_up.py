@@ -75,7 +75,7 @@ def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path) -> None:
     assert up.proc.wait(60) == 0, up.output()
     assert "Nexus stopped." in up.output()
     for pid in pids:
-        wait_until(lambda: not pid_alive(pid), 10, what=f"child {pid} to exit")
+        wait_until(lambda pid=pid: not pid_alive(pid), 10, what=f"child {pid} to exit")
     assert not (up.data_dir / "up.json").exists()
 
 
@@ -107,7 +107,7 @@ def test_crash_of_everything_is_recovered_on_next_start(tmp_path) -> None:
     up.proc.kill()
     up.proc.wait()
     for pid in up.child_pids():
-        wait_until(lambda: not pid_alive(pid), 40, what=f"orphan {pid} to exit")
+        wait_until(lambda pid=pid: not pid_alive(pid), 40, what=f"orphan {pid} to exit")
     assert (up.data_dir / "postgres" / "pgdata" / "postmaster.pid").exists()  # stale
 
     again = Up(up.data_dir)

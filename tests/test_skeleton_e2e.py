@@ -115,7 +115,7 @@ def test_services_stop_cleanly_on_sigterm(infra, platform, tmp_path) -> None:
     for name in ("provider", "node"):
         proc = ServiceProc(name, {**platform.env, "NEXUS_INSTANCE_ID": f"{name}-sigterm"},
                            tmp_path / f"{name}.log").start()
-        wait_until(lambda: "service started" in proc.log(), 20, what=f"{name} to start")
+        wait_until(lambda proc=proc: "service started" in proc.log(), 20, what=f"{name} to start")
         proc.proc.send_signal(signal.SIGTERM)
         assert proc.proc.wait(15) == 0, proc.log()
         assert "service stopping" in proc.log()

@@ -33,7 +33,6 @@ from shared.budget import (
     decide_release,
     decide_reserve,
     fold_budget,
-    format_usd,
     month_period,
 )
 from shared.events import BudgetExceeded, Event, Metadata, TenantBudgetSet, llmcall_stream, tenant_stream

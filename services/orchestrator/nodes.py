@@ -146,7 +146,7 @@ class NodeService:
     # -- folding ----------------------------------------------------------------------
 
     def _fold(self, event: Event, version: int) -> None:
-        node_id = getattr(event, "node_id")
+        node_id = event.node_id
         current = self.records.get(node_id)
         if current is not None and version <= current.version:
             return  # already folded (our own append, seen again by the follower)

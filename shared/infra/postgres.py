@@ -75,7 +75,7 @@ class EmbeddedPostgres(ChildServer):
     def _own(self, path: Path) -> None:
         if not self._user:
             return
-        for root, dirs, files in os.walk(path):
+        for root, _dirs, files in os.walk(path):
             os.chown(root, self._user.pw_uid, self._user.pw_gid)
             for f in files:
                 os.chown(os.path.join(root, f), self._user.pw_uid, self._user.pw_gid)
