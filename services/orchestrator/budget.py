@@ -73,8 +73,16 @@ class BudgetManager:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tenant_limits: dict[str, tuple[float, TenantBudgetSet | None]] = {}
 
-    async def state(self, stream: str, *, to_position: int | None = None) -> BudgetState | None:
-        """The budget's state: cached and caught up with the stream (or as of a position)."""
+    async def state(self, stream: str, *, to_position: int | None = None,
+                    cached: bool = False) -> BudgetState | None:
+        """The budget's state: cached and caught up with the stream (or as of a position).
+
+        `cached=True` takes the cached state as it is when there is one: for a first
+        attempt whose append is checked against the stream's version anyway (a stale
+        state only costs a retry, never a wrong decision).
+        """
+        if cached and self._states.get(stream) is not None:
+            return self._states[stream]
         if to_position is not None:
             state = None
             for rec in await self.store.read_stream(stream, to_position=to_position):
@@ -86,6 +94,15 @@ class BudgetManager:
             state = fold_budget(state, rec.event, rec.stream_version)
         self._states[stream] = state
         return state
+
+    def _remember(self, stream: str, state: BudgetState | None, events: list[Event]) -> None:
+        """Fold what we just appended (at `state.version` + 1...) into the cache."""
+        if state is None:
+            return
+        base = state.version
+        for offset, event in enumerate(events, start=1):
+            state = fold_budget(state, event, base + offset)
+        self._states[stream] = state
 
     async def set_tenant_budget(self, tenant: str, limit_micro_usd: int | None,
                                 limit_tokens: int | None, metadata: Metadata) -> None:
@@ -110,13 +127,13 @@ class BudgetManager:
         """The budgets a new call must fit: the session's (if any), the tenant's month (if set)."""
         streams = []
         session = budget_stream_for_session(session_id)
-        if await self.state(session) is not None:
+        if await self.state(session, cached=True) is not None:  # budgets never close
             streams.append(session)
         limits = await self.tenant_limits(tenant)
         if limits is not None:
             period = month_period(now or time.time())
             stream = budget_stream_for_tenant(tenant, period)
-            if await self.state(stream) is None:
+            if await self.state(stream, cached=True) is None:
                 events = decide_open(None, stream, TENANT, tenant,
                                      limit_micro_usd=limits.limit_micro_usd,
                                      limit_tokens=limits.limit_tokens, period=period)
@@ -151,10 +168,12 @@ class BudgetManager:
         for attempt in range(MAX_RETRIES):
             now = time.time()
             appends: list[tuple[str, list[Event], int | None]] = []
+            states: dict[str, BudgetState] = {}
             denial: BudgetExceeded | None = None
             for stream in charge.streams:
-                state = await self.state(stream)
+                state = await self.state(stream, cached=attempt == 0)
                 assert state is not None
+                states[stream] = state
                 events = decide_reserve(state, charge.call_id, micro_usd, tokens, now, self.ttl_s)
                 if events and isinstance(events[-1], BudgetExceeded):
                     denial = events[-1]
@@ -168,10 +187,14 @@ class BudgetManager:
                     await self.store.append_atomic(
                         [*appends, *extra, (llmcall_stream(charge.call_id), [denial], None)],
                         metadata)
+                    for stream, events, _ in appends:
+                        self._remember(stream, states[stream], events)
                     scope = "session" if denial.budget_id.startswith("budget-session-") else "tenant"
                     raise BudgetDenied(scope, denial.reason)
                 if appends or extra:
                     await self.store.append_atomic([*appends, *extra], metadata)
+                    for stream, events, _ in appends:
+                        self._remember(stream, states[stream], events)
                 return
             except WrongExpectedVersion:
                 await _backoff(attempt)  # another process moved a budget: catch up, decide again
@@ -181,13 +204,14 @@ class BudgetManager:
         for stream in charge.streams:
             async with self._locks[stream]:
                 for attempt in range(MAX_RETRIES):
-                    state = await self.state(stream)
+                    state = await self.state(stream, cached=attempt == 0)
                     events = decide(state)
                     if not events:
                         break
                     try:
                         await self.store.append(stream, events, expected_version=state.version,
                                                 metadata=metadata)
+                        self._remember(stream, state, events)
                         break
                     except WrongExpectedVersion:
                         await _backoff(attempt)
