@@ -229,11 +229,13 @@ class BudgetManager:
     async def sweep_expired(self, now: float | None = None) -> int:
         """Release reservations whose owner died (found from the events, so restarts keep them)."""
         now = now or time.time()
+        # The `budgets` projection folds the events, open reservations included: ask it
+        # which budgets hold an expired one (cheap, and rebuilt from the events after a
+        # restart), then decide on each stream's own state.
         rows = await self.store.pool.fetch(
-            "SELECT DISTINCT stream_id FROM events WHERE type = 'BudgetReserved'"
-            " AND (data ->> 'expires_at')::float8 <= $1"
-            " AND recorded_at > now() - make_interval(secs => $2)",
-            now, self.ttl_s * 4 + 3600)
+            "SELECT budget_id AS stream_id FROM budgets WHERE open_reservations > 0 AND EXISTS ("
+            " SELECT 1 FROM jsonb_each(state -> 'reservations') AS r(call_id, reservation)"
+            " WHERE (r.reservation ->> 'expires_at')::float8 <= $1)", now)
         released = 0
         for row in rows:
             stream = row["stream_id"]
