@@ -104,7 +104,6 @@ class NodeLoad:
     avg_response_ms: float | None = None
     draining: bool = False
     last_heartbeat: float | None = None  # time.monotonic() of arrival
-    last_seq: int = -1
     dispatched: int = 0  # selected since the last heartbeat (not yet in active_requests)
 
     @property
@@ -157,7 +156,6 @@ class NodeView:
         node = self.nodes.get(hb.node_id)
         if node is None:
             return None
-        node.last_seq = hb.seq
         node.last_heartbeat = time.monotonic() if now is None else now
         node.cpu_pct = hb.cpu_pct
         node.memory_pct = hb.memory_pct

@@ -107,13 +107,3 @@ class ServiceRuntime:
         if self.pool is not None:
             await self.pool.close()
         shutdown_tracing()
-
-
-async def serve(runtime: ServiceRuntime) -> None:
-    """Run a NATS-only service until SIGTERM/SIGINT."""
-    runtime.install_signal_handlers()
-    await runtime.start()
-    try:
-        await runtime.wait_for_stop()
-    finally:
-        await runtime.stop()

@@ -204,15 +204,6 @@ class Settings:
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)
 
-    def require_urls(self) -> tuple[str, str]:
-        """The NATS and Postgres URLs a service process needs; a clear error if unset."""
-        missing = [n for n, v in (("NATS_URL", self.nats_url), ("DATABASE_URL", self.database_url)) if not v]
-        if missing:
-            raise RuntimeError(
-                f"{' and '.join(missing)} not set: run services through `nexus up`, "
-                "or point them at running servers"
-            )
-        return self.nats_url, self.database_url  # type: ignore[return-value]
 
 
 @functools.cache

@@ -63,6 +63,17 @@ hosted = false
 name = "fake-small"
 context = 4096
 
+[[providers]]
+name = "tiny"
+kind = "openai"
+base_url = "{primary.openai_base_url}"
+api_key_env = "FAKE_PRIMARY_KEY"
+max_concurrency = 1
+max_queue = 0
+[[providers.models]]
+name = "fake-small"
+context = 4096
+
 [[routes]]
 model = "default"
 targets = ["primary/fake-small", "backup/fake-large"]

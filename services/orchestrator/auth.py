@@ -25,10 +25,6 @@ class BearerKeyMiddleware(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=principal, auth=None)
 
 
-def principal_of(connection: ASGIConnection) -> Principal:
-    return connection.user
-
-
 def require_admin(principal: Principal) -> None:
     if not principal.is_admin:
         raise PermissionDeniedException("this needs an admin key of the tenant")

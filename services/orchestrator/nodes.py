@@ -111,7 +111,6 @@ class NodeService:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[str] = set()
         self._subs: list[object] = []
-        self.rejected_heartbeats = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -212,7 +211,6 @@ class NodeService:
     async def on_heartbeat(self, hb: Heartbeat, msg: Msg) -> None:
         sender = subjects.node_id_from_subject(msg.subject)
         if hb.node_id != sender:
-            self.rejected_heartbeats += 1
             log.warning("forged heartbeat dropped",
                         extra={"subject": msg.subject, "claimed_node_id": hb.node_id})
             return

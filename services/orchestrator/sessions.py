@@ -51,6 +51,16 @@ def _view(row: asyncpg.Record) -> SessionView:
     )
 
 
+_EVENT_COLUMNS = ("SELECT position, type, stream_id, data::text AS data,"
+                  " metadata ->> 'trace_id' AS trace_id, recorded_at FROM events")
+
+
+def _audit_event(row: asyncpg.Record) -> AuditEvent:
+    return AuditEvent(position=row["position"], type=row["type"], stream_id=row["stream_id"],
+                      recorded_at=row["recorded_at"], trace_id=row["trace_id"],
+                      data=msgspec.json.decode(row["data"]))
+
+
 def _cursor(created_at: datetime, session_id: str) -> str:
     raw = msgspec.json.encode([created_at.isoformat(), session_id])
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -203,24 +213,17 @@ class SessionService:
     async def events_by_trace(self, who: Principal, trace_id: str, *, limit: int) -> AuditLog:
         tenant = None if who.role == "platform" else who.tenant
         rows = await self.store.pool.fetch(
-            "SELECT position, type, stream_id, data::text AS data, metadata ->> 'trace_id' AS trace_id,"
-            " recorded_at FROM events WHERE metadata ->> 'trace_id' = $1"
+            f"{_EVENT_COLUMNS} WHERE metadata ->> 'trace_id' = $1"
             " AND ($2::text IS NULL OR metadata ->> 'tenant' = $2) ORDER BY position LIMIT $3",
             trace_id, tenant, limit)
-        return AuditLog(events=tuple(
-            AuditEvent(position=r["position"], type=r["type"], stream_id=r["stream_id"],
-                       recorded_at=r["recorded_at"], trace_id=r["trace_id"],
-                       data=msgspec.json.decode(r["data"])) for r in rows), next_after=None)
+        return AuditLog(events=tuple(_audit_event(r) for r in rows), next_after=None)
 
     async def audit_log(self, who: Principal, session_id: str, *, after: int,
                         limit: int) -> AuditLog:
         await self.require(who, session_id)
         rows = await self.store.pool.fetch(
-            "SELECT position, type, stream_id, data::text AS data, metadata ->> 'trace_id' AS trace_id,"
-            " recorded_at FROM events WHERE metadata ->> 'correlation_id' = $1"
+            f"{_EVENT_COLUMNS} WHERE metadata ->> 'correlation_id' = $1"
             " AND metadata ->> 'tenant' = $2 AND position > $3 ORDER BY position LIMIT $4",
             session_id, who.tenant, after, limit + 1)
-        items = tuple(AuditEvent(position=r["position"], type=r["type"], stream_id=r["stream_id"],
-                                 recorded_at=r["recorded_at"], trace_id=r["trace_id"],
-                                 data=msgspec.json.decode(r["data"])) for r in rows[:limit])
+        items = tuple(_audit_event(r) for r in rows[:limit])
         return AuditLog(events=items, next_after=items[-1].position if len(rows) > limit else None)

@@ -97,7 +97,6 @@ class Target:
 
 @dataclass
 class AttemptResult:
-    text_chars: int = 0
     first_token_at: float | None = None
     end: End | None = None
     sent_any: bool = False
