@@ -72,6 +72,7 @@ class Failed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
     detail: str
     status: int = 502  # what an HTTP gateway should answer
     after_first_token: bool = False
+    rule: str | None = None  # the policy rule, for error "PolicyDenied"
 
 
 class Keepalive(msgspec.Struct, frozen=True, tag="keepalive", kw_only=True):

@@ -324,3 +324,32 @@ async def _dump_events(url: str) -> str:
         return "\n".join(r["t"] for r in rows)
     finally:
         await pool.close()
+
+
+def test_output_rules_deny_the_answer_but_the_spend_is_kept(two: LLMCluster) -> None:
+    key = two.tenant_key()
+    rules = {"content": {"deny_output": ["tok2"]}}  # the fake's answers contain "tok2"
+    sid = two.session(key, budget={"limit_tokens": 1000}, policy_rules=rules)
+    denied = chat(two, key, sid)
+    assert denied.status_code == 403, denied.text
+    assert denied.json()["rule"] == "content.output.deny[0]"
+    events = two.events(sid)
+    outputs = [e.event for e in events if e.type == "PolicyEvaluated" and e.event.action == "output"]
+    assert [(o.allowed, o.rule) for o in outputs] == [(False, "content.output.deny[0]")]
+    assert [e.type for e in events if e.type == "BudgetCommitted"]  # tokens were spent
+    assert not [e for e in events if e.type == "MessageAppended"]  # the answer is not kept
+
+    # streamed: the tokens have left already, so the stream ends with the denial
+    with httpx.stream("POST", f"{two.api}/v1/chat/completions", timeout=30,
+                      headers={**key, "X-Nexus-Session": sid},
+                      json={"model": "default", "messages": PROMPT, "max_tokens": 4,
+                            "stream": True}) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][5:])["error"]["code"] == "PolicyDenied"
+
+    allowed_sid = two.session(key, policy_rules={"content": {"deny_output": ["never-said"]}})
+    assert chat(two, key, allowed_sid).status_code == 200
+    [ok] = [e.event for e in two.events(allowed_sid)
+            if e.type == "PolicyEvaluated" and e.event.action == "output"]
+    assert (ok.allowed, ok.rule) == (True, "default.allow_output")

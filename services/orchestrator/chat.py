@@ -66,6 +66,7 @@ class PreparedCall:
     policy: CompiledPolicy | None
     policy_label: str | None
     output: list[str] = field(default_factory=list)
+    output_denied: bool = False
 
 
 class ChatService:
@@ -239,6 +240,11 @@ class ChatService:
                                 sent_any = True
                             else:
                                 outcome = frame
+                                if isinstance(frame, Done):
+                                    denied = await self._check_output(call)
+                                    if denied is not None:
+                                        yield denied
+                                        continue
                             yield frame
                     break
                 except MessagingError as exc:
@@ -252,6 +258,22 @@ class ChatService:
         finally:
             await asyncio.shield(self._settle(call, outcome))
 
+    async def _check_output(self, call: PreparedCall) -> Failed | None:
+        """`content.deny_output` of the session's policy, on the whole answer."""
+        if call.policy is None or not call.policy.rules.content.deny_output:
+            return None
+        decision = call.policy.check_output("".join(call.output))
+        await self.store.append(llmcall_stream(call.call_id), [PolicyEvaluated(
+            session_id=call.session.session_id, call_id=call.call_id, action="output",
+            allowed=decision.allowed, rule=decision.rule, reason=decision.reason,
+            policy=call.policy_label)], expected_version=None, metadata=call.metadata)
+        self.metrics.policy.add(1, {"rule": decision.rule, "allowed": str(decision.allowed).lower()})
+        if decision.allowed:
+            return None
+        call.output_denied = True  # the cost is spent (committed), the answer not kept
+        return Failed(error="PolicyDenied", detail=decision.reason, status=403,
+                      after_first_token=True, rule=decision.rule)
+
     async def _settle(self, call: PreparedCall, outcome: Done | Failed | None) -> None:
         try:
             if isinstance(outcome, Done):
@@ -263,7 +285,8 @@ class ChatService:
                     self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata)
                     if call.charge.streams else asyncio.sleep(0),
                     self.rates.add_tokens(call.rate_subjects, tokens),
-                    self._record_conversation(call, outcome))
+                    self._record_conversation(call, outcome) if not call.output_denied
+                    else asyncio.sleep(0))
             elif call.charge.streams:
                 reason = FAILED if isinstance(outcome, Failed) and outcome.error != "Cancelled" else CANCELLED
                 await self.budgets.release(call.charge, reason, call.metadata)

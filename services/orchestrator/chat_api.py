@@ -64,6 +64,8 @@ def _usage(done: Done) -> dict[str, int]:
 
 
 def _failed_problem(failed: Failed) -> Problem:
+    if failed.error == "PolicyDenied":
+        return Problem(403, "policy-denied", failed.detail, rule=failed.rule)
     slug = {"UnknownModel": "unknown-model", "Cancelled": "cancelled"}.get(failed.error, "upstream-failed")
     status = failed.status if 400 <= failed.status < 600 else 502
     return Problem(status, slug, f"{failed.error}: {failed.detail}")
