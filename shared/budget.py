@@ -10,7 +10,8 @@ the whole stream:
 
     committed + reserved <= limit, for every limited dimension (USD, tokens),
 
-where `reserved` is the sum of the open reservations. A call must fit every budget
+where `reserved` is the sum of the open reservations (as long as no call costs more than
+it reserved: see overrun below). A call must fit every budget
 it is charged to (its session's and its tenant's month): reserve on each.
 
 Money is integer **micro-dollars** (1 USD = 1_000_000) so that sums never drift;
@@ -18,10 +19,10 @@ tokens are integers. A limit of `None` means that dimension is unlimited.
 
 Lifecycle of one call (`call_id` unique per LLM call):
 
-- `decide_reserve` -> `BudgetReserved` (worst case: prompt estimate + max_tokens x
-  price) or `BudgetExceeded` (a denial, kept for audit; it changes nothing).
+- `decide_reserve` -> `BudgetReserved` (worst case: `prompt_token_bound` + max_tokens,
+  each times its price) or `BudgetExceeded` (a denial, kept for audit; it changes nothing).
 - `decide_commit` -> `BudgetCommitted` with the actual cost; the rest of the
-  reservation is released by the same event.
+  reservation is released by the same event (overrun: see below).
 - `decide_release` -> `BudgetReleased` on failure or cancellation.
 - `decide_expire` -> `BudgetReleased(reason="expired")` for reservations whose owner
   died (`expires_at <= now`). `decide_reserve` also sweeps expired reservations first,
@@ -32,12 +33,15 @@ delivery), a reserve for an open `call_id` decides nothing, and a commit or rele
 of a `call_id` that is not open (unknown, already committed, released or expired)
 decides nothing and, if appended anyway, folds to no change but the version.
 
-Commit overrun (the actual cost above the reservation, possible when the prompt token
-estimate was low): the commit charges the actual cost **capped at the room the budget
-has for this call** (its own reservation plus what no one else has reserved or spent);
-the part that could not be charged is recorded on the event as `overrun_micro_usd` /
-`overrun_tokens`. The budget is thus never overspent on the books, and the
-uncharged spend stays visible for audit and alerting. See `decide_commit`.
+Commit records the actual cost, always (`BudgetCommitted.micro_usd` / `tokens`). The
+reservation is a true worst case (see `prompt_token_bound`), so the actual cost stays
+within it; when it does not (a provider that ignores `max_tokens`), the part above the
+reservation is also recorded on the event as `overrun_micro_usd` / `overrun_tokens`,
+summed on the state (`overrun_*`, `overruns`), and the budget may then be overspent on
+the books, as it was in reality. A limited dimension whose committed amount has reached
+its limit denies every further reservation until the limit is raised. Invariant:
+
+    committed + reserved <= limit + overrun, for every limited dimension.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Literal
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import msgspec
 
 from shared.events import (
     BudgetCommitted,
@@ -125,6 +132,53 @@ def format_usd(micro: int) -> str:
     return f"{sign}{whole}.{digits.ljust(2, '0')}"
 
 
+# -- worst-case prompt tokens ----------------------------------------------------------
+
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+"""Tokens a chat template may add around one message: turn markers, the role, newlines
+(ChatML, Llama 3, Gemma and Mistral templates add 4 to 8)."""
+
+TEMPLATE_TOKENS_PER_CALL = 32
+"""Tokens a chat template may add once per call: BOS, the generation prompt, a default
+system preamble (Llama 3.1's date lines are about 25)."""
+
+TEMPLATE_TOKENS_FOR_TOOLS = 128
+"""Tokens a template may add to introduce tool definitions, on top of their JSON."""
+
+
+def prompt_token_bound(messages: Iterable[Any], tools: list[dict[str, Any]] | None = None) -> int:
+    """An upper bound of the prompt tokens a model counts for these messages (and tools).
+
+    Byte-level BPE (GPT, Llama 3, Qwen) and SentencePiece with byte fallback (Gemma,
+    Llama 2, Mistral) never produce a token that covers less than one byte of the text,
+    so a text of N UTF-8 bytes is at most N tokens. Each message is bounded by the UTF-8
+    bytes of its content (multi-part content and tool calls: of their JSON, more bytes
+    than the text a template renders of them), name and tool call id, plus
+    `TEMPLATE_TOKENS_PER_MESSAGE` (which also covers the role); the call adds
+    `TEMPLATE_TOKENS_PER_CALL`, and tool definitions their JSON bytes plus
+    `TEMPLATE_TOKENS_FOR_TOOLS`. The constants are the assumption: a template that adds
+    more than they allow (or image parts, whose tokens are not bytes) can still overrun,
+    which the commit then records (`overrun_*`). Pessimistic by design: English text is
+    about 4 bytes per token, so this reserves about 4 times the typical prompt cost.
+    """
+    total = TEMPLATE_TOKENS_PER_CALL
+    for message in messages:
+        total += TEMPLATE_TOKENS_PER_MESSAGE + sum(
+            _utf8_len(getattr(message, part, None))
+            for part in ("content", "name", "tool_calls", "tool_call_id"))
+    if tools:
+        total += len(msgspec.json.encode(tools)) + TEMPLATE_TOKENS_FOR_TOOLS
+    return total
+
+
+def _utf8_len(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value.encode())
+    return len(msgspec.json.encode(value))
+
+
 # -- state ------------------------------------------------------------------------------
 
 
@@ -151,6 +205,9 @@ class BudgetState:
     committed_micro_usd: int = 0
     committed_tokens: int = 0
     reservations: dict[str, Reservation] = field(default_factory=dict)
+    overrun_micro_usd: int = 0  # committed beyond the calls' own reservations (in committed)
+    overrun_tokens: int = 0
+    overruns: int = 0  # commits that exceeded their reservation
 
     @property
     def remaining_micro_usd(self) -> int | None:
@@ -205,10 +262,14 @@ def fold_budget(state: BudgetState | None, event: Event, version: int) -> Budget
                 reserved_tokens=state.reserved_tokens + res.tokens,
                 reservations={**state.reservations, call_id: res})
         case BudgetCommitted(call_id=call_id) if call_id in state.reservations:
+            over_usd, over_tokens = max(0, event.overrun_micro_usd), max(0, event.overrun_tokens)
             return replace(
                 _without(state, call_id), version=version,
                 committed_micro_usd=state.committed_micro_usd + max(0, event.micro_usd),
-                committed_tokens=state.committed_tokens + max(0, event.tokens))
+                committed_tokens=state.committed_tokens + max(0, event.tokens),
+                overrun_micro_usd=state.overrun_micro_usd + over_usd,
+                overrun_tokens=state.overrun_tokens + over_tokens,
+                overruns=state.overruns + (1 if over_usd or over_tokens else 0))
         case BudgetReleased(call_id=call_id) if call_id in state.reservations:
             return replace(_without(state, call_id), version=version)
         case BudgetLimitChanged():
@@ -261,7 +322,9 @@ def decide_reserve(state: BudgetState | None, call_id: str, micro_usd: int, toke
     Reservations already expired at `now` are released first (`BudgetReleased`,
     reason "expired"), then the verdict, always the last event: `BudgetReserved` if
     `committed + reserved + amount <= limit` in every limited dimension, else
-    `BudgetExceeded` naming each dimension that does not fit. Nothing if `call_id` is
+    `BudgetExceeded` naming each dimension that does not fit. A dimension whose committed
+    amount has reached its limit (an overrun, or a limit lowered) fits nothing, not even
+    a zero amount, until the limit is raised. Nothing if `call_id` is
     already open (a retried reserve). Raises `BudgetNotOpened` without a budget.
     """
     if state is None:
@@ -275,11 +338,18 @@ def decide_reserve(state: BudgetState | None, call_id: str, micro_usd: int, toke
     assert after is not None
     avail_usd, avail_tokens = after.remaining_micro_usd, after.remaining_tokens
     problems = []
-    if avail_usd is not None and micro_usd > avail_usd:
+    spent_usd = _exhausted(after.limit_micro_usd, after.committed_micro_usd)
+    spent_tokens = _exhausted(after.limit_tokens, after.committed_tokens)
+    if avail_usd is not None and (micro_usd > avail_usd or spent_usd):
         problems.append(f"{format_usd(micro_usd)} USD requested, "
-                        f"{format_usd(avail_usd)} USD available")
-    if avail_tokens is not None and tokens > avail_tokens:
-        problems.append(f"{tokens} tokens requested, {avail_tokens} tokens available")
+                        f"{format_usd(avail_usd)} USD available" + (
+                            f" (limit reached: {format_usd(after.committed_micro_usd)} of "
+                            f"{format_usd(after.limit_micro_usd or 0)} USD committed)"
+                            if spent_usd else ""))
+    if avail_tokens is not None and (tokens > avail_tokens or spent_tokens):
+        problems.append(f"{tokens} tokens requested, {avail_tokens} tokens available" + (
+            f" (limit reached: {after.committed_tokens} of {after.limit_tokens} tokens "
+            "committed)" if spent_tokens else ""))
     if problems:
         events.append(BudgetExceeded(
             budget_id=state.budget_id, call_id=call_id, requested_micro_usd=micro_usd,
@@ -292,21 +362,20 @@ def decide_reserve(state: BudgetState | None, call_id: str, micro_usd: int, toke
     return events
 
 
+def _exhausted(limit: int | None, committed: int) -> bool:
+    return limit is not None and committed >= limit
+
+
 def decide_commit(state: BudgetState | None, call_id: str, micro_usd: int,
                   tokens: int) -> list[Event]:
-    """Charge a call's actual cost and release the rest of its reservation.
+    """Charge a call's actual cost, all of it, and release the rest of its reservation.
 
-    Design decision, overrun: the actual cost may exceed the reservation (the prompt
-    token estimate was low). The commit is **capped**, per dimension: the charge is the
-    actual amount, at most the room this call has, which is its own reservation plus
-    what is neither committed nor reserved by other calls
-    (`limit - committed - (reserved - own)`); that room is never less than the call's
-    own reservation (granted earlier, even if the limit was lowered since), so an actual
-    cost within the reservation is always charged in full. What could not be charged
-    is recorded on the event as `overrun_micro_usd` / `overrun_tokens`
-    (charged + overrun == actual). Hence `committed + reserved <= limit` holds after
-    every commit, and the spend that did not fit stays visible for audit and alerting
-    instead of silently overspending the budget. Unlimited dimensions charge in full.
+    The event's `micro_usd` / `tokens` are the actual cost, never clamped: committed is
+    what was spent. When the actual cost exceeds the call's reservation (a provider that
+    ignored `max_tokens`, a prompt above its bound), the excess is also recorded as
+    `overrun_micro_usd` / `overrun_tokens` (part of the actual cost, not in addition to
+    it); the budget may then be overspent, visibly, and `decide_reserve` denies every
+    further call on a dimension whose committed amount has reached its limit.
 
     Nothing if `call_id` is not open: a retried commit, or a commit after the
     reservation was released or expired (that spend is then not charged: keep
@@ -317,20 +386,9 @@ def decide_commit(state: BudgetState | None, call_id: str, micro_usd: int,
     if state is None or call_id not in state.reservations:
         return []
     res = state.reservations[call_id]
-    charged_usd = _charge(micro_usd, res.micro_usd, state.limit_micro_usd,
-                          state.committed_micro_usd, state.reserved_micro_usd)
-    charged_tokens = _charge(tokens, res.tokens, state.limit_tokens,
-                             state.committed_tokens, state.reserved_tokens)
-    return [BudgetCommitted(budget_id=state.budget_id, call_id=call_id, micro_usd=charged_usd,
-                            tokens=charged_tokens, overrun_micro_usd=micro_usd - charged_usd,
-                            overrun_tokens=tokens - charged_tokens)]
-
-
-def _charge(actual: int, own: int, limit: int | None, committed: int, reserved: int) -> int:
-    if limit is None or actual <= own:
-        return actual
-    room = max(own, limit - committed - (reserved - own))
-    return min(actual, room)
+    return [BudgetCommitted(budget_id=state.budget_id, call_id=call_id, micro_usd=micro_usd,
+                            tokens=tokens, overrun_micro_usd=max(0, micro_usd - res.micro_usd),
+                            overrun_tokens=max(0, tokens - res.tokens))]
 
 
 def decide_release(state: BudgetState | None, call_id: str, reason: str) -> list[Event]:
@@ -356,9 +414,9 @@ def decide_change_limit(state: BudgetState | None, limit_micro_usd: int | None,
     """`[BudgetLimitChanged]`, or nothing if the limits are unchanged.
 
     A limit may be lowered below what is already committed or reserved (to stop
-    spending): remaining is then 0, no reservation fits, and commits charge at most
-    their own reservations, so committed + reserved only goes down until it is back
-    under the limit.
+    spending): remaining is then 0 and no reservation fits, so committed + reserved
+    only grows by overruns (commits above their own reservations) until it is back under
+    the limit. Raising a limit above what is committed lets calls through again.
     """
     if state is None:
         raise BudgetNotOpened("no budget opened on this stream")

@@ -98,7 +98,7 @@ def _fmt(value: object, suffix: str = "", digits: int = 0) -> str:
 
 def nodes_table(nodes: list[dict]) -> str:
     header = (f"{'NODE':<34}{'STATUS':<13}{'HOST':<20}{'CPU':>6}{'MEM':>6}{'GPU':>6}"
-              f"{'GPU MEM (GiB)':>15}{'ACTIVE':>8}{'AVG MS':>8}{'SEEN':>7}")
+              f"{'GPU MEM (GiB)':>15}{'ACTIVE':>8}{'AVG MS':>8}{'SEEN':>7}  RUNTIME")
     lines = [header]
     gib = 1024**3
     for n in nodes:
@@ -111,12 +111,24 @@ def nodes_table(nodes: list[dict]) -> str:
             f"{_fmt(load.get('cpu_pct'), '%'):>6}{_fmt(load.get('memory_pct'), '%'):>6}"
             f"{_fmt(load.get('gpu_util_pct'), '%'):>6}{gpu_mem:>15}"
             f"{_fmt(load.get('active_requests')):>8}{_fmt(load.get('avg_response_ms')):>8}"
-            f"{_fmt(load.get('heartbeat_age_s'), 's', 1):>7}"
+            f"{_fmt(load.get('heartbeat_age_s'), 's', 1):>7}  {_runtime_state(n.get('runtime') or {})}"
         )
+        runtime = n.get("runtime") or {}
+        if runtime.get("reason") and runtime.get("state") in ("crashed", "failed", "unreachable"):
+            lines.append(f"  runtime {runtime['state']}: {runtime['reason']}")
     return "\n".join(lines)
 
 
-@main.command(help="Nodes with status and live load (* = no fresh heartbeat).")
+def _runtime_state(runtime: dict) -> str:
+    if runtime.get("state"):
+        return str(runtime["state"])
+    if runtime.get("kind", "none") == "none":
+        return "none"
+    return "ready" if runtime.get("ready") else "not ready"
+
+
+@main.command(help="Nodes with status, live load (* = no fresh heartbeat) and runtime state "
+                   "(and why it crashed or failed).")
 @click.option("--watch", is_flag=True, help="Refresh every 2 seconds.")
 @click.option("--status", default=None, help="Only nodes with this status.")
 def nodes(watch: bool, status: str | None) -> None:
@@ -141,7 +153,7 @@ def nodes(watch: bool, status: str | None) -> None:
         time.sleep(2)
 
 
-@main.group(help="The local LLM runtime (llama.cpp's llama-server with Gemma 3 270M).")
+@main.group(help="The local LLM runtime (llama.cpp's llama-server with a small bundled model).")
 def runtime() -> None:
     pass
 
@@ -154,7 +166,8 @@ def runtime_prepare() -> None:
         click.echo(message, err=True)
 
     click.echo(f"model        {ensure_model(say)}")
-    click.echo(f"llama-server {ensure_llama_server(say)}")
+    binary = get_settings().llama_server_bin  # NEXUS_LLAMA_SERVER_BIN: nothing to build
+    click.echo(f"llama-server {binary or ensure_llama_server(say)}")
 
 
 @main.group(help="API keys of tenants.")

@@ -16,7 +16,7 @@ from typing import Literal, Union
 
 import msgspec
 
-from shared.messages import NodeRegistration
+from shared.messages import NodeRegistration, RuntimeInfo
 
 
 class Metadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
@@ -73,6 +73,13 @@ class NodeRegistered(Event, frozen=True):
 class NodeCapabilitiesChanged(Event, frozen=True):
     node_id: str
     registration: NodeRegistration
+
+
+class NodeRuntimeChanged(Event, frozen=True):
+    """The node's runtime changed state (starting, ready, crashed, failed, ...), with why."""
+
+    node_id: str
+    runtime: RuntimeInfo
 
 
 class NodeWentOffline(Event, frozen=True):
@@ -141,10 +148,12 @@ class BudgetReserved(Event, frozen=True):
 
 
 class BudgetCommitted(Event, frozen=True):
-    """Actual spend of a call, charged; the rest of its reservation is released.
+    """Actual spend of a call, charged in full; the rest of its reservation is released.
 
-    `micro_usd` / `tokens` are what was charged; `overrun_*` is the part of the actual
-    cost that did not fit in the budget and was not charged (actual = charged + overrun).
+    `micro_usd` / `tokens` are the actual cost, all of it committed; `overrun_*` is the
+    part of it above the call's reservation (included in `micro_usd` / `tokens`, not in
+    addition), zero unless the reservation's worst case was wrong. (Events appended
+    before this rule charged at most the budget's room and put the rest in `overrun_*`.)
     """
 
     budget_id: str
@@ -190,8 +199,20 @@ class PolicyDefined(Event, frozen=True):
     rules: dict[str, object]  # shared.policy.PolicyRules, as JSON
 
 
+class DroppedTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """A target of a call's fallback chain that the policy denied, and why."""
+
+    target: str  # "provider/model"
+    rule: str
+    reason: str
+
+
 class PolicyEvaluated(Event, frozen=True):
-    """One policy decision, with the rule that decided and a readable reason."""
+    """One policy decision, with the rule that decided and a readable reason.
+
+    A chat decision names the targets of the route the call may try (`targets`, in
+    order) and those the policy dropped from it (`dropped`, each with its rule).
+    """
 
     session_id: str
     call_id: str
@@ -201,6 +222,8 @@ class PolicyEvaluated(Event, frozen=True):
     reason: str
     policy: str | None = None  # name@version, or "inline"
     scope: str | None = None
+    targets: tuple[str, ...] = ()  # chat: the targets allowed, "provider/model", in order
+    dropped: tuple[DroppedTarget, ...] = ()  # chat: the targets the policy denied
 
 
 class MessageAppended(Event, frozen=True):
@@ -251,6 +274,7 @@ class LLMCallFailed(Event, frozen=True):
     fallback: str | None = None
     after_first_token: bool = False
     final: bool = False  # the call as a whole failed
+    retry_in_s: float | None = None  # the backoff before retrying this target (honours Retry-After)
 
 
 class LLMCallCompleted(Event, frozen=True):
@@ -275,6 +299,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SessionClosed,
     NodeRegistered,
     NodeCapabilitiesChanged,
+    NodeRuntimeChanged,
     NodeWentOffline,
     NodeCameBack,
     NodeDraining,

@@ -38,14 +38,29 @@ class GpuInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     memory_total_bytes: Bytes
 
 
+RuntimeState = Literal["starting", "ready", "crashed", "failed", "unreachable"]
+
+
 class RuntimeInfo(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The inference runtime a node fronts (`kind="none"` until one is configured)."""
+    """The inference runtime a node fronts (`kind="none"` until one is configured).
+
+    `state` (None from nodes older than it): `starting` (being built or started),
+    `ready`, `crashed` (exited; restarted after a backoff), `failed` (gave up: too many
+    restarts, or it could not be built), `unreachable` (a configured `NEXUS_RUNTIME_URL`
+    does not answer). `reason` says why in words, e.g. "crashed: signal SIGILL (illegal
+    instruction), 3 restarts"; `exit_code` / `exit_signal` are those of its last exit.
+    """
 
     kind: str = "none"
     version: str | None = None
     base_url: str | None = None
     models: tuple[str, ...] = ()
     ready: bool = False
+    state: RuntimeState | None = None
+    reason: str = ""
+    restarts: Count = 0
+    exit_code: int | None = None
+    exit_signal: str | None = None  # e.g. "SIGILL"
 
 
 class NodeRegistration(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -125,8 +140,20 @@ def messages_text(messages: tuple[ChatMessage, ...]) -> str:
     return "\n".join(m.text for m in messages)
 
 
+class PlannedTarget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A target the session's policy allows for one call, with what to redact for it."""
+
+    name: str  # "provider/model"
+    redact: tuple[str, ...] = ()  # kinds to redact before text leaves for it
+
+
 class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`nexus.provider.complete`: one LLM call; the reply is a frame stream."""
+    """`nexus.provider.complete`: one LLM call; the reply is a frame stream.
+
+    `targets`: the only targets of the route that may be tried, in order, each with its
+    redaction (the policy evaluated every target; denied ones are not listed). Empty:
+    the whole chain, `redact` applying to its hosted targets.
+    """
 
     call_id: str
     session_id: str
@@ -141,11 +168,22 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     tool_choice: Any = None
     redact: tuple[str, ...] = ()  # kinds to redact before text leaves for a hosted provider
     nodes: dict[str, tuple[str, ...]] = {}  # runtime model -> nodes chosen by the orchestrator, best first
+    targets: tuple[PlannedTarget, ...] = ()  # the targets allowed to be tried; empty: all
+
+
+class TargetInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One target of a model's fallback chain: what a policy decides on."""
+
+    name: str  # "provider/model"
+    provider: str
+    model: str
+    hosted: bool = True  # text leaves for a hosted provider (redaction applies)
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str  # the name clients use
     targets: tuple[str, ...]  # "provider/model", in fallback order
+    target_info: tuple[TargetInfo, ...] = ()  # the same targets, in the same order, in detail
     input_usd_per_mtok: float  # the highest price along the chain (worst case)
     output_usd_per_mtok: float
     context: int

@@ -107,6 +107,12 @@ class ControlMetrics:
             "nexus.budget.denials", unit="{call}", description="Calls denied by a budget")
         self.budget_committed = m.create_counter(
             "nexus.budget.committed.usd", unit="{USD}", description="Spend committed to budgets, USD")
+        self.budget_overruns = m.create_counter(
+            "nexus.budget.overruns", unit="{call}",
+            description="Commits above their reservation, by budget scope (session/tenant)")
+        self.budget_overrun_tokens = m.create_counter(
+            "nexus.budget.overrun.tokens", unit="{token}",
+            description="Tokens committed beyond the calls' reservations, by budget scope")
 
 
 def observe_gauges(name: str, unit: str, description: str,

@@ -3,7 +3,7 @@
 Two sources, kept apart on purpose:
 
 - **Registry state** (`NodeRecord`) is durable: a fold of the `node-<id>` stream's
-  events (registered, capabilities changed, offline, back, draining, left,
+  events (registered, capabilities changed, runtime changed, offline, back, draining, left,
   deregistered). The `nodes` projection stores the same fold in Postgres.
 - **Load** is telemetry: heartbeats folded into `NodeView`, in memory, per
   orchestrator process. Selection reads only this view and never waits on I/O.
@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
 from shared.events import (
     Event,
     NodeCameBack,
@@ -29,6 +31,7 @@ from shared.events import (
     NodeDraining,
     NodeLeft,
     NodeRegistered,
+    NodeRuntimeChanged,
     NodeWentOffline,
 )
 from shared.messages import Heartbeat, NodeRegistration
@@ -36,8 +39,8 @@ from shared.messages import Heartbeat, NodeRegistration
 ONLINE, OFFLINE, DRAINING, LEFT, DEREGISTERED = "online", "offline", "draining", "left", "deregistered"
 STATUSES = (ONLINE, OFFLINE, DRAINING, LEFT, DEREGISTERED)
 NODE_EVENT_TYPES = frozenset(
-    t.__name__ for t in (NodeRegistered, NodeCapabilitiesChanged, NodeWentOffline, NodeCameBack,
-                         NodeDraining, NodeLeft, NodeDeregistered)
+    t.__name__ for t in (NodeRegistered, NodeCapabilitiesChanged, NodeRuntimeChanged,
+                         NodeWentOffline, NodeCameBack, NodeDraining, NodeLeft, NodeDeregistered)
 )
 
 
@@ -72,6 +75,9 @@ def fold_node(state: NodeRecord | None, event: Event, version: int) -> NodeRecor
         case NodeRegistered(node_id=node_id, registration=reg):
             return NodeRecord(node_id, ONLINE, reg, version)
         case NodeCapabilitiesChanged(registration=reg) if state is not None:
+            return NodeRecord(state.node_id, state.status, reg, version)
+        case NodeRuntimeChanged(runtime=runtime) if state is not None:
+            reg = msgspec.structs.replace(state.registration, runtime=runtime)
             return NodeRecord(state.node_id, state.status, reg, version)
         case NodeWentOffline() if state is not None:
             return NodeRecord(state.node_id, OFFLINE, state.registration, version)

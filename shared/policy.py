@@ -18,10 +18,19 @@ a rule is about).
 Rules
 -----
 - `models_allow` / `models_deny`, `providers_allow` / `providers_deny`, `tools_allow`:
-  glob patterns (`fnmatch`: `*`, `?`, `[seq]`, `[!seq]`) matched against the whole
+  glob patterns (`*`, `?`, `[seq]`, `[!seq]`, as `fnmatch`) matched against the whole
   name, case-insensitively. An `*_allow` of `None` means "any" for models and
   providers; for tools it means "none" (tools need permission, see below). An empty
   list allows nothing.
+- Model and provider rules hold for every *target* a call can reach: a route is an
+  ordered fallback chain of targets (`provider/model`, `ChatRequestFacts.targets`),
+  and each is evaluated on its own. A target is denied by the provider rules on its
+  provider, and by the model rules on any of its names: the model the client asked
+  for (a route alias or `provider/model`), the target's model and `provider/model`
+  (a deny pattern matching any of them denies; an allow list must match one of
+  them). Denied targets are dropped from the chain (`Decision.targets` lists every
+  target with its verdict); a call none of whose targets is allowed is denied by the
+  rule that denied its first target.
 - `max_tokens_per_call`: the most completion tokens (`max_tokens`) one call may ask
   for. A request that asks for no limit is not denied: the decision then carries
   `max_tokens`, the cap the caller must send to the provider.
@@ -35,12 +44,14 @@ Rules
   limit of 0 blocks every call. `CompiledPolicy.rate_scopes` says which scopes have
   limits, so the caller counts only those. A scope whose usage is `None` does not
   apply to the request (no API key, no session): its limits are skipped.
-- `content.deny_input` / `content.deny_output`: regular expressions (Python `re`,
-  searched anywhere in the text; `(?i)` for case-insensitive). Input rules see the
-  request's text before any redaction. Checked when compiling: a pattern must compile,
-  and nested unbounded repetition such as `(a+)+` is refused because it can take
-  exponential time. A leading `.*` is dropped when compiling (it never changes
-  whether a pattern occurs, but makes a search quadratic in the text).
+- `content.deny_input` / `content.deny_output`: regular expressions in RE2 syntax
+  (`google-re2`; searched anywhere in the text; `(?i)` for case-insensitive). RE2
+  runs in time linear in the text whatever the pattern (no backtracking: `(a|aa)*b`
+  or `(a+)+b` cost what `ab` costs), so a user-written pattern cannot stall the
+  process. It has no look-arounds, back-references or possessive repeats: a pattern
+  RE2 cannot compile is refused, naming the field. Input rules see the request's text
+  before any redaction. Glob patterns are matched with RE2 as well. (RE2 releases the
+  GIL while it scans; the orchestrator scans large texts in a worker thread.)
 - `content.redact`: the kinds of secrets to redact before text leaves for a hosted
   provider (all four by default), each replaced by `[REDACTED:<kind>]`:
   `email`; `phone`, written with a leading `+` (`+44 20 7946 0958`, `+1 (555)
@@ -62,8 +73,9 @@ elsewhere. Output that no rule denies is allowed (`default.allow_output`).
 
 Precedence of `evaluate_chat` (the first rule that denies decides)
 ------------------------------------------------------------------
-1. `providers.deny`, then `providers.allow`
-2. `models.deny`, then `models.allow`  (a deny pattern wins over an allow pattern)
+1. per target: `providers.deny`, then `providers.allow`, then
+2. `models.deny`, then `models.allow` (a deny pattern wins over an allow pattern);
+   denied targets are dropped, the call is denied only when none is left
 3. `max_tokens_per_call`
 4. the tools the request offers, in order: `default.deny_tools` for the first not allowed
 5. `content.input.deny[i]`, the first matching pattern in declared order
@@ -75,13 +87,14 @@ Permanent denials (who, what, how much, which content) come before rate limits, 
 request that can never succeed is not told to retry later.
 
 An allowed chat decision carries the caller's obligations: `redact` (the kinds to
-redact with `CompiledPolicy.redact` before the text leaves; empty unless
-`facts.hosted`) and `max_tokens` (the cap to send when the request gave none).
+redact with `CompiledPolicy.redact` before the text leaves; empty unless a target
+is hosted), `targets` (with `facts.targets`: each target's verdict, in chain order;
+an allowed one carries its own `redact`, empty unless that target is hosted) and
+`max_tokens` (the cap to send when the request gave none).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 from collections import Counter
@@ -89,6 +102,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
+import re2
 
 RedactKind = Literal["email", "phone", "card", "api_key"]
 Scope = Literal["tenant", "key", "session"]
@@ -141,11 +155,25 @@ class PolicyRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 # -- what is evaluated and what comes back -------------------------------------------------
 
 
-class ChatRequestFacts(msgspec.Struct, frozen=True, kw_only=True):
-    """What the policy needs to know about one chat call."""
+class TargetFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """One target a call can reach (a step of a route's fallback chain)."""
 
-    model: str
+    name: str  # "provider/model"
     provider: str
+    model: str
+    hosted: bool = True  # text sent to it leaves for a hosted provider (redaction applies)
+
+
+class ChatRequestFacts(msgspec.Struct, frozen=True, kw_only=True):
+    """What the policy needs to know about one chat call.
+
+    `targets`: the targets the call can reach, in fallback order. Empty: one target,
+    `provider` serving `model` (`hosted` says whether redaction applies to it).
+    """
+
+    model: str  # what the client asked for: a route alias or "provider/model"
+    provider: str = ""
+    targets: tuple[TargetFacts, ...] = ()
     max_tokens: int | None = None  # completion tokens asked for; None = provider default
     input_text: str = ""  # all user-visible text of the request, joined
     hosted: bool = True  # the text leaves for a hosted provider (redaction applies)
@@ -167,6 +195,16 @@ class RateUsage(msgspec.Struct, frozen=True, kw_only=True):
     session: WindowUsage | None = None
 
 
+class TargetDecision(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The verdict on one target of a call: allowed (with its redaction) or dropped."""
+
+    target: str  # "provider/model"
+    allowed: bool
+    rule: str  # "default.allow_target" or the rule that denied it
+    reason: str
+    redact: tuple[RedactKind, ...] = ()  # allowed: kinds to redact before sending to it
+
+
 class Decision(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     allowed: bool
     rule: str  # stable rule id, e.g. "models.deny", "rate.calls_per_minute.session"
@@ -174,6 +212,15 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     scope: Scope | None = None  # rate-limit decisions only
     redact: tuple[RedactKind, ...] = ()  # allowed chat: kinds to redact before sending
     max_tokens: int | None = None  # allowed chat: cap to send when the request set none
+    targets: tuple[TargetDecision, ...] = ()  # chat with facts.targets: each one's verdict
+
+    @property
+    def allowed_targets(self) -> tuple[TargetDecision, ...]:
+        return tuple(t for t in self.targets if t.allowed)
+
+    @property
+    def dropped_targets(self) -> tuple[TargetDecision, ...]:
+        return tuple(t for t in self.targets if not t.allowed)
 
 
 class PolicyError(ValueError):
@@ -228,7 +275,7 @@ def validate_rules(rules: PolicyRules) -> list[str]:
                  "tools_allow"):
         value = getattr(rules, name)
         if value is not None:
-            _check_strings(name, value, MAX_GLOB_LENGTH, problems, None)
+            _check_strings(name, value, MAX_GLOB_LENGTH, problems, _glob_problem)
     _check_int("max_tokens_per_call", rules.max_tokens_per_call, 1, problems)
     for scope in SCOPES:
         name = f"rate_per_{scope}"
@@ -285,87 +332,98 @@ def _check_strings(field: str, value: object, max_length: int, problems: list[st
             problems.append(f"{where}: {problem}")
 
 
+def _re2_options(*, case_sensitive: bool) -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # RE2 would log the pattern to stderr: no user text in logs
+    options.never_capture = True  # only "does it occur" is asked: the DFA answers that
+    options.case_sensitive = case_sensitive
+    return options
+
+
+_CONTENT_OPTIONS = _re2_options(case_sensitive=True)
+_GLOB_OPTIONS = _re2_options(case_sensitive=False)
+
+
+def _re2_compile(pattern: str, options: re2.Options) -> Any:
+    """RE2 compiled; raises `re2.error` with RE2's message in words."""
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        detail = exc.args[0] if exc.args else "invalid"
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", "replace")
+        raise re2.error(str(detail)) from None
+
+
 def _regex_problem(pattern: str) -> str | None:
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        return f"invalid regex: {exc}"
-    if _has_nested_unbounded_repeat(pattern):
-        return ("nested unbounded repetition (like '(a+)+') can take exponential time; "
-                "rewrite it so that no repeated group itself repeats without bound")
+        _re2_compile(pattern, _CONTENT_OPTIONS)
+    except re2.error as exc:
+        return (f"invalid regex: {exc} (patterns use RE2 syntax, which runs in linear "
+                f"time: no look-arounds, back-references or possessive repeats)")
     return None
 
 
-def _has_nested_unbounded_repeat(pattern: str) -> bool:
-    """True when an unbounded repeat sits inside another one, e.g. `(a+)+`, `(\\w*\\s)*`.
+def _glob_regex(pattern: str) -> str:
+    """A glob (`*`, `?`, `[seq]`, `[!seq]`, as `fnmatch`) as an anchored RE2 pattern."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        i += 1
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[":
+            j = i
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                out.append(re2.escape("["))
+                continue
+            body = pattern[i:j].replace("\\", "\\\\").replace("[", "\\[")
+            i = j + 1
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            elif body.startswith("^"):
+                body = "\\" + body
+            out.append(f"[{body}]")
+        else:
+            out.append(re2.escape(ch))
+    return "(?s)\\A" + "".join(out) + "\\z"
 
-    Conservative: some such patterns are harmless, but the ones that backtrack
-    exponentially all have this shape (overlapping alternations aside).
-    """
+
+def _glob_problem(pattern: str) -> str | None:
     try:
-        from re import _constants as c  # type: ignore[attr-defined]
-        from re import _parser as p  # type: ignore[attr-defined]
-
-        tree = p.parse(pattern)
-    except Exception:  # noqa: BLE001 - internals moved: skip the check, never fail on it
-        return False
-
-    def walk(items: Any, inside: bool) -> bool:
-        for op, av in items:
-            if op in (c.MAX_REPEAT, c.MIN_REPEAT):
-                unbounded = av[1] == c.MAXREPEAT
-                if (unbounded and inside) or walk(av[2], inside or unbounded):
-                    return True
-            elif op is getattr(c, "POSSESSIVE_REPEAT", None) or op is getattr(
-                    c, "ATOMIC_GROUP", None):
-                body = av[2] if op is getattr(c, "POSSESSIVE_REPEAT", None) else av
-                if walk(body, False):  # no backtracking into it
-                    return True
-            elif op is c.SUBPATTERN:
-                if walk(av[3], inside):
-                    return True
-            elif op is c.BRANCH:
-                if any(walk(branch, inside) for branch in av[1]):
-                    return True
-            elif op in (c.ASSERT, c.ASSERT_NOT):
-                if walk(av[1], inside):
-                    return True
-            elif op is c.GROUPREF_EXISTS:
-                if walk(av[1], inside) or (av[2] is not None and walk(av[2], inside)):
-                    return True
-        return False
-
-    return walk(tree, False)
-
-
-_LEADING_DOT_STAR = re.compile(r"^((?:\(\?[aiLmsux]+\))*)((?:\.\*\??(?![+?*{]))+)")
-
-
-def _search_form(pattern: str) -> str:
-    """`pattern` without a leading `.*` (same matches for `search`, linear time)."""
-    return _LEADING_DOT_STAR.sub(r"\1", pattern, count=1)
+        _re2_compile(_glob_regex(pattern), _GLOB_OPTIONS)
+    except re2.error as exc:
+        return f"invalid glob: {exc}"
+    return None
 
 
 # -- compiled policy ----------------------------------------------------------------------
 
 
 class _Globs:
-    """Glob patterns compiled into one case-insensitive regex; reports which matched."""
+    """Glob patterns, each compiled with RE2 (case-insensitive); reports which matched."""
 
-    __slots__ = ("patterns", "_regex")
+    __slots__ = ("patterns", "_regexes")
 
     def __init__(self, patterns: tuple[str, ...]) -> None:
         self.patterns = tuple(patterns)
-        alternatives = "|".join(f"(?P<g{i}>{fnmatch.translate(p)})"
-                                for i, p in enumerate(self.patterns))
-        self._regex = re.compile(alternatives, re.IGNORECASE) if self.patterns else None
+        self._regexes = tuple(_re2_compile(_glob_regex(p), _GLOB_OPTIONS) for p in self.patterns)
 
-    def first_match(self, name: str) -> str | None:
-        """The first pattern, in declared order, that matches `name`."""
-        if self._regex is None:
-            return None
-        m = self._regex.match(name)
-        return None if m is None else self.patterns[int(m.lastgroup[1:])]  # type: ignore[index]
+    def first_match(self, *names: str) -> str | None:
+        """The first pattern, in declared order, that matches one of `names`."""
+        for pattern, regex in zip(self.patterns, self._regexes):
+            if any(regex.search(name) is not None for name in names):
+                return pattern
+        return None
 
 
 def _q(value: str, limit: int = 80) -> str:
@@ -395,9 +453,9 @@ class CompiledPolicy:
                                  else _Globs(rules.providers_allow))
         self._providers_deny = _Globs(rules.providers_deny)
         self._tools_allow = None if rules.tools_allow is None else _Globs(rules.tools_allow)
-        self._deny_input = tuple((p, re.compile(_search_form(p)))
+        self._deny_input = tuple((p, _re2_compile(p, _CONTENT_OPTIONS))
                                  for p in rules.content.deny_input)
-        self._deny_output = tuple((p, re.compile(_search_form(p)))
+        self._deny_output = tuple((p, _re2_compile(p, _CONTENT_OPTIONS))
                                   for p in rules.content.deny_output)
         self._rates: tuple[tuple[Scope, RateLimits], ...] = tuple(
             (scope, limits) for scope in SCOPES
@@ -409,13 +467,41 @@ class CompiledPolicy:
 
     # -- chat ---------------------------------------------------------------------------
 
+    @property
+    def has_content_rules(self) -> bool:
+        """Whether evaluating a text scans it (worth doing off the event loop when big)."""
+        return bool(self._deny_input or self._deny_output)
+
+    def evaluate_target(self, requested: str, target: TargetFacts) -> TargetDecision:
+        """Provider and model rules on one target of a call for model `requested`."""
+        names = tuple(dict.fromkeys((requested, target.model, target.name)))
+        denied = (self._check_name("provider", "providers", target.provider,
+                                   self._providers_deny, self._providers_allow)
+                  or self._check_name("model", "models", requested, self._models_deny,
+                                      self._models_allow, names, target.name))
+        if denied is not None:
+            return TargetDecision(target=target.name, allowed=False, rule=denied.rule,
+                                  reason=denied.reason)
+        return TargetDecision(target=target.name, allowed=True, rule="default.allow_target",
+                              reason=f"no rule denies provider {_q(target.provider)} "
+                                     f"with model {_q(target.model)}",
+                              redact=self._redact if target.hosted else ())
+
     def evaluate_chat(self, facts: ChatRequestFacts, usage: RateUsage) -> Decision:
         """Allow or deny one chat call; the first denying rule decides (module docs)."""
-        denied = (self._check_name("provider", "providers", facts.provider,
-                                   self._providers_deny, self._providers_allow)
-                  or self._check_name("model", "models", facts.model,
-                                      self._models_deny, self._models_allow)
-                  or self._check_max_tokens(facts.max_tokens))
+        targets = facts.targets or (TargetFacts(name=facts.model, provider=facts.provider,
+                                                model=facts.model, hosted=facts.hosted),)
+        verdicts = tuple(self.evaluate_target(facts.model, t) for t in targets)
+        shown = verdicts if facts.targets else ()
+        allowed = [v for v in verdicts if v.allowed]
+        if not allowed:
+            first = verdicts[0]
+            reasons = list(dict.fromkeys(v.reason for v in verdicts))
+            reason = (reasons[0] if len(reasons) == 1 else
+                      f"no target of {_q(facts.model)} is allowed: "
+                      + "; ".join(f"{v.target}: {v.reason}" for v in verdicts))
+            return Decision(allowed=False, rule=first.rule, reason=reason, targets=shown)
+        denied = self._check_max_tokens(facts.max_tokens)
         if denied is not None:
             return denied
         for tool in facts.tools:
@@ -431,22 +517,34 @@ class CompiledPolicy:
             if denied is not None:
                 return denied
         cap = self.rules.max_tokens_per_call if facts.max_tokens is None else None
-        return Decision(allowed=True, rule="default.allow_chat",
-                        reason=f"no rule denies model {_q(facts.model)} "
-                               f"from provider {_q(facts.provider)}",
-                        redact=self._redact if facts.hosted else (), max_tokens=cap)
+        if facts.targets:
+            dropped = len(verdicts) - len(allowed)
+            reason = (f"no rule denies model {_q(facts.model)} through "
+                      f"{_listing(tuple(v.target for v in allowed))}"
+                      + (f" ({dropped} target{'s' if dropped > 1 else ''} dropped)"
+                         if dropped else ""))
+        else:
+            reason = (f"no rule denies model {_q(facts.model)} "
+                      f"from provider {_q(facts.provider)}")
+        redact = self._redact if any(v.redact for v in allowed) else ()
+        return Decision(allowed=True, rule="default.allow_chat", reason=reason,
+                        redact=redact, max_tokens=cap, targets=shown)
 
     @staticmethod
-    def _check_name(what: str, rule: str, name: str, deny: _Globs,
-                    allow: _Globs | None) -> Decision | None:
-        pattern = deny.first_match(name)
-        if pattern is not None:
-            return Decision(allowed=False, rule=f"{rule}.deny",
-                            reason=f"{what} {_q(name)} is denied by pattern {_q(pattern)}")
-        if allow is not None and allow.first_match(name) is None:
-            reason = (f"{what} {_q(name)} is not allowed: the policy allows no {rule}"
+    def _check_name(what: str, rule: str, name: str, deny: _Globs, allow: _Globs | None,
+                    names: tuple[str, ...] = (), target: str | None = None) -> Decision | None:
+        """`name` (or any of `names`, the aliases of one target) against deny, then allow."""
+        names = names or (name,)
+        for alias in names:
+            pattern = deny.first_match(alias)
+            if pattern is not None:
+                return Decision(allowed=False, rule=f"{rule}.deny",
+                                reason=f"{what} {_q(alias)} is denied by pattern {_q(pattern)}")
+        if allow is not None and allow.first_match(*names) is None:
+            shown = _q(name) if len(names) == 1 else f"{_q(name)} (target {_q(target or '')})"
+            reason = (f"{what} {shown} is not allowed: the policy allows no {rule}"
                       if not allow.patterns else
-                      f"{what} {_q(name)} is not allowed: it matches none of "
+                      f"{what} {shown} is not allowed: it matches none of "
                       f"{_listing(allow.patterns)}")
             return Decision(allowed=False, rule=f"{rule}.allow", reason=reason)
         return None
@@ -512,10 +610,12 @@ class CompiledPolicy:
         return redact_text(text, self._redact)
 
 
-def _first_deny(patterns: tuple[tuple[str, re.Pattern[str]], ...], text: str,
+def _first_deny(patterns: tuple[tuple[str, Any], ...], text: str,
                 where: Literal["input", "output"]) -> Decision | None:
+    # UTF-8 once, not once per pattern (RE2 scans bytes; a lone surrogate becomes "?")
+    data = text.encode("utf-8", "replace")
     for i, (source, regex) in enumerate(patterns):
-        if regex.search(text) is not None:
+        if regex.search(data) is not None:
             return Decision(allowed=False, rule=f"content.{where}.deny[{i}]",
                             reason=f"{where} text matches deny pattern {_q(source)} "
                                    f"(content.deny_{where}[{i}])")

@@ -103,6 +103,12 @@ class Settings:
     budget_sweep_s: float = 5.0
     """NEXUS_BUDGET_SWEEP_S: how often the orchestrator looks for expired reservations."""
 
+    budget_cache_size: int = 10_000
+    """NEXUS_BUDGET_CACHE_SIZE: budget states an orchestrator keeps in memory (least recently used out; reloaded from the events)."""
+
+    idempotency_wait_s: float = 10.0
+    """NEXUS_IDEMPOTENCY_WAIT_S: how long a retry waits for the first request with its Idempotency-Key to finish, then a 409 with Retry-After."""
+
     admin_key: str | None = None
     """NEXUS_ADMIN_KEY: the bootstrap platform-admin API key (`nexus up` generates one if unset)."""
 
@@ -142,6 +148,18 @@ class Settings:
     runtime_model: str | None = None
     """NEXUS_RUNTIME_MODEL: the model name the runtime serves (default: what it reports)."""
 
+    local_model: str = "smollm2-135m-instruct"
+    """NEXUS_LOCAL_MODEL: the bundled model a node's own llama-server serves: `smollm2-135m-instruct` (default) or `gemma-3-270m` (a base model)."""
+
+    llama_server_bin: Path | None = None
+    """NEXUS_LLAMA_SERVER_BIN: the llama-server binary a node starts (unset: the one built once per machine)."""
+
+    runtime_max_restarts: int = 5
+    """NEXUS_RUNTIME_MAX_RESTARTS: restarts of a crashing llama-server before the node reports it failed and stops."""
+
+    runtime_restart_backoff_s: float = 1.0
+    """NEXUS_RUNTIME_RESTART_BACKOFF_S: delay before the first restart; it doubles each time, up to 30s."""
+
     node_max_concurrency: int = 4
     """NEXUS_NODE_MAX_CONCURRENCY: inference requests a node runs at once."""
 
@@ -171,6 +189,8 @@ class Settings:
             db_pool_size=_env_int("NEXUS_DB_POOL_SIZE", 10),
             reservation_ttl_s=_env_float("NEXUS_RESERVATION_TTL_S", 600.0),
             budget_sweep_s=_env_float("NEXUS_BUDGET_SWEEP_S", 5.0),
+            budget_cache_size=_env_int("NEXUS_BUDGET_CACHE_SIZE", 10_000),
+            idempotency_wait_s=_env_float("NEXUS_IDEMPOTENCY_WAIT_S", 10.0),
             admin_key=_env("NEXUS_ADMIN_KEY"),
             api_key=_env("NEXUS_API_KEY"),
             nats_user=_env("NEXUS_NATS_USER"),
@@ -184,6 +204,10 @@ class Settings:
             runtime_url=_env("NEXUS_RUNTIME_URL"),
             runtime=_env("NEXUS_RUNTIME", "llama") or "llama",
             runtime_model=_env("NEXUS_RUNTIME_MODEL"),
+            local_model=_env("NEXUS_LOCAL_MODEL", "smollm2-135m-instruct") or "smollm2-135m-instruct",
+            llama_server_bin=Path(b) if (b := _env("NEXUS_LLAMA_SERVER_BIN")) else None,
+            runtime_max_restarts=_env_int("NEXUS_RUNTIME_MAX_RESTARTS", 5),
+            runtime_restart_backoff_s=_env_float("NEXUS_RUNTIME_RESTART_BACKOFF_S", 1.0),
             node_max_concurrency=_env_int("NEXUS_NODE_MAX_CONCURRENCY", 4),
             node_max_queue=_env_int("NEXUS_NODE_MAX_QUEUE", 32),
             node_selection=_env("NEXUS_NODE_SELECTION", "least_loaded") or "least_loaded",
@@ -197,6 +221,8 @@ class Settings:
         hidden = {"admin_key", "api_key", "nats_password"}
         fields = ", ".join(
             f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
+            if f.name != "database_url" or not self.database_url
+            else f"database_url={redact_url(self.database_url)!r}"
             for f in dataclasses.fields(self)
         )
         return f"Settings({fields})"
@@ -204,6 +230,17 @@ class Settings:
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)
 
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user info replaced by `***`."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 @functools.cache

@@ -5,13 +5,21 @@ applies migrations, then runs orchestrator, provider and node as child processes
 A child that dies is restarted with backoff; Ctrl-C or SIGTERM stops the services
 first (SIGTERM, so they drain), then the servers. Every child gets SIGTERM if the
 supervisor itself is killed, so a crash leaves nothing running; the next start
-recovers the data dir (Postgres replays its WAL, JetStream its store).
+recovers the data dir (Postgres replays its WAL, JetStream its store). Once up, it
+says what the node reports about its LLM runtime as that changes (ready; crashed or
+failed, with how: "signal SIGILL (illegal instruction), 3 restarts"), read from the API.
 
 The embedded NATS requires a login: each service gets its own user (`orchestrator`,
 `provider`, `node-<node_id>`; passwords in `<data dir>/nats/credentials.json`, mode
 0600) through NEXUS_NATS_USER / NEXUS_NATS_PASSWORD, and the node may publish only
 under `nexus.node.<node_id>.` (shared.infra.nats_auth). With NATS_URL set, the
 operator's server and environment decide.
+
+Each service gets only the credentials it needs (`service_env`): the platform admin
+key only the orchestrator (which bootstraps it), DATABASE_URL (with the embedded
+Postgres's password, `<data dir>/postgres/password`, mode 0600) the orchestrator and
+the provider, and the node neither. What `nexus up` prints and writes to `up.json`
+never holds a password.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pathlib import Path
 from shared.infra import EmbeddedNats, EmbeddedPostgres
 from shared.infra.migrate import migrate
 from shared.infra.nats_auth import NatsCredentials, NatsUser, authorization_config, dev_credentials
+from shared.infra.postgres import PASSWORD_FILE, redact_url, with_password, without_password
 from shared.infra.process import ChildServer, die_with_parent
 from shared.nodes import load_or_create_node_id
 from shared.settings import Settings
@@ -37,6 +46,13 @@ from shared.settings import Settings
 log = logging.getLogger("nexus.up")
 
 SERVICES = ("orchestrator", "provider", "node")
+# Credentials in the environment, and the services that may have each (least privilege).
+CREDENTIALS = {
+    "NEXUS_ADMIN_KEY": ("orchestrator",),
+    "NEXUS_API_KEY": (),
+    "DATABASE_URL": ("orchestrator", "provider"),
+    "PGPASSWORD": ("orchestrator", "provider"),
+}
 STATE_FILE = "up.json"
 
 
@@ -62,6 +78,19 @@ class ServiceProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def runtime_line(runtime: dict[str, object], log_path: Path) -> str | None:
+    """What `nexus up` says about a node's runtime state, or None (nothing to say)."""
+    state, reason = runtime.get("state"), runtime.get("reason") or ""
+    if state == "ready":
+        models = ", ".join(str(m) for m in runtime.get("models") or ()) or "no models"
+        return f"LLM runtime ready: {models}" + (f" ({reason})" if reason else "")
+    if state in ("crashed", "failed"):
+        return f"LLM runtime {state}: {reason} (log: {log_path})"
+    if state == "unreachable":
+        return f"LLM runtime {state}: {reason}"
+    return None
 
 
 def state_path(settings: Settings) -> Path:
@@ -95,13 +124,26 @@ def ensure_admin_key(settings: Settings) -> tuple[str, bool]:
     return key, True
 
 
+def pg_password_path(settings: Settings) -> Path:
+    """Where the embedded Postgres keeps its password (see shared.infra.postgres)."""
+    return settings.data_dir / "postgres" / PASSWORD_FILE
+
+
 def resolve_urls(settings: Settings) -> tuple[str, str]:
-    """NATS and Postgres URLs for CLI commands: env first, then a running `nexus up`."""
+    """NATS and Postgres URLs for CLI commands: env first, then a running `nexus up`
+    (whose embedded Postgres's password is read from its 0600 file)."""
     state = read_state(settings)
     nats_url = settings.nats_url or str(state.get("nats_url") or f"nats://127.0.0.1:{settings.nats_port}")
-    db_url = settings.database_url or str(
-        state.get("database_url") or f"postgresql://postgres@127.0.0.1:{settings.pg_port}/nexus"
-    )
+    if settings.database_url:
+        return nats_url, settings.database_url
+    db_url = str(state.get("database_url")
+                 or f"postgresql://postgres@127.0.0.1:{settings.pg_port}/nexus")
+    try:
+        password = pg_password_path(settings).read_text().strip()
+    except OSError:
+        password = ""
+    if password and (not state or state.get("database") == "embedded"):
+        db_url = with_password(db_url, password)
     return nats_url, db_url
 
 
@@ -112,6 +154,7 @@ class Supervisor:
         self.servers: list[ChildServer] = []
         self.services: list[ServiceProcess] = []
         self.nats_users: dict[str, NatsUser] = {}  # per service; empty with an external NATS
+        self.admin_key: str | None = None
         self._stopping = False
 
     def _say(self, text: str) -> None:
@@ -137,7 +180,7 @@ class Supervisor:
             self._say(f"starting embedded Postgres on 127.0.0.1:{pg.port} ...")
             pg.start()
             self.servers.append(pg)
-            db_url = pg.url()
+            db_url = pg.url()  # with the password: only for the services that need it
         self._say("applying migrations ...")
         migrate(db_url)
         return nats_url, db_url
@@ -154,7 +197,9 @@ class Supervisor:
         return credentials
 
     def service_env(self, name: str, base: dict[str, str]) -> dict[str, str]:
-        env = {**base, "NEXUS_INSTANCE_ID": f"{name}-1"}
+        """`base` (the environment with all credentials) less what `name` must not have."""
+        env = {k: v for k, v in base.items() if name in CREDENTIALS.get(k, (name,))}
+        env["NEXUS_INSTANCE_ID"] = f"{name}-1"
         user = self.nats_users.get(name)
         if user is not None:
             env["NEXUS_NATS_USER"] = user.name
@@ -163,6 +208,7 @@ class Supervisor:
 
     def start_services(self, nats_url: str, db_url: str) -> None:
         admin_key, new = ensure_admin_key(self.settings)
+        self.admin_key = admin_key
         if new:  # shown once; afterwards it is only in the 0600 file
             self._say(f"generated the platform admin API key (shown once, kept in "
                       f"{admin_key_path(self.settings)}):\n  {admin_key}\n")
@@ -179,7 +225,8 @@ class Supervisor:
         state = {
             "pid": os.getpid(),
             "nats_url": nats_url,
-            "database_url": db_url,
+            "database_url": without_password(db_url),  # CLI commands add it (resolve_urls)
+            "database": "embedded" if any(s.name == "postgres" for s in self.servers) else "external",
             "api_url": f"http://{self.settings.http_host}:{self.settings.http_port}",
             "servers": {s.name: s.pid for s in self.servers},
             "services": {s.name: s.proc.pid if s.proc else None for s in self.services},
@@ -203,6 +250,8 @@ class Supervisor:
         def work() -> None:
             try:
                 ensure_model(self._say)
+                if self.settings.llama_server_bin:  # NEXUS_LLAMA_SERVER_BIN: nothing to build
+                    return
                 if not server_path().exists():
                     self._say("first start on this machine: building llama-server in the background")
                 ensure_llama_server(self._say)
@@ -210,6 +259,40 @@ class Supervisor:
                 self._say(f"could not prepare the local LLM runtime: {exc}")
 
         threading.Thread(target=work, name="runtime-prepare", daemon=True).start()
+
+    def watch_runtime(self, poll_s: float = 1.0) -> None:
+        """Say what the node reports about its runtime (crashed, failed, ready) as it
+        changes, read from the API (`GET /v1/nodes/{id}`), in a background thread."""
+        import threading
+        import urllib.request
+
+        if "node" not in self.services_wanted or self.admin_key is None:
+            return
+        node_id = load_or_create_node_id(self.settings.node_dir)
+        host = self.settings.http_host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        request = urllib.request.Request(
+            f"http://{host}:{self.settings.http_port}/v1/nodes/{node_id}",
+            headers={"Authorization": f"Bearer {self.admin_key}"})
+        log_path = self.settings.node_dir / "logs" / "llama-server.log"
+
+        def work() -> None:
+            said: tuple[object, object] | None = None
+            while not self._stopping:
+                try:
+                    with urllib.request.urlopen(request, timeout=5) as resp:
+                        runtime = json.load(resp).get("runtime") or {}
+                except (OSError, ValueError):
+                    runtime = None  # not up yet, or not registered yet
+                if runtime:
+                    line = runtime_line(runtime, log_path)
+                    key = (runtime.get("state"), runtime.get("reason"))
+                    if line and key != said:
+                        self._say(line)
+                        said = key
+                time.sleep(poll_s)
+
+        threading.Thread(target=work, name="runtime-watch", daemon=True).start()
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -220,14 +303,17 @@ class Supervisor:
             self.write_state(nats_url, db_url)
             self.prepare_runtime()
             s = self.settings
+            embedded_pg = any(x.name == "postgres" for x in self.servers)
+            password_at = f"  (password in {pg_password_path(s)})" if embedded_pg else ""
             self._say(
                 "\nNexus is up.\n"
                 f"  API        http://{s.http_host}:{s.http_port}  (OpenAPI: /schema, health: /health)\n"
                 f"  NATS       {nats_url}\n"
-                f"  Postgres   {db_url}\n"
+                f"  Postgres   {redact_url(db_url)}{password_at}\n"
                 f"  logs       {s.data_dir / 'logs'}/\n"
                 "Press Ctrl-C to stop.\n"
             )
+            self.watch_runtime()
             while not self._stopping:
                 self._watch()
                 time.sleep(0.2)

@@ -109,21 +109,27 @@ class Platform:
 
 @pytest.fixture(scope="session")
 def platform(infra: Infra, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    """The three services as real processes, exporting traces to the test's receiver."""
+    """The three services as real processes, exporting traces to the test's receiver.
+
+    Each gets only the credentials it needs, as under `nexus up`: the admin key only the
+    orchestrator, the database URL not the node."""
     logs = tmp_path_factory.mktemp("platform")
     port = free_port_str()
     admin_key = f"admin-{uuid.uuid4().hex}"
     env = service_env(
         infra.nats_url, infra.database_url,
         NEXUS_HTTP_PORT=port,
-        NEXUS_ADMIN_KEY=admin_key,
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="100",
         OTEL_METRIC_EXPORT_INTERVAL="500",
         NEXUS_LOG_LEVEL="INFO",
     )
+    own = {"orchestrator": {**env, "NEXUS_ADMIN_KEY": admin_key},
+           "provider": env,
+           "node": {k: v for k, v in env.items() if k != "DATABASE_URL"}}
     procs = {
-        name: ServiceProc(name, {**env, "NEXUS_INSTANCE_ID": f"{name}-test"}, logs / f"{name}.log").start()
+        name: ServiceProc(name, {**own[name], "NEXUS_INSTANCE_ID": f"{name}-test"},
+                          logs / f"{name}.log").start()
         for name in ("orchestrator", "provider", "node")
     }
     api = f"http://127.0.0.1:{port}"

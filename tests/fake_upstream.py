@@ -22,7 +22,9 @@ Everything is deterministic so tests can check usage accounting exactly:
   reply just before it (finish ``stop``; Anthropic ``stop_sequence`` with the matched string).
 * Completion tokens = number of whitespace-separated words in the reply = number of content
   chunks streamed. Prompt tokens = ``estimate_prompt_tokens(messages, system)``: words of the
-  text in every message (plus the Anthropic ``system``) + 3 per message.
+  text in every message (plus the Anthropic ``system``) + 3 per message, + the configured
+  ``template_tokens`` (default 0): what a real runtime's chat template adds to each prompt
+  (BOS, turn markers, a system preamble), so the usage can be larger than a naive count.
 * With ``tools`` in the request and ``CALL_TOOL`` in the last user message (``CALL_TOOL:name``
   picks a tool, otherwise the first), the reply is a tool call whose arguments are filled from
   the tool's JSON schema; its completion tokens are the words of ``json.dumps(arguments)``.
@@ -42,13 +44,15 @@ requests are normal again. A behaviour is a dict combining any of:
   (non-streaming: half the body, then close)
 * ``{"token_delay_ms": N}``              N ms before every content chunk (non-streaming: the
   response waits N ms per token)
+* ``{"ignore_max_tokens": True}``        answer in full whatever token limit was asked
+  (a provider that ignores ``max_tokens``)
 
 Streams (and every wait) watch the connection: a client that disconnects stops the
 generation, and the request is counted in ``stats.cancelled`` / ``stats.cancelled_ids``.
 
 Control endpoints (for a fake run as its own process): ``POST /_fake/script``,
 ``GET /_fake/stats``, ``POST /_fake/reset`` (script and counters), ``GET|POST /_fake/config``
-(``reply_tokens``, ``token_delay_ms``, ``first_byte_delay_ms``).
+(``reply_tokens``, ``token_delay_ms``, ``first_byte_delay_ms``, ``template_tokens``).
 
 In-process::
 
@@ -250,6 +254,7 @@ _BEHAVIOUR_KEYS: dict[str, tuple[type, ...]] = {
     "drop_before_first_token": (bool,),
     "drop_after_tokens": (int,),
     "token_delay_ms": (int, float),
+    "ignore_max_tokens": (bool,),
 }
 
 
@@ -656,9 +661,10 @@ class _Config:
     token_delay_ms: float
     first_byte_delay_ms: float
     strict_models: bool
+    template_tokens: int = 0
 
 
-_RUNTIME_CONFIG = ("reply_tokens", "token_delay_ms", "first_byte_delay_ms")
+_RUNTIME_CONFIG = ("reply_tokens", "token_delay_ms", "first_byte_delay_ms", "template_tokens")
 
 
 class _App:
@@ -795,8 +801,11 @@ class _App:
             return 404, f"The model `{model}` does not exist or you do not have access to it."
         return None
 
-    def _plan(self, proto: str, req: dict[str, Any]) -> _Plan:
+    def _plan(self, proto: str, req: dict[str, Any], ignore_limit: bool = False) -> _Plan:
         reply = self.config.reply_tokens
+        if ignore_limit:
+            req = {k: v for k, v in req.items()
+                   if k not in ("max_tokens", "max_completion_tokens", "options")}
         if proto == "openai":
             limit = req.get("max_completion_tokens")
             if limit is None:
@@ -850,7 +859,8 @@ class _App:
                 return
             with self.state.lock:
                 behaviour = self.state.script.popleft() if self.state.script else {}
-            plan = self._plan(proto, req)
+            plan = self._plan(proto, req, ignore_limit=behaviour.get("ignore_max_tokens", False))
+            plan.prompt_tokens += self.config.template_tokens
             ctx = _Ctx(proto, rid, path, req["model"], stream, int(time.time()),
                        time.monotonic_ns())
             if proto == "openai":
@@ -1023,7 +1033,7 @@ def _apply_config(config: _Config, changes: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{key} must be a non-negative number")
     for key, value in changes.items():
-        setattr(config, key, int(value) if key == "reply_tokens" else value)
+        setattr(config, key, int(value) if key in ("reply_tokens", "template_tokens") else value)
 
 
 # ------------------------------------------------------------------ public API
@@ -1184,7 +1194,8 @@ class FakeUpstream:
             self._state.reset_counters()
 
     def configure(self, **changes: Any) -> None:
-        """Change ``reply_tokens``, ``token_delay_ms`` or ``first_byte_delay_ms`` live."""
+        """Change ``reply_tokens``, ``token_delay_ms``, ``first_byte_delay_ms`` or
+        ``template_tokens`` live."""
         _apply_config(self._config, changes)
 
     @property

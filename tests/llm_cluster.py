@@ -81,6 +81,10 @@ targets = ["primary/fake-small", "backup/fake-large"]
 [[routes]]
 model = "ollama-chat"
 targets = ["local/fake-small"]
+
+[[routes]]
+model = "local-first"
+targets = ["local/fake-small", "primary/fake-small"]
 """
 
 

@@ -3,7 +3,9 @@
 Pure: no store, no clock. Each operation decides on the current state and folds the
 events it returns at the next versions, as the orchestrator does when it appends them
 at the state's version. The property tests drive arbitrary interleavings and check
-"never overspent" (committed + reserved <= limit), no negative amounts, and that the
+"never overspent" (committed + reserved - overrun <= limit: only a call that costs more
+than it reserved takes a budget over its limit, and then nothing more is admitted),
+committed == the actual cost of every commit, no negative amounts, and that the
 event log folded from scratch is the state maintained step by step.
 """
 
@@ -214,32 +216,49 @@ def test_commit_charges_actual_and_releases_the_remainder():
     assert set(b.s.reservations) == {"c2"}
 
 
-def test_commit_over_the_reservation_charges_free_room():
+def test_commit_over_the_reservation_charges_it_all_and_records_the_overrun():
     b = Budget(limit_micro_usd=USD)
     b.reserve("c1", 300_000)
-    ev = only(b.commit("c1", 450_000))  # estimate was low, but the budget has room
-    assert (ev.micro_usd, ev.overrun_micro_usd) == (450_000, 0)
+    ev = only(b.commit("c1", 450_000))  # the provider cost more than the worst case
+    assert (ev.micro_usd, ev.overrun_micro_usd) == (450_000, 150_000)
     assert b.s.committed_micro_usd == 450_000
+    assert (b.s.overrun_micro_usd, b.s.overrun_tokens, b.s.overruns) == (150_000, 0, 1)
 
 
-def test_commit_overrun_is_capped_at_the_limit_and_recorded():
+def test_overrun_is_committed_in_full_and_blocks_until_the_limit_is_raised():
     b = Budget(limit_micro_usd=USD, limit_tokens=100)
     b.reserve("c1", 600_000, 60)
     b.reserve("c2", 300_000, 30)
     ev = only(b.commit("c1", 900_000, 95))
-    # room for c1: its own 600_000 + 100_000 unreserved (c2 keeps its 300_000)
-    assert ev == BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=700_000, tokens=70,
-                                 overrun_micro_usd=200_000, overrun_tokens=25)
-    assert b.s.committed_micro_usd + b.s.reserved_micro_usd == USD
-    assert b.s.committed_tokens + b.s.reserved_tokens == 100
-    assert b.s.remaining_micro_usd == 0
+    # never clamped: committed is what was spent, the excess over the reservation is named
+    assert ev == BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=900_000, tokens=95,
+                                 overrun_micro_usd=300_000, overrun_tokens=35)
+    assert (b.s.committed_micro_usd, b.s.committed_tokens) == (900_000, 95)
+    assert (b.s.overrun_micro_usd, b.s.overrun_tokens, b.s.overruns) == (300_000, 35, 1)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (0, 0)
+    only(b.commit("c2", 300_000, 30))  # within its reservation: no overrun
+    assert (b.s.committed_micro_usd, b.s.committed_tokens, b.s.overruns) == (1_200_000, 125, 1)
+    denied = only(b.reserve("c3", 0, 0))  # overspent: not even a free call
+    assert isinstance(denied, BudgetExceeded)
+    assert "limit reached: 125 of 100 tokens committed" in denied.reason
+    assert "limit reached: 1.20 of 1.00 USD committed" in denied.reason
+    b.apply(decide_change_limit(b.state, 2 * USD, 200))
+    assert isinstance(only(b.reserve("c3", 100_000, 10)), BudgetReserved)
+
+
+def test_a_limit_reached_exactly_denies_even_zero_amounts():
+    b = Budget(limit_tokens=100)
+    b.reserve("c1", 0, 100)
+    b.commit("c1", 0, 100)
+    assert isinstance(only(b.reserve("c2", 5, 0)), BudgetExceeded)
+    assert isinstance(only(Budget(limit_micro_usd=USD).reserve("c1", 0, 0)), BudgetReserved)
 
 
 def test_commit_unlimited_dimension_charges_in_full():
     b = Budget(limit_tokens=100)
     b.reserve("c1", 1, 10)
     ev = only(b.commit("c1", 5 * USD, 10))
-    assert (ev.micro_usd, ev.overrun_micro_usd) == (5 * USD, 0)
+    assert (ev.micro_usd, ev.overrun_micro_usd) == (5 * USD, 5 * USD - 1)  # named, not limited
     assert b.s.committed_micro_usd == 5 * USD
     assert b.s.remaining_micro_usd is None
 
@@ -347,13 +366,13 @@ def test_lowering_the_limit_below_usage_stops_spending():
     assert ev == BudgetLimitChanged(budget_id="b1", limit_micro_usd=500_000, limit_tokens=None)
     assert b.s.remaining_micro_usd == 0  # never negative
     assert isinstance(only(b.reserve("c3", 1)), BudgetExceeded)
-    # a commit over its reservation is capped at its own reservation (granted before)
+    # a commit over its reservation is charged in full; the excess is an overrun
     ev = only(b.commit("c1", 800_000))
-    assert (ev.micro_usd, ev.overrun_micro_usd) == (600_000, 200_000)
+    assert (ev.micro_usd, ev.overrun_micro_usd) == (800_000, 200_000)
     assert decide_change_limit(b.state, 500_000, None) == []
     b.apply(decide_change_limit(b.state, 2 * USD, 10))
     assert (b.s.limit_micro_usd, b.s.limit_tokens) == (2 * USD, 10)
-    assert b.s.remaining_micro_usd == 2 * USD - 900_000
+    assert b.s.remaining_micro_usd == 2 * USD - 1_100_000
     with pytest.raises(BudgetNotOpened):
         decide_change_limit(None, 1, 1)
     with pytest.raises(ValueError):
@@ -465,9 +484,13 @@ ttls = st.sampled_from([0.0, 1.0, 5.0, 30.0, 1e9])
 
 
 def usage(state: BudgetState) -> dict[str, tuple[int, int | None]]:
+    """Per dimension: committed + reserved, less what calls spent beyond their reservations
+    (the overruns, which no decision can prevent), and the limit."""
     return {
-        "usd": (state.committed_micro_usd + state.reserved_micro_usd, state.limit_micro_usd),
-        "tokens": (state.committed_tokens + state.reserved_tokens, state.limit_tokens),
+        "usd": (state.committed_micro_usd + state.reserved_micro_usd - state.overrun_micro_usd,
+                state.limit_micro_usd),
+        "tokens": (state.committed_tokens + state.reserved_tokens - state.overrun_tokens,
+                   state.limit_tokens),
     }
 
 
@@ -480,6 +503,7 @@ class BudgetMachine(RuleBasedStateMachine):
         super().__init__()
         self.b: Budget | None = None
         self.now = NOW
+        self.spent = (0, 0)  # the actual cost of every commit
         self.over_before: dict[str, int] = {}
 
     @initialize(limit_usd=limits_usd, limit_tokens=limits_tokens,
@@ -512,15 +536,18 @@ class BudgetMachine(RuleBasedStateMachine):
             return
         assert all(isinstance(e, BudgetReleased) and e.reason == EXPIRED for e in events[:-1])
         verdict = events[-1]
+        exhausted = (s.limit_micro_usd is not None and s.committed_micro_usd >= s.limit_micro_usd
+                     or s.limit_tokens is not None and s.committed_tokens >= s.limit_tokens)
         if isinstance(verdict, BudgetReserved):
+            assert not exhausted  # an overspent (or exactly spent) budget admits nothing
             assert self.b.s.reservations[call_id] == Reservation(micro_usd, tokens,
                                                                  self.now + ttl)
         else:
             assert isinstance(verdict, BudgetExceeded)
             assert call_id not in self.b.s.reservations
             assert verdict.reason.startswith(f"{s.scope} budget: ")
-            assert (verdict.available_micro_usd is not None
-                    and micro_usd > verdict.available_micro_usd) or \
+            assert exhausted or (verdict.available_micro_usd is not None
+                                 and micro_usd > verdict.available_micro_usd) or \
                    (verdict.available_tokens is not None and tokens > verdict.available_tokens)
 
     @rule(call_id=call_ids, micro_usd=amounts_usd, tokens=amounts_tokens)
@@ -533,14 +560,16 @@ class BudgetMachine(RuleBasedStateMachine):
             return
         ev = only(events)
         assert isinstance(ev, BudgetCommitted)
-        assert ev.micro_usd + ev.overrun_micro_usd == micro_usd
-        assert ev.tokens + ev.overrun_tokens == tokens
-        assert min(micro_usd, res.micro_usd) <= ev.micro_usd <= micro_usd
-        assert min(tokens, res.tokens) <= ev.tokens <= tokens
+        assert (ev.micro_usd, ev.tokens) == (micro_usd, tokens)  # the actual cost, never clamped
+        assert ev.overrun_micro_usd == max(0, micro_usd - res.micro_usd)
+        assert ev.overrun_tokens == max(0, tokens - res.tokens)
         n = self.b.s
         assert call_id not in n.reservations
-        assert n.committed_micro_usd == s.committed_micro_usd + ev.micro_usd
-        assert n.committed_tokens == s.committed_tokens + ev.tokens
+        assert n.committed_micro_usd == s.committed_micro_usd + micro_usd
+        assert n.committed_tokens == s.committed_tokens + tokens
+        assert n.overrun_micro_usd == s.overrun_micro_usd + ev.overrun_micro_usd
+        assert n.overrun_tokens == s.overrun_tokens + ev.overrun_tokens
+        self.spent = (self.spent[0] + micro_usd, self.spent[1] + tokens)
         assert n.reserved_micro_usd == s.reserved_micro_usd - res.micro_usd
         assert n.reserved_tokens == s.reserved_tokens - res.tokens
 
@@ -588,6 +617,7 @@ class BudgetMachine(RuleBasedStateMachine):
         assert s.reserved_tokens == sum(r.tokens for r in s.reservations.values())
         for remaining in (s.remaining_micro_usd, s.remaining_tokens):
             assert remaining is None or remaining >= 0
+        assert (s.committed_micro_usd, s.committed_tokens) == self.spent  # committed is spent
         if not self.change_limits:
             for dim, (used, limit) in usage(s).items():
                 assert limit is None or used <= limit, (dim, used, limit)
@@ -669,3 +699,45 @@ def test_duplicate_delivery_does_not_change_the_state(limit_usd, limit_tokens, s
         if src <= at:  # redeliver event `src` after event `at` has been folded
             log.insert(at + 1, b.log[src])
     assert fold_budget_events(log) == b.s
+
+
+# -- the prompt's worst case ------------------------------------------------------------
+
+
+def test_prompt_bound_counts_utf8_bytes_and_template_tokens():
+    from shared.budget import (TEMPLATE_TOKENS_FOR_TOOLS, TEMPLATE_TOKENS_PER_CALL,
+                               TEMPLATE_TOKENS_PER_MESSAGE, prompt_token_bound)
+    from shared.messages import ChatMessage
+
+    per_call, per_msg = TEMPLATE_TOKENS_PER_CALL, TEMPLATE_TOKENS_PER_MESSAGE
+    assert prompt_token_bound([ChatMessage(role="user", content="hi")]) == 2 + per_msg + per_call
+    # bytes, not characters: "é" is 2 bytes, "😀" 4 (a byte-fallback tokenizer may spend 4)
+    assert prompt_token_bound([ChatMessage(role="user", content="é😀")]) == 6 + per_msg + per_call
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    call = ChatMessage(role="assistant", tool_calls=[{"id": "1", "function": {"name": "f"}}])
+    with_tools = prompt_token_bound([call], tools)
+    assert with_tools == (len(msgspec.json.encode(call.tool_calls)) + per_msg + per_call
+                          + len(msgspec.json.encode(tools)) + TEMPLATE_TOKENS_FOR_TOOLS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(), min_size=1, max_size=5))
+def test_prompt_bound_is_at_least_the_bytes_of_the_text(texts):
+    from shared.budget import prompt_token_bound
+    from shared.messages import ChatMessage
+
+    messages = [ChatMessage(role="user", content=t) for t in texts]
+    assert prompt_token_bound(messages) >= sum(len(t.encode()) for t in texts) + 4 * len(texts)
+
+
+def test_reserved_prompt_covers_redaction_placeholders():
+    from services.orchestrator.chat import reserved_prompt_tokens
+    from shared.budget import prompt_token_bound
+    from shared.messages import ChatMessage
+
+    messages = (ChatMessage(role="user", content="mail a@b.io " * 20),)
+    plain = prompt_token_bound(messages)
+    redacted = reserved_prompt_tokens(messages, None, ("email",))
+    # "[REDACTED:email]" is longer than "a@b.io": what is sent is bounded, not what was typed
+    assert redacted == plain + 20 * (len("[REDACTED:email]") - len("a@b.io"))
+    assert reserved_prompt_tokens(messages, None, ()) == plain

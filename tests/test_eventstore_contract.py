@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from shared.events import Metadata, SessionClosed, SessionStarted, session_stream
 from shared.eventstore import EventIdConflict, EventStore, WrongExpectedVersion
 from shared.tracing import setup_tracing, tracer
+from tests.support import REPO
 
 
 def started(sid: str) -> SessionStarted:
@@ -94,29 +96,86 @@ async def test_empty_append_and_repeated_ids_are_refused(store: EventStore) -> N
                            event_ids=[same, same])
 
 
-async def test_fifty_concurrent_appenders_exactly_one_wins(store: EventStore) -> None:
+async def test_fifty_concurrent_appenders_exactly_one_wins(pool) -> None:
+    """Fifty stores, i.e. fifty transactions on their own connections: no group commit
+    merges them, Postgres decides which one appends version 2."""
     sid, stream = new_stream()
-    await store.append(stream, [started(sid)], expected_version=0)
+    await EventStore(pool).append(stream, [started(sid)], expected_version=0)
+    stores = [EventStore(pool) for _ in range(50)]
+    go = asyncio.Event()
 
     async def attempt(i: int) -> bool:
+        await go.wait()
         try:
-            await store.append(stream, [SessionClosed(session_id=sid, reason=str(i))],
-                               expected_version=1)
+            await stores[i].append(stream, [SessionClosed(session_id=sid, reason=str(i))],
+                                   expected_version=1)
             return True
         except WrongExpectedVersion:
             return False
 
-    results = await asyncio.gather(*(attempt(i) for i in range(50)))
+    tasks = [asyncio.create_task(attempt(i)) for i in range(50)]
+    go.set()
+    results = await asyncio.gather(*tasks)
     assert results.count(True) == 1
-    assert [e.stream_version for e in await store.read_stream(stream)] == [1, 2]
+    assert [e.stream_version for e in await stores[0].read_stream(stream)] == [1, 2]
 
 
-async def test_concurrent_writers_keep_versions_contiguous(store: EventStore) -> None:
-    """Writers that retry on conflict: every event lands, versions 1..n without gaps."""
+_APPENDER = """
+import asyncio, sys
+from shared.events import SessionClosed
+from shared.eventstore import EventStore, WrongExpectedVersion
+from shared.eventstore.store import create_pool
+
+async def main(url, stream, sid, who):
+    pool = await create_pool(url, max_size=1)
+    store = EventStore(pool)
+    await store.head()  # connected
+    print("ready", flush=True)
+    sys.stdin.readline()  # everyone starts together
+    try:
+        await store.append(stream, [SessionClosed(session_id=sid, reason=who)], expected_version=1)
+        print("won", flush=True)
+    except WrongExpectedVersion:
+        print("conflict", flush=True)
+    await pool.close()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_appenders_in_separate_processes_exactly_one_wins(infra, store: EventStore) -> None:
     sid, stream = new_stream()
     await store.append(stream, [started(sid)], expected_version=0)
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _APPENDER, infra.database_url, stream, sid, str(i), cwd=REPO,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE) for i in range(8)]
+    try:
+        for proc in procs:
+            assert (await asyncio.wait_for(proc.stdout.readline(), 60)).strip() == b"ready"
+        for proc in procs:
+            proc.stdin.write(b"go\n")
+            await proc.stdin.drain()
+        outcomes = [(await asyncio.wait_for(p.stdout.readline(), 60)).strip().decode()
+                    for p in procs]
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    assert sorted(outcomes) == ["conflict"] * 7 + ["won"]
+    events = await store.read_stream(stream)
+    assert [e.stream_version for e in events] == [1, 2]
+    assert events[1].event.reason == str(outcomes.index("won"))
+
+
+async def test_concurrent_writers_keep_versions_contiguous(pool) -> None:
+    """Writers with stores of their own (separate transactions) that retry on
+    conflict: every event lands, versions 1..n without gaps."""
+    sid, stream = new_stream()
+    await EventStore(pool).append(stream, [started(sid)], expected_version=0)
 
     async def writer(i: int) -> None:
+        store = EventStore(pool)
         while True:
             version = await store.stream_version(stream)
             try:
@@ -127,7 +186,7 @@ async def test_concurrent_writers_keep_versions_contiguous(store: EventStore) ->
                 await asyncio.sleep(0)
 
     await asyncio.gather(*(writer(i) for i in range(30)))
-    events = await store.read_stream(stream)
+    events = await EventStore(pool).read_stream(stream)
     assert [e.stream_version for e in events] == list(range(1, 32))
     assert sorted(e.event.reason for e in events[1:]) == sorted(str(i) for i in range(30))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,55 @@ def test_up_uses_external_servers_when_urls_are_set(tmp_path, infra) -> None:
     finally:
         up.proc.send_signal(signal.SIGINT)
         assert up.proc.wait(60) == 0
+
+
+def environ(pid: int) -> dict[str, str]:
+    """The environment a real child process was started with."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode(errors="replace").partition("=")[::2]
+                for item in raw.split(b"\0") if item)
+
+
+def test_up_from_a_private_directory_gives_each_service_only_its_credentials(tmp_path) -> None:
+    """A data dir inside a 0700 directory (a clone in `mktemp -d` or /root) works, and
+    opens nothing up; the admin key reaches only the orchestrator, the database (and its
+    password) only orchestrator and provider; no output or state file holds a password."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    up = Up(private / "nexus", NEXUS_API_KEY="cli-key-for-tests").start()
+    try:
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+        password_file = up.data_dir / "postgres" / "password"
+        assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+        password = password_file.read_text().strip()
+        admin_key = up.env["NEXUS_ADMIN_KEY"]
+
+        services = up.state()["services"]
+        env = {name: environ(pid) for name, pid in services.items()}
+        assert env["orchestrator"]["NEXUS_ADMIN_KEY"] == admin_key
+        assert password in env["orchestrator"]["DATABASE_URL"]
+        assert password in env["provider"]["DATABASE_URL"]
+        for name in ("provider", "node"):
+            assert "NEXUS_ADMIN_KEY" not in env[name], name
+            assert admin_key not in "\n".join(env[name].values()), name
+        assert "DATABASE_URL" not in env["node"]
+        assert password not in "\n".join(env["node"].values())
+        for name in services:
+            assert "NEXUS_API_KEY" not in env[name], name
+
+        assert "postgres:***@" in up.output()
+        assert password not in up.output()
+        assert password not in (up.data_dir / "up.json").read_text()
+        for log in (up.data_dir / "logs").iterdir():
+            assert password not in log.read_text(errors="replace"), log
+        # CLI commands find the database through up.json and the password file.
+        listed = subprocess.run([sys.executable, "-m", "shared.cli", "projections", "list"],
+                                cwd=REPO, env=up.env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert password not in listed.stdout + listed.stderr
+    finally:
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0, up.output()
+    for log in [*(up.data_dir / "logs").iterdir(), up.data_dir / "postgres" / "postgres.log"]:
+        assert password not in log.read_text(errors="replace"), log

@@ -21,7 +21,7 @@ import nats
 import pytest
 
 from shared import subjects
-from shared.events import node_stream
+from shared.events import RecordedEvent, node_stream
 from shared.eventstore import EventStore
 from shared.eventstore.store import create_pool
 from shared.infra import EmbeddedNats
@@ -73,6 +73,15 @@ class Cluster:
         pool = await create_pool(self.database_url, max_size=1)
         try:
             return [e.type for e in await EventStore(pool).read_stream(node_stream(node_id))]
+        finally:
+            await pool.close()
+
+    async def recorded(self, node_id: str, event_type: str) -> RecordedEvent:
+        """The node's last event of `event_type`, as stored."""
+        pool = await create_pool(self.database_url, max_size=1)
+        try:
+            return [e for e in await EventStore(pool).read_stream(node_stream(node_id))
+                    if e.type == event_type][-1]
         finally:
             await pool.close()
 
@@ -129,10 +138,12 @@ def test_agents_register_go_offline_when_killed_and_come_back(cluster: Cluster) 
 
         # kill -9: offline after the timeout
         agents[1].kill()
-        killed = time.monotonic()
         wait_until(lambda: cluster.node(ids[1])["status"] == "offline", OFFLINE_AFTER + 10, 0.1,
                    "the killed node to go offline")
-        assert time.monotonic() - killed >= OFFLINE_AFTER * 0.5
+        # the decision as recorded: its last heartbeat was older than the timeout
+        offline = asyncio.run(cluster.recorded(ids[1], "NodeWentOffline"))
+        assert offline.event.timeout_s == OFFLINE_AFTER
+        assert offline.recorded_at.timestamp() - offline.event.last_heartbeat_at >= OFFLINE_AFTER
         assert {n["node_id"] for n in cluster.nodes(status="online", label=f"fleet={tag}")} == {
             ids[0], ids[2]}
 
@@ -217,9 +228,7 @@ async def test_nats_restart_while_nodes_heartbeat(cluster: Cluster) -> None:
         cluster.nats.kill()
         await asyncio.sleep(OFFLINE_AFTER + 1)  # long enough for the view to call them stale
         cluster.nats.start()
-        back = time.monotonic()
         await asyncio.to_thread(wait_until, all_fresh, 20, 0.2, "fleet online again after NATS restart")
-        assert time.monotonic() - back < 20
         assert cluster.orchestrator.proc.poll() is None  # it never needed a restart
     finally:
         await fleet.stop()
@@ -253,10 +262,11 @@ async def test_forged_and_malformed_heartbeats_are_rejected(cluster: Cluster, bu
         await raw.flush()
         letters = [await dead.next_msg(timeout=5) for _ in range(4)]
         assert {m.headers["Nexus-Subject"] for m in letters} == {subjects.node_heartbeat(honest)}
-        await asyncio.sleep(0.5)
+        # positive evidence that the forged one was handled (and dropped) before we look
+        await asyncio.to_thread(wait_until, lambda: "forged heartbeat dropped"
+                                in cluster.orchestrator.log(), 10, 0.05, "the forgery logged")
         after = cluster.node(victim)["load"]
         assert after["cpu_pct"] == before["cpu_pct"] != 99.5
-        assert "forged heartbeat dropped" in cluster.orchestrator.log()
         assert cluster.node(honest)["load"]["cpu_pct"] >= 0  # the view is intact
     finally:
         await raw.close()

@@ -72,6 +72,32 @@ async def test_follower_never_skips_events_of_stalled_writers(fresh_db: str) -> 
         await pool.close()
 
 
+async def test_notify_wakes_an_idle_projection_without_polling(fresh_db: str) -> None:
+    """A runner that would poll only once an hour applies an append made by another
+    writer (its own pool, as another process would) promptly: LISTEN/NOTIFY woke it."""
+    runner_pool = await create_pool(fresh_db, max_size=3)
+    writer_pool = await create_pool(fresh_db, max_size=1)
+    try:
+        await runner_pool.execute("CREATE TABLE test_seen (position bigint PRIMARY KEY)")
+        projection = SeenPositions()
+        runner = ProjectionRunner(EventStore(runner_pool), [projection], poll_s=3600)
+        follower = asyncio.create_task(runner.run())
+        writer = EventStore(writer_pool)
+        try:
+            for i in range(3):  # each append after the runner applied the one before
+                sid = f"notify-{i}-{uuid.uuid4()}"
+                result = await writer.append(session_stream(sid),
+                                             [SessionStarted(session_id=sid, tenant="t")], 0)
+                await asyncio.wait_for(_until(lambda: runner.checkpoint(projection.name),
+                                              result.last_position), 20)
+        finally:
+            follower.cancel()
+        assert len(projection.order) == 3
+    finally:
+        await runner_pool.close()
+        await writer_pool.close()
+
+
 async def _until(read, target: int) -> None:
     while await read() < target:
         await asyncio.sleep(0.02)

@@ -15,9 +15,11 @@ import openai
 import pytest
 
 from shared.infra import EmbeddedNats
-from shared.infra.llama import MODEL_NAME, server_path
+from shared.infra.llama import local_model, server_path
 from tests.conftest import new_database
 from tests.support import ServiceProc, free_port_str, service_env, wait_http_ok, wait_until
+
+MODEL_NAME = local_model().name
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +96,24 @@ def test_streamed_chat_through_all_services_and_the_real_model(real) -> None:
     completed = [e for e in log if e["type"] == "LLMCallCompleted"]
     assert completed and completed[-1]["data"]["node"] == node["node_id"]
     assert completed[-1]["data"]["usage_estimated"] is False
+
+
+TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "<eos>", "</s>")
+
+
+def test_the_default_model_answers_in_its_own_template(real) -> None:
+    """An instruction-tuned model, prompted with its own chat template, stops at its end
+    of turn: the answer is an answer, with no template tokens and no invented turns."""
+    api, headers, _, _ = real
+    resp = httpx.post(f"{api}/v1/chat/completions", headers=headers, timeout=120, json={
+        "model": "default", "max_tokens": 48, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert resp.status_code == 200, resp.text
+    choice = resp.json()["choices"][0]
+    answer = choice["message"]["content"]
+    assert not [t for t in TEMPLATE_TOKENS if t in answer], answer
+    assert "\nuser" not in answer.lower() and "paris" in answer.lower(), answer
+    assert choice["finish_reason"] == "stop", answer  # ended its turn, not cut off
 
 
 def test_node_counts_its_requests_in_heartbeats(real) -> None:

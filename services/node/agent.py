@@ -28,6 +28,9 @@ class NodeAgent:
         self.labels = labels
         self.interval = heartbeat_interval_s
         self.runtime = runtime or RuntimeInfo()
+        self.registered_runtime: RuntimeInfo | None = None  # what the orchestrator last accepted
+        self._runtime_changes: list[RuntimeInfo] = []  # not yet reported, oldest first
+        self._runtime_changed = asyncio.Event()
         self.gpus = gpus or hardware.Gpus()
         self.active_requests = 0
         self.queue_depth = 0
@@ -37,12 +40,12 @@ class NodeAgent:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def registration(self) -> NodeRegistration:
+    def registration(self, runtime: RuntimeInfo | None = None) -> NodeRegistration:
         return NodeRegistration(
             node_id=self.node_id, hostname=socket.gethostname(),
             addresses=hardware.host_addresses(), labels=self.labels,
             cpu_count=hardware.cpu_count(), memory_total_bytes=hardware.memory_total(),
-            gpus=self.gpus.info, runtime=self.runtime, agent_version=__version__,
+            gpus=self.gpus.info, runtime=runtime or self.runtime, agent_version=__version__,
             heartbeat_interval_s=self.interval,
         )
 
@@ -73,13 +76,42 @@ class NodeAgent:
             if self.active_requests == 0:
                 self._idle.set()
 
-    async def register(self, bus: Bus, timeout: float) -> RegistrationAck:
+    def set_runtime(self, info: RuntimeInfo) -> None:
+        """The runtime changed (starting, ready, crashed, failed): serve with it now, and
+        report it (`report_runtime`)."""
+        self.runtime = info
+        self._runtime_changes.append(info)
+        self._runtime_changed.set()
+
+    async def report_runtime(self, bus: Bus, timeout: float) -> None:
+        """After the first registration: re-register with every runtime change, one at a
+        time and in order (the orchestrator appends a `NodeRuntimeChanged` for each), so
+        no crash goes unrecorded however fast they come."""
+        pending = self._runtime_changes
+        while True:
+            # Whatever the last registration carried, and everything before it, is known.
+            for i in range(len(pending) - 1, -1, -1):
+                if pending[i] is self.registered_runtime:
+                    del pending[:i + 1]
+                    break
+            if not pending:
+                self._runtime_changed.clear()
+                await self._runtime_changed.wait()
+            elif pending[0] == self.registered_runtime:
+                pending.pop(0)
+            else:
+                await self.register(bus, timeout, runtime=pending[0])
+
+    async def register(self, bus: Bus, timeout: float,
+                       runtime: RuntimeInfo | None = None) -> RegistrationAck:
         """Ask the orchestrator to accept us; retry (with backoff) until it answers."""
         delay = 0.2
         while True:
             try:
-                ack = await bus.request(subjects.node_register(self.node_id), self.registration(),
+                registration = self.registration(runtime)
+                ack = await bus.request(subjects.node_register(self.node_id), registration,
                                         RegistrationAck, timeout=timeout)
+                self.registered_runtime = registration.runtime
                 log.info("registered", extra={"node_id": self.node_id, "status": ack.status})
                 return ack
             except MessagingError as exc:

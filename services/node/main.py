@@ -29,22 +29,24 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
                       heartbeat_interval_s=settings.heartbeat_interval_s)
     tasks: list[asyncio.Task[None]] = []
     managed: ManagedLlama | None = None
-    registered = asyncio.Event()
 
     def runtime_changed(info: RuntimeInfo) -> None:
-        agent.runtime = info
-        log.info("runtime %s", "ready" if info.ready else "not ready",
-                 extra={"runtime": info.kind, "models": list(info.models)})
-        if registered.is_set():  # tell the orchestrator (capabilities changed)
-            tasks.append(asyncio.create_task(agent.register(bus, settings.request_timeout_s)))
+        log.log(logging.WARNING if info.state in ("crashed", "failed") else logging.INFO,
+                "runtime %s%s", info.state, f" ({info.reason})" if info.reason else "",
+                extra={"runtime": info.kind, "models": list(info.models),
+                       "restarts": info.restarts})
+        agent.set_runtime(info)  # reported to the orchestrator once registered
 
     if settings.runtime_url:
         agent.runtime = await probe(settings.runtime_url)
         if settings.runtime_model and agent.runtime.ready:
             agent.runtime = RuntimeInfo(kind=agent.runtime.kind, base_url=settings.runtime_url,
-                                        models=(settings.runtime_model,), ready=True)
+                                        models=(settings.runtime_model,), ready=True, state="ready")
     elif settings.runtime == "llama":
-        managed = ManagedLlama(settings.node_dir / "logs", runtime_changed)
+        managed = ManagedLlama(settings.node_dir / "logs", runtime_changed,
+                               binary=settings.llama_server_bin,
+                               max_restarts=settings.runtime_max_restarts,
+                               backoff_s=settings.runtime_restart_backoff_s)
         agent.runtime = managed.info
         tasks.append(asyncio.create_task(managed.run(), name="llama-server"))
     relay = Relay(agent, bus, lambda: agent.runtime, max_concurrency=settings.node_max_concurrency,
@@ -56,7 +58,8 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
         stop = asyncio.create_task(runtime.wait_for_stop())
         await asyncio.wait({registering, stop}, return_when=asyncio.FIRST_COMPLETED)
         if registering.done():
-            registered.set()
+            tasks.append(asyncio.create_task(
+                agent.report_runtime(bus, settings.request_timeout_s), name="report-runtime"))
             tasks.append(asyncio.create_task(agent.heartbeat_loop(bus)))
             await stop
             await agent.drain_and_leave(bus, settings.node_drain_timeout_s)

@@ -1,9 +1,13 @@
 """The inference runtime a node fronts, and the relay from NATS to it.
 
 `ManagedLlama` supervises a local `llama-server` when no `NEXUS_RUNTIME_URL` is given:
-builds it once if needed (shared.infra.llama; the node reports its runtime as not
-ready meanwhile), starts it on a free loopback port with the Gemma model,
-health-checks it, restarts it when it dies, stops it with the node.
+builds it once if needed (shared.infra.llama; the node reports its runtime as
+`starting` meanwhile; `NEXUS_LLAMA_SERVER_BIN` names another binary), starts it on a
+free loopback port with the Gemma model, health-checks it, restarts it when it dies
+(exponential backoff, at most `NEXUS_RUNTIME_MAX_RESTARTS` times, then `failed`),
+stops it with the node. Every state change, with how it died ("crashed: signal
+SIGILL (illegal instruction), 3 restarts"), goes to the orchestrator as a
+re-registration, which appends `NodeRuntimeChanged`.
 
 `Relay` answers `nexus.node.<id>.infer`: it forwards the completion to the runtime
 over its OpenAI-compatible API and streams the answer back as frames
@@ -21,13 +25,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 from nats.aio.msg import Msg
 
 from shared.infra import free_port
-from shared.infra.llama import MODEL_NAME, ensure_llama_server, ensure_model
-from shared.infra.process import die_with_parent
+from shared.infra.llama import ensure_llama_server, ensure_model, local_model, server_args
+from shared.infra.process import describe_exit, die_with_parent
 from shared.messages import CompletionRequest, RuntimeInfo
 from shared.messaging import Bus
 from shared.streaming import ConsumerLost, Done, Failed, StreamSender, Usage
@@ -46,23 +51,53 @@ async def probe(base_url: str, kind: str = "openai") -> RuntimeInfo:
             resp = await http.get(f"{base_url.rstrip('/')}/models")
             resp.raise_for_status()
             models = tuple(m["id"] for m in resp.json().get("data", []))
-            return RuntimeInfo(kind=kind, base_url=base_url, models=models, ready=bool(models))
-    except (httpx.HTTPError, ValueError, KeyError):
-        return RuntimeInfo(kind=kind, base_url=base_url, ready=False)
+            if models:
+                return RuntimeInfo(kind=kind, base_url=base_url, models=models, ready=True,
+                                   state="ready")
+            reason = "unreachable: it serves no models"
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        reason = f"unreachable: {type(exc).__name__} from {base_url}/models"
+    return RuntimeInfo(kind=kind, base_url=base_url, ready=False, state="unreachable", reason=reason)
+
+
+def restart_delay(restarts: int, first_s: float, max_s: float = 30.0) -> float:
+    """Backoff before restart number `restarts + 1`: first_s, doubling, at most max_s."""
+    return min(max_s, first_s * 2 ** min(restarts, 30))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 class ManagedLlama:
-    """A llama-server child process with the bundled model, kept alive."""
+    """A llama-server child process with the bundled model, kept alive within bounds.
+
+    Its state is reported through `on_change` (a `RuntimeInfo`): `starting`, `ready`,
+    `crashed` (it exited: how, e.g. "signal SIGILL (illegal instruction)", and how many
+    restarts so far; restarted after an exponential backoff), `failed` (it crashed
+    again after `max_restarts` restarts, or could not be built or started: not
+    restarted any more; the node keeps serving nothing until it is restarted). A run
+    that was ready for `stable_s` resets the restart count.
+    """
 
     def __init__(self, log_dir, on_change: Callable[[RuntimeInfo], None], *,
-                 threads: int | None = None, context: int = 4096) -> None:
-        self.log_dir = log_dir
+                 binary: Path | None = None, max_restarts: int = 5,
+                 backoff_s: float = 1.0, backoff_max_s: float = 30.0, stable_s: float = 60.0,
+                 health_timeout_s: float = 120.0, threads: int | None = None,
+                 context: int = 4096) -> None:
+        self.log_dir = Path(log_dir)
         self.on_change = on_change
+        self.binary = binary
+        self.max_restarts = max(0, max_restarts)
+        self.backoff_s = max(0.0, backoff_s)
+        self.backoff_max_s = backoff_max_s
+        self.stable_s = stable_s
+        self.health_timeout_s = health_timeout_s
         self.threads = threads or os.cpu_count() or 2
         self.context = context
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = free_port()
-        self.info = RuntimeInfo(kind="llama.cpp", ready=False)
+        self.info = RuntimeInfo(kind="llama.cpp", state="starting", reason="starting")
 
     @property
     def base_url(self) -> str:
@@ -73,35 +108,79 @@ class ManagedLlama:
             self.info = info
             self.on_change(info)
 
-    async def run(self) -> None:
-        binary = await asyncio.to_thread(ensure_llama_server, lambda m: log.info(m))
-        model = await asyncio.to_thread(ensure_model, lambda m: log.info(m))
-        delay = 1.0
-        while True:
-            started = time.monotonic()
-            await self._start(binary, model)
-            if await self._wait_healthy(timeout=120):
-                delay = 1.0
-                self._set(RuntimeInfo(kind="llama.cpp", version=await self._version(),
-                                      base_url=self.base_url, models=(MODEL_NAME,), ready=True))
-            while self.proc is not None and self.proc.poll() is None:
-                await asyncio.sleep(0.5)
-            code = self.proc.returncode if self.proc else None
-            self._set(RuntimeInfo(kind="llama.cpp", base_url=self.base_url, ready=False))
-            log.warning("llama-server exited (%s); restarting in %.0fs", code, delay)
-            await asyncio.sleep(delay)
-            if time.monotonic() - started < 60:
-                delay = min(delay * 2, 30.0)
+    def _fail(self, reason: str) -> None:
+        log.error("llama-server failed: %s", reason)
+        self._set(RuntimeInfo(kind="llama.cpp", state="failed", reason=reason[:500],
+                              restarts=self.info.restarts, exit_code=self.info.exit_code,
+                              exit_signal=self.info.exit_signal))
 
-    async def _start(self, binary, model) -> None:
+    async def run(self) -> None:
+        try:
+            if self.binary is None:
+                self._set(RuntimeInfo(kind="llama.cpp", state="starting",
+                                      reason="starting: preparing llama-server (built once per machine)"))
+            binary = self.binary or await asyncio.to_thread(ensure_llama_server, lambda m: log.info(m))
+            spec = local_model()
+            model = await asyncio.to_thread(ensure_model, lambda m: log.info(m), spec.name)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised into the void
+            self._fail(f"failed: could not prepare llama-server: {exc}")
+            return
+        restarts = 0
+        while True:
+            try:
+                await self._start(binary, server_args(spec, model))
+            except OSError as exc:
+                self._fail(f"failed: cannot start {binary}: {exc}")
+                return
+            log.info("llama-server started", extra={"pid": self.proc.pid, "port": self.port,
+                                                    "restarts": restarts})
+            ready_since: float | None = None
+            hung = False
+            if await self._wait_healthy(timeout=self.health_timeout_s):
+                ready_since = time.monotonic()
+                self._set(RuntimeInfo(kind="llama.cpp", version=await self._version(),
+                                      base_url=self.base_url, models=(spec.name,), ready=True,
+                                      state="ready", restarts=restarts,
+                                      reason=f"ready after {_plural(restarts, 'restart')}"
+                                      if restarts else ""))
+            elif self.proc.poll() is None:  # running, but never healthy
+                hung = True
+                self.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._exited(), 10)
+                if self.proc.poll() is None:
+                    self.proc.kill()
+            await self._exited()
+            how, code, sig = describe_exit(self.proc.returncode)
+            if hung:
+                how = f"not healthy within {self.health_timeout_s:g}s, stopped"
+            if ready_since is not None and time.monotonic() - ready_since >= self.stable_s:
+                restarts = 0  # it ran well for a while: a new run of bad luck starts here
+            log_path = self.log_dir / "llama-server.log"
+            if restarts >= self.max_restarts:
+                reason = f"crashed: {how}, {_plural(restarts, 'restart')}; not restarted again"
+                log.error("llama-server %s (log: %s)", reason, log_path)
+                self._set(RuntimeInfo(kind="llama.cpp", state="failed", reason=reason,
+                                      restarts=restarts, exit_code=code, exit_signal=sig))
+                return
+            delay = restart_delay(restarts, self.backoff_s, self.backoff_max_s)
+            reason = f"crashed: {how}, {_plural(restarts, 'restart')}; restarting in {delay:g}s"
+            log.warning("llama-server %s (log: %s)", reason, log_path)
+            self._set(RuntimeInfo(kind="llama.cpp", state="crashed", reason=reason,
+                                  restarts=restarts, exit_code=code, exit_signal=sig))
+            await asyncio.sleep(delay)
+            restarts += 1
+
+    async def _start(self, binary: Path, model_args: list[str]) -> None:
         self.port = free_port()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / "llama-server.log", "ab") as out:
             self.proc = subprocess.Popen(
-                [str(binary), "-m", str(model), "--alias", MODEL_NAME, "--host", "127.0.0.1",
+                [str(binary), *model_args, "--host", "127.0.0.1",
                  "--port", str(self.port), "-c", str(self.context), "-t", str(self.threads),
                  "--parallel", "2", "--no-webui"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.log_dir,  # a core dump lands here, not in the caller's directory
                 start_new_session=True, preexec_fn=die_with_parent)
 
     async def _wait_healthy(self, timeout: float) -> bool:
@@ -122,6 +201,10 @@ class ManagedLlama:
                 props = (await http.get(f"http://127.0.0.1:{self.port}/props")).json()
                 return str(props.get("build_info") or "llama.cpp")
         return None
+
+    async def _exited(self) -> None:
+        while self.proc is not None and self.proc.poll() is None:
+            await asyncio.sleep(0.2)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -35,6 +35,7 @@ from services.orchestrator.keys_api import KeysController
 from services.orchestrator.budget import BudgetManager
 from services.orchestrator.chat import ChatService
 from services.orchestrator.chat_api import ChatController
+from services.orchestrator.idempotency import IdempotencyStore
 from services.orchestrator.policies import PolicyService
 from services.orchestrator.ratelimits import RateCounter
 from services.orchestrator.schemas import Health, ServicePing, SystemPing
@@ -85,6 +86,16 @@ async def _sweep(budgets: BudgetManager, settings: Settings) -> None:
             log.exception("budget sweep failed")
 
 
+async def _purge(records: IdempotencyStore) -> None:
+    """Forget Idempotency-Key records past their retention (hourly)."""
+    while True:
+        try:
+            await records.purge()
+        except Exception:
+            log.exception("idempotency purge failed")
+        await asyncio.sleep(3600)
+
+
 def _register_gauges(nodes: NodeService, runner: ProjectionRunner, runtime: ServiceRuntime) -> None:
     """Observable gauges, read from memory at export time (no I/O)."""
     import time as _time
@@ -132,7 +143,8 @@ def create_app(settings: Settings) -> Litestar:
         app.state.policies = PolicyService(runtime.store, runner)
         app.state.sessions = SessionService(runtime.store, runner, app.state.policies)
         app.state.budgets = BudgetManager(runtime.store,
-                                          reservation_ttl_s=settings.reservation_ttl_s)
+                                          reservation_ttl_s=settings.reservation_ttl_s,
+                                          cache_size=settings.budget_cache_size)
         app.state.nodes = NodeService(runtime.store, runtime.bus, NodeView(),
                                       offline_after_s=settings.node_offline_after_s,
                                       poll_s=settings.projection_poll_s)
@@ -143,10 +155,13 @@ def create_app(settings: Settings) -> Litestar:
                                      RateCounter(runtime.pool), selector,
                                      request_timeout_s=settings.request_timeout_s)
         app.state.key_service = KeyService(runtime.store, settings.admin_key, runner)
+        app.state.idempotency = IdempotencyStore(runtime.pool, lease_s=settings.reservation_ttl_s,
+                                                 wait_s=settings.idempotency_wait_s)
         await app.state.nodes.start()
         _register_gauges(app.state.nodes, runner, runtime)
         tasks = [asyncio.create_task(runner.run(), name="projections"),
-                 asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper")]
+                 asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper"),
+                 asyncio.create_task(_purge(app.state.idempotency), name="idempotency-purge")]
         try:
             yield
         finally:
@@ -185,7 +200,8 @@ def create_app(settings: Settings) -> Litestar:
                       "keys": Provide(provide_keys, sync_to_thread=False),
                       "principal": Provide(provide_principal, sync_to_thread=False),
                       "chat": from_state("chat"), "budgets": from_state("budgets"),
-                      "policies": from_state("policies")},
+                      "policies": from_state("policies"),
+                      "idempotency": from_state("idempotency")},
         middleware=[DefineMiddleware(BearerKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health"]))],

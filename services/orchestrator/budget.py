@@ -11,6 +11,10 @@ Correctness comes from Postgres alone. Two things only reduce contention: a per-
 asyncio lock, so the calls of one process take turns on a budget instead of racing
 each other into version conflicts, and denials (`BudgetExceeded`) recorded on the
 call's own stream (`llmcall-<id>`), since they change no budget.
+
+The folded states (and their locks) are cached per stream, at most `cache_size` of them
+(`NEXUS_BUDGET_CACHE_SIZE`), least recently used first out; an evicted budget is folded
+again from the store when it is next used. A stream whose lock is held is never evicted.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import defaultdict
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from shared.budget import (
@@ -27,6 +31,7 @@ from shared.budget import (
     BudgetState,
     budget_stream_for_session,
     budget_stream_for_tenant,
+    decide_change_limit,
     decide_commit,
     decide_expire,
     decide_open,
@@ -35,7 +40,15 @@ from shared.budget import (
     fold_budget,
     month_period,
 )
-from shared.events import BudgetExceeded, Event, Metadata, TenantBudgetSet, llmcall_stream, tenant_stream
+from shared.events import (
+    BudgetCommitted,
+    BudgetExceeded,
+    Event,
+    Metadata,
+    TenantBudgetSet,
+    llmcall_stream,
+    tenant_stream,
+)
 from shared.eventstore import EventStore, WrongExpectedVersion
 
 log = logging.getLogger("nexus.orchestrator.budget")
@@ -65,13 +78,55 @@ class Charge:
     session_id: str
 
 
+class _LockTable:
+    """Per-stream locks, created on demand and dropped with the stream's cached state."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def __getitem__(self, stream: str) -> asyncio.Lock:
+        lock = self._locks.get(stream)
+        if lock is None:
+            lock = self._locks[stream] = asyncio.Lock()
+        return lock
+
+    def busy(self, stream: str) -> bool:
+        lock = self._locks.get(stream)
+        return lock is not None and (lock.locked() or bool(getattr(lock, "_waiters", None)))
+
+    def drop(self, stream: str) -> None:
+        self._locks.pop(stream, None)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class BudgetManager:
-    def __init__(self, store: EventStore, *, reservation_ttl_s: float = 600.0) -> None:
+    def __init__(self, store: EventStore, *, reservation_ttl_s: float = 600.0,
+                 cache_size: int = 10_000) -> None:
         self.store = store
         self.ttl_s = reservation_ttl_s
-        self._states: dict[str, BudgetState | None] = {}
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.cache_size = max(1, cache_size)
+        self._states: OrderedDict[str, BudgetState | None] = OrderedDict()
+        self._locks = _LockTable()
         self._tenant_limits: dict[str, tuple[float, TenantBudgetSet | None]] = {}
+
+    def _cache(self, stream: str, state: BudgetState | None) -> None:
+        """Remember a stream's state as the most recently used; evict beyond `cache_size`."""
+        self._states[stream] = state
+        self._states.move_to_end(stream)
+        if len(self._states) <= self.cache_size:
+            return
+        for old in list(self._states):
+            if len(self._states) <= self.cache_size:
+                break
+            if old != stream and not self._locks.busy(old):
+                del self._states[old]
+                self._locks.drop(old)
+
+    def cached_streams(self) -> int:
+        """How many budget states this process holds (bounded by `cache_size`)."""
+        return len(self._states)
 
     async def state(self, stream: str, *, to_position: int | None = None,
                     cached: bool = False) -> BudgetState | None:
@@ -82,6 +137,7 @@ class BudgetManager:
         state only costs a retry, never a wrong decision).
         """
         if cached and self._states.get(stream) is not None:
+            self._states.move_to_end(stream)
             return self._states[stream]
         if to_position is not None:
             state = None
@@ -92,7 +148,7 @@ class BudgetManager:
         start = state.version + 1 if state else 1
         for rec in await self.store.read_stream(stream, from_version=start):
             state = fold_budget(state, rec.event, rec.stream_version)
-        self._states[stream] = state
+        self._cache(stream, state)
         return state
 
     def _remember(self, stream: str, state: BudgetState | None, events: list[Event]) -> None:
@@ -102,7 +158,7 @@ class BudgetManager:
         base = state.version
         for offset, event in enumerate(events, start=1):
             state = fold_budget(state, event, base + offset)
-        self._states[stream] = state
+        self._cache(stream, state)
 
     async def set_tenant_budget(self, tenant: str, limit_micro_usd: int | None,
                                 limit_tokens: int | None, metadata: Metadata) -> None:
@@ -110,6 +166,24 @@ class BudgetManager:
             tenant=tenant, limit_micro_usd=limit_micro_usd, limit_tokens=limit_tokens)],
             expected_version=None, metadata=metadata)
         self._tenant_limits.pop(tenant, None)
+        # the current month's budget, if already open, takes the new limits now (raising
+        # them is how an overspent month opens again)
+        stream = budget_stream_for_tenant(tenant, month_period(time.time()))
+        async with self._locks[stream]:
+            for attempt in range(MAX_RETRIES):
+                state = await self.state(stream)
+                if state is None:
+                    return
+                events = decide_change_limit(state, limit_micro_usd, limit_tokens)
+                if not events:
+                    return
+                try:
+                    await self.store.append(stream, events, expected_version=state.version,
+                                            metadata=metadata)
+                    self._remember(stream, state, events)
+                    return
+                except WrongExpectedVersion:
+                    await _backoff(attempt)
 
     async def tenant_limits(self, tenant: str) -> TenantBudgetSet | None:
         """The tenant's monthly limits; cached 5 s (a change applies from then on)."""
@@ -153,9 +227,11 @@ class BudgetManager:
         `with_events` (stream, events) are appended in the same transaction, whatever the
         verdict (e.g. the call's `PolicyEvaluated`): one commit instead of two.
         """
-        locks = [self._locks[s] for s in sorted(charge.streams)]
-        for lock in locks:
+        locks = []
+        for stream in sorted(charge.streams):  # taken one by one: a held lock is never evicted
+            lock = self._locks[stream]
             await lock.acquire()
+            locks.append(lock)
         try:
             await self._reserve(charge, micro_usd, tokens, metadata, with_events)
         finally:
@@ -200,7 +276,8 @@ class BudgetManager:
                 await _backoff(attempt)  # another process moved a budget: catch up, decide again
         raise BudgetDenied("contention", "budget is too contended right now; retry")
 
-    async def _settle(self, charge: Charge, decide, metadata: Metadata) -> None:
+    async def _settle(self, charge: Charge, decide, metadata: Metadata) -> list[Event]:
+        settled: list[Event] = []
         for stream in charge.streams:
             async with self._locks[stream]:
                 for attempt in range(MAX_RETRIES):
@@ -212,16 +289,21 @@ class BudgetManager:
                         await self.store.append(stream, events, expected_version=state.version,
                                                 metadata=metadata)
                         self._remember(stream, state, events)
+                        settled += events
                         break
                     except WrongExpectedVersion:
                         await _backoff(attempt)
                 else:
                     log.error("could not settle a reservation; the sweeper will release it",
                               extra={"call_id": charge.call_id, "budget": stream})
+        return settled
 
-    async def commit(self, charge: Charge, micro_usd: int, tokens: int, metadata: Metadata) -> None:
-        await self._settle(charge, lambda s: decide_commit(s, charge.call_id, micro_usd, tokens),
-                           metadata)
+    async def commit(self, charge: Charge, micro_usd: int, tokens: int,
+                     metadata: Metadata) -> list[BudgetCommitted]:
+        """Commit the actual cost on every budget; the commits appended (overruns on them)."""
+        events = await self._settle(
+            charge, lambda s: decide_commit(s, charge.call_id, micro_usd, tokens), metadata)
+        return [e for e in events if isinstance(e, BudgetCommitted)]
 
     async def release(self, charge: Charge, reason: str, metadata: Metadata) -> None:
         await self._settle(charge, lambda s: decide_release(s, charge.call_id, reason), metadata)

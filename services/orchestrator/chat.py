@@ -9,16 +9,27 @@ release on failure/cancellation) and append the conversation (`MessageAppended`)
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+
+import msgspec
 from dataclasses import dataclass, field
 
 from shared import subjects
-from shared.budget import FAILED, CANCELLED
-from shared.events import Metadata, MessageAppended, PolicyEvaluated, conversation_stream, llmcall_stream
+from shared.budget import FAILED, CANCELLED, prompt_token_bound
+from shared.events import (
+    DroppedTarget,
+    Metadata,
+    MessageAppended,
+    PolicyEvaluated,
+    conversation_stream,
+    llmcall_stream,
+)
 from shared.eventstore import EventStore
 from shared.messages import (
     ChatMessage,
@@ -26,10 +37,11 @@ from shared.messages import (
     ModelInfo,
     ModelsReply,
     ModelsRequest,
+    PlannedTarget,
     messages_text,
 )
 from shared.messaging import Bus, MessagingError
-from shared.policy import ChatRequestFacts, CompiledPolicy
+from shared.policy import ChatRequestFacts, CompiledPolicy, TargetFacts, redact_kinds
 from shared.metrics import ControlMetrics
 from shared.selection import NoEligibleNode, NodeSelector
 from shared.streaming import Delta, Done, Failed, StreamReceiver
@@ -45,11 +57,46 @@ log = logging.getLogger("nexus.orchestrator.chat")
 
 DEFAULT_MAX_TOKENS = 1024
 MODELS_TTL_S = 10.0
+# A policy scans a text longer than this in a worker thread: RE2 releases the GIL while
+# it scans, so a large input never holds up the event loop (and every other request).
+SCAN_OFF_LOOP_CHARS = 32_768
+_scanner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="policy-scan")
+
+
+async def policy_scan(policy: CompiledPolicy, text: str, evaluate, *args):
+    """`evaluate(*args)`, which scans `text`; off the event loop when that is long."""
+    if policy.has_content_rules and len(text) > SCAN_OFF_LOOP_CHARS:
+        return await asyncio.get_running_loop().run_in_executor(
+            _scanner, functools.partial(evaluate, *args))
+    return evaluate(*args)
+
+
+def target_facts(info: ModelInfo) -> tuple[TargetFacts, ...]:
+    """Every target the model's fallback chain can reach, as the policy sees it."""
+    if info.target_info:
+        return tuple(TargetFacts(name=t.name, provider=t.provider, model=t.model, hosted=t.hosted)
+                     for t in info.target_info)
+    # a provider that sent no details: names only, each taken as hosted (redaction applies)
+    return tuple(TargetFacts(name=name, provider=name.split("/", 1)[0],
+                             model=name.split("/", 1)[-1]) for name in info.targets)
 
 
 def estimate_prompt_tokens(messages: tuple[ChatMessage, ...]) -> int:
-    """Worst-case-leaning estimate: 1 token per 4 characters, plus 4 per message."""
+    """A typical count (1 token per 4 characters, plus 4 per message), for the context
+    check and the default `max_tokens` only; budgets reserve `reserved_prompt_tokens`."""
     return math.ceil(sum(len(m.text) for m in messages) / 4) + 4 * len(messages)
+
+
+def reserved_prompt_tokens(messages: tuple[ChatMessage, ...], tools: list[dict] | None,
+                           redact: tuple[str, ...]) -> int:
+    """The prompt tokens a reservation covers: `prompt_token_bound` of the messages as
+    sent, i.e. also after redaction (a placeholder can be longer than what it replaces)."""
+    bound = prompt_token_bound(messages, tools)
+    if redact:
+        redacted = tuple(msgspec.structs.replace(m, content=redact_kinds(m.content, redact))
+                         if isinstance(m.content, str) else m for m in messages)
+        bound = max(bound, prompt_token_bound(redacted, tools))
+    return bound
 
 
 @dataclass
@@ -145,15 +192,17 @@ class ChatService:
                                                      session.policy_version, session.policy_rules)
         rate_subjects: dict[str, str] = {}
         redact: tuple[str, ...] = ()
+        planned: tuple[PlannedTarget, ...] = ()
         if policy is not None:
             scopes = {"tenant": who.tenant, "key": who.key_id, "session": session.session_id}
             rate_subjects = {s: scopes[s] for s in policy.rate_scopes}
-            provider = info.targets[0].split("/", 1)[0] if info.targets else ""
-            decision = policy.evaluate_chat(
-                ChatRequestFacts(model=model, provider=provider, max_tokens=max_tokens,
-                                 input_text=messages_text(messages), hosted=True,
-                                 tools=tuple(t.get("function", {}).get("name", "") for t in tools or ())),
-                await self.rates.usage(rate_subjects))
+            # every target of the chain is evaluated (each with its own hosted flag)
+            facts = ChatRequestFacts(
+                model=model, targets=target_facts(info), max_tokens=max_tokens,
+                input_text=messages_text(messages),
+                tools=tuple(t.get("function", {}).get("name", "") for t in tools or ()))
+            decision = await policy_scan(policy, facts.input_text, policy.evaluate_chat, facts,
+                                         await self.rates.usage(rate_subjects))
             if decision.allowed:
                 for scope, subject in rate_subjects.items():
                     limits = getattr(policy.rules, f"rate_per_{scope}")
@@ -167,7 +216,10 @@ class ChatService:
             evaluated = PolicyEvaluated(
                 session_id=session.session_id, call_id=call_id, action="chat",
                 allowed=decision.allowed, rule=decision.rule, reason=decision.reason,
-                policy=label, scope=decision.scope)
+                policy=label, scope=decision.scope,
+                targets=tuple(t.target for t in decision.allowed_targets),
+                dropped=tuple(DroppedTarget(target=t.target, rule=t.rule, reason=t.reason)
+                              for t in decision.dropped_targets))
             if not decision.allowed:
                 await self.store.append(llmcall_stream(call_id), [evaluated],
                                         expected_version=None, metadata=metadata)
@@ -175,12 +227,16 @@ class ChatService:
                 raise Problem(status, "policy-denied", decision.reason, rule=decision.rule,
                               policy=label)
             redact = tuple(decision.redact)
+            # the provider tries only these, each redacted as its own hosted flag says
+            planned = tuple(PlannedTarget(name=t.target, redact=t.redact)
+                            for t in decision.allowed_targets)
             if max_tokens is None and decision.max_tokens is not None:
                 max_tokens = decision.max_tokens
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, info.context - prompt_tokens))
-        worst_tokens = prompt_tokens + max_tokens
-        worst_cost = math.ceil(prompt_tokens * info.input_usd_per_mtok
+        prompt_bound = reserved_prompt_tokens(messages, tools, redact)
+        worst_tokens = prompt_bound + max_tokens
+        worst_cost = math.ceil(prompt_bound * info.input_usd_per_mtok
                                + max_tokens * info.output_usd_per_mtok)
         charge = await self.budgets.charge_for(call_id, who.tenant, session.session_id)
         policy_events = ((llmcall_stream(call_id), [evaluated]),) if policy is not None else ()
@@ -198,7 +254,8 @@ class ChatService:
         request = CompletionRequest(
             call_id=call_id, session_id=session.session_id, tenant=who.tenant, model=model,
             messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            stop=stop, tools=tools, tool_choice=tool_choice, redact=redact, nodes=nodes)
+            stop=stop, tools=tools, tool_choice=tool_choice, redact=redact, nodes=nodes,
+            targets=planned)
         return PreparedCall(call_id, who, session, info, request, charge, metadata, new_user_text,
                             rate_subjects, policy, label)
 
@@ -262,7 +319,8 @@ class ChatService:
         """`content.deny_output` of the session's policy, on the whole answer."""
         if call.policy is None or not call.policy.rules.content.deny_output:
             return None
-        decision = call.policy.check_output("".join(call.output))
+        text = "".join(call.output)
+        decision = await policy_scan(call.policy, text, call.policy.check_output, text)
         await self.store.append(llmcall_stream(call.call_id), [PolicyEvaluated(
             session_id=call.session.session_id, call_id=call.call_id, action="output",
             allowed=decision.allowed, rule=decision.rule, reason=decision.reason,
@@ -281,12 +339,21 @@ class ChatService:
                 if call.charge.streams:
                     self.metrics.budget_committed.add(outcome.cost_micro_usd / 1e6)
                 # independent writes: commit, token counters and the conversation together
-                await asyncio.gather(
+                commits, *_ = await asyncio.gather(
                     self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata)
-                    if call.charge.streams else asyncio.sleep(0),
+                    if call.charge.streams else asyncio.sleep(0, []),
                     self.rates.add_tokens(call.rate_subjects, tokens),
                     self._record_conversation(call, outcome) if not call.output_denied
                     else asyncio.sleep(0))
+                for commit in commits:
+                    if commit.overrun_micro_usd or commit.overrun_tokens:
+                        scope = "session" if commit.budget_id.startswith("budget-session-") else "tenant"
+                        self.metrics.budget_overruns.add(1, {"budget": scope})
+                        self.metrics.budget_overrun_tokens.add(commit.overrun_tokens, {"budget": scope})
+                        log.warning("a call cost more than it reserved", extra={
+                            "call_id": call.call_id, "budget": commit.budget_id,
+                            "overrun_tokens": commit.overrun_tokens,
+                            "overrun_micro_usd": commit.overrun_micro_usd})
             elif call.charge.streams:
                 reason = FAILED if isinstance(outcome, Failed) and outcome.error != "Cancelled" else CANCELLED
                 await self.budgets.release(call.charge, reason, call.metadata)

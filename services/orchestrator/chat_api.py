@@ -23,6 +23,7 @@ from litestar.response import Stream
 from shared.budget import budget_stream_for_session, budget_stream_for_tenant, micro_to_usd, month_period
 from shared.messages import ChatMessage
 from shared.streaming import Delta, Done, Failed
+from services.orchestrator import idempotency as idem
 from services.orchestrator.auth import require_admin, require_platform
 from services.orchestrator.budget import BudgetManager
 from services.orchestrator.chat import ChatService, PreparedCall
@@ -69,6 +70,29 @@ def _failed_problem(failed: Failed) -> Problem:
     slug = {"UnknownModel": "unknown-model", "Cancelled": "cancelled"}.get(failed.error, "upstream-failed")
     status = failed.status if 400 <= failed.status < 600 else 502
     return Problem(status, slug, f"{failed.error}: {failed.detail}")
+
+
+class _Tap:
+    """The call's frames, passed through; remembers how the call ended."""
+
+    def __init__(self, frames: AsyncIterator[Delta | Done | Failed]) -> None:
+        self.frames = frames
+        self.last: Delta | Done | Failed | None = None
+
+    def __aiter__(self) -> _Tap:
+        return self
+
+    async def __anext__(self) -> Delta | Done | Failed:
+        self.last = await anext(self.frames)
+        return self.last
+
+    async def aclose(self) -> None:
+        await self.frames.aclose()  # type: ignore[attr-defined]
+
+    def answered(self) -> bool:
+        """Ended with a final answer (spent): an answer, or one the policy refused."""
+        last = self.last
+        return isinstance(last, Done) or (isinstance(last, Failed) and last.error == "PolicyDenied")
 
 
 async def _first(frames: AsyncIterator[Delta | Done | Failed]) -> Delta | Done | Failed:
@@ -151,10 +175,18 @@ def _message_out(row: Any) -> MessageOut:
 
 
 class ChatController(Controller):
-    @post("/v1/chat/completions", status_code=200)
+    @post("/v1/chat/completions", status_code=200, responses=idem.RESPONSES)
     async def chat_completions(self, request: Request, data: ChatCompletionIn, principal: Principal,
-                               chat: ChatService) -> Response | Stream:
-        session = await chat.session_for(principal, request.headers.get(SESSION_HEADER))
+                               chat: ChatService, idempotency: idem.IdempotencyStore,
+                               idempotency_key: idem.KeyHeader = None) -> Response | Stream:
+        session_header = request.headers.get(SESSION_HEADER)
+        return await idem.run_once(request, principal.tenant, idempotency,
+                                   lambda: self._chat_completions(data, principal, chat, session_header),
+                                   also=(session_header,))
+
+    async def _chat_completions(self, data: ChatCompletionIn, principal: Principal,
+                                chat: ChatService, session_header: str | None) -> idem.Recorded:
+        session = await chat.session_for(principal, session_header)
         messages = tuple(ChatMessage(**msgspec.structs.asdict(m)) for m in data.messages)
         last_user = next((m for m in reversed(messages) if m.role == "user"), messages[-1])
         stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop) if data.stop else None
@@ -165,16 +197,17 @@ class ChatController(Controller):
             top_p=data.top_p, stop=stop,
             tools=[msgspec.to_builtins(t) for t in data.tools] if data.tools else None,
             tool_choice=data.tool_choice)
-        frames = chat.execute(call)
+        frames = _Tap(chat.execute(call))
         first = await _first(frames)
         if isinstance(first, Failed):
             await frames.aclose()
             raise _failed_problem(first)
         if data.stream:
             include = bool(data.stream_options and data.stream_options.include_usage)
-            return Stream(_openai_stream(call, frames, first, include),
-                          media_type="text/event-stream",
-                          headers={**_headers(call), "Cache-Control": "no-cache"})
+            return idem.Recorded(200, {**_headers(call), "Cache-Control": "no-cache"},
+                                 "text/event-stream",
+                                 chunks=_openai_stream(call, frames, first, include),
+                                 final=frames.answered)
         done, text, tool_deltas = await _collect(call, frames, first)
         message: dict[str, Any] = {"role": "assistant", "content": text or None}
         if tool_deltas:
@@ -183,7 +216,7 @@ class ChatController(Controller):
                 "created": int(time.time()), "model": data.model,
                 "choices": [{"index": 0, "message": message, "finish_reason": done.finish_reason}],
                 "usage": _usage(done)}
-        return Response(body, headers=_headers(call))
+        return idem.Recorded.json(body, headers=_headers(call))
 
     @get("/v1/models")
     async def list_models(self, principal: Principal, chat: ChatService) -> dict[str, Any]:
@@ -192,25 +225,33 @@ class ChatController(Controller):
             {"id": name, "object": "model", "created": 0, "owned_by": "nexus",
              "targets": list(info.targets), "context": info.context} for name, info in sorted(models.items())]}
 
-    @post("/v1/sessions/{session_id:str}/messages", status_code=200)
-    async def post_message(self, session_id: str, data: SessionMessageIn, principal: Principal,
-                           chat: ChatService) -> Response | Stream:
+    @post("/v1/sessions/{session_id:str}/messages", status_code=200, responses=idem.RESPONSES)
+    async def post_message(self, request: Request, session_id: str, data: SessionMessageIn,
+                           principal: Principal, chat: ChatService,
+                           idempotency: idem.IdempotencyStore,
+                           idempotency_key: idem.KeyHeader = None) -> Response | Stream:
+        return await idem.run_once(request, principal.tenant, idempotency,
+                                   lambda: self._post_message(session_id, data, principal, chat))
+
+    async def _post_message(self, session_id: str, data: SessionMessageIn, principal: Principal,
+                            chat: ChatService) -> idem.Recorded:
         session = await chat.session_for(principal, session_id)
         messages = (*await chat.history(session_id), ChatMessage(role="user", content=data.content))
         call = await chat.prepare(principal, session, model=data.model, messages=messages,
                                   new_user_text=data.content, max_tokens=data.max_tokens,
                                   temperature=data.temperature, top_p=None, stop=None, tools=None,
                                   tool_choice=None)
-        frames = chat.execute(call)
+        frames = _Tap(chat.execute(call))
         first = await _first(frames)
         if isinstance(first, Failed):
             await frames.aclose()
             raise _failed_problem(first)
         if data.stream:
-            return Stream(_session_stream(call, frames, first), media_type="text/event-stream",
-                          headers={**_headers(call), "Cache-Control": "no-cache"})
+            return idem.Recorded(200, {**_headers(call), "Cache-Control": "no-cache"},
+                                 "text/event-stream", chunks=_session_stream(call, frames, first),
+                                 final=frames.answered)
         done, text, _ = await _collect(call, frames, first)
-        return Response(SessionReply(session_id=session_id, call_id=call.call_id, message=MessageOut(
+        return idem.Recorded.json(SessionReply(session_id=session_id, call_id=call.call_id, message=MessageOut(
             message_id=call.call_id, role="assistant", content=text, call_id=call.call_id,
             model=done.model, provider=done.provider, node=done.node,
             input_tokens=done.usage.input_tokens, output_tokens=done.usage.output_tokens,
@@ -237,25 +278,37 @@ class ChatController(Controller):
         return SessionBudgets(session=_budget_out(session, position),
                               tenant=_budget_out(tenant, position))
 
-    @put("/v1/tenants/{tenant:str}/budget", status_code=200)
-    async def set_tenant_budget(self, tenant: str, data: TenantBudgetIn, principal: Principal,
-                                budgets: BudgetManager) -> dict[str, Any]:
+    @put("/v1/tenants/{tenant:str}/budget", status_code=200, responses=idem.RESPONSES)
+    async def set_tenant_budget(self, request: Request, tenant: str, data: TenantBudgetIn,
+                                principal: Principal, budgets: BudgetManager,
+                                idempotency: idem.IdempotencyStore,
+                                idempotency_key: idem.KeyHeader = None) -> Response[dict[str, Any]]:
         require_platform(principal)
         from shared.budget import usd_to_micro
         from shared.events import Metadata
 
-        await budgets.set_tenant_budget(
-            tenant, usd_to_micro(data.limit_usd) if data.limit_usd is not None else None,
-            data.limit_tokens, Metadata(tenant=tenant, actor=principal.actor))
-        return {"tenant": tenant, "limit_usd": data.limit_usd, "limit_tokens": data.limit_tokens}
+        async def run() -> idem.Recorded:
+            await budgets.set_tenant_budget(
+                tenant, usd_to_micro(data.limit_usd) if data.limit_usd is not None else None,
+                data.limit_tokens, Metadata(tenant=tenant, actor=principal.actor))
+            return idem.Recorded.json({"tenant": tenant, "limit_usd": data.limit_usd,
+                                       "limit_tokens": data.limit_tokens})
 
-    @post("/v1/policies", status_code=201)
-    async def define_policy(self, data: PolicyIn, principal: Principal,
-                            policies: PolicyService) -> PolicyOut:
+        return await idem.run_once(request, principal.tenant, idempotency, run)  # type: ignore[return-value]
+
+    @post("/v1/policies", status_code=201, responses=idem.RESPONSES)
+    async def define_policy(self, request: Request, data: PolicyIn, principal: Principal,
+                            policies: PolicyService, idempotency: idem.IdempotencyStore,
+                            idempotency_key: idem.KeyHeader = None) -> Response[PolicyOut]:
         require_admin(principal)
-        rules = rules_or_problem(data.rules)
-        version = await policies.define(principal, data.name, rules)
-        return PolicyOut(name=data.name, version=version, rules=msgspec.to_builtins(rules))
+
+        async def run() -> idem.Recorded:
+            rules = rules_or_problem(data.rules)
+            version = await policies.define(principal, data.name, rules)
+            return idem.Recorded.json(PolicyOut(name=data.name, version=version,
+                                                rules=msgspec.to_builtins(rules)), status=201)
+
+        return await idem.run_once(request, principal.tenant, idempotency, run)  # type: ignore[return-value]
 
     @get("/v1/policies")
     async def list_policies(self, principal: Principal, policies: PolicyService) -> list[PolicyOut]:
@@ -316,4 +369,5 @@ def _budget_out(state, position: int | None) -> BudgetOut | None:
         reserved_tokens=state.reserved_tokens, committed_usd=micro_to_usd(state.committed_micro_usd),
         committed_tokens=state.committed_tokens, remaining_usd=usd(state.remaining_micro_usd),
         remaining_tokens=state.remaining_tokens, open_reservations=len(state.reservations),
-        version=state.version, as_of_position=position)
+        overrun_usd=micro_to_usd(state.overrun_micro_usd), overrun_tokens=state.overrun_tokens,
+        overruns=state.overruns, version=state.version, as_of_position=position)

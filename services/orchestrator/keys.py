@@ -10,6 +10,7 @@ Roles: `platform` (the bootstrap key: every tenant, node administration), `admin
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -18,7 +19,8 @@ import time
 from dataclasses import dataclass
 
 from shared.events import ApiKeyCreated, ApiKeyRevoked, Metadata, apikey_stream
-from shared.eventstore import EventStore
+from shared.eventstore import EventStore, WrongExpectedVersion
+from services.orchestrator import idempotency
 
 KEY_PATTERN = re.compile(r"^nx_([0-9a-f]{16})_([A-Za-z0-9_-]{20,})$")
 ROLES = ("admin", "member")
@@ -66,15 +68,35 @@ class KeyService:
         self._admin_hash = hash_key(admin_key) if admin_key else None
         self._cache: dict[str, tuple[float, tuple[str, str, str, bool] | None]] = {}
 
-    async def create(self, tenant: str, name: str, role: str, actor: str) -> IssuedKey:
+    async def create(self, tenant: str, name: str, role: str, actor: str, *,
+                     retry_of: tuple[str, str, str] | None = None) -> IssuedKey:
+        """Issue a key. `retry_of` = (the caller's own key, Idempotency-Key, request hash):
+        the new key is derived from them (HMAC under the caller's key, which only the
+        caller knows; nothing more is stored), so a retry issues the very same key again,
+        as a duplicate of the first event, and another request under the same
+        Idempotency-Key (another body or caller) collides with it: a 422."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
-        key_id, key = new_key()
-        result = await self.store.append(
-            apikey_stream(key_id),
-            [ApiKeyCreated(key_id=key_id, tenant=tenant, name=name, role=role, key_hash=hash_key(key))],
-            expected_version=0, metadata=Metadata(tenant=tenant, actor=actor),
-        )
+        event_ids = None
+        if retry_of is None:
+            key_id, key = new_key()
+        else:
+            caller_key, idem_key, request_hash = retry_of
+            key_id = idempotency.derived_id(tenant, idem_key, "api-key").hex[:16]
+            secret = hmac.new(caller_key.encode(), f"{tenant}\x00{idem_key}\x00{request_hash}".encode(),
+                              hashlib.sha256).digest()
+            key = f"nx_{key_id}_{base64.urlsafe_b64encode(secret).rstrip(b'=').decode()}"
+            event_ids = [idempotency.derived_id(tenant, idem_key, f"api-key:{hash_key(key)}")]
+        try:
+            result = await self.store.append(
+                apikey_stream(key_id),
+                [ApiKeyCreated(key_id=key_id, tenant=tenant, name=name, role=role, key_hash=hash_key(key))],
+                expected_version=0, metadata=Metadata(tenant=tenant, actor=actor),
+                event_ids=event_ids)
+        except WrongExpectedVersion:
+            if retry_of is None:
+                raise
+            raise idempotency.reused() from None
         if self.runner is not None:
             await self.runner.wait_for(result.last_position, names=("api_keys",))
         return IssuedKey(key_id, key, tenant, name, role)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from litestar import Controller, delete, get, post
+from litestar import Controller, Request, delete, get, post
 
+from services.orchestrator import idempotency
 from services.orchestrator.auth import require_admin
 from services.orchestrator.keys import KeyService, Principal
 from services.orchestrator.problems import Problem
@@ -13,15 +14,22 @@ from services.orchestrator.schemas import KeyCreate, KeyIssued, KeyList, KeyView
 class KeysController(Controller):
     path = "/v1/keys"
 
-    @post("/", status_code=201)
-    async def create_key(self, data: KeyCreate, principal: Principal, keys: KeyService) -> KeyIssued:
+    @post("/", status_code=201, responses={422: idempotency.RESPONSES[422]})
+    async def create_key(self, request: Request, data: KeyCreate, principal: Principal,
+                         keys: KeyService,
+                         idempotency_key: idempotency.KeyHeader = None) -> KeyIssued:
         require_admin(principal)
         tenant = principal.tenant
         if data.tenant is not None and data.tenant != tenant:
             if principal.role != "platform":
                 raise Problem(403, "forbidden", "only the platform admin key creates keys of other tenants")
             tenant = data.tenant
-        issued = await keys.create(tenant, data.name, data.role, principal.actor)
+        idem = idempotency.validate_key(request.headers.get(idempotency.HEADER))
+        caller_key = request.headers.get("authorization", "").partition(" ")[2].strip()
+        issued = await keys.create(
+            tenant, data.name, data.role, principal.actor,
+            retry_of=(caller_key, idem, idempotency.body_hash(await request.body()))
+            if idem else None)
         return KeyIssued(key_id=issued.key_id, key=issued.key, tenant=issued.tenant,
                          name=issued.name, role=issued.role)
 

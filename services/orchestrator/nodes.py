@@ -30,11 +30,18 @@ from shared.events import (
     NodeDraining,
     NodeLeft,
     NodeRegistered,
+    NodeRuntimeChanged,
     NodeWentOffline,
     node_stream,
 )
 from shared.eventstore import EventStore, WrongExpectedVersion
-from shared.messages import Heartbeat, NodeRegistration, NodeStatusChange, RegistrationAck
+from shared.messages import (
+    Heartbeat,
+    NodeRegistration,
+    NodeStatusChange,
+    RegistrationAck,
+    RuntimeInfo,
+)
 from shared.messaging import Bus, HandlerError
 from shared.nodes import (
     DEREGISTERED,
@@ -60,14 +67,17 @@ def decide_registration(state: NodeRecord | None, reg: NodeRegistration) -> list
     events: list[Event] = []
     if _capabilities(state.registration) != _capabilities(reg):
         events.append(NodeCapabilitiesChanged(node_id=reg.node_id, registration=reg))
+    if state.registration.runtime != reg.runtime:  # crashed, ready, ...: its own event
+        events.append(NodeRuntimeChanged(node_id=reg.node_id, runtime=reg.runtime))
     if state.status != ONLINE:
         events.append(NodeCameBack(node_id=reg.node_id, via="registration"))
     return events
 
 
 def _capabilities(reg: NodeRegistration) -> NodeRegistration:
-    """Registration minus what may change between restarts without meaning anything."""
-    return msgspec.structs.replace(reg, addresses=())
+    """Registration minus what may change between restarts without meaning anything, and
+    minus the runtime (its changes are `NodeRuntimeChanged`)."""
+    return msgspec.structs.replace(reg, addresses=(), runtime=RuntimeInfo())
 
 
 def decide_status(state: NodeRecord | None, change: NodeStatusChange) -> list[Event]:

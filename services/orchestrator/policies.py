@@ -23,6 +23,20 @@ def rules_or_problem(raw: object, field: str = "rules") -> PolicyRules:
                       errors=[{"field": p.split(":")[0], "message": p} for p in problems]) from None
 
 
+def _compile_stored(raw: bytes, label: str) -> CompiledPolicy:
+    """A policy accepted earlier; one that no longer compiles (a pattern valid before
+    patterns ran on RE2, such as a look-ahead) denies every call, naming the field."""
+    try:
+        return compile_policy(decode_rules(raw))
+    except PolicyError as exc:
+        raise Problem(409, "policy-invalid",
+                      f"the session's policy {label} no longer compiles; define a new version "
+                      f"or start a new session: " + "; ".join(exc.problems),
+                      policy=label,
+                      errors=[{"field": p.split(":")[0], "message": p} for p in exc.problems]
+                      ) from None
+
+
 class PolicyService:
     def __init__(self, store: EventStore, runner: ProjectionRunner) -> None:
         self.store = store
@@ -50,7 +64,7 @@ class PolicyService:
             if key not in self._compiled:
                 if len(self._compiled) > 10_000:
                     self._compiled.clear()
-                self._compiled[key] = compile_policy(decode_rules(raw))
+                self._compiled[key] = _compile_stored(raw, "inline")
             return self._compiled[key], "inline"
         if name is None or version is None:
             return None, None
@@ -59,5 +73,6 @@ class PolicyService:
             events = await self.store.read_stream(policy_stream(tenant, name))
             event = next(e.event for e in events if e.stream_version == version)
             assert isinstance(event, PolicyDefined)
-            self._compiled[key] = compile_policy(decode_rules(msgspec.json.encode(event.rules)))
+            self._compiled[key] = _compile_stored(msgspec.json.encode(event.rules),
+                                                  f"{name}@{version}")
         return self._compiled[key], f"{name}@{version}"

@@ -25,8 +25,9 @@ TYPE_BASE = "https://nexus.dev/problems/"
 class Problem(HTTPException):
     """Raise in a handler for a specific problem type (`type` is a short slug)."""
 
-    def __init__(self, status: int, slug: str, detail: str, **extra: Any) -> None:
-        super().__init__(status_code=status, detail=detail)
+    def __init__(self, status: int, slug: str, detail: str, *,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(status_code=status, detail=detail, headers=headers)
         self.slug = slug
         self.extra_fields = extra
 
@@ -58,7 +59,10 @@ def problem_response(request: Request, status: int, slug: str, detail: str,
 
 def http_exception_handler(request: Request, exc: HTTPException) -> Response[dict[str, Any]]:
     if isinstance(exc, Problem):
-        return problem_response(request, exc.status_code, exc.slug, exc.detail, **exc.extra_fields)
+        response = problem_response(request, exc.status_code, exc.slug, exc.detail,
+                                    **exc.extra_fields)
+        response.headers.update(exc.headers or {})  # e.g. Retry-After
+        return response
     if isinstance(exc, ValidationException):
         errors = _field_errors(exc.extra)
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or exc.detail

@@ -271,6 +271,9 @@ class BudgetOut(msgspec.Struct, frozen=True, kw_only=True):
     remaining_usd: float | None
     remaining_tokens: int | None
     open_reservations: int
+    overrun_usd: float = 0.0  # committed beyond the calls' own reservations (in committed_*)
+    overrun_tokens: int = 0
+    overruns: int = 0  # calls that cost more than they reserved
     version: int
     as_of_position: int | None
 

@@ -84,9 +84,14 @@ class SessionService:
     async def start(self, who: Principal, request: SessionCreate, *, idempotency_key: str | None = None,
                     request_hash: str | None = None) -> SessionView:
         tenant = who.tenant
+        # With a key, the ids of the events are derived from it and the request's hash:
+        # a retry is an exact duplicate; another body under the same key collides with
+        # the session stream (a version conflict, nothing written: a 422), whatever
+        # streams the first request did or did not open (a budget).
+        purpose = f":{request_hash}" if request_hash else ""
         if idempotency_key:
             session_id = str(idempotency.derived_id(tenant, idempotency_key, "session"))
-            event_ids = [idempotency.derived_id(tenant, idempotency_key, "session:started")]
+            event_ids = [idempotency.derived_id(tenant, idempotency_key, f"session:started{purpose}")]
         else:
             session_id, event_ids = new_id(), None
         budget = (BudgetLimits(limit_usd=request.budget.limit_usd,
@@ -118,17 +123,13 @@ class SessionService:
                 limit_micro_usd=usd_to_micro(budget.limit_usd) if budget.limit_usd is not None else None,
                 limit_tokens=budget.limit_tokens, period=None)
             appends.append((budget_stream, opened, 0,
-                            [idempotency.derived_id(tenant, idempotency_key, "session:budget")]
+                            [idempotency.derived_id(tenant, idempotency_key, f"session:budget{purpose}")]
                             if idempotency_key else None))
         try:
             result = (await self.store.append_atomic(appends, metadata))[-1]
         except WrongExpectedVersion:  # same key, other body: the ids differ from the stored ones
-            raise Problem(422, "idempotency-key-reused",
-                          "Idempotency-Key was used before with a different request body") from None
+            raise idempotency.reused() from None
         if result.duplicate:
-            if idempotency_key and request_hash:
-                await idempotency.ensure_same_request(self.store, stream, request_hash,
-                                                      idempotency_key)
             return await self.require(who, session_id)  # the first answer, from the read model
         # Answer from the event itself (what the projection will store); a read that
         # comes before the projection has it catches the projection up (see `get`).

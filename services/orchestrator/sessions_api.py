@@ -24,9 +24,10 @@ Limit = Annotated[int, Parameter(ge=1, le=500)]
 class SessionsController(Controller):
     path = "/v1/sessions"
 
-    @post("/", status_code=201)
+    @post("/", status_code=201, responses={422: idempotency.RESPONSES[422]})
     async def create_session(self, request: Request, data: SessionCreate, principal: Principal,
-                             sessions: SessionService) -> SessionView:
+                             sessions: SessionService,
+                             idempotency_key: idempotency.KeyHeader = None) -> SessionView:
         key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
         return await sessions.start(principal, data, idempotency_key=key,
                                     request_hash=idempotency.body_hash(await request.body()))

@@ -110,8 +110,9 @@ def parse(text: str) -> ProvidersConfig:
         raise ConfigError(f"provider config: {exc}") from None
 
 
-# Out of the box: the model the node agents serve (llama-server with Gemma 3 270M).
-DEFAULT = """
+def default_text(model: str) -> str:
+    """Out of the box: the model the node agents serve (their own llama-server)."""
+    return f"""
 [[providers]]
 name = "node"
 kind = "node"
@@ -119,12 +120,12 @@ hosted = false
 max_concurrency = 8
 timeout_s = 300
 [[providers.models]]
-name = "gemma-3-270m"
+name = "{model}"
 context = 4096
 
 [[routes]]
 model = "default"
-targets = ["node/gemma-3-270m"]
+targets = ["node/{model}"]
 """
 
 
@@ -135,4 +136,6 @@ def load() -> ProvidersConfig:
         return parse(text)
     if path:
         return parse(Path(path).read_text())
-    return parse(DEFAULT)
+    from shared.settings import get_settings
+
+    return parse(default_text(get_settings().local_model))

@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from shared.eventstore import EventStore
 from shared.metrics import LLMMetrics
 from shared.tracing import tracer
-from shared.messages import ChatMessage, CompletionRequest, ModelInfo, messages_text
+from shared.messages import ChatMessage, CompletionRequest, ModelInfo, TargetInfo, messages_text
 from shared.streaming import ConsumerLost, Done, Failed, StreamSender, Usage
 from services.provider.adapters import Adapter, End, Text, ToolCalls, UpstreamError, adapter_for
 from services.provider.config import ModelPrice, ProvidersConfig
@@ -142,6 +142,9 @@ class Router:
             prices = [self.targets[t].price for t in chain]
             out.append(ModelInfo(
                 name=name, targets=chain,
+                target_info=tuple(TargetInfo(name=t, provider=self.targets[t].provider,
+                                             model=self.targets[t].model,
+                                             hosted=self.targets[t].hosted) for t in chain),
                 input_usd_per_mtok=max(p.input_usd_per_mtok for p in prices),
                 output_usd_per_mtok=max(p.output_usd_per_mtok for p in prices),
                 context=min(p.context for p in prices),
@@ -174,13 +177,22 @@ class Router:
             metadata=Metadata(tenant=request.tenant, correlation_id=request.session_id,
                               causation_id=request.call_id, actor="provider"))
 
+    @staticmethod
+    def _redaction_for(target: Target, request: CompletionRequest) -> tuple[str, ...]:
+        """What to redact before text leaves for `target`: the policy's plan for it when
+        the request has one, else `request.redact` for a hosted target."""
+        if request.targets:
+            return next((t.redact for t in request.targets if t.name == target.name), ())
+        return request.redact if target.hosted else ()
+
     def _messages_for(self, target: Target, request: CompletionRequest) -> tuple[ChatMessage, ...]:
-        if not (target.hosted and request.redact and self.redactor):
+        kinds = self._redaction_for(target, request)
+        if not (kinds and self.redactor):
             return request.messages
         out = []
         for m in request.messages:
             if isinstance(m.content, str):
-                m = ChatMessage(role=m.role, content=self.redactor(m.content, request.redact),
+                m = ChatMessage(role=m.role, content=self.redactor(m.content, kinds),
                                 name=m.name, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id)
             out.append(m)
         return tuple(out)
@@ -190,6 +202,13 @@ class Router:
         if chain is None:
             return Failed(error="UnknownModel", detail=f"no model or route named {request.model!r}",
                           status=404)
+        if request.targets:  # only what the session's policy allows, in the route's order
+            allowed = {t.name for t in request.targets}
+            chain = tuple(name for name in chain if name in allowed)
+            if not chain:
+                return Failed(error="NoAllowedTarget", status=503,
+                              detail=f"none of the targets the policy allows for "
+                                     f"{request.model!r} is configured here")
         started = time.monotonic()
         # Recorded while the upstream call starts, not before it: the completion (or
         # failure) event waits for it, so the stream's order is kept.
@@ -247,16 +266,17 @@ class Router:
                     more_here = exc.retryable and attempt < retry.max_attempts and not result.sent_any
                     next_target = chain[index + 1] if index + 1 < len(chain) else None
                     give_up = result.sent_any or (not more_here and next_target is None)
+                    delay = self._backoff(attempt, exc.retry_after_s) if more_here else None
                     await self._event(request, LLMCallFailed(
                         call_id=request.call_id, session_id=request.session_id, target=name,
                         attempt=attempt, error=exc.kind, detail=exc.detail[:500], status=exc.status,
                         fallback=None if more_here or give_up else next_target,
-                        after_first_token=result.sent_any, final=give_up))
+                        after_first_token=result.sent_any, final=give_up, retry_in_s=delay))
                     if result.sent_any:
                         return Failed(error=exc.kind, detail=f"{name}: {exc.detail}"[:500],
                                       status=502, after_first_token=True)
-                    if more_here:
-                        await asyncio.sleep(self._backoff(attempt, exc.retry_after_s))
+                    if delay is not None:
+                        await asyncio.sleep(delay)
                         continue
                     fallbacks.append(f"{name}: {exc.kind}")
                     if index + 1 < len(chain):

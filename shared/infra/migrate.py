@@ -7,12 +7,15 @@ runs each file in a transaction and creates the database if it is missing, so
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+_URL_VAR = "NEXUS_MIGRATE_DATABASE_URL"
 
 
 class MigrationError(RuntimeError):
@@ -38,11 +41,18 @@ def _with_sslmode(url: str) -> str:
 
 def migrate(database_url: str, migrations_dir: Path = MIGRATIONS_DIR) -> str:
     """Apply pending migrations (creating the database if needed); returns dbmate's output."""
+    # The URL (it may hold a password) goes in the environment, not on the command line
+    # where every local user's `ps` would see it; errors never quote it.
     result = subprocess.run(
-        [dbmate_binary(), "--url", _with_sslmode(database_url), "--migrations-dir",
+        [dbmate_binary(), "--env", _URL_VAR, "--migrations-dir",
          str(migrations_dir), "--no-dump-schema", "--wait", "--wait-timeout", "30s", "up"],
         capture_output=True, text=True,
+        env={**os.environ, _URL_VAR: _with_sslmode(database_url)},
     )
     if result.returncode != 0:
-        raise MigrationError(f"dbmate up failed: {(result.stderr or result.stdout).strip()}")
+        detail = (result.stderr or result.stdout).strip()
+        password = urlsplit(database_url).password
+        if password:
+            detail = detail.replace(password, "***").replace(quote(password, safe=""), "***")
+        raise MigrationError(f"dbmate up failed: {detail}")
     return result.stdout.strip()

@@ -170,3 +170,20 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def describe_exit(returncode: int | None) -> tuple[str, int | None, str | None]:
+    """A process's exit in words, with its exit code or signal name.
+
+    -4 -> ("signal SIGILL (illegal instruction)", None, "SIGILL"); 1 -> ("exit code 1", 1, None).
+    """
+    if returncode is None:
+        return "exited", None, None
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}", None, str(-returncode)
+        words = signal.strsignal(-returncode) or name
+        return f"signal {name} ({words.lower()})", None, name
+    return f"exit code {returncode}", returncode, None

@@ -1,0 +1,122 @@
+"""Streams over NATS (shared/streaming.py): credit flow control against a slow consumer,
+a vanished one and one that cancels. Real NATS; sender and receiver on connections of
+their own, as the provider and the orchestrator are."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from shared.messages import Ping
+from shared.messaging import Bus
+from shared.streaming import ConsumerLost, Delta, Done, StreamReceiver, StreamSender, Usage
+
+WINDOW = 8
+
+
+def done() -> Done:
+    return Done(finish_reason="stop", usage=Usage(), model="m", provider="p")
+
+
+@pytest.fixture
+async def buses(infra) -> AsyncIterator[tuple[Bus, Bus]]:
+    producer = await Bus.connect(infra.nats_url, "test-producer")
+    consumer = await Bus.connect(infra.nats_url, "test-consumer")
+    yield producer, consumer
+    await consumer.close()
+    await producer.close()
+
+
+async def serve(bus: Bus, produce: Callable[[StreamSender], Awaitable[None]], *,
+                idle_timeout_s: float = 15.0) -> tuple[str, asyncio.Future]:
+    """A producer on a fresh subject: each request gets a StreamSender (window 8) run
+    by `produce`; the future holds what it ended with (None or the exception)."""
+    subject = f"test.stream.{uuid.uuid4().hex[:8]}"
+    ended: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def run(reply: str) -> None:
+        try:
+            async with StreamSender(bus, reply, window=WINDOW, idle_timeout_s=idle_timeout_s) as s:
+                await produce(s)
+            ended.set_result(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            ended.set_result(exc)
+
+    async def on_request(msg) -> None:
+        asyncio.ensure_future(run(msg.reply))
+
+    await bus.nc.subscribe(subject, cb=on_request)
+    await bus.nc.flush()
+    return subject, ended
+
+
+async def test_a_slow_consumer_holds_the_producer_to_the_window(buses) -> None:
+    producer, consumer = buses
+    senders: list[StreamSender] = []
+
+    async def produce(sender: StreamSender) -> None:
+        senders.append(sender)
+        for i in range(200):
+            await sender.delta(content=str(i))
+        await sender.done(done())
+
+    subject, ended = await serve(producer, produce)
+    ahead: list[int] = []
+    received: list[str] = []
+    async with StreamReceiver(consumer, subject, Ping(sender="slow"), first_frame_timeout_s=10,
+                              window=WINDOW) as stream:
+        async for frame in stream.frames():
+            if isinstance(frame, Delta):
+                # never more than a window beyond what this consumer has acknowledged
+                ahead.append(senders[0].seq - frame.seq)
+                received.append(frame.content)
+                await asyncio.sleep(0.002)  # a slow client
+    assert received == [str(i) for i in range(200)]  # every delta, in order
+    assert max(ahead) <= WINDOW
+    assert await asyncio.wait_for(ended, 10) is None
+
+
+async def test_a_vanished_consumer_stops_the_producer_at_the_window(buses) -> None:
+    """The receiver takes the first frames and disappears without a word (no credit,
+    no cancel): the producer sends one window, waits for credit, then gives up."""
+    producer, consumer = buses
+    produced: list[int] = []
+
+    async def produce(sender: StreamSender) -> None:
+        for i in range(200):
+            await sender.delta(content=str(i))
+            produced.append(i)
+
+    subject, ended = await serve(producer, produce, idle_timeout_s=0.5)
+    inbox = consumer.nc.new_inbox()
+    sub = await consumer.nc.subscribe(inbox)
+    await consumer.nc.publish(subject, b'{"sender": "gone"}', reply=inbox)
+    await sub.next_msg(timeout=10)  # Started: the producer is running
+    await sub.unsubscribe()  # ... and the consumer is gone
+
+    outcome = await asyncio.wait_for(ended, 20)
+    assert isinstance(outcome, ConsumerLost) and "no credit" in str(outcome)
+    assert produced == list(range(WINDOW))  # one window, not a delta more
+
+
+async def test_a_cancelling_consumer_stops_the_producer(buses) -> None:
+    producer, consumer = buses
+    produced: list[int] = []
+
+    async def produce(sender: StreamSender) -> None:
+        for i in range(10_000):
+            await sender.delta(content=str(i))
+            produced.append(i)
+
+    subject, ended = await serve(producer, produce)
+    async with StreamReceiver(consumer, subject, Ping(sender="leaves"), first_frame_timeout_s=10,
+                              window=WINDOW) as stream:
+        async for frame in stream.frames():
+            if isinstance(frame, Delta) and frame.seq == 3:
+                break  # leaving the block sends Cancel
+    outcome = await asyncio.wait_for(ended, 20)
+    assert isinstance(outcome, ConsumerLost) and "cancelled" in str(outcome)
+    assert len(produced) < 10_000

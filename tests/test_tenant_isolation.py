@@ -1,0 +1,132 @@
+"""Tenant isolation on every route: a key only ever sees its own tenant.
+
+The routes come from the served OpenAPI document, so a new route is covered the day it
+is added: every path parameter must be known here as tenant-owned (another tenant's id
+is a 404, exactly like an id that does not exist: never a 403, never a 2xx) or as
+explicitly not tenant-owned (with the reason), else this test fails and asks.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import httpx
+import pytest
+
+from tests.test_tenants import member_of, tenant_admin
+
+# path parameter -> how to get the other tenant's (B's) id from the setup below
+OWNED = {"session_id", "key_id"}
+# a route's parameter that names no tenant's resource, and why it is not checked here
+NOT_OWNED = {
+    "node_id": "nodes are the platform's shared machines, not a tenant's resource",
+    "tenant": "the route is the platform admin's alone (a tenant key gets 403 for any "
+              "tenant, its own included: checked below, nothing is learnt about others)",
+}
+# bodies that pass validation, so that ownership is what decides the answer
+BODIES = {
+    ("post", "/v1/sessions/{session_id}/messages"): {"content": "hello"},
+    ("put", "/v1/tenants/{tenant}/budget"): {"limit_usd": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def world(platform):
+    """Tenant A (the prober) and tenant B (whose ids A tries), each with a session, a
+    member key and a named policy."""
+    a, b = f"ia{uuid.uuid4().hex[:6]}", f"ib{uuid.uuid4().hex[:6]}"
+    admin_a, admin_b = tenant_admin(platform, a), tenant_admin(platform, b)
+    key_b, _ = member_of(platform, admin_b)
+    policy = {"name": "b-secret", "rules": {"models_deny": ["b-only-*"]}}
+    assert httpx.post(f"{platform.api}/v1/policies", headers=admin_b,
+                      json=policy).status_code == 201
+    session_b = httpx.post(f"{platform.api}/v1/sessions", headers=admin_b,
+                           json={"policy": "b-secret", "budget": {"limit_usd": 3}})
+    assert session_b.status_code == 201, session_b.text
+    return {"platform": platform, "a": a, "b": b, "admin_a": admin_a, "admin_b": admin_b,
+            "ids_b": {"session_id": session_b.json()["session_id"], "key_id": key_b}}
+
+
+def routes(platform) -> list[tuple[str, str, list[str]]]:
+    doc = httpx.get(f"{platform.api}/schema/openapi.json", timeout=10).json()
+    out = []
+    for path, item in doc["paths"].items():
+        for method in ("get", "post", "put", "patch", "delete"):
+            if method in item:
+                out.append((method, path, re.findall(r"{(\w+)}", path)))
+    return out
+
+
+def test_the_openapi_document_lists_the_tenant_routes(platform) -> None:
+    found = {(m, p) for m, p, _ in routes(platform)}
+    assert ("get", "/v1/sessions/{session_id}") in found
+    assert ("delete", "/v1/keys/{key_id}") in found
+
+
+def test_another_tenants_ids_are_not_found_on_every_route(world) -> None:
+    platform, admin_a = world["platform"], world["admin_a"]
+    checked = []
+    for method, path, params in routes(platform):
+        if not params:
+            continue
+        unknown = [p for p in params if p not in OWNED and p not in NOT_OWNED]
+        assert not unknown, (f"{method.upper()} {path}: path parameter(s) {unknown} unknown to "
+                             "this test; add them to OWNED (with B's id) or NOT_OWNED (why)")
+        if not set(params) & OWNED:
+            continue
+        theirs = path.format(**world["ids_b"])
+        nobody = path.format(**{p: f"missing-{uuid.uuid4().hex[:8]}" for p in params})
+        body = BODIES.get((method, path))
+        answers = {}
+        for label, url in (("theirs", theirs), ("nobody", nobody)):
+            resp = httpx.request(method, f"{platform.api}{url}", headers=admin_a, json=body,
+                                 timeout=30)
+            answers[label] = resp.status_code
+            assert resp.status_code == 404, (method, url, resp.status_code, resp.text)
+            assert resp.headers["content-type"].startswith("application/problem+json")
+            assert world["b"] not in resp.text  # nothing about the other tenant
+        checked.append((method, path))
+    assert len(checked) >= 7, checked  # sessions (read, close, events, messages x2, budget), keys
+
+    # and B's things are untouched by all that
+    sid = world["ids_b"]["session_id"]
+    session = httpx.get(f"{platform.api}/v1/sessions/{sid}", headers=world["admin_b"]).json()
+    assert session["status"] != "closed" and session["tenant"] == world["b"]
+    keys = httpx.get(f"{platform.api}/v1/keys", headers=world["admin_b"]).json()["keys"]
+    assert any(k["key_id"] == world["ids_b"]["key_id"] and not k["revoked_at"] for k in keys)
+
+
+def test_platform_only_routes_refuse_a_tenant_whatever_the_tenant(world) -> None:
+    platform, admin_a = world["platform"], world["admin_a"]
+    for tenant in (world["b"], world["a"], f"missing-{uuid.uuid4().hex[:6]}"):
+        resp = httpx.put(f"{platform.api}/v1/tenants/{tenant}/budget", headers=admin_a,
+                         json={"limit_usd": 1})
+        assert resp.status_code == 403, resp.text
+    assert httpx.delete(f"{platform.api}/v1/nodes/nope", headers=admin_a).status_code == 403
+
+
+def test_chat_in_another_tenants_session_is_not_found(world) -> None:
+    platform = world["platform"]
+    resp = httpx.post(f"{platform.api}/v1/chat/completions", timeout=30,
+                      headers={**world["admin_a"], "X-Nexus-Session": world["ids_b"]["session_id"]},
+                      json={"model": "default", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == 404, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+
+
+def test_policies_are_per_tenant_by_name(world) -> None:
+    platform, admin_a = world["platform"], world["admin_a"]
+    names = [p["name"] for p in httpx.get(f"{platform.api}/v1/policies", headers=admin_a).json()]
+    assert "b-secret" not in names
+    # A cannot pin B's policy: to A, no policy has that name
+    resp = httpx.post(f"{platform.api}/v1/sessions", headers=admin_a, json={"policy": "b-secret"})
+    assert resp.status_code == 400 and "b-secret" in resp.json()["detail"]
+    assert "b-only" not in resp.text  # ... and nothing of its rules shows
+    # the same name in A is A's own policy, version 1; B's stays as it was
+    mine = httpx.post(f"{platform.api}/v1/policies", headers=admin_a,
+                      json={"name": "b-secret", "rules": {"max_tokens_per_call": 10}})
+    assert mine.status_code == 201 and mine.json()["version"] == 1
+    [theirs] = [p for p in httpx.get(f"{platform.api}/v1/policies",
+                                     headers=world["admin_b"]).json() if p["name"] == "b-secret"]
+    assert theirs["version"] == 1 and theirs["rules"]["models_deny"] == ["b-only-*"]
