@@ -165,7 +165,7 @@ def chat(llm: LLMCluster, key, sid: str, api: str | None = None, **body) -> http
 @pytest.mark.parametrize(("rules", "body", "rule"), [
     ({"models_deny": ["def*"]}, {}, "models.deny"),
     ({"models_allow": ["gpt-*"]}, {}, "models.allow"),
-    ({"providers_deny": ["primary"]}, {}, "providers.deny"),
+    ({"providers_deny": ["primary", "backup"]}, {}, "providers.deny"),  # every target
     ({"max_tokens_per_call": 2}, {"max_tokens": 3}, "max_tokens_per_call"),
     ({"content": {"deny_input": ["(?i)forbidden"]}},
      {"messages": [{"role": "user", "content": "a Forbidden word"}]}, "content.input.deny[0]"),
@@ -207,8 +207,9 @@ def test_named_policies_are_versioned_and_pinned(two: LLMCluster) -> None:
     denied = chat(two, key, new)
     assert denied.status_code == 403 and denied.json()["policy"] == "std@2"
     bad = httpx.post(f"{two.api}/v1/policies", headers=key,
-                     json={"name": "broken", "rules": {"content": {"deny_input": ["(a+)+"]}}})
+                     json={"name": "broken", "rules": {"content": {"deny_input": ["(?!x)y"]}}})
     assert bad.status_code == 400 and "rules.content.deny_input[0]" in bad.json()["detail"]
+    assert bad.json()["errors"][0]["field"] == "rules.content.deny_input[0]"  # RE2 cannot run it
     unknown = httpx.post(f"{two.api}/v1/policies", headers=key,
                          json={"name": "typo", "rules": {"models_dney": ["x"]}})
     assert unknown.status_code == 400 and "models_dney" in unknown.json()["detail"]
