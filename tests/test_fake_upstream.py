@@ -455,7 +455,7 @@ def test_slow_first_byte(fake: FakeUpstream) -> None:
         assert resp.status_code == 200 and "[DONE]" in resp.read().decode()
     assert fake.stats.script_pending == 0  # consumed: back to normal
     assert oai(fake).chat.completions.create(model="fake-small", messages=MESSAGES).choices
-    assert fake.stats.completed == 3
+    assert fake.wait_idle().completed == 3  # recorded once each response has ended
 
 
 def test_drop_before_first_token(fake: FakeUpstream,

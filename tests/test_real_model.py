@@ -102,17 +102,18 @@ TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_tur
 
 
 def test_the_default_model_answers_in_its_own_template(real) -> None:
-    """An instruction-tuned model, prompted with its own chat template, stops at its end
-    of turn: the answer is an answer, with no template tokens and no invented turns."""
+    """An instruction-tuned model, prompted with its own chat template, ends its turn:
+    the answer is the model's reply alone, with no template tokens and no invented
+    next turn, and it stops by itself instead of running to max_tokens."""
     api, headers, _, _ = real
     resp = httpx.post(f"{api}/v1/chat/completions", headers=headers, timeout=120, json={
-        "model": "default", "max_tokens": 48, "temperature": 0,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        "model": "default", "max_tokens": 160, "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello."}]})
     assert resp.status_code == 200, resp.text
     choice = resp.json()["choices"][0]
     answer = choice["message"]["content"]
-    assert not [t for t in TEMPLATE_TOKENS if t in answer], answer
-    assert "\nuser" not in answer.lower() and "paris" in answer.lower(), answer
+    assert answer.strip() and not [t for t in TEMPLATE_TOKENS if t in answer], answer
+    assert "\nuser" not in answer.lower() and "\nassistant" not in answer.lower(), answer
     assert choice["finish_reason"] == "stop", answer  # ended its turn, not cut off
 
 

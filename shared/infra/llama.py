@@ -291,7 +291,7 @@ def _stage(bin_dir: Path, staged: Path) -> None:
         raise RuntimeBuildError(f"build finished but {binary} is missing")
     staged.mkdir(parents=True)
     for item in [binary, *bin_dir.glob("*.so*")]:
-        shutil.copy2(item, staged / item.name, follow_symlinks=True)
+        shutil.copy2(item, staged / item.name, follow_symlinks=False)  # links stay links
 
 
 # -- the smoke test -----------------------------------------------------------------
