@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 import asyncpg  # noqa: E402
 
-from shared.events import (  # noqa: E402
+from shared.contracts.events import (  # noqa: E402
     Metadata,
     RecordedEvent,
     SessionClosed,
@@ -52,8 +52,8 @@ from shared.events import (  # noqa: E402
     encode_event,
     encode_metadata,
 )
-from shared.eventstore.projections import Projection, ProjectionRunner  # noqa: E402
-from shared.eventstore.store import EventStore, create_pool  # noqa: E402
+from shared.infra.eventstore.projections import Projection, ProjectionRunner  # noqa: E402
+from shared.infra.eventstore.store import EventStore, create_pool  # noqa: E402
 from shared.infra.migrate import migrate  # noqa: E402
 
 CONCURRENCY = 8

@@ -39,8 +39,8 @@ import psutil  # noqa: E402
 from shared import subjects  # noqa: E402
 from shared.infra import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
 from shared.infra.migrate import migrate  # noqa: E402
-from shared.messages import Heartbeat, RegistrationAck  # noqa: E402
-from shared.messaging import Bus  # noqa: E402
+from shared.contracts.messages import Heartbeat, RegistrationAck  # noqa: E402
+from shared.infra.messaging import Bus  # noqa: E402
 from tests.fleet import SimFleet, registration  # noqa: E402
 
 

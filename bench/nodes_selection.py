@@ -1,6 +1,6 @@
 """Node selection benchmark: `.venv/bin/python bench/nodes_selection.py`.
 
-Times `NodeSelector.select()` (`shared.selection`) for 10, 100, 1000 and 10,000 nodes
+Times `NodeSelector.select()` (`shared.domain.selection`) for 10, 100, 1000 and 10,000 nodes
 and each strategy, next to a naive full scan (`min(qualifying, key=rank)` over every
 node, the seed's approach) on the same kind of fleet, in one run.
 
@@ -31,15 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shared.messages import (  # noqa: E402
+from shared.contracts.messages import (  # noqa: E402
     GpuInfo,
     GpuLoad,
     Heartbeat,
     NodeRegistration,
     RuntimeInfo,
 )
-from shared.nodes import DRAINING, OFFLINE, ONLINE, NodeLoad, NodeRecord, NodeView  # noqa: E402
-from shared.selection import STRATEGIES, NodeSelector, NoEligibleNode, score  # noqa: E402
+from shared.domain.nodes import DRAINING, OFFLINE, ONLINE, NodeLoad, NodeRecord, NodeView  # noqa: E402
+from shared.domain.selection import STRATEGIES, NodeSelector, NoEligibleNode, score  # noqa: E402
 
 SIZES = (10, 100, 1000, 10_000)
 MODELS = ("llama-3-8b", "qwen-2.5-7b", "mistral-7b", "phi-3-mini")

@@ -12,7 +12,7 @@ all started by this script on 127.0.0.1):
     - `EventStore.append_atomic` in this process, the very call the orchestrator makes;
     - raw asyncpg: the same two rows inserted into `bench_raw_events` (a copy of `events`:
       same columns, constraints and indexes) in one transaction, one connection per worker.
-(b) reserve+commit cycles/s through `services.orchestrator.budget.BudgetManager` in this
+(b) reserve+commit cycles/s through `services.orchestrator.budget_manager.BudgetManager` in this
     process (`charge_for`, `reserve`, `commit`), CONCURRENCY workers over many session
     budgets; then the same with a tenant month budget set, so that every cycle also
     reserves and commits on the tenant's single stream. Baseline: raw asyncpg appending
@@ -64,14 +64,14 @@ from bench.gateway import (  # noqa: E402
     raise_fd_limit,
     run_async,
 )
-from services.orchestrator.budget import BudgetManager  # noqa: E402
-from shared.budget import (  # noqa: E402
+from services.orchestrator.budget_manager import BudgetManager  # noqa: E402
+from shared.domain.budget import (  # noqa: E402
     SESSION,
     budget_stream_for_session,
     decide_open,
     usd_to_micro,
 )
-from shared.events import (  # noqa: E402
+from shared.contracts.events import (  # noqa: E402
     BudgetCommitted,
     BudgetLimits,
     BudgetReserved,
@@ -82,7 +82,7 @@ from shared.events import (  # noqa: E402
     new_id,
     session_stream,
 )
-from shared.eventstore.store import EventStore, create_pool  # noqa: E402
+from shared.infra.eventstore.store import EventStore, create_pool  # noqa: E402
 from shared.infra.migrate import migrate  # noqa: E402
 from tests.fake_upstream import FakeUpstreamControl  # noqa: E402
 

@@ -58,7 +58,7 @@ def expand_secret_files(env: MutableMapping[str, str]) -> list[str]:
 
 
 def _nexus_commands() -> set[str]:
-    from shared.cli import main
+    from ops.cli import main
 
     return set(main.commands)
 
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     program = command(args)
     if program is not None:
         os.execvp(program[0], program)
-    from shared.cli import main as nexus
+    from ops.cli import main as nexus
 
     nexus(args=args or ["--help"], prog_name="nexus")
 

@@ -51,10 +51,10 @@ def check_orchestrator(env: Mapping[str, str], timeout: float = TIMEOUT_S) -> tu
 
 
 async def _ping(service: str, timeout: float) -> tuple[bool, str]:
-    from shared.messages import Ping, Pong
-    from shared.messaging import Bus
-    from shared.service import PING_SUBJECTS
-    from shared.settings import Settings
+    from shared.contracts.messages import Ping, Pong
+    from shared.infra.messaging import Bus
+    from shared.infra.service import PING_SUBJECTS
+    from shared.infra.settings import Settings
 
     settings = Settings.from_env()
     if not settings.nats_url:

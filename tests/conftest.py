@@ -16,8 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from shared.eventstore import EventStore
-from shared.eventstore.store import create_pool
+from shared.infra.eventstore import EventStore
+from shared.infra.eventstore.store import create_pool
 from shared.infra import EmbeddedNats, EmbeddedPostgres
 from shared.infra.migrate import migrate
 from tests.support import OtlpReceiver, ServiceProc, service_env, wait_http_ok, free_port_str

@@ -6,9 +6,9 @@ import asyncio
 import random
 import time
 
-from shared import subjects
-from shared.messages import GpuInfo, GpuLoad, Heartbeat, NodeRegistration, RegistrationAck, RuntimeInfo
-from shared.messaging import Bus
+from shared.contracts import subjects
+from shared.contracts.messages import GpuInfo, GpuLoad, Heartbeat, NodeRegistration, RegistrationAck, RuntimeInfo
+from shared.infra.messaging import Bus
 
 GIB = 1024**3
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from shared.eventstore import EventStore
-from shared.eventstore.store import create_pool
+from shared.infra.eventstore import EventStore
+from shared.infra.eventstore.store import create_pool
 from shared.infra import EmbeddedNats
 from tests.fake_upstream import FakeUpstream
 from tests.support import ServiceProc, free_port_str, service_env, wait_http_ok, wait_until

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.orchestrator.budget import BudgetManager, Charge
+from services.orchestrator.budget_manager import BudgetManager, Charge
 from services.orchestrator.ratelimits import RateCounter
-from shared.budget import SESSION, budget_stream_for_session, decide_open, fold_budget
-from shared.events import BudgetExceeded, Metadata
-from shared.eventstore import EventStore
-from shared.eventstore.store import create_pool
+from shared.domain.budget import SESSION, budget_stream_for_session, decide_open, fold_budget
+from shared.contracts.events import BudgetExceeded, Metadata
+from shared.infra.eventstore import EventStore
+from shared.infra.eventstore.store import create_pool
 
 T0 = 1_800_000_000.0  # a minute boundary (divisible by 60)
 META = Metadata(tenant="t1", actor="test")

@@ -1,4 +1,4 @@
-"""Budgets (`shared.budget`): the fold and the reserve/commit/release/expire decisions.
+"""Budgets (`shared.domain.budget`): the fold and the reserve/commit/release/expire decisions.
 
 Pure: no store, no clock. Each operation decides on the current state and folds the
 events it returns at the next versions, as the orchestrator does when it appends them
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from shared.budget import (
+from shared.domain.budget import (
     BUDGET_EVENT_TYPE_NAMES,
     BUDGET_EVENT_TYPES,
     EXPIRED,
@@ -48,7 +48,7 @@ from shared.budget import (
     month_period,
     usd_to_micro,
 )
-from shared.events import Event
+from shared.contracts.events import Event
 
 USD = 1_000_000
 TTL = 60.0
@@ -705,9 +705,9 @@ def test_duplicate_delivery_does_not_change_the_state(limit_usd, limit_tokens, s
 
 
 def test_prompt_bound_counts_utf8_bytes_and_template_tokens():
-    from shared.budget import (TEMPLATE_TOKENS_FOR_TOOLS, TEMPLATE_TOKENS_PER_CALL,
+    from shared.domain.budget import (TEMPLATE_TOKENS_FOR_TOOLS, TEMPLATE_TOKENS_PER_CALL,
                                TEMPLATE_TOKENS_PER_MESSAGE, prompt_token_bound)
-    from shared.messages import ChatMessage
+    from shared.contracts.messages import ChatMessage
 
     per_call, per_msg = TEMPLATE_TOKENS_PER_CALL, TEMPLATE_TOKENS_PER_MESSAGE
     assert prompt_token_bound([ChatMessage(role="user", content="hi")]) == 2 + per_msg + per_call
@@ -723,8 +723,8 @@ def test_prompt_bound_counts_utf8_bytes_and_template_tokens():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(), min_size=1, max_size=5))
 def test_prompt_bound_is_at_least_the_bytes_of_the_text(texts):
-    from shared.budget import prompt_token_bound
-    from shared.messages import ChatMessage
+    from shared.domain.budget import prompt_token_bound
+    from shared.contracts.messages import ChatMessage
 
     messages = [ChatMessage(role="user", content=t) for t in texts]
     assert prompt_token_bound(messages) >= sum(len(t.encode()) for t in texts) + 4 * len(texts)
@@ -732,8 +732,8 @@ def test_prompt_bound_is_at_least_the_bytes_of_the_text(texts):
 
 def test_reserved_prompt_covers_redaction_placeholders():
     from services.orchestrator.chat import reserved_prompt_tokens
-    from shared.budget import prompt_token_bound
-    from shared.messages import ChatMessage
+    from shared.domain.budget import prompt_token_bound
+    from shared.contracts.messages import ChatMessage
 
     messages = (ChatMessage(role="user", content="mail a@b.io " * 20),)
     plain = prompt_token_bound(messages)

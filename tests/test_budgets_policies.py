@@ -12,10 +12,10 @@ import httpx
 import nats
 import pytest
 
-from shared.budget import fold_budget, prompt_token_bound
-from shared.eventstore import EventStore
-from shared.messages import ChatMessage
-from shared.eventstore.store import create_pool
+from shared.domain.budget import fold_budget, prompt_token_bound
+from shared.infra.eventstore import EventStore
+from shared.contracts.messages import ChatMessage
+from shared.infra.eventstore.store import create_pool
 from tests.conftest import new_database
 from tests.llm_cluster import BACKUP_KEY, PRIMARY_KEY, LLMCluster, start_llm_cluster
 from tests.support import wait_until

@@ -8,14 +8,14 @@ import subprocess
 import sys
 import uuid
 
-from shared.events import SessionStarted, session_stream
-from shared.eventstore import EventStore
+from shared.contracts.events import SessionStarted, session_stream
+from shared.infra.eventstore import EventStore
 from tests.support import REPO
 
 
 def nexus(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": database_url}
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -42,7 +42,7 @@ async def test_events_tail_prints_a_stream_as_json_lines(infra, store: EventStor
 
 
 async def test_projections_list_and_rebuild(fresh_db: str) -> None:
-    from shared.eventstore.store import create_pool
+    from shared.infra.eventstore.store import create_pool
 
     pool = await create_pool(fresh_db, max_size=2)
     try:
@@ -66,7 +66,7 @@ async def test_projections_list_and_rebuild(fresh_db: str) -> None:
 def test_keys_create_prints_a_key_once_and_stores_its_hash(fresh_db: str) -> None:
     import asyncio
 
-    from shared.eventstore.store import create_pool
+    from shared.infra.eventstore.store import create_pool
 
     result = nexus("keys", "create", "--tenant", "acme", "--name", "ci", database_url=fresh_db)
     assert result.returncode == 0, result.stderr

@@ -5,15 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shared import subjects
-from shared.events import EVENT_TYPES
+from shared.contracts import subjects
+from shared.contracts.events import EVENT_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_lists_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
-    declared = re.findall(r'"""(\w+): ', (ROOT / "shared" / "settings.py").read_text())
+    declared = re.findall(r'"""(\w+): ', (ROOT / "shared" / "infra" / "settings.py").read_text())
     assert declared, "no settings found"
     missing = [name for name in declared if f"`{name}`" not in readme]
     assert not missing, f"README.md configuration table lacks {missing}"

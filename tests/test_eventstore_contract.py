@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from shared.events import Metadata, SessionClosed, SessionStarted, session_stream
-from shared.eventstore import EventIdConflict, EventStore, WrongExpectedVersion
-from shared.tracing import setup_tracing, tracer
+from shared.contracts.events import Metadata, SessionClosed, SessionStarted, session_stream
+from shared.infra.eventstore import EventIdConflict, EventStore, WrongExpectedVersion
+from shared.infra.tracing import setup_tracing, tracer
 from tests.support import REPO
 
 
@@ -122,9 +122,9 @@ async def test_fifty_concurrent_appenders_exactly_one_wins(pool) -> None:
 
 _APPENDER = """
 import asyncio, sys
-from shared.events import SessionClosed
-from shared.eventstore import EventStore, WrongExpectedVersion
-from shared.eventstore.store import create_pool
+from shared.contracts.events import SessionClosed
+from shared.infra.eventstore import EventStore, WrongExpectedVersion
+from shared.infra.eventstore.store import create_pool
 
 async def main(url, stream, sid, who):
     pool = await create_pool(url, max_size=1)

@@ -14,9 +14,9 @@ import msgspec
 import nats
 import pytest
 
-from shared import subjects
+from shared.contracts import subjects
 from shared.infra import EmbeddedNats
-from shared.messages import CompletionRequest
+from shared.contracts.messages import CompletionRequest
 from tests.conftest import new_database
 from tests.fake_upstream import FakeUpstream, reply_text
 from tests.llm_cluster import start_llm_cluster

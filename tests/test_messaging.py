@@ -9,10 +9,10 @@ import msgspec
 import nats
 import pytest
 
-from shared import subjects
+from shared.contracts import subjects
 from shared.infra import EmbeddedNats
-from shared.messages import Ping, Pong
-from shared.messaging import Bus, HandlerError, NoResponders, RemoteError, RequestTimeout
+from shared.contracts.messages import Ping, Pong
+from shared.infra.messaging import Bus, HandlerError, NoResponders, RemoteError, RequestTimeout
 
 
 def subject(name: str) -> str:
@@ -103,7 +103,7 @@ async def test_streams_are_created_idempotently(bus: Bus) -> None:
 
 
 async def test_trace_context_travels_in_headers(bus: Bus) -> None:
-    from shared.tracing import setup_tracing, tracer
+    from shared.infra.tracing import setup_tracing, tracer
 
     setup_tracing("nexus-test")
     s = subject("traced")

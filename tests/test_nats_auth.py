@@ -27,7 +27,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from shared import subjects
+from shared.contracts import subjects
 from shared.infra import EmbeddedNats
 from shared.infra.nats_auth import (
     CredentialsError,
@@ -39,9 +39,9 @@ from shared.infra.nats_auth import (
     load_or_create_credentials,
     node_inbox_prefix,
 )
-from shared.messages import Heartbeat, NodeStatusChange
-from shared.messaging import Bus
-from shared.nodes import load_or_create_node_id
+from shared.contracts.messages import Heartbeat, NodeStatusChange
+from shared.infra.messaging import Bus
+from shared.domain.nodes import load_or_create_node_id
 from tests.support import wait_until
 
 NODE_A = uuid.uuid4().hex

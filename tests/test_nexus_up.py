@@ -44,7 +44,7 @@ class Up:
 
     def start(self) -> Up:
         self.out = open(self.data_dir.parent / f"{self.data_dir.name}-up.out", "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "up"], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "up"], cwd=REPO,
                                      env=self.env, stdout=self.out, stderr=subprocess.STDOUT,
                                      text=True, preexec_fn=die_with_parent)
         wait_http_ok(f"{self.api}/health", timeout=90)
@@ -178,7 +178,7 @@ def test_up_from_a_private_directory_gives_each_service_only_its_credentials(tmp
         for log in (up.data_dir / "logs").iterdir():
             assert password not in log.read_text(errors="replace"), log
         # CLI commands find the database through up.json and the password file.
-        listed = subprocess.run([sys.executable, "-m", "shared.cli", "projections", "list"],
+        listed = subprocess.run([sys.executable, "-m", "ops.cli", "projections", "list"],
                                 cwd=REPO, env=up.env, capture_output=True, text=True, timeout=60)
         assert listed.returncode == 0, listed.stderr
         assert password not in listed.stdout + listed.stderr

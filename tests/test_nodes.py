@@ -20,12 +20,12 @@ import httpx
 import nats
 import pytest
 
-from shared import subjects
-from shared.events import RecordedEvent, node_stream
-from shared.eventstore import EventStore
-from shared.eventstore.store import create_pool
+from shared.contracts import subjects
+from shared.contracts.events import RecordedEvent, node_stream
+from shared.infra.eventstore import EventStore
+from shared.infra.eventstore.store import create_pool
 from shared.infra import EmbeddedNats
-from shared.messaging import Bus
+from shared.infra.messaging import Bus
 from tests.conftest import new_database
 from tests.fleet import SimFleet
 from tests.support import ServiceProc, free_port_str, service_env, wait_http_ok, wait_until
@@ -313,7 +313,7 @@ async def test_nexus_nodes_prints_a_table(cluster: Cluster, bus: Bus) -> None:
            "NEXUS_API_KEY": cluster.admin["Authorization"].split()[1],
            "NEXUS_DATA_DIR": str(cluster.tmp / "cli-data")}
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "shared.cli", "nodes", "--status", "online"],
+        subprocess.run, [sys.executable, "-m", "ops.cli", "nodes", "--status", "online"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     [line] = [ln for ln in result.stdout.splitlines() if ln.startswith(node_id)]

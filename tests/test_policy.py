@@ -1,4 +1,4 @@
-"""The policy engine (`shared.policy`): what each rule allows and denies, and why.
+"""The policy engine (`shared.domain.policy`): what each rule allows and denies, and why.
 
 Pure: policies compiled in memory, facts and usage counts passed in. Every decision
 names the rule that decided (a stable id) and gives a reason a human can read.
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.policy import (
+from shared.domain.policy import (
     REDACT_KINDS,
     ChatRequestFacts,
     CompiledPolicy,

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.orchestrator.projections import PROJECTIONS, SessionsProjection
-from shared.events import RecordedEvent, SessionClosed, SessionStarted, session_stream
-from shared.eventstore import EventStore, Projection, ProjectionRunner
-from shared.eventstore.store import create_pool
+from shared.contracts.events import RecordedEvent, SessionClosed, SessionStarted, session_stream
+from shared.infra.eventstore import EventStore, Projection, ProjectionRunner
+from shared.infra.eventstore.store import create_pool
 from tests.support import ServiceProc, free_port_str, service_env, wait_http_ok
 
 

@@ -204,7 +204,7 @@ def test_metrics_match_the_events(real, otlp) -> None:
                                 "messages": [{"role": "user", "content": "Hello"}]}).status_code == 200
 
     async def totals() -> tuple[int, int]:
-        from shared.eventstore.store import create_pool
+        from shared.infra.eventstore.store import create_pool
 
         url = procs[0].env["DATABASE_URL"]
         pool = await create_pool(url, max_size=1)
@@ -326,7 +326,7 @@ def test_a_busy_node_answers_429_and_nothing_hangs(real) -> None:
     assert set(codes) <= {200, 429} and 200 in codes
 
     async def busy_attempts() -> int:
-        from shared.eventstore.store import create_pool
+        from shared.infra.eventstore.store import create_pool
 
         pool = await create_pool(real[3][0].env["DATABASE_URL"], max_size=1)
         try:

@@ -21,13 +21,13 @@ import httpx
 import msgspec
 import pytest
 
-from shared.events import NodeRuntimeChanged, node_stream
-from shared.eventstore import EventStore
-from shared.eventstore.store import create_pool
+from shared.contracts.events import NodeRuntimeChanged, node_stream
+from shared.infra.eventstore import EventStore
+from shared.infra.eventstore.store import create_pool
 from shared.infra import EmbeddedNats
-from shared.messages import NodeRegistration, RuntimeInfo
-from shared.nodes import fold_node
-from services.orchestrator.nodes import decide_registration
+from shared.contracts.messages import NodeRegistration, RuntimeInfo
+from shared.domain.nodes import fold_node
+from services.orchestrator.fleet import decide_registration
 from services.node.runtime import restart_delay
 from shared.infra.process import describe_exit
 from tests.conftest import new_database
@@ -130,7 +130,7 @@ def test_a_runtime_that_dies_on_start_is_reported_crashed_then_failed(crash_clus
         assert changes[-1].reason == runtime["reason"]
 
         cli = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "nodes"], cwd=REPO, capture_output=True,
+            [sys.executable, "-m", "ops.cli", "nodes"], cwd=REPO, capture_output=True,
             text=True, timeout=60,
             env={**os.environ, "NEXUS_HTTP_PORT": api.rsplit(":", 1)[1],
                  "NEXUS_API_KEY": admin["Authorization"].split()[1],

@@ -1,4 +1,4 @@
-"""Node selection (`shared.selection`): what every strategy may and may not choose.
+"""Node selection (`shared.domain.selection`): what every strategy may and may not choose.
 
 Pure in-memory: a `NodeView` fed with registry records and heartbeats, a fake clock,
 seeded randomness. Nothing here measures time (see `bench/nodes_selection.py`).
@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
-from shared.messages import GpuInfo, GpuLoad, Heartbeat, NodeRegistration, RuntimeInfo
-from shared.nodes import DRAINING, LEFT, OFFLINE, ONLINE, STATUSES, NodeLoad, NodeRecord, NodeView
-from shared.selection import (
+from shared.contracts.messages import GpuInfo, GpuLoad, Heartbeat, NodeRegistration, RuntimeInfo
+from shared.domain.nodes import DRAINING, LEFT, OFFLINE, ONLINE, STATUSES, NodeLoad, NodeRecord, NodeView
+from shared.domain.selection import (
     INSUFFICIENT_GPU_MEMORY,
     MODEL_NOT_SERVED,
     NO_ONLINE_NODE,

@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from shared.eventstore.store import EventStore, create_pool
+from shared.infra.eventstore.store import EventStore, create_pool
 from tests.support import ServiceProc, wait_until
 
 PROBLEM = "application/problem+json"

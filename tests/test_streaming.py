@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from shared.messages import Ping
-from shared.messaging import Bus
-from shared.streaming import ConsumerLost, Delta, Done, StreamReceiver, StreamSender, Usage
+from shared.contracts.messages import Ping
+from shared.infra.messaging import Bus
+from shared.contracts.frames import Delta, Done, Usage
+from shared.infra.streaming import ConsumerLost, StreamReceiver, StreamSender
 
 WINDOW = 8
 

@@ -13,7 +13,7 @@ import socket
 
 import psutil
 
-from shared.messages import GpuInfo, GpuLoad
+from shared.contracts.messages import GpuInfo, GpuLoad
 
 log = logging.getLogger("nexus.node.hardware")
 

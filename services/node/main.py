@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import logging
 
-from shared import subjects
-from shared.messages import CompletionRequest, RuntimeInfo
+from shared.contracts import subjects
+from shared.contracts.messages import CompletionRequest, RuntimeInfo
 from shared.infra.nats_auth import node_inbox_prefix
-from shared.nodes import load_or_create_node_id
-from shared.service import ServiceRuntime
-from shared.settings import Settings, get_settings
-from services.node.agent import NodeAgent
+from shared.domain.nodes import load_or_create_node_id
+from shared.infra.service import ServiceRuntime
+from shared.infra.settings import Settings, get_settings
+from services.node.daemon import NodeAgent
 from services.node.runtime import ManagedLlama, Relay, probe
 
 log = logging.getLogger("nexus.node")

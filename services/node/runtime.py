@@ -11,7 +11,7 @@ re-registration, which appends `NodeRuntimeChanged`.
 
 `Relay` answers `nexus.node.<id>.infer`: it forwards the completion to the runtime
 over its OpenAI-compatible API and streams the answer back as frames
-(shared.streaming: credit-based flow control, cancellation, lost-consumer detection),
+(shared.infra.streaming: credit-based flow control, cancellation, lost-consumer detection),
 counting active requests and latency for the heartbeats.
 """
 
@@ -33,11 +33,12 @@ from nats.aio.msg import Msg
 from shared.infra import free_port
 from shared.infra.llama import ensure_llama_server, ensure_model, local_model, server_args
 from shared.infra.process import describe_exit, die_with_parent
-from shared.messages import CompletionRequest, RuntimeInfo
-from shared.messaging import Bus
-from shared.streaming import ConsumerLost, Done, Failed, StreamSender, Usage
-from shared.tracing import tracer
-from services.node.agent import NodeAgent
+from shared.contracts.messages import CompletionRequest, RuntimeInfo
+from shared.infra.messaging import Bus
+from shared.contracts.frames import Done, Failed, Usage
+from shared.infra.streaming import ConsumerLost, StreamSender
+from shared.infra.tracing import tracer
+from services.node.daemon import NodeAgent
 from services.provider.adapters import End, OpenAIAdapter, Text, ToolCalls, UpstreamError
 from services.provider.config import ModelPrice, ProviderConfig
 

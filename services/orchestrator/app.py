@@ -16,23 +16,24 @@ from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
-from shared import __version__, subjects
-from shared.eventstore import ProjectionRunner
-from shared.messages import Ping, Pong
-from shared.messaging import MessagingError
-from shared.service import ServiceRuntime
-from shared.settings import Settings
-from shared.nodes import NodeView
-from shared.metrics import nats_reconnects, observe_gauges
-from shared.selection import NodeSelector
-from services.orchestrator.nodes import NodeService
+from shared import __version__
+from shared.contracts import subjects
+from shared.infra.eventstore import ProjectionRunner
+from shared.contracts.messages import Ping, Pong
+from shared.infra.messaging import MessagingError
+from shared.infra.service import ServiceRuntime
+from shared.infra.settings import Settings
+from shared.domain.nodes import NodeView
+from shared.infra.metrics import nats_reconnects, observe_gauges
+from shared.domain.selection import NodeSelector
+from services.orchestrator.fleet import NodeService
 from services.orchestrator.nodes_api import NodesController
 from services.orchestrator.problems import EXCEPTION_HANDLERS
 from services.orchestrator.projections import PROJECTIONS
 from services.orchestrator.auth import PUBLIC_PATHS, BearerKeyMiddleware
 from services.orchestrator.keys import KeyService, Principal
 from services.orchestrator.keys_api import KeysController
-from services.orchestrator.budget import BudgetManager
+from services.orchestrator.budget_manager import BudgetManager
 from services.orchestrator.chat import ChatService
 from services.orchestrator.chat_api import ChatController
 from services.orchestrator.idempotency import IdempotencyStore
@@ -208,5 +209,5 @@ def create_app(settings: Settings) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Nexus orchestrator", version=__version__, path="/schema"),
         debug=False,
-        logging_config=None,  # logs are ours: JSON lines with trace ids (shared.logs)
+        logging_config=None,  # logs are ours: JSON lines with trace ids (shared.infra.logs)
     )

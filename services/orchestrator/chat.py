@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator
 import msgspec
 from dataclasses import dataclass, field
 
-from shared import subjects
-from shared.budget import FAILED, CANCELLED, prompt_token_bound
-from shared.events import (
+from shared.contracts import subjects
+from shared.domain.budget import FAILED, CANCELLED, prompt_token_bound
+from shared.contracts.events import (
     DroppedTarget,
     Metadata,
     MessageAppended,
@@ -30,8 +30,8 @@ from shared.events import (
     conversation_stream,
     llmcall_stream,
 )
-from shared.eventstore import EventStore
-from shared.messages import (
+from shared.infra.eventstore import EventStore
+from shared.contracts.messages import (
     ChatMessage,
     CompletionRequest,
     ModelInfo,
@@ -40,12 +40,13 @@ from shared.messages import (
     PlannedTarget,
     messages_text,
 )
-from shared.messaging import Bus, MessagingError
-from shared.policy import ChatRequestFacts, CompiledPolicy, TargetFacts, redact_kinds
-from shared.metrics import ControlMetrics
-from shared.selection import NoEligibleNode, NodeSelector
-from shared.streaming import Delta, Done, Failed, StreamReceiver
-from services.orchestrator.budget import BudgetDenied, BudgetManager, Charge
+from shared.infra.messaging import Bus, MessagingError
+from shared.domain.policy import ChatRequestFacts, CompiledPolicy, TargetFacts, redact_kinds
+from shared.infra.metrics import ControlMetrics
+from shared.domain.selection import NoEligibleNode, NodeSelector
+from shared.contracts.frames import Delta, Done, Failed
+from shared.infra.streaming import StreamReceiver
+from services.orchestrator.budget_manager import BudgetDenied, BudgetManager, Charge
 from services.orchestrator.keys import Principal
 from services.orchestrator.policies import PolicyService
 from services.orchestrator.problems import Problem

@@ -20,12 +20,12 @@ from litestar import Controller, Request, Response, get, post, put
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from shared.budget import budget_stream_for_session, budget_stream_for_tenant, micro_to_usd, month_period
-from shared.messages import ChatMessage
-from shared.streaming import Delta, Done, Failed
+from shared.domain.budget import budget_stream_for_session, budget_stream_for_tenant, micro_to_usd, month_period
+from shared.contracts.messages import ChatMessage
+from shared.contracts.frames import Delta, Done, Failed
 from services.orchestrator import idempotency as idem
 from services.orchestrator.auth import require_admin, require_platform
-from services.orchestrator.budget import BudgetManager
+from services.orchestrator.budget_manager import BudgetManager
 from services.orchestrator.chat import ChatService, PreparedCall
 from services.orchestrator.keys import Principal
 from services.orchestrator.policies import PolicyService, rules_or_problem
@@ -284,8 +284,8 @@ class ChatController(Controller):
                                 idempotency: idem.IdempotencyStore,
                                 idempotency_key: idem.KeyHeader = None) -> Response[dict[str, Any]]:
         require_platform(principal)
-        from shared.budget import usd_to_micro
-        from shared.events import Metadata
+        from shared.domain.budget import usd_to_micro
+        from shared.contracts.events import Metadata
 
         async def run() -> idem.Recorded:
             await budgets.set_tenant_budget(

@@ -18,8 +18,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from shared.events import ApiKeyCreated, ApiKeyRevoked, Metadata, apikey_stream
-from shared.eventstore import EventStore, WrongExpectedVersion
+from shared.contracts.events import ApiKeyCreated, ApiKeyRevoked, Metadata, apikey_stream
+from shared.infra.eventstore import EventStore, WrongExpectedVersion
 from services.orchestrator import idempotency
 
 KEY_PATTERN = re.compile(r"^nx_([0-9a-f]{16})_([A-Za-z0-9_-]{20,})$")

@@ -7,8 +7,8 @@ import sys
 
 import uvicorn
 
-from shared.service import setup_process
-from shared.settings import get_settings
+from shared.infra.service import setup_process
+from shared.infra.settings import get_settings
 from services.orchestrator.app import create_app
 
 

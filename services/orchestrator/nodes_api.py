@@ -9,11 +9,11 @@ import msgspec
 from litestar import Controller, delete, get
 from litestar.params import Parameter
 
-from shared.messages import NodeRegistration
-from shared.nodes import STATUSES, NodeLoad
+from shared.contracts.messages import NodeRegistration
+from shared.domain.nodes import STATUSES, NodeLoad
 from services.orchestrator.auth import require_platform
 from services.orchestrator.keys import Principal
-from services.orchestrator.nodes import NodeService
+from services.orchestrator.fleet import NodeService
 from services.orchestrator.problems import Problem
 from services.orchestrator.schemas import LoadSample, NodeDetail, NodeList, NodeLoadOut, NodeOut
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.events import Metadata, PolicyDefined, policy_stream
-from shared.eventstore import EventStore, ProjectionRunner
-from shared.policy import CompiledPolicy, PolicyError, PolicyRules, compile_policy, decode_rules
+from shared.contracts.events import Metadata, PolicyDefined, policy_stream
+from shared.infra.eventstore import EventStore, ProjectionRunner
+from shared.domain.policy import CompiledPolicy, PolicyError, PolicyRules, compile_policy, decode_rules
 from services.orchestrator.keys import Principal
 from services.orchestrator.problems import Problem
 

@@ -14,7 +14,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from shared.tracing import current_ids
+from shared.infra.tracing import current_ids
 
 log = logging.getLogger("nexus.api")
 

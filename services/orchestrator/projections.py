@@ -1,12 +1,12 @@
-"""The orchestrator's read models, each a fold over events (see shared.eventstore)."""
+"""The orchestrator's read models, each a fold over events (see shared.infra.eventstore)."""
 
 from __future__ import annotations
 
 import asyncpg
 import msgspec
 
-from shared.budget import BUDGET_EVENT_TYPE_NAMES, BudgetState, Reservation, fold_budget
-from shared.events import (
+from shared.domain.budget import BUDGET_EVENT_TYPE_NAMES, BudgetState, Reservation, fold_budget
+from shared.contracts.events import (
     ApiKeyCreated,
     ApiKeyRevoked,
     MessageAppended,
@@ -15,9 +15,9 @@ from shared.events import (
     SessionClosed,
     SessionStarted,
 )
-from shared.eventstore import Projection
-from shared.messages import NodeRegistration
-from shared.nodes import NODE_EVENT_TYPES, NodeRecord, fold_node
+from shared.infra.eventstore import Projection
+from shared.contracts.messages import NodeRegistration
+from shared.domain.nodes import NODE_EVENT_TYPES, NodeRecord, fold_node
 
 
 class SessionsProjection(Projection):

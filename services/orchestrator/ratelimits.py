@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from shared.policy import RateUsage, WindowUsage
+from shared.domain.policy import RateUsage, WindowUsage
 
 WINDOW = timedelta(minutes=1)
 

@@ -9,7 +9,7 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from shared.events import (
+from shared.contracts.events import (
     BudgetLimits,
     Metadata,
     SessionClosed,
@@ -17,8 +17,8 @@ from shared.events import (
     new_id,
     session_stream,
 )
-from shared.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
-from shared.budget import SESSION, budget_stream_for_session, decide_open, usd_to_micro
+from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
+from shared.domain.budget import SESSION, budget_stream_for_session, decide_open, usd_to_micro
 from services.orchestrator import idempotency
 from services.orchestrator.policies import PolicyService, rules_or_problem
 from services.orchestrator.keys import Principal

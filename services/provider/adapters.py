@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from shared.messages import ChatMessage, CompletionRequest
+from shared.contracts.messages import ChatMessage, CompletionRequest
 from services.provider.config import ProviderConfig
 
 
@@ -259,9 +259,10 @@ class NodeAdapter(Adapter):
 
     async def stream(self, model: str, request: CompletionRequest,
                      messages: tuple[ChatMessage, ...]) -> AsyncIterator[Piece]:
-        from shared import subjects
-        from shared.messaging import MessagingError
-        from shared.streaming import Delta, Done, StreamReceiver
+        from shared.contracts import subjects
+        from shared.infra.messaging import MessagingError
+        from shared.contracts.frames import Delta, Done
+        from shared.infra.streaming import StreamReceiver
 
         candidates = request.nodes.get(model, ())
         if not candidates:

@@ -136,6 +136,6 @@ def load() -> ProvidersConfig:
         return parse(text)
     if path:
         return parse(Path(path).read_text())
-    from shared.settings import get_settings
+    from shared.infra.settings import get_settings
 
     return parse(default_text(get_settings().local_model))

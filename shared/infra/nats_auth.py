@@ -26,7 +26,7 @@ from types import MappingProxyType
 
 import msgspec
 
-from shared import subjects
+from shared.contracts import subjects
 
 CREDENTIALS_FILE = "credentials.json"
 SERVICE_USERS = ("orchestrator", "provider")

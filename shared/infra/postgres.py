@@ -42,7 +42,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from shared.infra.process import ChildServer, free_port, pid_alive
-from shared.settings import redact_url
+from shared.infra.settings import redact_url
 
 __all__ = ["EmbeddedPostgres", "redact_url", "with_password", "without_password"]
 

@@ -8,7 +8,7 @@ import time
 
 import msgspec
 
-from shared.tracing import current_ids
+from shared.infra.tracing import current_ids
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 _encoder = msgspec.json.Encoder()

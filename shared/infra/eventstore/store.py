@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from shared.events import (
+from shared.contracts.events import (
     Event,
     Metadata,
     RecordedEvent,
@@ -27,7 +27,7 @@ from shared.events import (
     encode_event,
     encode_metadata,
 )
-from shared.tracing import current_ids
+from shared.infra.tracing import current_ids
 
 log = logging.getLogger("nexus.eventstore")
 

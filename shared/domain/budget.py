@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from shared.events import (
+from shared.contracts.events import (
     BudgetCommitted,
     BudgetExceeded,
     BudgetLimitChanged,

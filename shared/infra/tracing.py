@@ -43,7 +43,7 @@ def setup_tracing(service_name: str, instance_id: str | None = None) -> TracerPr
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider = provider
-    from shared.metrics import setup_metrics
+    from shared.infra.metrics import setup_metrics
 
     setup_metrics(resource)
     _instrument_libraries()
@@ -74,7 +74,7 @@ def _instrument_libraries() -> None:
 
 def shutdown_tracing() -> None:
     """Flush and stop exporting (spans and metrics); call on process exit."""
-    from shared.metrics import shutdown_metrics
+    from shared.infra.metrics import shutdown_metrics
 
     if _provider is not None:
         _provider.shutdown()

@@ -1,7 +1,7 @@
 """The event store (Postgres) and the projection runner."""
 
-from shared.eventstore.projections import Projection, ProjectionRunner
-from shared.eventstore.store import (
+from shared.infra.eventstore.projections import Projection, ProjectionRunner
+from shared.infra.eventstore.store import (
     AppendResult,
     EventIdConflict,
     EventStore,

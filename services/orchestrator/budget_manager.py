@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from shared.budget import (
+from shared.domain.budget import (
     TENANT,
     BudgetState,
     budget_stream_for_session,
@@ -40,7 +40,7 @@ from shared.budget import (
     fold_budget,
     month_period,
 )
-from shared.events import (
+from shared.contracts.events import (
     BudgetCommitted,
     BudgetExceeded,
     Event,
@@ -49,7 +49,7 @@ from shared.events import (
     llmcall_stream,
     tenant_stream,
 )
-from shared.eventstore import EventStore, WrongExpectedVersion
+from shared.infra.eventstore import EventStore, WrongExpectedVersion
 
 log = logging.getLogger("nexus.orchestrator.budget")
 

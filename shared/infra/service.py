@@ -15,13 +15,14 @@ import time
 import asyncpg
 from nats.aio.msg import Msg
 
-from shared import __version__, subjects
-from shared.eventstore.store import EventStore, create_pool
-from shared.logs import setup_logging
-from shared.messages import Ping, Pong
-from shared.messaging import Bus
-from shared.settings import Settings
-from shared.tracing import setup_tracing, shutdown_tracing
+from shared import __version__
+from shared.contracts import subjects
+from shared.infra.eventstore.store import EventStore, create_pool
+from shared.infra.logs import setup_logging
+from shared.contracts.messages import Ping, Pong
+from shared.infra.messaging import Bus
+from shared.infra.settings import Settings
+from shared.infra.tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger("nexus.service")
 
@@ -83,7 +84,7 @@ class ServiceRuntime:
         subject, queue = PING_SUBJECTS[self.service]
         await self.bus.subscribe(subject, Ping, self._on_ping, queue=queue)
         if self.service != "orchestrator":  # the orchestrator registers its gauges itself
-            from shared.metrics import nats_reconnects
+            from shared.infra.metrics import nats_reconnects
 
             nats_reconnects(lambda: self.bus.reconnects if self.bus else 0)
         log.info("service started", extra={"instance_id": self.settings.instance_id})

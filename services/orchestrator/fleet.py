@@ -20,8 +20,8 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from shared import subjects
-from shared.events import (
+from shared.contracts import subjects
+from shared.contracts.events import (
     Event,
     Metadata,
     NodeCameBack,
@@ -34,16 +34,16 @@ from shared.events import (
     NodeWentOffline,
     node_stream,
 )
-from shared.eventstore import EventStore, WrongExpectedVersion
-from shared.messages import (
+from shared.infra.eventstore import EventStore, WrongExpectedVersion
+from shared.contracts.messages import (
     Heartbeat,
     NodeRegistration,
     NodeStatusChange,
     RegistrationAck,
     RuntimeInfo,
 )
-from shared.messaging import Bus, HandlerError
-from shared.nodes import (
+from shared.infra.messaging import Bus, HandlerError
+from shared.domain.nodes import (
     DEREGISTERED,
     DRAINING,
     LEFT,

@@ -16,7 +16,7 @@ from typing import Literal, Union
 
 import msgspec
 
-from shared.messages import NodeRegistration, RuntimeInfo
+from shared.contracts.messages import NodeRegistration, RuntimeInfo
 
 
 class Metadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
@@ -50,7 +50,7 @@ class SessionStarted(Event, frozen=True):
     budget: BudgetLimits | None = None
     policy: str | None = None  # a tenant policy's name ...
     policy_version: int | None = None  # ... pinned at the version current at start
-    policy_rules: dict[str, object] | None = None  # or inline rules (shared.policy.PolicyRules)
+    policy_rules: dict[str, object] | None = None  # or inline rules (shared.domain.policy.PolicyRules)
     agent: str | None = None
     metadata: dict[str, str] = {}
 
@@ -196,7 +196,7 @@ class PolicyDefined(Event, frozen=True):
 
     tenant: str
     name: str
-    rules: dict[str, object]  # shared.policy.PolicyRules, as JSON
+    rules: dict[str, object]  # shared.domain.policy.PolicyRules, as JSON
 
 
 class DroppedTarget(msgspec.Struct, frozen=True, kw_only=True):

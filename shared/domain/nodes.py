@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from shared.events import (
+from shared.contracts.events import (
     Event,
     NodeCameBack,
     NodeCapabilitiesChanged,
@@ -34,7 +34,7 @@ from shared.events import (
     NodeRuntimeChanged,
     NodeWentOffline,
 )
-from shared.messages import Heartbeat, NodeRegistration
+from shared.contracts.messages import Heartbeat, NodeRegistration
 
 ONLINE, OFFLINE, DRAINING, LEFT, DEREGISTERED = "online", "offline", "draining", "left", "deregistered"
 STATUSES = (ONLINE, OFFLINE, DRAINING, LEFT, DEREGISTERED)

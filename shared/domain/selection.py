@@ -99,7 +99,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from shared.nodes import NodeLoad, NodeView
+from shared.domain.nodes import NodeLoad, NodeView
 
 STRATEGIES = ("round_robin", "least_loaded", "power_of_two")
 

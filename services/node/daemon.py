@@ -13,9 +13,10 @@ import logging
 import socket
 import time
 
-from shared import __version__, subjects
-from shared.messages import Heartbeat, NodeRegistration, NodeStatusChange, RegistrationAck, RuntimeInfo
-from shared.messaging import Bus, MessagingError
+from shared import __version__
+from shared.contracts import subjects
+from shared.contracts.messages import Heartbeat, NodeRegistration, NodeStatusChange, RegistrationAck, RuntimeInfo
+from shared.infra.messaging import Bus, MessagingError
 from services.node import hardware
 
 log = logging.getLogger("nexus.node")

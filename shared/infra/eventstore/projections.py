@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from shared.events import RecordedEvent
-from shared.eventstore.store import EventStore, Notifier
+from shared.contracts.events import RecordedEvent
+from shared.infra.eventstore.store import EventStore, Notifier
 
 log = logging.getLogger("nexus.projections")
 

@@ -8,7 +8,7 @@ import sys
 import click
 import msgspec
 
-from shared.settings import get_settings
+from shared.infra.settings import get_settings
 
 
 @click.group(help="Nexus: event-sourced orchestration for LLM agent workloads.")
@@ -18,7 +18,7 @@ def main() -> None:
 
 @main.command(help="Start NATS, Postgres and all services here; Ctrl-C stops everything.")
 def up() -> None:
-    from shared.supervisor import Supervisor
+    from ops.supervisor import Supervisor
 
     sys.exit(Supervisor(get_settings()).run())
 
@@ -63,13 +63,13 @@ def node() -> None:
 
 
 def _database_url() -> str:
-    from shared.supervisor import resolve_urls
+    from ops.supervisor import resolve_urls
 
     return resolve_urls(get_settings())[1]
 
 
 def _api_url() -> str:
-    from shared.supervisor import read_state
+    from ops.supervisor import read_state
 
     settings = get_settings()
     return str(read_state(settings).get("api_url") or f"http://{settings.http_host}:{settings.http_port}")
@@ -77,7 +77,7 @@ def _api_url() -> str:
 
 def _auth_headers() -> dict[str, str]:
     """The key CLI commands use: NEXUS_API_KEY, else the admin key (env or `nexus up`'s file)."""
-    from shared.supervisor import admin_key_path
+    from ops.supervisor import admin_key_path
 
     settings = get_settings()
     key = settings.api_key or settings.admin_key
@@ -181,13 +181,13 @@ def keys() -> None:
 @click.option("--role", type=click.Choice(["member", "admin"]), default="member", show_default=True)
 def keys_create(tenant: str, name: str, role: str) -> None:
     from services.orchestrator.keys import KeyService
-    from shared.eventstore.store import EventStore, create_pool
+    from shared.infra.eventstore.store import EventStore, create_pool
 
     async def run():
         pool = await create_pool(_database_url(), max_size=2)
         try:
             from services.orchestrator.projections import PROJECTIONS
-            from shared.eventstore import ProjectionRunner
+            from shared.infra.eventstore import ProjectionRunner
 
             store = EventStore(pool)
             return await KeyService(store, None, ProjectionRunner(store, PROJECTIONS)).create(
@@ -211,7 +211,7 @@ def events() -> None:
               help="Start after this global position (default: the last 20 events).")
 @click.option("--follow/--no-follow", default=True, help="Keep waiting for new events.")
 def events_tail(stream_id: str | None, after: int | None, follow: bool) -> None:
-    from shared.eventstore.store import EventStore, create_pool
+    from shared.infra.eventstore.store import EventStore, create_pool
 
     async def run() -> None:
         pool = await create_pool(_database_url(), max_size=2)
@@ -243,8 +243,8 @@ def projections() -> None:
 
 def _runner_call(fn_name: str, *args: object) -> object:
     from services.orchestrator.projections import PROJECTIONS
-    from shared.eventstore import EventStore, ProjectionRunner
-    from shared.eventstore.store import create_pool
+    from shared.infra.eventstore import EventStore, ProjectionRunner
+    from shared.infra.eventstore.store import create_pool
 
     async def run() -> object:
         pool = await create_pool(_database_url(), max_size=2)

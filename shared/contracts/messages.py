@@ -1,6 +1,6 @@
 """NATS message bodies (requests, replies, notifications), declared once.
 
-Each subject in `shared.subjects` carries exactly one of these types. Like events
+Each subject in `shared.contracts.subjects` carries exactly one of these types. Like events
 they are msgspec Structs; unlike events they are not stored, so they may change
 between versions as long as old senders stay decodable (add fields with defaults).
 """
@@ -113,7 +113,7 @@ class NodeStatusChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     reason: str = ""
 
 
-# -- LLM completions (orchestrator -> provider; frames in shared.streaming) -------------
+# -- LLM completions (orchestrator -> provider; frames in shared.infra.streaming) -------------
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -33,8 +33,8 @@ from nats.js.errors import BadRequestError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from shared import subjects
-from shared.tracing import extract_context, inject_headers, tracer
+from shared.contracts import subjects
+from shared.infra.tracing import extract_context, inject_headers, tracer
 
 log = logging.getLogger("nexus.messaging")
 

@@ -40,8 +40,8 @@ from shared.infra.migrate import migrate
 from shared.infra.nats_auth import NatsCredentials, NatsUser, authorization_config, dev_credentials
 from shared.infra.postgres import PASSWORD_FILE, redact_url, with_password, without_password
 from shared.infra.process import ChildServer, die_with_parent
-from shared.nodes import load_or_create_node_id
-from shared.settings import Settings
+from shared.domain.nodes import load_or_create_node_id
+from shared.infra.settings import Settings
 
 log = logging.getLogger("nexus.up")
 

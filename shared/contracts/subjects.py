@@ -17,7 +17,7 @@ PING_PROVIDER = f"{PREFIX}.provider.ping"
 PING_NODE = f"{PREFIX}.node.ping"
 
 # LLM calls: the orchestrator asks a provider instance (queue group) and receives the
-# answer as a frame stream on its reply inbox (shared.streaming).
+# answer as a frame stream on its reply inbox (shared.infra.streaming).
 PROVIDER_COMPLETE = f"{PREFIX}.provider.complete"
 PROVIDER_MODELS = f"{PREFIX}.provider.models"
 

@@ -32,66 +32,26 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from shared.messaging import Bus, NoResponders, RequestTimeout
-from shared.tracing import inject_headers
+from shared.contracts.frames import (
+    Cancel,
+    Control,
+    Credit,
+    Delta,
+    Done,
+    Failed,
+    Frame,
+    Keepalive,
+    Started,
+    Usage,
+)
+from shared.infra.messaging import Bus, NoResponders, RequestTimeout
+from shared.infra.tracing import inject_headers
 
 log = logging.getLogger("nexus.streaming")
 
 
-class Usage(msgspec.Struct, frozen=True, kw_only=True):
-    input_tokens: int = 0
-    output_tokens: int = 0
-    estimated: bool = False  # True when the runtime reported none and we counted
-
-
-class Started(msgspec.Struct, frozen=True, tag="started", kw_only=True):
-    control: str  # where Credit / Cancel go
-
-
-class Delta(msgspec.Struct, frozen=True, tag="delta", kw_only=True):
-    seq: int
-    content: str = ""
-    tool_calls: list[dict[str, Any]] | None = None  # OpenAI delta.tool_calls, passed through
-
-
-class Done(msgspec.Struct, frozen=True, tag="done", kw_only=True):
-    finish_reason: str
-    usage: Usage
-    model: str
-    provider: str
-    node: str | None = None
-    latency_ms: float = 0.0
-    ttft_ms: float | None = None
-    cost_micro_usd: int = 0
-    attempts: int = 1
-    fallbacks: tuple[str, ...] = ()  # "provider/model: why" for each target given up
-
-
-class Failed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):
-    error: str  # a class name: UpstreamError, Timeout, NoRoute, Overloaded, ...
-    detail: str
-    status: int = 502  # what an HTTP gateway should answer
-    after_first_token: bool = False
-    rule: str | None = None  # the policy rule, for error "PolicyDenied"
-
-
-class Keepalive(msgspec.Struct, frozen=True, tag="keepalive", kw_only=True):
-    pass
-
-
-Frame = Started | Delta | Done | Failed | Keepalive
 KEEPALIVE_S = 2.0
 
-
-class Credit(msgspec.Struct, frozen=True, tag="credit", kw_only=True):
-    acked: int
-
-
-class Cancel(msgspec.Struct, frozen=True, tag="cancel", kw_only=True):
-    reason: str = "client went away"
-
-
-Control = Credit | Cancel
 
 _enc = msgspec.json.Encoder()
 _frame_dec = msgspec.json.Decoder(Frame)
