@@ -55,7 +55,7 @@ def provider() -> None:
     run()
 
 
-@main.command(help="Run the node agent in the foreground.")
+@main.command(help="Run the node daemon in the foreground.")
 def node() -> None:
     from services.node.main import main as run
 

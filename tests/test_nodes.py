@@ -1,6 +1,6 @@
 """Nodes: self-registration, heartbeats, offline detection, the load view, bad input.
 
-The node agents and the orchestrator run as real processes against their own NATS
+The node daemons and the orchestrator run as real processes against their own NATS
 server (registration is a queue group: sharing the session's NATS would split
 registrations between orchestrators) and their own database.
 """

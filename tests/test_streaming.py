@@ -1,4 +1,4 @@
-"""Streams over NATS (shared/streaming.py): credit flow control against a slow consumer,
+"""Streams over NATS (shared/infra/streaming.py): credit flow control against a slow consumer,
 a vanished one and one that cancels. Real NATS; sender and receiver on connections of
 their own, as the provider and the orchestrator are."""
 

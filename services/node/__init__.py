@@ -1,1 +1,1 @@
-"""The node agent: runs on every GPU machine (registration and load come with the nodes issue)."""
+"""The node daemon: runs on every GPU machine (registration and load come with the nodes issue)."""

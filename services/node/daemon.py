@@ -1,6 +1,6 @@
-"""The node agent: identity, registration, heartbeats, drain and leave.
+"""The node daemon: identity, registration, heartbeats, drain and leave.
 
-`NodeAgent` holds the node's state (active requests, response-time EWMA) and builds
+`NodeDaemon` holds the node's state (active requests, response-time EWMA) and builds
 its messages; `run()` drives it on a `Bus`. Inference relaying (the LLM path) plugs
 into `track_request`, which feeds active requests and latency into the heartbeats.
 """
@@ -22,7 +22,7 @@ from services.node import hardware
 log = logging.getLogger("nexus.node")
 
 
-class NodeAgent:
+class NodeDaemon:
     def __init__(self, node_id: str, *, labels: dict[str, str], heartbeat_interval_s: float,
                  runtime: RuntimeInfo | None = None, gpus: hardware.Gpus | None = None) -> None:
         self.node_id = node_id

@@ -12,7 +12,7 @@ from shared.infra.nats_auth import node_inbox_prefix
 from shared.domain.nodes import load_or_create_node_id
 from shared.infra.service import ServiceRuntime
 from shared.infra.settings import Settings, get_settings
-from services.node.daemon import NodeAgent
+from services.node.daemon import NodeDaemon
 from services.node.runtime import ManagedLlama, Relay, probe
 
 log = logging.getLogger("nexus.node")
@@ -25,7 +25,7 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
     await runtime.start(manage_streams=False, inbox_prefix=node_inbox_prefix(node_id))
     bus = runtime.bus
     assert bus is not None
-    agent = NodeAgent(node_id, labels=settings.node_labels,
+    agent = NodeDaemon(node_id, labels=settings.node_labels,
                       heartbeat_interval_s=settings.heartbeat_interval_s)
     tasks: list[asyncio.Task[None]] = []
     managed: ManagedLlama | None = None

@@ -38,7 +38,7 @@ from shared.infra.messaging import Bus
 from shared.contracts.frames import Done, Failed, Usage
 from shared.infra.streaming import ConsumerLost, StreamSender
 from shared.infra.tracing import tracer
-from services.node.daemon import NodeAgent
+from services.node.daemon import NodeDaemon
 from services.provider.adapters import End, OpenAIAdapter, Text, ToolCalls, UpstreamError
 from services.provider.config import ModelPrice, ProviderConfig
 
@@ -219,7 +219,7 @@ class ManagedLlama:
 class Relay:
     """`nexus.node.<id>.infer` -> the runtime's OpenAI API -> frames back."""
 
-    def __init__(self, agent: NodeAgent, bus: Bus, runtime: Callable[[], RuntimeInfo], *,
+    def __init__(self, agent: NodeDaemon, bus: Bus, runtime: Callable[[], RuntimeInfo], *,
                  max_concurrency: int = 4, max_queue: int = 32) -> None:
         self.agent = agent
         self.bus = bus

@@ -31,7 +31,7 @@ from services.orchestrator.nodes_api import NodesController
 from services.orchestrator.problems import EXCEPTION_HANDLERS
 from services.orchestrator.projections import PROJECTIONS
 from services.orchestrator.auth import PUBLIC_PATHS, BearerKeyMiddleware
-from services.orchestrator.keys import KeyService, Principal
+from services.orchestrator.keys import KeyService, Caller
 from services.orchestrator.keys_api import KeysController
 from services.orchestrator.budget_manager import BudgetManager
 from services.orchestrator.chat import ChatService
@@ -183,7 +183,7 @@ def create_app(settings: Settings) -> Litestar:
     def provide_keys(state: State) -> KeyService:
         return state.key_service
 
-    def provide_principal(request: Request) -> Principal:
+    def provide_principal(request: Request) -> Caller:
         return request.user
 
     def from_state(name: str) -> Provide:
@@ -199,7 +199,7 @@ def create_app(settings: Settings) -> Litestar:
         dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False),
                       "nodes": Provide(provide_nodes, sync_to_thread=False),
                       "keys": Provide(provide_keys, sync_to_thread=False),
-                      "principal": Provide(provide_principal, sync_to_thread=False),
+                      "caller": Provide(provide_principal, sync_to_thread=False),
                       "chat": from_state("chat"), "budgets": from_state("budgets"),
                       "policies": from_state("policies"),
                       "idempotency": from_state("idempotency")},

@@ -6,7 +6,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
-from services.orchestrator.keys import KeyService, Principal
+from services.orchestrator.keys import KeyService, Caller
 
 PUBLIC_PATHS = ("/health", "/schema")
 TENANT_HEADER = "x-nexus-tenant"  # the platform-admin key acts for this tenant
@@ -19,17 +19,17 @@ class BearerKeyMiddleware(AbstractAuthenticationMiddleware):
         if scheme.lower() != "bearer" or not key.strip():
             raise NotAuthorizedException("missing API key: send 'Authorization: Bearer <key>'")
         keys: KeyService = connection.app.state.key_service
-        principal = await keys.authenticate(key.strip(), connection.headers.get(TENANT_HEADER))
-        if principal is None:
+        caller = await keys.authenticate(key.strip(), connection.headers.get(TENANT_HEADER))
+        if caller is None:
             raise NotAuthorizedException("invalid or revoked API key")
-        return AuthenticationResult(user=principal, auth=None)
+        return AuthenticationResult(user=caller, auth=None)
 
 
-def require_admin(principal: Principal) -> None:
-    if not principal.is_admin:
+def require_admin(caller: Caller) -> None:
+    if not caller.is_admin:
         raise PermissionDeniedException("this needs an admin key of the tenant")
 
 
-def require_platform(principal: Principal) -> None:
-    if principal.role != "platform":
+def require_platform(caller: Caller) -> None:
+    if caller.role != "platform":
         raise PermissionDeniedException("this needs the platform admin key")

@@ -47,7 +47,7 @@ from shared.domain.selection import NoEligibleNode, NodeSelector
 from shared.contracts.frames import Delta, Done, Failed
 from shared.infra.streaming import StreamReceiver
 from services.orchestrator.budget_manager import BudgetDenied, BudgetManager, Charge
-from services.orchestrator.keys import Principal
+from services.orchestrator.keys import Caller
 from services.orchestrator.policies import PolicyService
 from services.orchestrator.problems import Problem
 from services.orchestrator.ratelimits import RateCounter
@@ -103,7 +103,7 @@ def reserved_prompt_tokens(messages: tuple[ChatMessage, ...], tools: list[dict] 
 @dataclass
 class PreparedCall:
     call_id: str
-    who: Principal
+    caller: Caller
     session: SessionView
     model: ModelInfo
     request: CompletionRequest
@@ -150,14 +150,14 @@ class ChatService:
 
     # -- sessions -------------------------------------------------------------------
 
-    async def session_for(self, who: Principal, session_id: str | None) -> SessionView:
+    async def session_for(self, caller: Caller, session_id: str | None) -> SessionView:
         """The named session (open, of this tenant), or the caller key's default session."""
         if session_id is None:
             default = await self.sessions.start(
-                who, SessionCreate(metadata={"default_for_key": who.key_id}),
-                idempotency_key=f"default-session:{who.key_id}", request_hash=None)
+                caller, SessionCreate(metadata={"default_for_key": caller.key_id}),
+                idempotency_key=f"default-session:{caller.key_id}", request_hash=None)
             return default
-        view = await self.sessions.require(who, session_id)
+        view = await self.sessions.require(caller, session_id)
         if view.status != "open":
             raise Problem(409, "session-closed", f"session {session_id!r} is closed")
         return view
@@ -169,7 +169,7 @@ class ChatService:
 
     # -- prepare --------------------------------------------------------------------
 
-    async def prepare(self, who: Principal, session: SessionView, *, model: str,
+    async def prepare(self, caller: Caller, session: SessionView, *, model: str,
                       messages: tuple[ChatMessage, ...], new_user_text: str,
                       max_tokens: int | None, temperature: float | None, top_p: float | None,
                       stop: tuple[str, ...] | None, tools: list[dict] | None,
@@ -187,15 +187,15 @@ class ChatService:
                           f"exceeds the context of {model!r} ({info.context} tokens)",
                           errors=[{"field": "max_tokens", "message": "exceeds the model's context"}])
         call_id = str(uuid.uuid4())
-        metadata = Metadata(tenant=who.tenant, actor=who.actor, correlation_id=session.session_id,
+        metadata = Metadata(tenant=caller.tenant, actor=caller.actor, correlation_id=session.session_id,
                             causation_id=call_id)
-        policy, label = await self.policies.compiled(who.tenant, session.policy,
+        policy, label = await self.policies.compiled(caller.tenant, session.policy,
                                                      session.policy_version, session.policy_rules)
         rate_subjects: dict[str, str] = {}
         redact: tuple[str, ...] = ()
         planned: tuple[PlannedTarget, ...] = ()
         if policy is not None:
-            scopes = {"tenant": who.tenant, "key": who.key_id, "session": session.session_id}
+            scopes = {"tenant": caller.tenant, "key": caller.key_id, "session": session.session_id}
             rate_subjects = {s: scopes[s] for s in policy.rate_scopes}
             # every target of the chain is evaluated (each with its own hosted flag)
             facts = ChatRequestFacts(
@@ -239,7 +239,7 @@ class ChatService:
         worst_tokens = prompt_bound + max_tokens
         worst_cost = math.ceil(prompt_bound * info.input_usd_per_mtok
                                + max_tokens * info.output_usd_per_mtok)
-        charge = await self.budgets.charge_for(call_id, who.tenant, session.session_id)
+        charge = await self.budgets.charge_for(call_id, caller.tenant, session.session_id)
         policy_events = ((llmcall_stream(call_id), [evaluated]),) if policy is not None else ()
         if not charge.streams and policy_events:
             await self.store.append(llmcall_stream(call_id), [evaluated], expected_version=None,
@@ -253,11 +253,11 @@ class ChatService:
                 raise Problem(402, "budget-exceeded", exc.reason, budget=exc.budget) from None
         nodes = self.choose_nodes(info)
         request = CompletionRequest(
-            call_id=call_id, session_id=session.session_id, tenant=who.tenant, model=model,
+            call_id=call_id, session_id=session.session_id, tenant=caller.tenant, model=model,
             messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             stop=stop, tools=tools, tool_choice=tool_choice, redact=redact, nodes=nodes,
             targets=planned)
-        return PreparedCall(call_id, who, session, info, request, charge, metadata, new_user_text,
+        return PreparedCall(call_id, caller, session, info, request, charge, metadata, new_user_text,
                             rate_subjects, policy, label)
 
     def choose_nodes(self, info: ModelInfo) -> dict[str, tuple[str, ...]]:

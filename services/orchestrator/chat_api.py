@@ -27,7 +27,7 @@ from services.orchestrator import idempotency as idem
 from services.orchestrator.auth import require_admin, require_platform
 from services.orchestrator.budget_manager import BudgetManager
 from services.orchestrator.chat import ChatService, PreparedCall
-from services.orchestrator.keys import Principal
+from services.orchestrator.keys import Caller
 from services.orchestrator.policies import PolicyService, rules_or_problem
 from services.orchestrator.problems import Problem
 from services.orchestrator.schemas import (
@@ -176,22 +176,22 @@ def _message_out(row: Any) -> MessageOut:
 
 class ChatController(Controller):
     @post("/v1/chat/completions", status_code=200, responses=idem.RESPONSES)
-    async def chat_completions(self, request: Request, data: ChatCompletionIn, principal: Principal,
+    async def chat_completions(self, request: Request, data: ChatCompletionIn, caller: Caller,
                                chat: ChatService, idempotency: idem.IdempotencyStore,
                                idempotency_key: idem.KeyHeader = None) -> Response | Stream:
         session_header = request.headers.get(SESSION_HEADER)
-        return await idem.run_once(request, principal.tenant, idempotency,
-                                   lambda: self._chat_completions(data, principal, chat, session_header),
+        return await idem.run_once(request, caller.tenant, idempotency,
+                                   lambda: self._chat_completions(data, caller, chat, session_header),
                                    also=(session_header,))
 
-    async def _chat_completions(self, data: ChatCompletionIn, principal: Principal,
+    async def _chat_completions(self, data: ChatCompletionIn, caller: Caller,
                                 chat: ChatService, session_header: str | None) -> idem.Recorded:
-        session = await chat.session_for(principal, session_header)
+        session = await chat.session_for(caller, session_header)
         messages = tuple(ChatMessage(**msgspec.structs.asdict(m)) for m in data.messages)
         last_user = next((m for m in reversed(messages) if m.role == "user"), messages[-1])
         stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop) if data.stop else None
         call = await chat.prepare(
-            principal, session, model=data.model, messages=messages,
+            caller, session, model=data.model, messages=messages,
             new_user_text=last_user.text,
             max_tokens=data.max_completion_tokens or data.max_tokens, temperature=data.temperature,
             top_p=data.top_p, stop=stop,
@@ -219,7 +219,7 @@ class ChatController(Controller):
         return idem.Recorded.json(body, headers=_headers(call))
 
     @get("/v1/models")
-    async def list_models(self, principal: Principal, chat: ChatService) -> dict[str, Any]:
+    async def list_models(self, caller: Caller, chat: ChatService) -> dict[str, Any]:
         models = await chat.models()
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "nexus",
@@ -227,17 +227,17 @@ class ChatController(Controller):
 
     @post("/v1/sessions/{session_id:str}/messages", status_code=200, responses=idem.RESPONSES)
     async def post_message(self, request: Request, session_id: str, data: SessionMessageIn,
-                           principal: Principal, chat: ChatService,
+                           caller: Caller, chat: ChatService,
                            idempotency: idem.IdempotencyStore,
                            idempotency_key: idem.KeyHeader = None) -> Response | Stream:
-        return await idem.run_once(request, principal.tenant, idempotency,
-                                   lambda: self._post_message(session_id, data, principal, chat))
+        return await idem.run_once(request, caller.tenant, idempotency,
+                                   lambda: self._post_message(session_id, data, caller, chat))
 
-    async def _post_message(self, session_id: str, data: SessionMessageIn, principal: Principal,
+    async def _post_message(self, session_id: str, data: SessionMessageIn, caller: Caller,
                             chat: ChatService) -> idem.Recorded:
-        session = await chat.session_for(principal, session_id)
+        session = await chat.session_for(caller, session_id)
         messages = (*await chat.history(session_id), ChatMessage(role="user", content=data.content))
-        call = await chat.prepare(principal, session, model=data.model, messages=messages,
+        call = await chat.prepare(caller, session, model=data.model, messages=messages,
                                   new_user_text=data.content, max_tokens=data.max_tokens,
                                   temperature=data.temperature, top_p=None, stop=None, tools=None,
                                   tool_choice=None)
@@ -259,62 +259,62 @@ class ChatController(Controller):
             created_at=datetime.now().astimezone())), headers=_headers(call))
 
     @get("/v1/sessions/{session_id:str}/messages")
-    async def get_messages(self, session_id: str, principal: Principal, sessions: SessionService,
+    async def get_messages(self, session_id: str, caller: Caller, sessions: SessionService,
                            chat: ChatService) -> MessageList:
-        await sessions.require(principal, session_id)
+        await sessions.require(caller, session_id)
         rows = await chat.store.pool.fetch(
             "SELECT * FROM messages WHERE session_id = $1 ORDER BY position", session_id)
         return MessageList(messages=tuple(_message_out(r) for r in rows))
 
     @get("/v1/sessions/{session_id:str}/budget")
-    async def get_budget(self, session_id: str, principal: Principal, sessions: SessionService,
+    async def get_budget(self, session_id: str, caller: Caller, sessions: SessionService,
                          budgets: BudgetManager,
                          at: Annotated[str | None, Parameter(description="ISO timestamp or a global position")] = None) -> SessionBudgets:
-        await sessions.require(principal, session_id)
+        await sessions.require(caller, session_id)
         position = await _position_at(budgets, at)
         session = await budgets.state(budget_stream_for_session(session_id), to_position=position)
-        tenant_stream = budget_stream_for_tenant(principal.tenant, month_period(time.time()))
+        tenant_stream = budget_stream_for_tenant(caller.tenant, month_period(time.time()))
         tenant = await budgets.state(tenant_stream, to_position=position)
         return SessionBudgets(session=_budget_out(session, position),
                               tenant=_budget_out(tenant, position))
 
     @put("/v1/tenants/{tenant:str}/budget", status_code=200, responses=idem.RESPONSES)
     async def set_tenant_budget(self, request: Request, tenant: str, data: TenantBudgetIn,
-                                principal: Principal, budgets: BudgetManager,
+                                caller: Caller, budgets: BudgetManager,
                                 idempotency: idem.IdempotencyStore,
                                 idempotency_key: idem.KeyHeader = None) -> Response[dict[str, Any]]:
-        require_platform(principal)
+        require_platform(caller)
         from shared.domain.budget import usd_to_micro
         from shared.contracts.events import Metadata
 
         async def run() -> idem.Recorded:
             await budgets.set_tenant_budget(
                 tenant, usd_to_micro(data.limit_usd) if data.limit_usd is not None else None,
-                data.limit_tokens, Metadata(tenant=tenant, actor=principal.actor))
+                data.limit_tokens, Metadata(tenant=tenant, actor=caller.actor))
             return idem.Recorded.json({"tenant": tenant, "limit_usd": data.limit_usd,
                                        "limit_tokens": data.limit_tokens})
 
-        return await idem.run_once(request, principal.tenant, idempotency, run)  # type: ignore[return-value]
+        return await idem.run_once(request, caller.tenant, idempotency, run)  # type: ignore[return-value]
 
     @post("/v1/policies", status_code=201, responses=idem.RESPONSES)
-    async def define_policy(self, request: Request, data: PolicyIn, principal: Principal,
+    async def define_policy(self, request: Request, data: PolicyIn, caller: Caller,
                             policies: PolicyService, idempotency: idem.IdempotencyStore,
                             idempotency_key: idem.KeyHeader = None) -> Response[PolicyOut]:
-        require_admin(principal)
+        require_admin(caller)
 
         async def run() -> idem.Recorded:
             rules = rules_or_problem(data.rules)
-            version = await policies.define(principal, data.name, rules)
+            version = await policies.define(caller, data.name, rules)
             return idem.Recorded.json(PolicyOut(name=data.name, version=version,
                                                 rules=msgspec.to_builtins(rules)), status=201)
 
-        return await idem.run_once(request, principal.tenant, idempotency, run)  # type: ignore[return-value]
+        return await idem.run_once(request, caller.tenant, idempotency, run)  # type: ignore[return-value]
 
     @get("/v1/policies")
-    async def list_policies(self, principal: Principal, policies: PolicyService) -> list[PolicyOut]:
+    async def list_policies(self, caller: Caller, policies: PolicyService) -> list[PolicyOut]:
         rows = await policies.store.pool.fetch(
             "SELECT name, version, rules::text AS rules FROM policies WHERE tenant = $1 ORDER BY name",
-            principal.tenant)
+            caller.tenant)
         return [PolicyOut(name=r["name"], version=r["version"], rules=msgspec.json.decode(r["rules"]))
                 for r in rows]
 

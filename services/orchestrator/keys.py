@@ -38,7 +38,7 @@ def new_key() -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class Principal:
+class Caller:
     tenant: str
     key_id: str
     role: str  # "platform", "admin" or "member"
@@ -115,10 +115,10 @@ class KeyService:
         self._cache.pop(key_id, None)
         return True
 
-    async def authenticate(self, key: str, tenant_header: str | None = None) -> Principal | None:
+    async def authenticate(self, key: str, tenant_header: str | None = None) -> Caller | None:
         """The caller a presented key identifies, or None (constant-time comparisons)."""
         if self._admin_hash and hmac.compare_digest(hash_key(key), self._admin_hash):
-            return Principal(tenant=tenant_header or "default", key_id="admin", role="platform")
+            return Caller(tenant=tenant_header or "default", key_id="admin", role="platform")
         match = KEY_PATTERN.match(key)
         if not match:
             return None
@@ -135,4 +135,4 @@ class KeyService:
         entry = cached[1]
         if entry is None or entry[3] or not hmac.compare_digest(hash_key(key), entry[2]):
             return None
-        return Principal(tenant=entry[0], key_id=key_id, role=entry[1])
+        return Caller(tenant=entry[0], key_id=key_id, role=entry[1])

@@ -12,7 +12,7 @@ from litestar.params import Parameter
 from shared.contracts.messages import NodeRegistration
 from shared.domain.nodes import STATUSES, NodeLoad
 from services.orchestrator.auth import require_platform
-from services.orchestrator.keys import Principal
+from services.orchestrator.keys import Caller
 from services.orchestrator.fleet import NodeService
 from services.orchestrator.problems import Problem
 from services.orchestrator.schemas import LoadSample, NodeDetail, NodeList, NodeLoadOut, NodeOut
@@ -100,7 +100,7 @@ class NodesController(Controller):
         return NodeDetail(**_node_out(row, nodes), history=history)
 
     @delete("/{node_id:str}", status_code=204)
-    async def deregister_node(self, node_id: str, nodes: NodeService, principal: Principal) -> None:
-        require_platform(principal)
-        if not await nodes.deregister(node_id, actor=principal.actor):
+    async def deregister_node(self, node_id: str, nodes: NodeService, caller: Caller) -> None:
+        require_platform(caller)
+        if not await nodes.deregister(node_id, actor=caller.actor):
             raise Problem(404, "not-found", f"node {node_id!r} not found")

@@ -7,7 +7,7 @@ import msgspec
 from shared.contracts.events import Metadata, PolicyDefined, policy_stream
 from shared.infra.eventstore import EventStore, ProjectionRunner
 from shared.domain.policy import CompiledPolicy, PolicyError, PolicyRules, compile_policy, decode_rules
-from services.orchestrator.keys import Principal
+from services.orchestrator.keys import Caller
 from services.orchestrator.problems import Problem
 
 
@@ -43,11 +43,11 @@ class PolicyService:
         self.runner = runner
         self._compiled: dict[tuple[str, str, int], CompiledPolicy] = {}
 
-    async def define(self, who: Principal, name: str, rules: PolicyRules) -> int:
-        stream = policy_stream(who.tenant, name)
+    async def define(self, caller: Caller, name: str, rules: PolicyRules) -> int:
+        stream = policy_stream(caller.tenant, name)
         result = await self.store.append(
-            stream, [PolicyDefined(tenant=who.tenant, name=name, rules=msgspec.to_builtins(rules))],
-            expected_version=None, metadata=Metadata(tenant=who.tenant, actor=who.actor))
+            stream, [PolicyDefined(tenant=caller.tenant, name=name, rules=msgspec.to_builtins(rules))],
+            expected_version=None, metadata=Metadata(tenant=caller.tenant, actor=caller.actor))
         await self.runner.wait_for(result.last_position, names=("policies",))
         return result.next_expected_version
 

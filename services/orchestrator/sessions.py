@@ -21,7 +21,7 @@ from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedV
 from shared.domain.budget import SESSION, budget_stream_for_session, decide_open, usd_to_micro
 from services.orchestrator import idempotency
 from services.orchestrator.policies import PolicyService, rules_or_problem
-from services.orchestrator.keys import Principal
+from services.orchestrator.keys import Caller
 from services.orchestrator.problems import Problem
 from services.orchestrator.schemas import (
     AuditEvent,
@@ -81,9 +81,9 @@ class SessionService:
         self.runner = runner
         self.policies = policies
 
-    async def start(self, who: Principal, request: SessionCreate, *, idempotency_key: str | None = None,
+    async def start(self, caller: Caller, request: SessionCreate, *, idempotency_key: str | None = None,
                     request_hash: str | None = None) -> SessionView:
-        tenant = who.tenant
+        tenant = caller.tenant
         # With a key, the ids of the events are derived from it and the request's hash:
         # a retry is an exact duplicate; another body under the same key collides with
         # the session stream (a version conflict, nothing written: a 422), whatever
@@ -113,7 +113,7 @@ class SessionService:
                                policy_rules=inline, agent=request.agent,
                                metadata=dict(request.metadata))
         stream = session_stream(session_id)
-        metadata = Metadata(tenant=tenant, actor=who.actor, correlation_id=session_id,
+        metadata = Metadata(tenant=tenant, actor=caller.actor, correlation_id=session_id,
                             idempotency_key=idempotency_key, request_hash=request_hash)
         appends: list = [(stream, [event], 0, event_ids)]
         if budget is not None:  # opened in the same transaction: never a session without it
@@ -130,7 +130,7 @@ class SessionService:
         except WrongExpectedVersion:  # same key, other body: the ids differ from the stored ones
             raise idempotency.reused() from None
         if result.duplicate:
-            return await self.require(who, session_id)  # the first answer, from the read model
+            return await self.require(caller, session_id)  # the first answer, from the read model
         # Answer from the event itself (what the projection will store); a read that
         # comes before the projection has it catches the projection up (see `get`).
         row = await self.store.pool.fetchrow(
@@ -144,33 +144,33 @@ class SessionService:
             policy_rules=event.policy_rules, agent=event.agent, metadata=dict(event.metadata),
             created_at=row["recorded_at"], closed_at=None, version=1, trace_id=row["trace_id"])
 
-    async def get(self, who: Principal, session_id: str) -> SessionView | None:
+    async def get(self, caller: Caller, session_id: str) -> SessionView | None:
         """The session from the read model; read-your-writes: if the read model does not
         have it yet but its stream exists, catch the projection up first."""
-        row = await self._row(who, session_id)
+        row = await self._row(caller, session_id)
         if row is None:
             head = await self.store.pool.fetchval(
                 "SELECT max(position) FROM events WHERE stream_id = $1", session_stream(session_id))
             if head is not None:
                 await self.runner.wait_for(head, names=("sessions",))
-                row = await self._row(who, session_id)
+                row = await self._row(caller, session_id)
         return _view(row) if row else None
 
-    async def _row(self, who: Principal, session_id: str) -> asyncpg.Record | None:
+    async def _row(self, caller: Caller, session_id: str) -> asyncpg.Record | None:
         return await self.store.pool.fetchrow(f"{_COLUMNS} WHERE session_id = $1 AND tenant = $2",
-                                              session_id, who.tenant)
+                                              session_id, caller.tenant)
 
-    async def require(self, who: Principal, session_id: str) -> SessionView:
-        view = await self.get(who, session_id)
+    async def require(self, caller: Caller, session_id: str) -> SessionView:
+        view = await self.get(caller, session_id)
         if view is None:  # another tenant's session is "not found" too: no existence leak
             raise Problem(404, "not-found", f"session {session_id!r} not found")
         return view
 
-    async def list(self, who: Principal, *, status: str | None, agent: str | None, limit: int,
+    async def list(self, caller: Caller, *, status: str | None, agent: str | None, limit: int,
                    cursor: str | None) -> SessionList:
         # read-your-writes: sessions created a moment ago are in the read model
         await self.runner.wait_for(await self.store.head(), names=("sessions",))
-        args: list[object] = [who.tenant]
+        args: list[object] = [caller.tenant]
         clauses = ["tenant = $1"]
         if status:
             args.append(status)
@@ -192,8 +192,8 @@ class SessionService:
                            next_cursor=_cursor(page[-1].created_at, page[-1].session_id)
                            if more and page else None)
 
-    async def close(self, who: Principal, session_id: str, reason: str) -> SessionView:
-        view = await self.require(who, session_id)
+    async def close(self, caller: Caller, session_id: str, reason: str) -> SessionView:
+        view = await self.require(caller, session_id)
         if view.status == "closed":
             return view  # closing twice is harmless
         stream = session_stream(session_id)
@@ -202,29 +202,29 @@ class SessionService:
                 result = await self.store.append(
                     stream, [SessionClosed(session_id=session_id, reason=reason)],
                     expected_version=await self.store.stream_version(stream),
-                    metadata=Metadata(tenant=who.tenant, actor=who.actor, correlation_id=session_id))
+                    metadata=Metadata(tenant=caller.tenant, actor=caller.actor, correlation_id=session_id))
                 break
             except WrongExpectedVersion:
                 continue
         else:
             raise Problem(409, "conflict", f"session {session_id!r} is changing too fast; retry")
         await self.runner.wait_for(result.last_position, names=("sessions",))
-        return await self.require(who, session_id)
+        return await self.require(caller, session_id)
 
-    async def events_by_trace(self, who: Principal, trace_id: str, *, limit: int) -> AuditLog:
-        tenant = None if who.role == "platform" else who.tenant
+    async def events_by_trace(self, caller: Caller, trace_id: str, *, limit: int) -> AuditLog:
+        tenant = None if caller.role == "platform" else caller.tenant
         rows = await self.store.pool.fetch(
             f"{_EVENT_COLUMNS} WHERE metadata ->> 'trace_id' = $1"
             " AND ($2::text IS NULL OR metadata ->> 'tenant' = $2) ORDER BY position LIMIT $3",
             trace_id, tenant, limit)
         return AuditLog(events=tuple(_audit_event(r) for r in rows), next_after=None)
 
-    async def audit_log(self, who: Principal, session_id: str, *, after: int,
+    async def audit_log(self, caller: Caller, session_id: str, *, after: int,
                         limit: int) -> AuditLog:
-        await self.require(who, session_id)
+        await self.require(caller, session_id)
         rows = await self.store.pool.fetch(
             f"{_EVENT_COLUMNS} WHERE metadata ->> 'correlation_id' = $1"
             " AND metadata ->> 'tenant' = $2 AND position > $3 ORDER BY position LIMIT $4",
-            session_id, who.tenant, after, limit + 1)
+            session_id, caller.tenant, after, limit + 1)
         items = tuple(_audit_event(r) for r in rows[:limit])
         return AuditLog(events=items, next_after=items[-1].position if len(rows) > limit else None)

@@ -8,7 +8,7 @@ from litestar import Controller, Request, get, post
 from litestar.params import Parameter
 
 from services.orchestrator import idempotency
-from services.orchestrator.keys import Principal
+from services.orchestrator.keys import Caller
 from services.orchestrator.schemas import (
     AuditLog,
     SessionCloseIn,
@@ -25,42 +25,42 @@ class SessionsController(Controller):
     path = "/v1/sessions"
 
     @post("/", status_code=201, responses={422: idempotency.RESPONSES[422]})
-    async def create_session(self, request: Request, data: SessionCreate, principal: Principal,
+    async def create_session(self, request: Request, data: SessionCreate, caller: Caller,
                              sessions: SessionService,
                              idempotency_key: idempotency.KeyHeader = None) -> SessionView:
         key = idempotency.validate_key(request.headers.get(idempotency.HEADER))
-        return await sessions.start(principal, data, idempotency_key=key,
+        return await sessions.start(caller, data, idempotency_key=key,
                                     request_hash=idempotency.body_hash(await request.body()))
 
     @get("/")
-    async def list_sessions(self, principal: Principal, sessions: SessionService,
+    async def list_sessions(self, caller: Caller, sessions: SessionService,
                             status: str | None = None, agent: str | None = None,
                             limit: Limit = 50, cursor: str | None = None) -> SessionList:
-        return await sessions.list(principal, status=status, agent=agent, limit=limit, cursor=cursor)
+        return await sessions.list(caller, status=status, agent=agent, limit=limit, cursor=cursor)
 
     @get("/{session_id:str}")
-    async def get_session(self, session_id: str, principal: Principal,
+    async def get_session(self, session_id: str, caller: Caller,
                           sessions: SessionService) -> SessionView:
-        return await sessions.require(principal, session_id)
+        return await sessions.require(caller, session_id)
 
     @post("/{session_id:str}/close", status_code=200)
-    async def close_session(self, session_id: str, principal: Principal, sessions: SessionService,
+    async def close_session(self, session_id: str, caller: Caller, sessions: SessionService,
                             data: SessionCloseIn | None = None) -> SessionView:
-        return await sessions.close(principal, session_id, (data or SessionCloseIn()).reason)
+        return await sessions.close(caller, session_id, (data or SessionCloseIn()).reason)
 
     @get("/{session_id:str}/events")
-    async def session_events(self, session_id: str, principal: Principal, sessions: SessionService,
+    async def session_events(self, session_id: str, caller: Caller, sessions: SessionService,
                              after: Annotated[int, Parameter(ge=0)] = 0,
                              limit: Limit = 100) -> AuditLog:
-        return await sessions.audit_log(principal, session_id, after=after, limit=limit)
+        return await sessions.audit_log(caller, session_id, after=after, limit=limit)
 
 
 class EventsController(Controller):
     path = "/v1/events"
 
     @get("/")
-    async def events_by_trace(self, principal: Principal, sessions: SessionService,
+    async def events_by_trace(self, caller: Caller, sessions: SessionService,
                               trace_id: Annotated[str, Parameter(pattern=r"^[0-9a-f]{32}$")],
                               limit: Limit = 500) -> AuditLog:
         """Every event a trace produced (of the caller's tenant): from a trace to its facts."""
-        return await sessions.events_by_trace(principal, trace_id, limit=limit)
+        return await sessions.events_by_trace(caller, trace_id, limit=limit)

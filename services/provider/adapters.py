@@ -247,7 +247,7 @@ _TRY_NEXT_NODE = ("NodeBusy", "RuntimeNotReady")
 
 
 class NodeAdapter(Adapter):
-    """A self-hosted runtime behind a node agent, over NATS (`nexus.node.<id>.infer`).
+    """A self-hosted runtime behind a node daemon, over NATS (`nexus.node.<id>.infer`).
 
     The orchestrator chose the nodes (load-based selection) and put them in the request;
     they are tried in order until one starts answering.

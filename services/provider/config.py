@@ -111,7 +111,7 @@ def parse(text: str) -> ProvidersConfig:
 
 
 def default_text(model: str) -> str:
-    """Out of the box: the model the node agents serve (their own llama-server)."""
+    """Out of the box: the model the node daemons serve (their own llama-server)."""
     return f"""
 [[providers]]
 name = "node"
