@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import psutil  # noqa: E402
 
-from shared import subjects  # noqa: E402
+from shared.contracts import subjects  # noqa: E402
 from shared.infra import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
 from shared.infra.migrate import migrate  # noqa: E402
 from shared.contracts.messages import Heartbeat, RegistrationAck  # noqa: E402

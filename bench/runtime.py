@@ -38,7 +38,7 @@ from shared.infra.llama import (  # noqa: E402
     ensure_llama_server,
     ensure_model,
 )
-from shared.infra.process import free_port  # noqa: E402
+from shared.infra.process import free_port, stop_process  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 
@@ -73,8 +73,7 @@ def measure(binary: Path, model: Path, runs: int, tokens: int) -> tuple[list[flo
                 gen_tps.append(timings["predicted_per_second"])
         return prompt_tps, gen_tps
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, 10)
 
 
 def main() -> None:

@@ -186,7 +186,7 @@ def keys_create(tenant: str, name: str, role: str) -> None:
     async def run():
         pool = await create_pool(_database_url(), max_size=2)
         try:
-            from services.orchestrator.projections import PROJECTIONS
+            from services.orchestrator.read_models import PROJECTIONS
             from shared.infra.eventstore import ProjectionRunner
 
             store = EventStore(pool)
@@ -242,7 +242,7 @@ def projections() -> None:
 
 
 def _runner_call(fn_name: str, *args: object) -> object:
-    from services.orchestrator.projections import PROJECTIONS
+    from services.orchestrator.read_models import PROJECTIONS
     from shared.infra.eventstore import EventStore, ProjectionRunner
     from shared.infra.eventstore.store import create_pool
 
@@ -272,13 +272,25 @@ def projections_list() -> None:
 @projections.command("rebuild", help="Empty a read model and fold every event again.")
 @click.argument("name")
 def projections_rebuild(name: str) -> None:
-    from services.orchestrator.projections import PROJECTIONS
+    from services.orchestrator.read_models import PROJECTIONS
 
     names = [p.name for p in PROJECTIONS]
     if name not in names:
         raise click.BadParameter(f"unknown projection {name!r}; known: {', '.join(names)}")
     applied = _runner_call("rebuild", name)
     click.echo(f"rebuilt {name}: {applied} events applied")
+
+
+@main.group(help="Documentation generated from the code.")
+def docs() -> None:
+    pass
+
+
+@docs.command("settings", help="README.md's configuration table, from the settings' declarations.")
+def docs_settings() -> None:
+    from shared.infra.settings import settings_table
+
+    click.echo(settings_table(), nl=False)
 
 
 if __name__ == "__main__":

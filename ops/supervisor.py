@@ -39,7 +39,7 @@ from shared.infra import EmbeddedNats, EmbeddedPostgres
 from shared.infra.migrate import migrate
 from shared.infra.nats_auth import NatsCredentials, NatsUser, authorization_config, dev_credentials
 from shared.infra.postgres import PASSWORD_FILE, redact_url, with_password, without_password
-from shared.infra.process import ChildServer, die_with_parent
+from shared.infra.process import ChildServer, restart_delay, spawn, stop_processes
 from shared.domain.nodes import load_or_create_node_id
 from shared.infra.settings import Settings
 
@@ -67,13 +67,8 @@ class ServiceProcess:
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}.main"],
-            env=self.env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=die_with_parent,
-        )
-        logf.close()
+        self.proc = spawn([sys.executable, "-m", f"services.{self.name}.main"], self.log_path,
+                          env=self.env)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -337,7 +332,7 @@ class Supervisor:
             if svc.next_start == 0.0:
                 code = svc.proc.returncode if svc.proc else None
                 svc.restarts += 1
-                delay = min(30.0, 0.5 * 2 ** min(svc.restarts, 6))
+                delay = restart_delay(svc.restarts, 0.5)
                 if now - svc.started_at > 60:
                     svc.restarts, delay = 1, 0.5
                 svc.next_start = now + delay
@@ -349,18 +344,7 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self._stopping = True
-        for svc in self.services:
-            if svc.alive():
-                svc.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for svc in self.services:
-            if svc.proc is None:
-                continue
-            try:
-                svc.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                svc.proc.kill()
-                svc.proc.wait()
+        stop_processes([svc.proc for svc in self.services], timeout=20)  # they drain meanwhile
         for server in reversed(self.servers):
             server.stop()
         with_state = state_path(self.settings)

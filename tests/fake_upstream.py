@@ -46,6 +46,8 @@ requests are normal again. A behaviour is a dict combining any of:
   response waits N ms per token)
 * ``{"ignore_max_tokens": True}``        answer in full whatever token limit was asked
   (a provider that ignores ``max_tokens``)
+* ``{"no_usage": True}``                 an OpenAI stream without its usage chunk, even when
+  ``stream_options.include_usage`` asks for it (a runtime that reports no usage)
 
 Streams (and every wait) watch the connection: a client that disconnects stops the
 generation, and the request is counted in ``stats.cancelled`` / ``stats.cancelled_ids``.
@@ -255,6 +257,7 @@ _BEHAVIOUR_KEYS: dict[str, tuple[type, ...]] = {
     "drop_after_tokens": (int,),
     "token_delay_ms": (int, float),
     "ignore_max_tokens": (bool,),
+    "no_usage": (bool,),
 }
 
 
@@ -865,7 +868,8 @@ class _App:
                        time.monotonic_ns())
             if proto == "openai":
                 opts = req.get("stream_options")
-                ctx.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+                ctx.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage")
+                                         and not behaviour.get("no_usage", False))
             first_byte_ms = behaviour.get("slow_first_byte_ms", self.config.first_byte_delay_ms)
             token_delay = behaviour.get("token_delay_ms", self.config.token_delay_ms) / 1000
             hang = behaviour.get("hang", False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import httpx
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from shared.infra.process import die_with_parent
+from shared.infra.process import kill_process, spawn, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,31 +46,19 @@ class ServiceProc:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServiceProc:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}.main"], cwd=REPO, env=self.env,
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-        )
-        log.close()
+        self.proc = spawn([sys.executable, "-m", f"services.{self.name}.main"], self.log_path,
+                          cwd=REPO, env=self.env, stdin=None, start_new_session=False)
         return self
 
     def stop(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"{self.name} did not stop on SIGTERM within {timeout}s")
+        if not stop_process(self.proc, timeout):
+            raise AssertionError(f"{self.name} did not stop on SIGTERM within {timeout}s")
         return self.proc.returncode
 
     def kill(self) -> None:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -731,7 +731,7 @@ def test_prompt_bound_is_at_least_the_bytes_of_the_text(texts):
 
 
 def test_reserved_prompt_covers_redaction_placeholders():
-    from services.orchestrator.chat import reserved_prompt_tokens
+    from services.orchestrator.calls import reserved_prompt_tokens
     from shared.domain.budget import prompt_token_bound
     from shared.contracts.messages import ChatMessage
 

@@ -240,6 +240,40 @@ def test_rate_limit_holds_across_two_orchestrators(two: LLMCluster) -> None:
     assert rules == {"rate.calls_per_minute.session"}
 
 
+def test_a_call_denied_by_policy_or_budget_consumes_no_rate_slot(two: LLMCluster) -> None:
+    """Rate admission commits with the decision: a call the policy or a budget denies
+    takes no slot of any scope, so it never counts toward the per-minute limit."""
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    key = two.tenant_key(tenant)
+
+    def tenant_budget(limit_tokens: int) -> int:
+        return httpx.put(f"{two.api}/v1/tenants/{tenant}/budget", headers=two.admin,
+                         json={"limit_tokens": limit_tokens}).status_code
+
+    def call(api: str, max_tokens: int) -> httpx.Response:
+        return httpx.post(f"{api}/v1/chat/completions", timeout=30,
+                          headers={**key, "X-Nexus-Session": sid},
+                          json={"model": "default", "messages": PROMPT, "max_tokens": max_tokens})
+
+    assert tenant_budget(RESERVED_PER_CALL - 1) == 200  # no call fits the tenant's month
+    limits = {"calls_per_minute": 2}
+    sid = two.session(key, policy_rules={"max_tokens_per_call": 8, "rate_per_session": limits,
+                                         "rate_per_tenant": limits})
+    denied = [call(two.apis[i % 2], 100) for i in range(3)] + \
+             [call(two.apis[i % 2], 4) for i in range(3)]
+    assert [r.status_code for r in denied] == [403] * 3 + [402] * 3, [r.text for r in denied]
+    assert {r.json()["rule"] for r in denied[:3]} == {"max_tokens_per_call"}
+    assert {r.json()["budget"] for r in denied[3:]} == {"tenant"}
+    assert asyncio.run(_rate_windows(two, sid)) == []
+    assert asyncio.run(_rate_windows(two, tenant, scope="tenant")) == []
+    # six denials in this minute, a limit of two: both slots are still there
+    assert tenant_budget(10_000) == 200
+    admitted = [call(two.api, 4) for _ in range(2)]
+    assert [r.status_code for r in admitted] == [200, 200], [r.text for r in admitted]
+    assert sum(asyncio.run(_rate_windows(two, sid))) == 2
+    assert sum(asyncio.run(_rate_windows(two, tenant, scope="tenant"))) == 2
+
+
 def test_secrets_are_redacted_before_a_hosted_provider_only(two: LLMCluster) -> None:
     key = two.tenant_key()
     sid = two.session(key, policy_rules={})
@@ -339,11 +373,11 @@ def test_no_secret_reaches_logs_events_errors_or_nats(infra, tmp_path) -> None:
     assert len(captured) > 10  # the capture did see the traffic
 
 
-async def _rate_windows(llm: LLMCluster, session_id: str) -> list[int]:
+async def _rate_windows(llm: LLMCluster, subject: str, scope: str = "session") -> list[int]:
     pool = await create_pool(llm.database_url, max_size=1)
     try:
-        rows = await pool.fetch("SELECT calls FROM rate_windows WHERE scope = 'session'"
-                                " AND subject = $1 ORDER BY window_start", session_id)
+        rows = await pool.fetch("SELECT calls FROM rate_windows WHERE scope = $2"
+                                " AND subject = $1 ORDER BY window_start", subject, scope)
         return [r["calls"] for r in rows]
     finally:
         await pool.close()

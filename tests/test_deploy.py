@@ -49,6 +49,7 @@ import pytest
 import yaml
 
 from services.provider import config as provider_config
+from shared.infra.process import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -337,8 +338,7 @@ def compose_nats(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
             pytest.fail("nats-server with deploy/nats/nats.conf did not become healthy")
         yield f"nats://127.0.0.1:{port}", passwords
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, 10)
 
 
 async def test_compose_nats_users_and_node_permissions(

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.orchestrator.projections import PROJECTIONS, SessionsProjection
+from services.orchestrator.read_models import PROJECTIONS
+from services.orchestrator.read_models.sessions import SessionsProjection
 from shared.contracts.events import RecordedEvent, SessionClosed, SessionStarted, session_stream
 from shared.infra.eventstore import EventStore, Projection, ProjectionRunner
 from shared.infra.eventstore.store import create_pool

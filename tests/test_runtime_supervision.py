@@ -28,8 +28,7 @@ from shared.infra import EmbeddedNats
 from shared.contracts.messages import NodeRegistration, RuntimeInfo
 from shared.domain.nodes import fold_node
 from services.orchestrator.fleet import decide_registration
-from services.node.runtime import restart_delay
-from shared.infra.process import describe_exit
+from shared.infra.process import describe_exit, restart_delay
 from tests.conftest import new_database
 from tests.support import REPO, ServiceProc, free_port_str, service_env, wait_http_ok, wait_until
 

@@ -10,9 +10,11 @@ SIGILL (illegal instruction), 3 restarts"), goes to the orchestrator as a
 re-registration, which appends `NodeRuntimeChanged`.
 
 `Relay` answers `nexus.node.<id>.infer`: it forwards the completion to the runtime
-over its OpenAI-compatible API and streams the answer back as frames
-(shared.infra.streaming: credit-based flow control, cancellation, lost-consumer detection),
-counting active requests and latency for the heartbeats.
+with the OpenAI-compatible adapter (shared.infra.upstreams) and streams the answer back
+as frames (shared.infra.streaming: credit-based flow control, cancellation,
+lost-consumer detection) ending in a `Done` with the usage, latency and time to first
+token measured here, which the provider passes on; it counts active requests and
+latency for the heartbeats.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -32,15 +33,22 @@ from nats.aio.msg import Msg
 
 from shared.infra import free_port
 from shared.infra.llama import ensure_llama_server, ensure_model, local_model, server_args
-from shared.infra.process import describe_exit, die_with_parent
-from shared.contracts.messages import CompletionRequest, RuntimeInfo
+from shared.infra.process import describe_exit, restart_delay, spawn, stop_process
+from shared.contracts.messages import CompletionRequest, RuntimeInfo, messages_text
 from shared.infra.messaging import Bus
-from shared.contracts.frames import Done, Failed, Usage
+from shared.contracts.frames import Done, Failed
 from shared.infra.streaming import ConsumerLost, StreamSender
 from shared.infra.tracing import tracer
+from shared.infra.upstreams import (
+    End,
+    OpenAIAdapter,
+    Text,
+    ToolCalls,
+    UpstreamConfig,
+    UpstreamError,
+    usage_of,
+)
 from services.node.daemon import NodeDaemon
-from services.provider.adapters import End, OpenAIAdapter, Text, ToolCalls, UpstreamError
-from services.provider.config import ModelPrice, ProviderConfig
 
 log = logging.getLogger("nexus.node.runtime")
 
@@ -59,11 +67,6 @@ async def probe(base_url: str, kind: str = "openai") -> RuntimeInfo:
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         reason = f"unreachable: {type(exc).__name__} from {base_url}/models"
     return RuntimeInfo(kind=kind, base_url=base_url, ready=False, state="unreachable", reason=reason)
-
-
-def restart_delay(restarts: int, first_s: float, max_s: float = 30.0) -> float:
-    """Backoff before restart number `restarts + 1`: first_s, doubling, at most max_s."""
-    return min(max_s, first_s * 2 ** min(restarts, 30))
 
 
 def _plural(n: int, word: str) -> str:
@@ -146,11 +149,7 @@ class ManagedLlama:
                                       if restarts else ""))
             elif self.proc.poll() is None:  # running, but never healthy
                 hung = True
-                self.proc.send_signal(signal.SIGTERM)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._exited(), 10)
-                if self.proc.poll() is None:
-                    self.proc.kill()
+                await asyncio.to_thread(stop_process, self.proc, 10)
             await self._exited()
             how, code, sig = describe_exit(self.proc.returncode)
             if hung:
@@ -174,15 +173,12 @@ class ManagedLlama:
 
     async def _start(self, binary: Path, model_args: list[str]) -> None:
         self.port = free_port()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / "llama-server.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                [str(binary), *model_args, "--host", "127.0.0.1",
-                 "--port", str(self.port), "-c", str(self.context), "-t", str(self.threads),
-                 "--parallel", "2", "--no-webui"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=self.log_dir,  # a core dump lands here, not in the caller's directory
-                start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = spawn(
+            [str(binary), *model_args, "--host", "127.0.0.1",
+             "--port", str(self.port), "-c", str(self.context), "-t", str(self.threads),
+             "--parallel", "2", "--no-webui"],
+            self.log_dir / "llama-server.log",
+            cwd=self.log_dir)  # a core dump lands here, not in the caller's directory
 
     async def _wait_healthy(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -208,12 +204,7 @@ class ManagedLlama:
             await asyncio.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, 10)
 
 
 class Relay:
@@ -231,10 +222,9 @@ class Relay:
 
     def adapter(self, info: RuntimeInfo) -> OpenAIAdapter:
         if self._adapter is None or self._adapter_url != info.base_url:
-            config = ProviderConfig(name=f"node-{self.agent.node_id}", kind="openai",
-                                    base_url=info.base_url or "", hosted=False, timeout_s=300,
-                                    models=tuple(ModelPrice(name=m) for m in info.models))
-            self._adapter = OpenAIAdapter(config)
+            self._adapter = OpenAIAdapter(UpstreamConfig(
+                name=f"node-{self.agent.node_id}", kind="openai", base_url=info.base_url or "",
+                timeout_s=300))
             self._adapter_url = info.base_url
         return self._adapter
 
@@ -276,7 +266,6 @@ class Relay:
                      sender: StreamSender) -> Done | Failed:
         started = time.monotonic()
         first: float | None = None
-        sent = False
         async with self.agent.track_request():
             work = asyncio.ensure_future(self._stream(info, model, request, sender))
             cancelled = asyncio.ensure_future(sender.cancelled.wait())
@@ -288,27 +277,29 @@ class Relay:
                     await work
                 return Failed(error="Cancelled", detail="the receiver cancelled", status=499)
             try:
-                end, first, sent = work.result()
+                end, first, output = work.result()
             except ConsumerLost as exc:
-                return Failed(error="Cancelled", detail=str(exc), status=499, after_first_token=sent)
+                return Failed(error="Cancelled", detail=str(exc), status=499,
+                              after_first_token=sender.seq > 0)
             except UpstreamError as exc:
                 return Failed(error=exc.kind, detail=exc.detail[:500], status=exc.status or 502,
                               after_first_token=sender.seq > 0)
         return Done(finish_reason=end.finish_reason,
-                    usage=Usage(input_tokens=end.input_tokens or 0,
-                                output_tokens=end.output_tokens or 0,
-                                estimated=end.input_tokens is None or end.output_tokens is None),
+                    usage=usage_of(end, messages_text(request.messages), output),
                     model=end.model or model, provider="node", node=self.agent.node_id,
                     latency_ms=round((time.monotonic() - started) * 1000, 3),
                     ttft_ms=round((first - started) * 1000, 3) if first else None)
 
     async def _stream(self, info: RuntimeInfo, model: str, request: CompletionRequest,
-                      sender: StreamSender) -> tuple[End, float | None, bool]:
+                      sender: StreamSender) -> tuple[End, float | None, str]:
+        """Runtime pieces -> frames; (the end, when the first token came, the text sent)."""
         first = None
         end: End | None = None
+        output: list[str] = []
         async for piece in self.adapter(info).stream(model, request, request.messages):
             if isinstance(piece, Text):
                 first = first or time.monotonic()
+                output.append(piece.content)
                 await sender.delta(content=piece.content)
             elif isinstance(piece, ToolCalls):
                 await sender.delta(tool_calls=piece.tool_calls)
@@ -316,4 +307,4 @@ class Relay:
                 end = piece
         if end is None:
             raise UpstreamError("StreamCut", "runtime stream ended without a finish")
-        return end, first, sender.seq > 0
+        return end, first, "".join(output)

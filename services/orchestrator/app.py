@@ -24,17 +24,18 @@ from shared.infra.messaging import MessagingError
 from shared.infra.service import ServiceRuntime
 from shared.infra.settings import Settings
 from shared.domain.nodes import NodeView
-from shared.infra.metrics import nats_reconnects, observe_gauges
+from shared.infra.metrics import observe_gauges
+from shared.domain.routing import SelectorFleet
 from shared.domain.selection import NodeSelector
 from services.orchestrator.fleet import NodeService
 from services.orchestrator.nodes_api import NodesController
 from services.orchestrator.problems import EXCEPTION_HANDLERS
-from services.orchestrator.projections import PROJECTIONS
+from services.orchestrator.read_models import PROJECTIONS
 from services.orchestrator.auth import PUBLIC_PATHS, BearerKeyMiddleware
 from services.orchestrator.keys import KeyService, Caller
 from services.orchestrator.keys_api import KeysController
 from services.orchestrator.budget_manager import BudgetManager
-from services.orchestrator.chat import ChatService
+from services.orchestrator.calls import CallLifecycle
 from services.orchestrator.chat_api import ChatController
 from services.orchestrator.idempotency import IdempotencyStore
 from services.orchestrator.policies import PolicyService
@@ -50,7 +51,7 @@ async def health(state: State) -> Health:
     runtime: ServiceRuntime = state.runtime
     db_ok = False
     with contextlib.suppress(Exception):
-        db_ok = await asyncio.wait_for(runtime.pool.fetchval("SELECT 1"), 2) == 1
+        db_ok = await asyncio.wait_for(runtime.store.ping(), 2)
     nats_ok = runtime.bus is not None and runtime.bus.connected
     return Health(status="ok" if db_ok and nats_ok else "degraded", nats=nats_ok,
                   postgres=db_ok, instance_id=runtime.settings.instance_id, version=__version__)
@@ -97,7 +98,7 @@ async def _purge(records: IdempotencyStore) -> None:
         await asyncio.sleep(3600)
 
 
-def _register_gauges(nodes: NodeService, runner: ProjectionRunner, runtime: ServiceRuntime) -> None:
+def _register_gauges(nodes: NodeService, runner: ProjectionRunner) -> None:
     """Observable gauges, read from memory at export time (no I/O)."""
     import time as _time
 
@@ -127,7 +128,6 @@ def _register_gauges(nodes: NodeService, runner: ProjectionRunner, runtime: Serv
     observe_gauges("nexus.nodes", "{node}", "nodes by status", by_status)
     observe_gauges("nexus.projection.lag", "s", "append-to-applied lag of the last event",
                    lambda: [(lag, {"projection": name}) for name, lag in runner.lag_s.items()])
-    nats_reconnects(lambda: runtime.bus.reconnects if runtime.bus else 0)
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -151,15 +151,15 @@ def create_app(settings: Settings) -> Litestar:
                                       poll_s=settings.projection_poll_s)
         selector = NodeSelector(app.state.nodes.view, settings.node_selection,
                                 stale_after_s=settings.node_offline_after_s)
-        app.state.chat = ChatService(runtime.store, runtime.bus, app.state.sessions,
-                                     app.state.budgets, app.state.policies,
-                                     RateCounter(runtime.pool), selector,
-                                     request_timeout_s=settings.request_timeout_s)
+        app.state.calls = CallLifecycle(runtime.store, runtime.bus, app.state.sessions,
+                                        app.state.budgets, app.state.policies,
+                                        RateCounter(runtime.pool), SelectorFleet(selector),
+                                        request_timeout_s=settings.request_timeout_s)
         app.state.key_service = KeyService(runtime.store, settings.admin_key, runner)
         app.state.idempotency = IdempotencyStore(runtime.pool, lease_s=settings.reservation_ttl_s,
                                                  wait_s=settings.idempotency_wait_s)
         await app.state.nodes.start()
-        _register_gauges(app.state.nodes, runner, runtime)
+        _register_gauges(app.state.nodes, runner)
         tasks = [asyncio.create_task(runner.run(), name="projections"),
                  asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper"),
                  asyncio.create_task(_purge(app.state.idempotency), name="idempotency-purge")]
@@ -200,7 +200,7 @@ def create_app(settings: Settings) -> Litestar:
                       "nodes": Provide(provide_nodes, sync_to_thread=False),
                       "keys": Provide(provide_keys, sync_to_thread=False),
                       "caller": Provide(provide_principal, sync_to_thread=False),
-                      "chat": from_state("chat"), "budgets": from_state("budgets"),
+                      "calls": from_state("calls"), "budgets": from_state("budgets"),
                       "policies": from_state("policies"),
                       "idempotency": from_state("idempotency")},
         middleware=[DefineMiddleware(BearerKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],

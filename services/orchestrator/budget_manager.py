@@ -49,7 +49,9 @@ from shared.contracts.events import (
     llmcall_stream,
     tenant_stream,
 )
+from shared.contracts.errors import BudgetDenied
 from shared.infra.eventstore import EventStore, WrongExpectedVersion
+from services.orchestrator.read_models.budgets import BudgetsReadModel
 
 log = logging.getLogger("nexus.orchestrator.budget")
 
@@ -59,13 +61,6 @@ TENANT_LIMITS_TTL_S = 5.0
 
 async def _backoff(attempt: int) -> None:
     await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
-
-
-class BudgetDenied(Exception):
-    def __init__(self, budget: str, reason: str) -> None:
-        super().__init__(reason)
-        self.budget = budget
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -105,6 +100,7 @@ class BudgetManager:
     def __init__(self, store: EventStore, *, reservation_ttl_s: float = 600.0,
                  cache_size: int = 10_000) -> None:
         self.store = store
+        self.read_model = BudgetsReadModel(store)
         self.ttl_s = reservation_ttl_s
         self.cache_size = max(1, cache_size)
         self._states: OrderedDict[str, BudgetState | None] = OrderedDict()
@@ -221,8 +217,13 @@ class BudgetManager:
 
     async def reserve(self, charge: Charge, micro_usd: int, tokens: int,
                       metadata: Metadata,
-                      with_events: tuple[tuple[str, list[Event]], ...] = ()) -> None:
+                      with_events: tuple[tuple[str, list[Event]], ...] = (),
+                      before=None) -> None:
         """Reserve on every budget of the charge atomically, or raise `BudgetDenied`.
+
+        `before(conn)` runs in the reservation's transaction, only when the budgets
+        allow the call (e.g. taking its rate-limit slots); what it raises undoes the
+        reservation and propagates.
 
         `with_events` (stream, events) are appended in the same transaction, whatever the
         verdict (e.g. the call's `PolicyEvaluated`): one commit instead of two.
@@ -233,13 +234,13 @@ class BudgetManager:
             await lock.acquire()
             locks.append(lock)
         try:
-            await self._reserve(charge, micro_usd, tokens, metadata, with_events)
+            await self._reserve(charge, micro_usd, tokens, metadata, with_events, before)
         finally:
             for lock in reversed(locks):
                 lock.release()
 
     async def _reserve(self, charge: Charge, micro_usd: int, tokens: int, metadata: Metadata,
-                       with_events: tuple[tuple[str, list[Event]], ...]) -> None:
+                       with_events: tuple[tuple[str, list[Event]], ...], before=None) -> None:
         extra = [(stream, events, None) for stream, events in with_events]
         for attempt in range(MAX_RETRIES):
             now = time.time()
@@ -267,8 +268,8 @@ class BudgetManager:
                         self._remember(stream, states[stream], events)
                     scope = "session" if denial.budget_id.startswith("budget-session-") else "tenant"
                     raise BudgetDenied(scope, denial.reason)
-                if appends or extra:
-                    await self.store.append_atomic([*appends, *extra], metadata)
+                if appends or extra or before is not None:
+                    await self.store.append_atomic([*appends, *extra], metadata, before=before)
                     for stream, events, _ in appends:
                         self._remember(stream, states[stream], events)
                 return
@@ -314,13 +315,8 @@ class BudgetManager:
         # The `budgets` projection folds the events, open reservations included: ask it
         # which budgets hold an expired one (cheap, and rebuilt from the events after a
         # restart), then decide on each stream's own state.
-        rows = await self.store.pool.fetch(
-            "SELECT budget_id AS stream_id FROM budgets WHERE open_reservations > 0 AND EXISTS ("
-            " SELECT 1 FROM jsonb_each(state -> 'reservations') AS r(call_id, reservation)"
-            " WHERE (r.reservation ->> 'expires_at')::float8 <= $1)", now)
         released = 0
-        for row in rows:
-            stream = row["stream_id"]
+        for stream in await self.read_model.with_expired_reservations(now):
             for _ in range(MAX_RETRIES):
                 state = await self.state(stream)
                 events = decide_expire(state, now)

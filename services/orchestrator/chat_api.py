@@ -11,7 +11,7 @@ HTTP problem; a failure after it is an SSE chunk with an `error` object, then `[
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -21,15 +21,16 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from shared.domain.budget import budget_stream_for_session, budget_stream_for_tenant, micro_to_usd, month_period
+from shared.contracts.errors import NexusError
 from shared.contracts.messages import ChatMessage
-from shared.contracts.frames import Delta, Done, Failed
+from shared.contracts.frames import Delta, Done
 from services.orchestrator import idempotency as idem
 from services.orchestrator.auth import require_admin, require_platform
 from services.orchestrator.budget_manager import BudgetManager
-from services.orchestrator.chat import ChatService, PreparedCall
+from services.orchestrator.calls import CallInput, CallLifecycle, OpenCall
 from services.orchestrator.keys import Caller
 from services.orchestrator.policies import PolicyService, rules_or_problem
-from services.orchestrator.problems import Problem
+from services.orchestrator.problems import Problem, problem_for
 from services.orchestrator.schemas import (
     BudgetOut,
     ChatCompletionIn,
@@ -52,11 +53,11 @@ def _sse(obj: object) -> bytes:
     return b"data: " + _enc.encode(obj) + b"\n\n"
 
 
-def _chunk(call: PreparedCall, created: int, delta: dict[str, Any],
+def _chunk(call: OpenCall, created: int, delta: dict[str, Any],
            finish: str | None = None) -> dict[str, Any]:
     return {"id": f"chatcmpl-{call.call_id}", "object": "chat.completion.chunk", "created": created,
-            "model": call.request.model, "choices": [{"index": 0, "delta": delta,
-                                                      "finish_reason": finish}]}
+            "model": call.call.request.model, "choices": [{"index": 0, "delta": delta,
+                                                           "finish_reason": finish}]}
 
 
 def _usage(done: Done) -> dict[str, int]:
@@ -64,54 +65,37 @@ def _usage(done: Done) -> dict[str, int]:
             "total_tokens": done.usage.input_tokens + done.usage.output_tokens}
 
 
-def _failed_problem(failed: Failed) -> Problem:
-    if failed.error == "PolicyDenied":
-        return Problem(403, "policy-denied", failed.detail, rule=failed.rule)
-    slug = {"UnknownModel": "unknown-model", "Cancelled": "cancelled"}.get(failed.error, "upstream-failed")
-    status = failed.status if 400 <= failed.status < 600 else 502
-    return Problem(status, slug, f"{failed.error}: {failed.detail}")
+def _headers(call: OpenCall) -> dict[str, str]:
+    return {"X-Nexus-Session": call.session_id, "X-Nexus-Call-Id": call.call_id}
 
 
-class _Tap:
-    """The call's frames, passed through; remembers how the call ended."""
-
-    def __init__(self, frames: AsyncIterator[Delta | Done | Failed]) -> None:
-        self.frames = frames
-        self.last: Delta | Done | Failed | None = None
-
-    def __aiter__(self) -> _Tap:
-        return self
-
-    async def __anext__(self) -> Delta | Done | Failed:
-        self.last = await anext(self.frames)
-        return self.last
-
-    async def aclose(self) -> None:
-        await self.frames.aclose()  # type: ignore[attr-defined]
-
-    def answered(self) -> bool:
-        """Ended with a final answer (spent): an answer, or one the policy refused."""
-        last = self.last
-        return isinstance(last, Done) or (isinstance(last, Failed) and last.error == "PolicyDenied")
+async def _at_edge(work: Awaitable[idem.Recorded]) -> idem.Recorded:
+    """The use case's domain errors as problems (inside `run_once`, which records a
+    final refusal for the retries)."""
+    try:
+        return await work
+    except NexusError as exc:
+        raise problem_for(exc) from None
 
 
-async def _first(frames: AsyncIterator[Delta | Done | Failed]) -> Delta | Done | Failed:
-    async for frame in frames:
-        return frame
-    raise Problem(502, "upstream-failed", "the provider closed the stream without an answer")
+async def _answer(calls: CallLifecycle, caller: Caller, call_input: CallInput, stream: bool,
+                  as_stream: Callable[[OpenCall], AsyncIterator[bytes]],
+                  as_body: Callable[[OpenCall, Done, str, list[dict[str, Any]]], Any]
+                  ) -> idem.Recorded:
+    """The tail both chat endpoints share: run the call, answer as a stream or a body."""
+    call = await calls.open(caller, call_input)
+    if stream:
+        return idem.Recorded(200, {**_headers(call), "Cache-Control": "no-cache"},
+                             "text/event-stream", chunks=as_stream(call), final=call.answered)
+    return idem.Recorded.json(as_body(call, *await call.collect()), headers=_headers(call))
 
 
-def _headers(call: PreparedCall) -> dict[str, str]:
-    return {"X-Nexus-Session": call.session.session_id, "X-Nexus-Call-Id": call.call_id}
-
-
-async def _openai_stream(call: PreparedCall, frames: AsyncIterator[Delta | Done | Failed],
-                         first: Delta | Done | Failed, include_usage: bool) -> AsyncIterator[bytes]:
+async def _openai_stream(call: OpenCall, include_usage: bool) -> AsyncIterator[bytes]:
+    """OpenAI chunks; a failure after the first token is a chunk with an `error` object."""
     created = int(time.time())
     try:
         yield _sse(_chunk(call, created, {"role": "assistant", "content": ""}))
-        frame = first
-        while True:
+        async for frame in call.frames():
             if isinstance(frame, Delta):
                 delta: dict[str, Any] = {}
                 if frame.content:
@@ -123,33 +107,30 @@ async def _openai_stream(call: PreparedCall, frames: AsyncIterator[Delta | Done 
                 yield _sse(_chunk(call, created, {}, frame.finish_reason))
                 if include_usage:
                     yield _sse({**_chunk(call, created, {}), "choices": [], "usage": _usage(frame)})
-                break
             else:
                 yield _sse({"error": {"message": f"{frame.error}: {frame.detail}",
                                       "type": "upstream_error", "code": frame.error}})
-                break
-            frame = await anext(frames)
         yield b"data: [DONE]\n\n"
     finally:
-        await frames.aclose()  # client gone or done: cancels the upstream, settles the budget
+        await call.aclose()  # client gone or done: cancels the upstream, settles the budget
 
 
-async def _collect(call: PreparedCall, frames: AsyncIterator[Delta | Done | Failed],
-                   first: Delta | Done | Failed) -> tuple[Done, str, list[dict[str, Any]]]:
-    tool_calls: list[dict[str, Any]] = []
-    frame = first
+async def _session_stream(call: OpenCall) -> AsyncIterator[bytes]:
+    """Session chat as SSE: `token` events, then `done` (usage, cost) or `error`."""
     try:
-        while True:
+        async for frame in call.frames():
             if isinstance(frame, Delta):
-                if frame.tool_calls:
-                    tool_calls.extend(frame.tool_calls)
+                if frame.content:
+                    yield b"event: token\n" + _sse({"content": frame.content})
             elif isinstance(frame, Done):
-                return frame, "".join(call.output), tool_calls
+                yield b"event: done\n" + _sse({
+                    "call_id": call.call_id, "model": frame.model, "provider": frame.provider,
+                    "finish_reason": frame.finish_reason, "usage": _usage(frame),
+                    "cost_usd": micro_to_usd(frame.cost_micro_usd)})
             else:
-                raise _failed_problem(frame)
-            frame = await anext(frames)
+                yield b"event: error\n" + _sse({"error": frame.error, "detail": frame.detail})
     finally:
-        await frames.aclose()
+        await call.aclose()
 
 
 def _merge_tool_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -165,106 +146,75 @@ def _merge_tool_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [merged[i] for i in sorted(merged)]
 
 
-def _message_out(row: Any) -> MessageOut:
-    return MessageOut(
-        message_id=row["message_id"], role=row["role"], content=row["content"],
-        call_id=row["call_id"], model=row["model"], provider=row["provider"], node=row["node"],
-        input_tokens=row["input_tokens"], output_tokens=row["output_tokens"],
-        cost_usd=micro_to_usd(row["cost_micro_usd"]) if row["cost_micro_usd"] is not None else None,
-        finish_reason=row["finish_reason"], created_at=row["created_at"])
+def openai_input(data: ChatCompletionIn, session_id: str | None) -> CallInput:
+    """An OpenAI chat-completions body as a call."""
+    stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop) if data.stop else None
+    return CallInput(
+        session_id=session_id, model=data.model,
+        messages=tuple(ChatMessage(**msgspec.structs.asdict(m)) for m in data.messages),
+        max_tokens=data.max_completion_tokens or data.max_tokens, temperature=data.temperature,
+        top_p=data.top_p, stop=stop,
+        tools=[msgspec.to_builtins(t) for t in data.tools] if data.tools else None,
+        tool_choice=data.tool_choice)
+
+
+def _openai_body(model: str) -> Callable[[OpenCall, Done, str, list[dict[str, Any]]], Any]:
+    def body(call: OpenCall, done: Done, text: str, tool_deltas: list[dict[str, Any]]) -> Any:
+        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        if tool_deltas:
+            message["tool_calls"] = _merge_tool_calls(tool_deltas)
+        return {"id": f"chatcmpl-{call.call_id}", "object": "chat.completion",
+                "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": done.finish_reason}],
+                "usage": _usage(done)}
+
+    return body
+
+
+def _session_body(call: OpenCall, done: Done, text: str, _: list[dict[str, Any]]) -> SessionReply:
+    return SessionReply(session_id=call.session_id, call_id=call.call_id, message=MessageOut(
+        message_id=call.call_id, role="assistant", content=text, call_id=call.call_id,
+        model=done.model, provider=done.provider, node=done.node,
+        input_tokens=done.usage.input_tokens, output_tokens=done.usage.output_tokens,
+        cost_usd=micro_to_usd(done.cost_micro_usd), finish_reason=done.finish_reason,
+        created_at=datetime.now().astimezone()))
 
 
 class ChatController(Controller):
     @post("/v1/chat/completions", status_code=200, responses=idem.RESPONSES)
     async def chat_completions(self, request: Request, data: ChatCompletionIn, caller: Caller,
-                               chat: ChatService, idempotency: idem.IdempotencyStore,
+                               calls: CallLifecycle, idempotency: idem.IdempotencyStore,
                                idempotency_key: idem.KeyHeader = None) -> Response | Stream:
-        session_header = request.headers.get(SESSION_HEADER)
-        return await idem.run_once(request, caller.tenant, idempotency,
-                                   lambda: self._chat_completions(data, caller, chat, session_header),
-                                   also=(session_header,))
-
-    async def _chat_completions(self, data: ChatCompletionIn, caller: Caller,
-                                chat: ChatService, session_header: str | None) -> idem.Recorded:
-        session = await chat.session_for(caller, session_header)
-        messages = tuple(ChatMessage(**msgspec.structs.asdict(m)) for m in data.messages)
-        last_user = next((m for m in reversed(messages) if m.role == "user"), messages[-1])
-        stop = (data.stop,) if isinstance(data.stop, str) else tuple(data.stop) if data.stop else None
-        call = await chat.prepare(
-            caller, session, model=data.model, messages=messages,
-            new_user_text=last_user.text,
-            max_tokens=data.max_completion_tokens or data.max_tokens, temperature=data.temperature,
-            top_p=data.top_p, stop=stop,
-            tools=[msgspec.to_builtins(t) for t in data.tools] if data.tools else None,
-            tool_choice=data.tool_choice)
-        frames = _Tap(chat.execute(call))
-        first = await _first(frames)
-        if isinstance(first, Failed):
-            await frames.aclose()
-            raise _failed_problem(first)
-        if data.stream:
-            include = bool(data.stream_options and data.stream_options.include_usage)
-            return idem.Recorded(200, {**_headers(call), "Cache-Control": "no-cache"},
-                                 "text/event-stream",
-                                 chunks=_openai_stream(call, frames, first, include),
-                                 final=frames.answered)
-        done, text, tool_deltas = await _collect(call, frames, first)
-        message: dict[str, Any] = {"role": "assistant", "content": text or None}
-        if tool_deltas:
-            message["tool_calls"] = _merge_tool_calls(tool_deltas)
-        body = {"id": f"chatcmpl-{call.call_id}", "object": "chat.completion",
-                "created": int(time.time()), "model": data.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": done.finish_reason}],
-                "usage": _usage(done)}
-        return idem.Recorded.json(body, headers=_headers(call))
+        session_id = request.headers.get(SESSION_HEADER)
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        return await idem.run_once(request, caller.tenant, idempotency, lambda: _at_edge(_answer(
+            calls, caller, openai_input(data, session_id), data.stream,
+            lambda call: _openai_stream(call, include_usage), _openai_body(data.model))),
+            also=(session_id,))
 
     @get("/v1/models")
-    async def list_models(self, caller: Caller, chat: ChatService) -> dict[str, Any]:
-        models = await chat.models()
+    async def list_models(self, caller: Caller, calls: CallLifecycle) -> dict[str, Any]:
+        models = await calls.models()
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "nexus",
              "targets": list(info.targets), "context": info.context} for name, info in sorted(models.items())]}
 
     @post("/v1/sessions/{session_id:str}/messages", status_code=200, responses=idem.RESPONSES)
     async def post_message(self, request: Request, session_id: str, data: SessionMessageIn,
-                           caller: Caller, chat: ChatService,
+                           caller: Caller, calls: CallLifecycle,
                            idempotency: idem.IdempotencyStore,
                            idempotency_key: idem.KeyHeader = None) -> Response | Stream:
-        return await idem.run_once(request, caller.tenant, idempotency,
-                                   lambda: self._post_message(session_id, data, caller, chat))
-
-    async def _post_message(self, session_id: str, data: SessionMessageIn, caller: Caller,
-                            chat: ChatService) -> idem.Recorded:
-        session = await chat.session_for(caller, session_id)
-        messages = (*await chat.history(session_id), ChatMessage(role="user", content=data.content))
-        call = await chat.prepare(caller, session, model=data.model, messages=messages,
-                                  new_user_text=data.content, max_tokens=data.max_tokens,
-                                  temperature=data.temperature, top_p=None, stop=None, tools=None,
-                                  tool_choice=None)
-        frames = _Tap(chat.execute(call))
-        first = await _first(frames)
-        if isinstance(first, Failed):
-            await frames.aclose()
-            raise _failed_problem(first)
-        if data.stream:
-            return idem.Recorded(200, {**_headers(call), "Cache-Control": "no-cache"},
-                                 "text/event-stream", chunks=_session_stream(call, frames, first),
-                                 final=frames.answered)
-        done, text, _ = await _collect(call, frames, first)
-        return idem.Recorded.json(SessionReply(session_id=session_id, call_id=call.call_id, message=MessageOut(
-            message_id=call.call_id, role="assistant", content=text, call_id=call.call_id,
-            model=done.model, provider=done.provider, node=done.node,
-            input_tokens=done.usage.input_tokens, output_tokens=done.usage.output_tokens,
-            cost_usd=micro_to_usd(done.cost_micro_usd), finish_reason=done.finish_reason,
-            created_at=datetime.now().astimezone())), headers=_headers(call))
+        call_input = CallInput(session_id=session_id, model=data.model, with_history=True,
+                               messages=(ChatMessage(role="user", content=data.content),),
+                               max_tokens=data.max_tokens, temperature=data.temperature)
+        return await idem.run_once(request, caller.tenant, idempotency, lambda: _at_edge(_answer(
+            calls, caller, call_input, data.stream, _session_stream, _session_body)))
 
     @get("/v1/sessions/{session_id:str}/messages")
     async def get_messages(self, session_id: str, caller: Caller, sessions: SessionService,
-                           chat: ChatService) -> MessageList:
+                           calls: CallLifecycle) -> MessageList:
         await sessions.require(caller, session_id)
-        rows = await chat.store.pool.fetch(
-            "SELECT * FROM messages WHERE session_id = $1 ORDER BY position", session_id)
-        return MessageList(messages=tuple(_message_out(r) for r in rows))
+        return MessageList(messages=await calls.messages.conversation(session_id))
 
     @get("/v1/sessions/{session_id:str}/budget")
     async def get_budget(self, session_id: str, caller: Caller, sessions: SessionService,
@@ -308,38 +258,12 @@ class ChatController(Controller):
             return idem.Recorded.json(PolicyOut(name=data.name, version=version,
                                                 rules=msgspec.to_builtins(rules)), status=201)
 
-        return await idem.run_once(request, caller.tenant, idempotency, run)  # type: ignore[return-value]
+        return await idem.run_once(request, caller.tenant, idempotency,  # type: ignore[return-value]
+                                   lambda: _at_edge(run()))
 
     @get("/v1/policies")
     async def list_policies(self, caller: Caller, policies: PolicyService) -> list[PolicyOut]:
-        rows = await policies.store.pool.fetch(
-            "SELECT name, version, rules::text AS rules FROM policies WHERE tenant = $1 ORDER BY name",
-            caller.tenant)
-        return [PolicyOut(name=r["name"], version=r["version"], rules=msgspec.json.decode(r["rules"]))
-                for r in rows]
-
-
-async def _session_stream(call: PreparedCall, frames: AsyncIterator[Delta | Done | Failed],
-                          first: Delta | Done | Failed) -> AsyncIterator[bytes]:
-    """Session chat as SSE: `token` events, then `done` (usage, cost) or `error`."""
-    frame = first
-    try:
-        while True:
-            if isinstance(frame, Delta):
-                if frame.content:
-                    yield b"event: token\n" + _sse({"content": frame.content})
-            elif isinstance(frame, Done):
-                yield b"event: done\n" + _sse({
-                    "call_id": call.call_id, "model": frame.model, "provider": frame.provider,
-                    "finish_reason": frame.finish_reason, "usage": _usage(frame),
-                    "cost_usd": micro_to_usd(frame.cost_micro_usd)})
-                return
-            else:
-                yield b"event: error\n" + _sse({"error": frame.error, "detail": frame.detail})
-                return
-            frame = await anext(frames)
-    finally:
-        await frames.aclose()
+        return await policies.of_tenant(caller.tenant)
 
 
 async def _position_at(budgets: BudgetManager, at: str | None) -> int | None:
@@ -355,8 +279,7 @@ async def _position_at(budgets: BudgetManager, at: str | None) -> int | None:
     if moment.tzinfo is None:
         raise Problem(400, "validation", "at: the timestamp needs a time zone (e.g. Z)",
                       errors=[{"field": "at", "message": "no time zone"}])
-    return await budgets.store.pool.fetchval(
-        "SELECT coalesce(max(position), 0) FROM events WHERE recorded_at <= $1", moment)
+    return await budgets.store.position_at(moment)
 
 
 def _budget_out(state, position: int | None) -> BudgetOut | None:

@@ -54,6 +54,7 @@ from shared.domain.nodes import (
     NodeView,
     fold_node,
 )
+from services.orchestrator.read_models.node_registry import NodeRegistryReadModel, RegisteredNode
 
 log = logging.getLogger("nexus.orchestrator.nodes")
 
@@ -113,6 +114,7 @@ class NodeService:
         self.store = store
         self.bus = bus
         self.view = view
+        self.registry = NodeRegistryReadModel(store)
         self.offline_after_s = offline_after_s
         self.poll_s = poll_s
         self.records: dict[str, NodeRecord] = {}
@@ -266,6 +268,14 @@ class NodeService:
                     self._spawn_once(node_id, lambda s, w=wall: decide_offline(s, w, self.offline_after_s))
 
     # -- queries ----------------------------------------------------------------------
+
+    async def find(self, *, status: str | None = None, label: tuple[str, str] | None = None,
+                   model: str | None = None) -> list[RegisteredNode]:
+        """Registered nodes (the `nodes` read model), see `NodeRegistryReadModel.find`."""
+        return await self.registry.find(status=status, label=label, model=model)
+
+    async def registered(self, node_id: str) -> RegisteredNode | None:
+        return await self.registry.get(node_id)
 
     async def deregister(self, node_id: str, actor: str) -> bool:
         def decide(state: NodeRecord | None) -> list[Event]:

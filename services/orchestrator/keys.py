@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from shared.contracts.events import ApiKeyCreated, ApiKeyRevoked, Metadata, apikey_stream
 from shared.infra.eventstore import EventStore, WrongExpectedVersion
 from services.orchestrator import idempotency
+from services.orchestrator.read_models.api_keys import ApiKeysReadModel
+from services.orchestrator.schemas import KeyView
 
 KEY_PATTERN = re.compile(r"^nx_([0-9a-f]{16})_([A-Za-z0-9_-]{20,})$")
 ROLES = ("admin", "member")
@@ -65,6 +67,7 @@ class KeyService:
     def __init__(self, store: EventStore, admin_key: str | None, runner=None) -> None:
         self.store = store
         self.runner = runner  # a ProjectionRunner: answer after the key is usable
+        self.read_model = ApiKeysReadModel(store)
         self._admin_hash = hash_key(admin_key) if admin_key else None
         self._cache: dict[str, tuple[float, tuple[str, str, str, bool] | None]] = {}
 
@@ -103,17 +106,19 @@ class KeyService:
 
     async def revoke(self, key_id: str, tenant: str | None, actor: str) -> bool:
         """Revoke a key (of `tenant`, or any tenant when None); False if there is none."""
-        row = await self.store.pool.fetchrow(
-            "SELECT tenant FROM api_keys WHERE key_id = $1 AND revoked_at IS NULL"
-            " AND ($2::text IS NULL OR tenant = $2)", key_id, tenant)
-        if row is None:
+        owner = await self.read_model.active_tenant(key_id, tenant)
+        if owner is None:
             return False
         stream = apikey_stream(key_id)
-        await self.store.append(stream, [ApiKeyRevoked(key_id=key_id, tenant=row["tenant"], actor=actor)],
+        await self.store.append(stream, [ApiKeyRevoked(key_id=key_id, tenant=owner, actor=actor)],
                                 expected_version=await self.store.stream_version(stream),
-                                metadata=Metadata(tenant=row["tenant"], actor=actor))
+                                metadata=Metadata(tenant=owner, actor=actor))
         self._cache.pop(key_id, None)
         return True
+
+    async def of_tenant(self, tenant: str) -> list[KeyView]:
+        """The tenant's keys (revoked ones too), oldest first."""
+        return await self.read_model.of_tenant(tenant)
 
     async def authenticate(self, key: str, tenant_header: str | None = None) -> Caller | None:
         """The caller a presented key identifies, or None (constant-time comparisons)."""
@@ -126,10 +131,8 @@ class KeyService:
         now = time.monotonic()
         cached = self._cache.get(key_id)
         if cached is None or now - cached[0] > CACHE_TTL_S:
-            row = await self.store.pool.fetchrow(
-                "SELECT tenant, role, key_hash, revoked_at IS NOT NULL AS revoked"
-                " FROM api_keys WHERE key_id = $1", key_id)
-            cached = (now, (row["tenant"], row["role"], row["key_hash"], row["revoked"]) if row else None)
+            row = await self.read_model.lookup(key_id)
+            cached = (now, (row.tenant, row.role, row.key_hash, row.revoked) if row else None)
             if row is not None:  # misses are not cached: a key just issued elsewhere works at once
                 self._cache[key_id] = cached
         entry = cached[1]

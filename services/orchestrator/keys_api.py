@@ -8,7 +8,7 @@ from services.orchestrator import idempotency
 from services.orchestrator.auth import require_admin
 from services.orchestrator.keys import KeyService, Caller
 from services.orchestrator.problems import Problem
-from services.orchestrator.schemas import KeyCreate, KeyIssued, KeyList, KeyView
+from services.orchestrator.schemas import KeyCreate, KeyIssued, KeyList
 
 
 class KeysController(Controller):
@@ -36,10 +36,7 @@ class KeysController(Controller):
     @get("/")
     async def list_keys(self, caller: Caller, keys: KeyService) -> KeyList:
         require_admin(caller)
-        rows = await keys.store.pool.fetch(
-            "SELECT key_id, tenant, name, role, created_at, revoked_at FROM api_keys"
-            " WHERE tenant = $1 ORDER BY created_at", caller.tenant)
-        return KeyList(keys=tuple(KeyView(**dict(r)) for r in rows))
+        return KeyList(keys=tuple(await keys.of_tenant(caller.tenant)))
 
     @delete("/{key_id:str}", status_code=204)
     async def revoke_key(self, key_id: str, caller: Caller, keys: KeyService) -> None:

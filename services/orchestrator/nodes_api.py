@@ -9,16 +9,13 @@ import msgspec
 from litestar import Controller, delete, get
 from litestar.params import Parameter
 
-from shared.contracts.messages import NodeRegistration
 from shared.domain.nodes import STATUSES, NodeLoad
 from services.orchestrator.auth import require_platform
 from services.orchestrator.keys import Caller
 from services.orchestrator.fleet import NodeService
 from services.orchestrator.problems import Problem
+from services.orchestrator.read_models.node_registry import RegisteredNode
 from services.orchestrator.schemas import LoadSample, NodeDetail, NodeList, NodeLoadOut, NodeOut
-
-_COLUMNS = ("SELECT node_id, status, registration::text AS registration, registered_at,"
-            " status_changed_at FROM nodes")
 
 
 def _load(node: NodeLoad | None, fresh_within_s: float) -> NodeLoadOut | None:
@@ -36,17 +33,27 @@ def _load(node: NodeLoad | None, fresh_within_s: float) -> NodeLoadOut | None:
     )
 
 
-def _node_out(row, nodes: NodeService) -> dict:
-    reg = msgspec.json.decode(row["registration"], type=NodeRegistration)
+def _node_out(node: RegisteredNode, nodes: NodeService) -> dict:
+    reg = node.registration
     return dict(
-        node_id=row["node_id"], status=row["status"], hostname=reg.hostname,
+        node_id=node.node_id, status=node.status, hostname=reg.hostname,
         addresses=reg.addresses, labels=reg.labels, cpu_count=reg.cpu_count,
         memory_total_bytes=reg.memory_total_bytes,
         gpus=tuple(msgspec.structs.asdict(g) for g in reg.gpus),
         runtime=msgspec.structs.asdict(reg.runtime), agent_version=reg.agent_version,
-        registered_at=row["registered_at"], status_changed_at=row["status_changed_at"],
-        load=_load(nodes.view.nodes.get(row["node_id"]), nodes.offline_after_s),
+        registered_at=node.registered_at, status_changed_at=node.status_changed_at,
+        load=_load(nodes.view.nodes.get(node.node_id), nodes.offline_after_s),
     )
+
+
+def _label(label: str | None) -> tuple[str, str] | None:
+    if label is None:
+        return None
+    key, sep, value = label.partition("=")
+    if not sep or not key:
+        raise Problem(400, "validation", "label: expected key=value",
+                      errors=[{"field": "label", "message": "expected key=value"}])
+    return key, value
 
 
 class NodesController(Controller):
@@ -59,35 +66,17 @@ class NodesController(Controller):
         label: Annotated[str | None, Parameter(description="key=value")] = None,
         model: str | None = None,
     ) -> NodeList:
-        clauses, args = [], []
-        if status is not None:
-            if status not in STATUSES:
-                raise Problem(400, "validation", f"status: must be one of {', '.join(STATUSES)}",
-                              errors=[{"field": "status", "message": f"unknown status {status!r}"}])
-            args.append(status)
-            clauses.append(f"status = ${len(args)}")
-        else:
-            clauses.append("status <> 'deregistered'")
-        if label is not None:
-            key, sep, value = label.partition("=")
-            if not sep or not key:
-                raise Problem(400, "validation", "label: expected key=value",
-                              errors=[{"field": "label", "message": "expected key=value"}])
-            args.append(msgspec.json.encode({key: value}).decode())
-            clauses.append(f"labels @> ${len(args)}::jsonb")
-        if model is not None:
-            args.append(model)
-            clauses.append(f"${len(args)} = ANY(models)")
-        rows = await nodes.store.pool.fetch(
-            f"{_COLUMNS} WHERE {' AND '.join(clauses)} ORDER BY node_id", *args
-        )
-        out = tuple(NodeOut(**_node_out(row, nodes)) for row in rows)
+        if status is not None and status not in STATUSES:
+            raise Problem(400, "validation", f"status: must be one of {', '.join(STATUSES)}",
+                          errors=[{"field": "status", "message": f"unknown status {status!r}"}])
+        found = await nodes.find(status=status, label=_label(label), model=model)
+        out = tuple(NodeOut(**_node_out(node, nodes)) for node in found)
         return NodeList(nodes=out, total=len(out))
 
     @get("/{node_id:str}")
     async def get_node(self, node_id: str, nodes: NodeService) -> NodeDetail:
-        row = await nodes.store.pool.fetchrow(f"{_COLUMNS} WHERE node_id = $1", node_id)
-        if row is None:
+        node = await nodes.registered(node_id)
+        if node is None:
             raise Problem(404, "not-found", f"node {node_id!r} not found")
         history = tuple(
             LoadSample(sent_at=h.sent_at, cpu_pct=h.cpu_pct, memory_pct=h.memory_pct,
@@ -97,7 +86,7 @@ class NodesController(Controller):
                        active_requests=h.active_requests, avg_response_ms=h.avg_response_ms)
             for h in await nodes.history(node_id)
         )
-        return NodeDetail(**_node_out(row, nodes), history=history)
+        return NodeDetail(**_node_out(node, nodes), history=history)
 
     @delete("/{node_id:str}", status_code=204)
     async def deregister_node(self, node_id: str, nodes: NodeService, caller: Caller) -> None:

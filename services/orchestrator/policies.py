@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import msgspec
 
+from shared.contracts.errors import InvalidRequest, PolicyInvalid
 from shared.contracts.events import Metadata, PolicyDefined, policy_stream
 from shared.infra.eventstore import EventStore, ProjectionRunner
 from shared.domain.policy import CompiledPolicy, PolicyError, PolicyRules, compile_policy, decode_rules
 from services.orchestrator.keys import Caller
-from services.orchestrator.problems import Problem
+from services.orchestrator.read_models.policies import PoliciesReadModel
+from services.orchestrator.schemas import PolicyOut
 
 
 def rules_or_problem(raw: object, field: str = "rules") -> PolicyRules:
-    """Decode and validate user-written rules; a 400 naming each offending field."""
+    """Decode and validate user-written rules; `InvalidRequest` naming each offending
+    field (a 400 at the HTTP edge)."""
     try:
         rules = decode_rules(msgspec.json.encode(raw))
         compile_policy(rules)
         return rules
     except PolicyError as exc:
         problems = [f"{field}.{p}" for p in exc.problems]
-        raise Problem(400, "validation", "; ".join(problems),
-                      errors=[{"field": p.split(":")[0], "message": p} for p in problems]) from None
+        raise InvalidRequest("; ".join(problems),
+                             [{"field": p.split(":")[0], "message": p} for p in problems]) from None
 
 
 def _compile_stored(raw: bytes, label: str) -> CompiledPolicy:
@@ -29,18 +32,16 @@ def _compile_stored(raw: bytes, label: str) -> CompiledPolicy:
     try:
         return compile_policy(decode_rules(raw))
     except PolicyError as exc:
-        raise Problem(409, "policy-invalid",
-                      f"the session's policy {label} no longer compiles; define a new version "
-                      f"or start a new session: " + "; ".join(exc.problems),
-                      policy=label,
-                      errors=[{"field": p.split(":")[0], "message": p} for p in exc.problems]
-                      ) from None
+        raise PolicyInvalid(f"the session's policy {label} no longer compiles; define a new "
+                            f"version or start a new session: " + "; ".join(exc.problems),
+                            label, exc.problems) from None
 
 
 class PolicyService:
     def __init__(self, store: EventStore, runner: ProjectionRunner) -> None:
         self.store = store
         self.runner = runner
+        self.read_model = PoliciesReadModel(store)
         self._compiled: dict[tuple[str, str, int], CompiledPolicy] = {}
 
     async def define(self, caller: Caller, name: str, rules: PolicyRules) -> int:
@@ -52,8 +53,11 @@ class PolicyService:
         return result.next_expected_version
 
     async def current_version(self, tenant: str, name: str) -> int | None:
-        return await self.store.pool.fetchval(
-            "SELECT version FROM policies WHERE tenant = $1 AND name = $2", tenant, name)
+        return await self.read_model.current_version(tenant, name)
+
+    async def of_tenant(self, tenant: str) -> list[PolicyOut]:
+        """The tenant's policies, each at its current version, by name."""
+        return await self.read_model.of_tenant(tenant)
 
     async def compiled(self, tenant: str, name: str | None, version: int | None,
                        inline: dict | None) -> tuple[CompiledPolicy | None, str | None]:

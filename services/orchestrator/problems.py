@@ -1,5 +1,7 @@
 """RFC 9457 problem+json for every error the API returns.
 
+Domain errors (`shared.contracts.errors`, raised by the use cases) are mapped here and
+nowhere else (`problem_for`): a handler never builds their problems itself.
 Validation errors list each offending field under `errors` (`field`, `message`);
 unexpected exceptions become a 500 whose body says nothing about internals but gives
 the `trace_id` to find the logs.
@@ -14,6 +16,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from shared.contracts import errors
 from shared.infra.tracing import current_ids
 
 log = logging.getLogger("nexus.api")
@@ -77,9 +80,48 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response[dic
     return response
 
 
+def _field_list(problems: list[str]) -> list[dict[str, str]]:
+    return [{"field": p.split(":")[0], "message": p} for p in problems]
+
+
+def problem_for(error: errors.NexusError) -> Problem:
+    """The one mapping of domain errors to problems (status, type, extra members)."""
+    match error:
+        case errors.InvalidRequest():
+            return Problem(400, "validation", error.detail, errors=error.errors)
+        case errors.UnknownModel():
+            return Problem(404, "unknown-model", error.detail,
+                           errors=[{"field": "model", "message": "unknown model"}])
+        case errors.SessionClosed():
+            return Problem(409, "session-closed", error.detail)
+        case errors.PolicyDenied():
+            extra = {"policy": error.policy} if error.policy is not None else {}
+            return Problem(429 if error.rate_limited else 403, "policy-denied", error.detail,
+                           rule=error.rule, **extra)
+        case errors.PolicyInvalid():
+            return Problem(409, "policy-invalid", error.detail, policy=error.policy,
+                           errors=_field_list(error.problems))
+        case errors.BudgetDenied():
+            return Problem(402, "budget-exceeded", error.reason, budget=error.budget)
+        case errors.ProviderUnavailable():
+            return Problem(503, "provider-unavailable", error.detail)
+        case errors.CallFailed():
+            slug = {"UnknownModel": "unknown-model", "Cancelled": "cancelled"}.get(
+                error.error, "upstream-failed")
+            status = error.status if 400 <= error.status < 600 else 502
+            return Problem(status, slug, error.detail)
+    return Problem(500, "internal", "internal error; see logs by trace_id")
+
+
+def domain_error_handler(request: Request, exc: errors.NexusError) -> Response[dict[str, Any]]:
+    return http_exception_handler(request, problem_for(exc))
+
+
 def internal_error_handler(request: Request, exc: Exception) -> Response[dict[str, Any]]:
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
     return problem_response(request, 500, "internal", "internal error; see logs by trace_id")
 
 
-EXCEPTION_HANDLERS = {HTTPException: http_exception_handler, Exception: internal_error_handler}
+EXCEPTION_HANDLERS = {HTTPException: http_exception_handler,
+                      errors.NexusError: domain_error_handler,
+                      Exception: internal_error_handler}

@@ -1,7 +1,11 @@
 """Per-minute rate counters in Postgres, so limits hold across orchestrator processes.
 
-Admission is an atomic conditional increment (`calls < limit`), so two processes
-can never both take the last slot of a window. Tokens are added when a call ends.
+The policy decides on the usage read here (`usage`); the call then takes its slots with
+`take`, inside the transaction that records the decision (and reserves the budget):
+every scope's slot or none, `calls < limit` checked on locked rows, so two processes
+can never both take the last slot of a window, and a call denied for any reason (by
+the policy, the budget, or a slot taken meanwhile) consumes nothing: its transaction
+rolls back. Tokens are added when a call ends.
 
 Windows are UTC minutes of the counter's `clock` (unix seconds; `time.time` unless one
 is injected, as tests do to cross a minute without waiting for one). Windows that ended
@@ -27,6 +31,15 @@ def window_start(now: float | None = None) -> datetime:
     return datetime.fromtimestamp(t - t % 60, tz=UTC)
 
 
+class RateLimited(Exception):
+    """No slot left in `scope`'s window (`limit` calls per minute)."""
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"{scope} rate limit reached: {limit} calls per minute")
+        self.scope = scope
+        self.limit = limit
+
+
 class RateCounter:
     def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float] = time.time) -> None:
         self.pool = pool
@@ -47,21 +60,46 @@ class RateCounter:
         found = {r["scope"]: WindowUsage(calls=r["calls"], tokens=r["tokens"]) for r in rows}
         return RateUsage(**{scope: found.get(scope, WindowUsage()) for scope in subjects})
 
-    async def admit(self, scope: str, subject: str, calls_limit: int | None) -> bool:
-        """Take one call slot in this window; False if the limit is reached."""
+    async def take(self, conn: asyncpg.Connection,
+                   slots: dict[str, tuple[str, int | None]]) -> None:
+        """Take one call slot in this window for every scope of `slots` ({scope: (subject,
+        calls limit or None)}), inside the caller's transaction on `conn`: all of them,
+        or raise `RateLimited` for the first full scope (in `slots`' order) and take
+        none (the caller's transaction rolls back). The rows stay locked until it ends."""
+        if not slots:
+            return
         start = self.window()
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO rate_windows (scope, subject, window_start) VALUES ($1, $2, $3)"
-                " ON CONFLICT DO NOTHING", scope, subject, start)
-            row = await conn.fetchrow(
-                "UPDATE rate_windows SET calls = calls + 1 WHERE scope = $1 AND subject = $2"
-                " AND window_start = $3 AND ($4::int IS NULL OR calls < $4) RETURNING calls",
-                scope, subject, start, calls_limit)
-            if self._pruned_at != start:
-                self._pruned_at = start
-                await self._prune(conn, start)
-        return row is not None
+        scopes = list(slots)
+        subjects = [subject for subject, _ in slots.values()]
+        await conn.execute(
+            "INSERT INTO rate_windows (scope, subject, window_start)"
+            " SELECT s, j, $3 FROM unnest($1::text[], $2::text[]) AS u(s, j)"
+            " ORDER BY s, j ON CONFLICT DO NOTHING", scopes, subjects, start)
+        rows = await conn.fetch(
+            "SELECT scope, calls FROM rate_windows WHERE window_start = $1"
+            " AND (scope, subject) IN (SELECT * FROM unnest($2::text[], $3::text[]))"
+            " ORDER BY scope, subject FOR UPDATE", start, scopes, subjects)
+        calls = {r["scope"]: r["calls"] for r in rows}
+        for scope, (_, limit) in slots.items():
+            if limit is not None and calls.get(scope, 0) >= limit:
+                raise RateLimited(scope, limit)
+        await conn.execute(
+            "UPDATE rate_windows SET calls = calls + 1 WHERE window_start = $1"
+            " AND (scope, subject) IN (SELECT * FROM unnest($2::text[], $3::text[]))",
+            start, scopes, subjects)
+        if self._pruned_at != start:
+            self._pruned_at = start
+            await self._prune(conn, start)
+
+    async def admit(self, scope: str, subject: str, calls_limit: int | None) -> bool:
+        """Take one call slot of one scope in this window, in a transaction of its own;
+        False if the limit is reached."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            try:
+                await self.take(conn, {scope: (subject, calls_limit)})
+            except RateLimited:
+                return False
+        return True
 
     async def prune(self) -> int:
         """Delete the windows older than the previous minute; how many went."""

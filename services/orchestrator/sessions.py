@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import base64
-import json
 from datetime import datetime
 
-import asyncpg
 import msgspec
 
 from shared.contracts.events import (
@@ -17,12 +15,13 @@ from shared.contracts.events import (
     new_id,
     session_stream,
 )
-from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
+from shared.infra.eventstore import EventStore, ProjectionRunner, StoredEvent, WrongExpectedVersion
 from shared.domain.budget import SESSION, budget_stream_for_session, decide_open, usd_to_micro
 from services.orchestrator import idempotency
 from services.orchestrator.policies import PolicyService, rules_or_problem
 from services.orchestrator.keys import Caller
 from services.orchestrator.problems import Problem
+from services.orchestrator.read_models.sessions import SessionsReadModel
 from services.orchestrator.schemas import (
     AuditEvent,
     AuditLog,
@@ -32,33 +31,10 @@ from services.orchestrator.schemas import (
     SessionView,
 )
 
-_COLUMNS = (
-    "SELECT session_id, tenant, status, budget::text AS budget, policy, policy_version,"
-    " policy_rules::text AS policy_rules, agent,"
-    " metadata::text AS metadata, created_at, closed_at, version, trace_id FROM sessions"
-)
 
-
-def _view(row: asyncpg.Record) -> SessionView:
-    budget = json.loads(row["budget"]) if row["budget"] else None
-    return SessionView(
-        session_id=row["session_id"], tenant=row["tenant"], status=row["status"],
-        budget=BudgetView(**budget) if budget is not None else None, policy=row["policy"],
-        policy_version=row["policy_version"],
-        policy_rules=json.loads(row["policy_rules"]) if row["policy_rules"] else None,
-        agent=row["agent"], metadata=json.loads(row["metadata"]), created_at=row["created_at"],
-        closed_at=row["closed_at"], version=row["version"], trace_id=row["trace_id"],
-    )
-
-
-_EVENT_COLUMNS = ("SELECT position, type, stream_id, data::text AS data,"
-                  " metadata ->> 'trace_id' AS trace_id, recorded_at FROM events")
-
-
-def _audit_event(row: asyncpg.Record) -> AuditEvent:
-    return AuditEvent(position=row["position"], type=row["type"], stream_id=row["stream_id"],
-                      recorded_at=row["recorded_at"], trace_id=row["trace_id"],
-                      data=msgspec.json.decode(row["data"]))
+def _audit_event(e: StoredEvent) -> AuditEvent:
+    return AuditEvent(position=e.position, type=e.type, stream_id=e.stream_id,
+                      recorded_at=e.recorded_at, trace_id=e.trace_id, data=e.data)
 
 
 def _cursor(created_at: datetime, session_id: str) -> str:
@@ -80,6 +56,7 @@ class SessionService:
         self.store = store
         self.runner = runner
         self.policies = policies
+        self.read_model = SessionsReadModel(store)
 
     async def start(self, caller: Caller, request: SessionCreate, *, idempotency_key: str | None = None,
                     request_hash: str | None = None) -> SessionView:
@@ -133,32 +110,26 @@ class SessionService:
             return await self.require(caller, session_id)  # the first answer, from the read model
         # Answer from the event itself (what the projection will store); a read that
         # comes before the projection has it catches the projection up (see `get`).
-        row = await self.store.pool.fetchrow(
-            "SELECT recorded_at, metadata ->> 'trace_id' AS trace_id FROM events"
-            " WHERE stream_id = $1 AND stream_version = 1", stream)
+        started = (await self.store.read_stream(stream, to_position=result.last_position))[0]
         return SessionView(
             session_id=session_id, tenant=tenant, status="open",
             budget=BudgetView(limit_usd=budget.limit_usd, limit_tokens=budget.limit_tokens)
             if budget is not None else None,
             policy=event.policy, policy_version=event.policy_version,
             policy_rules=event.policy_rules, agent=event.agent, metadata=dict(event.metadata),
-            created_at=row["recorded_at"], closed_at=None, version=1, trace_id=row["trace_id"])
+            created_at=started.recorded_at, closed_at=None, version=1,
+            trace_id=started.metadata.trace_id)
 
     async def get(self, caller: Caller, session_id: str) -> SessionView | None:
         """The session from the read model; read-your-writes: if the read model does not
         have it yet but its stream exists, catch the projection up first."""
-        row = await self._row(caller, session_id)
-        if row is None:
-            head = await self.store.pool.fetchval(
-                "SELECT max(position) FROM events WHERE stream_id = $1", session_stream(session_id))
+        view = await self.read_model.get(caller.tenant, session_id)
+        if view is None:
+            head = await self.store.stream_head(session_stream(session_id))
             if head is not None:
                 await self.runner.wait_for(head, names=("sessions",))
-                row = await self._row(caller, session_id)
-        return _view(row) if row else None
-
-    async def _row(self, caller: Caller, session_id: str) -> asyncpg.Record | None:
-        return await self.store.pool.fetchrow(f"{_COLUMNS} WHERE session_id = $1 AND tenant = $2",
-                                              session_id, caller.tenant)
+                view = await self.read_model.get(caller.tenant, session_id)
+        return view
 
     async def require(self, caller: Caller, session_id: str) -> SessionView:
         view = await self.get(caller, session_id)
@@ -170,23 +141,10 @@ class SessionService:
                    cursor: str | None) -> SessionList:
         # read-your-writes: sessions created a moment ago are in the read model
         await self.runner.wait_for(await self.store.head(), names=("sessions",))
-        args: list[object] = [caller.tenant]
-        clauses = ["tenant = $1"]
-        if status:
-            args.append(status)
-            clauses.append(f"status = ${len(args)}")
-        if agent:
-            args.append(agent)
-            clauses.append(f"agent = ${len(args)}")
-        if cursor:
-            created, sid = _uncursor(cursor)
-            args += [created, sid]
-            clauses.append(f"(created_at, session_id) < (${len(args) - 1}, ${len(args)})")
-        args.append(limit + 1)
-        rows = await self.store.pool.fetch(
-            f"{_COLUMNS} WHERE {' AND '.join(clauses)}"
-            f" ORDER BY created_at DESC, session_id DESC LIMIT ${len(args)}", *args)
-        page = [_view(r) for r in rows[:limit]]
+        rows = await self.read_model.page(caller.tenant, status=status, agent=agent,
+                                          limit=limit + 1,
+                                          before=_uncursor(cursor) if cursor else None)
+        page = rows[:limit]
         more = len(rows) > limit
         return SessionList(sessions=tuple(page),
                            next_cursor=_cursor(page[-1].created_at, page[-1].session_id)
@@ -213,18 +171,13 @@ class SessionService:
 
     async def events_by_trace(self, caller: Caller, trace_id: str, *, limit: int) -> AuditLog:
         tenant = None if caller.role == "platform" else caller.tenant
-        rows = await self.store.pool.fetch(
-            f"{_EVENT_COLUMNS} WHERE metadata ->> 'trace_id' = $1"
-            " AND ($2::text IS NULL OR metadata ->> 'tenant' = $2) ORDER BY position LIMIT $3",
-            trace_id, tenant, limit)
-        return AuditLog(events=tuple(_audit_event(r) for r in rows), next_after=None)
+        events = await self.store.events_of_trace(trace_id, tenant=tenant, limit=limit)
+        return AuditLog(events=tuple(_audit_event(e) for e in events), next_after=None)
 
     async def audit_log(self, caller: Caller, session_id: str, *, after: int,
                         limit: int) -> AuditLog:
         await self.require(caller, session_id)
-        rows = await self.store.pool.fetch(
-            f"{_EVENT_COLUMNS} WHERE metadata ->> 'correlation_id' = $1"
-            " AND metadata ->> 'tenant' = $2 AND position > $3 ORDER BY position LIMIT $4",
-            session_id, caller.tenant, after, limit + 1)
-        items = tuple(_audit_event(r) for r in rows[:limit])
-        return AuditLog(events=items, next_after=items[-1].position if len(rows) > limit else None)
+        events = await self.store.events_of_correlation(session_id, tenant=caller.tenant,
+                                                        after=after, limit=limit + 1)
+        items = tuple(_audit_event(e) for e in events[:limit])
+        return AuditLog(events=items, next_after=items[-1].position if len(events) > limit else None)

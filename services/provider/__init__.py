@@ -1,1 +1,2 @@
-"""The LLM-provider service: talks to model runtimes (adapters come with the LLM path)."""
+"""The LLM-provider service: executes a call against its upstreams (adapters in
+`shared.infra.upstreams`) and node targets (`nodes.py`), with retries and fallback."""

@@ -18,18 +18,19 @@
     model = "default"               # the name clients ask for
     targets = ["local/gemma-3-270m", "openai/gpt-4o-mini"]   # fallback order
 
-Every provider model is also reachable directly as "provider/model". Source:
-`NEXUS_PROVIDERS` (the TOML text) or `NEXUS_PROVIDERS_FILE` (a path); `retry` settings
-likewise. Validation names the offending field.
+Every provider model is also reachable directly as "provider/model". Source: the
+settings `NEXUS_PROVIDERS` (the TOML text) or `NEXUS_PROVIDERS_FILE` (a path); `retry`
+settings likewise. Validation names the offending field.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+
+from shared.infra.settings import Settings, env_secret
+from shared.infra.upstreams import UpstreamConfig
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Price = Annotated[float, msgspec.Meta(ge=0)]
@@ -54,8 +55,16 @@ class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     connect_timeout_s: Positive = 5.0
     models: tuple[ModelPrice, ...] = ()
 
+    def upstream(self) -> UpstreamConfig:
+        """What the adapter of this provider's wire protocol needs (not kind "node")."""
+        assert self.kind != "node", "a node target is reached over NATS, not HTTP"
+        return UpstreamConfig(name=self.name, kind=self.kind, base_url=self.base_url,
+                              api_key_env=self.api_key_env, timeout_s=self.timeout_s,
+                              connect_timeout_s=self.connect_timeout_s,
+                              max_connections=self.max_concurrency * 2)
+
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+        return env_secret(self.api_key_env) if self.api_key_env else None
 
     def __repr__(self) -> str:  # nothing secret lives here, but keep dumps short
         return f"ProviderConfig(name={self.name!r}, kind={self.kind!r}, base_url={self.base_url!r})"
@@ -129,13 +138,10 @@ targets = ["node/{model}"]
 """
 
 
-def load() -> ProvidersConfig:
-    text = os.environ.get("NEXUS_PROVIDERS")
-    path = os.environ.get("NEXUS_PROVIDERS_FILE")
-    if text:
-        return parse(text)
-    if path:
-        return parse(Path(path).read_text())
-    from shared.infra.settings import get_settings
-
-    return parse(default_text(get_settings().local_model))
+def load(settings: Settings) -> ProvidersConfig:
+    """`NEXUS_PROVIDERS` (TOML text), else `NEXUS_PROVIDERS_FILE`, else the default."""
+    if settings.providers:
+        return parse(settings.providers)
+    if settings.providers_file:
+        return parse(settings.providers_file.read_text())
+    return parse(default_text(settings.local_model))

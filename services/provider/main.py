@@ -58,7 +58,7 @@ class ProviderService:
 
 async def run(runtime: ServiceRuntime) -> None:
     runtime.install_signal_handlers()
-    config = provider_config.load()
+    config = provider_config.load(runtime.settings)
     await runtime.start(database=True)
     from shared.domain.policy import redact_kinds
 

@@ -1,6 +1,9 @@
-"""Run one completion: the route's fallback chain, retries, limits, usage and cost.
+"""Run one completion: execute the orchestrator's plan; retries, limits, usage and cost.
 
-For each target in the chain: up to `retry.max_attempts` attempts, retrying
+The plan (`CompletionRequest.targets`, made by `shared.domain.routing.plan_call`) names
+the targets to try, in order, each with its redaction and nodes; the router decides no
+route for a request that carries one (only a request without a plan, from an older
+sender, gets the configured route's whole chain). For each target in the chain: up to `retry.max_attempts` attempts, retrying
 connection errors, timeouts, 429 and 5xx with exponential backoff and jitter
 (`Retry-After` honoured); then fall back to the next target. Fallback works for
 streams too, as long as no token has reached the client; after the first token a
@@ -12,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
+
+import msgspec
 
 from shared.contracts.events import (
     LLMCallCompleted,
@@ -30,9 +34,10 @@ from shared.infra.eventstore import EventStore
 from shared.infra.metrics import LLMMetrics
 from shared.infra.tracing import tracer
 from shared.contracts.messages import ChatMessage, CompletionRequest, ModelInfo, TargetInfo, messages_text
-from shared.contracts.frames import Done, Failed, Usage
+from shared.contracts.frames import Delta, Done, Failed
 from shared.infra.streaming import ConsumerLost, StreamSender
-from services.provider.adapters import Adapter, End, Text, ToolCalls, UpstreamError, adapter_for
+from shared.infra.upstreams import Adapter, End, Text, ToolCalls, UpstreamError, adapter_for, usage_of
+from services.provider.nodes import NodeAdapter
 from services.provider.config import ModelPrice, ProvidersConfig
 
 log = logging.getLogger("nexus.provider")
@@ -74,11 +79,6 @@ class Limiter:
             self._sem.release()
 
 
-def estimate_tokens(text: str) -> int:
-    """Stated estimate when the runtime reports no usage: 1 token per 4 characters."""
-    return max(1, math.ceil(len(text) / 4)) if text else 0
-
-
 def cost_micro_usd(price: ModelPrice, input_tokens: int, output_tokens: int) -> int:
     # USD per million tokens == micro-USD per token.
     return round(input_tokens * price.input_usd_per_mtok + output_tokens * price.output_usd_per_mtok)
@@ -90,7 +90,7 @@ class Target:
     provider: str
     model: str
     price: ModelPrice
-    adapter: Adapter
+    adapter: Adapter | NodeAdapter
     limiter: Limiter
     hosted: bool
     on_node: bool = False
@@ -99,7 +99,7 @@ class Target:
 @dataclass
 class AttemptResult:
     first_token_at: float | None = None
-    end: End | None = None
+    end: End | Done | None = None  # Done: a node's, with what it measured
     sent_any: bool = False
     output: list[str] = field(default_factory=list)
 
@@ -112,7 +112,8 @@ class Router:
         self.redactor = redactor  # callable(text, kinds) -> text, for hosted targets
         self.targets: dict[str, Target] = {}
         for p in config.providers:
-            adapter = adapter_for(p, bus)
+            adapter = (NodeAdapter(p.name, bus, first_frame_timeout_s=p.connect_timeout_s)
+                       if p.kind == "node" else adapter_for(p.upstream()))
             limiter = Limiter(p.name, p.max_concurrency, p.max_queue)
             for m in p.models:
                 name = f"{p.name}/{m.name}"
@@ -145,7 +146,8 @@ class Router:
                 name=name, targets=chain,
                 target_info=tuple(TargetInfo(name=t, provider=self.targets[t].provider,
                                              model=self.targets[t].model,
-                                             hosted=self.targets[t].hosted) for t in chain),
+                                             hosted=self.targets[t].hosted,
+                                             on_node=self.targets[t].on_node) for t in chain),
                 input_usd_per_mtok=max(p.input_usd_per_mtok for p in prices),
                 output_usd_per_mtok=max(p.output_usd_per_mtok for p in prices),
                 context=min(p.context for p in prices),
@@ -199,17 +201,17 @@ class Router:
         return tuple(out)
 
     async def run(self, request: CompletionRequest, sender: StreamSender) -> Done | Failed:
-        chain = self.chain(request.model)
-        if chain is None:
-            return Failed(error="UnknownModel", detail=f"no model or route named {request.model!r}",
-                          status=404)
-        if request.targets:  # only what the session's policy allows, in the route's order
-            allowed = {t.name for t in request.targets}
-            chain = tuple(name for name in chain if name in allowed)
+        if request.targets:  # the orchestrator's plan: executed as it is, in its order
+            chain = tuple(t.name for t in request.targets if t.name in self.targets)
             if not chain:
                 return Failed(error="NoAllowedTarget", status=503,
                               detail=f"none of the targets the policy allows for "
                                      f"{request.model!r} is configured here")
+        else:  # a request without a plan (an older sender): the route's whole chain
+            chain = self.chain(request.model)
+            if chain is None:
+                return Failed(error="UnknownModel", status=404,
+                              detail=f"no model or route named {request.model!r}")
         started = time.monotonic()
         # Recorded while the upstream call starts, not before it: the completion (or
         # failure) event waits for it, so the stream's order is kept.
@@ -283,49 +285,52 @@ class Router:
                     if index + 1 < len(chain):
                         self.metrics.fallbacks.add(1, {"gen_ai.provider.name": target.provider})
                     break
-                end = result.end
-                assert end is not None
-                input_tokens = end.input_tokens
-                output_tokens = end.output_tokens
-                estimated = input_tokens is None or output_tokens is None
-                if input_tokens is None:
-                    input_tokens = estimate_tokens(messages_text(request.messages))
-                if output_tokens is None:
-                    output_tokens = estimate_tokens("".join(result.output))
-                latency_ms = (time.monotonic() - started) * 1000
-                ttft_ms = ((result.first_token_at - started) * 1000
-                           if result.first_token_at is not None else None)
-                cost = cost_micro_usd(target.price, input_tokens, output_tokens)
-                node = end.node
-                done = Done(finish_reason=end.finish_reason, node=node,
-                            usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens,
-                                        estimated=estimated),
-                            model=end.model or target.model, provider=target.provider,
-                            latency_ms=round(latency_ms, 3),
-                            ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
-                            cost_micro_usd=cost, attempts=attempts, fallbacks=tuple(fallbacks))
+                done = self._done(target, request, result, started, attempts, fallbacks)
+                usage = done.usage
                 span.set_attributes({
                     "gen_ai.response.model": done.model,
-                    "gen_ai.usage.input_tokens": input_tokens,
-                    "gen_ai.usage.output_tokens": output_tokens,
-                    "gen_ai.response.finish_reasons": (end.finish_reason,),
-                    **({"nexus.node.id": node} if node else {})})
+                    "gen_ai.usage.input_tokens": usage.input_tokens,
+                    "gen_ai.usage.output_tokens": usage.output_tokens,
+                    "gen_ai.response.finish_reasons": (done.finish_reason,),
+                    **({"nexus.node.id": done.node} if done.node else {})})
                 span.end()
                 self.metrics.completed(
-                    model=target.model, provider=target.provider, input_tokens=input_tokens,
-                    output_tokens=output_tokens, seconds=latency_ms / 1000,
-                    ttft_s=ttft_ms / 1000 if ttft_ms is not None else None, cost_usd=cost / 1e6)
+                    model=target.model, provider=target.provider, input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens, seconds=done.latency_ms / 1000,
+                    ttft_s=done.ttft_ms / 1000 if done.ttft_ms is not None else None,
+                    cost_usd=done.cost_micro_usd / 1e6)
                 await self._event(request, LLMCallCompleted(
                     call_id=request.call_id, session_id=request.session_id, model=done.model,
-                    provider=target.provider, target=name, node=node, latency_ms=done.latency_ms,
-                    ttft_ms=done.ttft_ms, input_tokens=input_tokens, output_tokens=output_tokens,
-                    usage_estimated=estimated, cost_micro_usd=cost,
-                    finish_reason=end.finish_reason, attempts=attempts))
+                    provider=target.provider, target=name, node=done.node,
+                    latency_ms=done.latency_ms, ttft_ms=done.ttft_ms,
+                    input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                    usage_estimated=usage.estimated, cost_micro_usd=done.cost_micro_usd,
+                    finish_reason=done.finish_reason, attempts=attempts))
                 return done
         # busy or rate-limited to the end (queue full, node busy, upstream 429): say so
         status = 429 if isinstance(last, Overloaded) or (last and last.status == 429) else 502
         return Failed(error=last.kind if last else "NoTarget",
                       detail="all targets failed: " + "; ".join(fallbacks), status=status)
+
+    @staticmethod
+    def _done(target: Target, request: CompletionRequest, result: AttemptResult, started: float,
+              attempts: int, fallbacks: list[str]) -> Done:
+        """The call's outcome. A node's `Done` is passed on with the usage, latency and
+        time to first token it measured; only cost, attempts and fallbacks are added."""
+        end = result.end
+        assert end is not None
+        extra = {"provider": target.provider, "attempts": attempts, "fallbacks": tuple(fallbacks)}
+        if isinstance(end, Done):
+            return msgspec.structs.replace(end, **extra, cost_micro_usd=cost_micro_usd(
+                target.price, end.usage.input_tokens, end.usage.output_tokens))
+        usage = usage_of(end, messages_text(request.messages), "".join(result.output))
+        ttft_ms = ((result.first_token_at - started) * 1000
+                   if result.first_token_at is not None else None)
+        return Done(finish_reason=end.finish_reason, usage=usage, model=end.model or target.model,
+                    latency_ms=round((time.monotonic() - started) * 1000, 3),
+                    ttft_ms=round(ttft_ms, 3) if ttft_ms is not None else None,
+                    cost_micro_usd=cost_micro_usd(target.price, usage.input_tokens,
+                                                  usage.output_tokens), **extra)
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         retry = self.config.retry
@@ -377,6 +382,9 @@ class Router:
                     result.sent_any = True
                 elif isinstance(piece, ToolCalls):
                     await sender.delta(tool_calls=piece.tool_calls)
+                    result.sent_any = True
+                elif isinstance(piece, Delta):  # a node's frame, passed on as it is
+                    await sender.delta(content=piece.content, tool_calls=piece.tool_calls)
                     result.sent_any = True
                 else:
                     result.end = piece

@@ -141,18 +141,27 @@ def messages_text(messages: tuple[ChatMessage, ...]) -> str:
 
 
 class PlannedTarget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A target the session's policy allows for one call, with what to redact for it."""
+    """One step of a call's plan (`shared.domain.routing.plan_call`): a target the
+    session's policy allows, what to redact before text leaves for it and, for a
+    node-served target, the nodes to try, best first."""
 
     name: str  # "provider/model"
     redact: tuple[str, ...] = ()  # kinds to redact before text leaves for it
+    provider: str = ""
+    model: str = ""
+    hosted: bool = True
+    nodes: tuple[str, ...] = ()  # node-served: the nodes chosen by the orchestrator
 
 
 class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`nexus.provider.complete`: one LLM call; the reply is a frame stream.
 
-    `targets`: the only targets of the route that may be tried, in order, each with its
-    redaction (the policy evaluated every target; denied ones are not listed). Empty:
-    the whole chain, `redact` applying to its hosted targets.
+    `targets`: the plan (`shared.domain.routing`): the only targets that may be tried,
+    in order, each with its redaction and nodes (the policy evaluated every target of
+    the route; denied ones are not listed). The provider executes it (attempts,
+    retries, fallback along it) and decides no route of its own. Empty (an older
+    sender): the route's whole chain, `redact` applying to its hosted targets.
+    `nodes`: the plan's nodes by runtime model, for the node adapter.
     """
 
     call_id: str
@@ -167,8 +176,8 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     redact: tuple[str, ...] = ()  # kinds to redact before text leaves for a hosted provider
-    nodes: dict[str, tuple[str, ...]] = {}  # runtime model -> nodes chosen by the orchestrator, best first
-    targets: tuple[PlannedTarget, ...] = ()  # the targets allowed to be tried; empty: all
+    nodes: dict[str, tuple[str, ...]] = {}  # runtime model -> the plan's nodes, best first
+    targets: tuple[PlannedTarget, ...] = ()  # the plan: the targets to try, in order; empty: all
 
 
 class TargetInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -178,6 +187,7 @@ class TargetInfo(msgspec.Struct, frozen=True, kw_only=True):
     provider: str
     model: str
     hosted: bool = True  # text leaves for a hosted provider (redaction applies)
+    on_node: bool = False  # served by a node daemon (the orchestrator chooses the nodes)
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):

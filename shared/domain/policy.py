@@ -43,7 +43,10 @@ Rules
   are only known once it ends, so a window can overshoot by one call's tokens. A
   limit of 0 blocks every call. `CompiledPolicy.rate_scopes` says which scopes have
   limits, so the caller counts only those. A scope whose usage is `None` does not
-  apply to the request (no API key, no session): its limits are skipped.
+  apply to the request (no API key, no session): its limits are skipped. This is
+  the only place rate limits are decided; the caller then takes the call's slot in
+  every limited scope (`calls < calls_per_minute`, all or none) in the same
+  transaction that records the allowed decision, so a denied call consumes nothing.
 - `content.deny_input` / `content.deny_output`: regular expressions in RE2 syntax
   (`google-re2`; searched anywhere in the text; `(?i)` for case-insensitive). RE2
   runs in time linear in the text whatever the pattern (no backtracking: `(a|aa)*b`

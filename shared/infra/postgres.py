@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from shared.infra.process import ChildServer, free_port, pid_alive
+from shared.infra.process import ChildServer, free_port, pid_alive, stop_pid
 from shared.infra.settings import redact_url
 
 __all__ = ["EmbeddedPostgres", "redact_url", "with_password", "without_password"]
@@ -357,12 +357,7 @@ class EmbeddedPostgres(ChildServer):
         pid = _postmaster_alive(self._cluster)
         if pid is None:
             return
-        os.kill(pid, signal.SIGINT)
-        deadline = time.monotonic() + 15
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        stop_pid(pid, 15, signal.SIGINT)
 
     def command(self) -> list[str]:
         return [

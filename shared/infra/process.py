@@ -1,14 +1,17 @@
-"""A server running as a child process that we own."""
+"""Child processes that we own: started one way (`spawn`), stopped one way
+(`stop_process`: a signal, a bounded wait, then SIGKILL), restarted with one backoff
+(`restart_delay`); `ChildServer` is an embedded server built on them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO
 
 
 try:  # loaded here, in the parent: after fork (and setuid) the child may not read our files
@@ -44,6 +47,67 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
+def spawn(command: Sequence[str], log_path: Path, **popen: object) -> subprocess.Popen[bytes]:
+    """Start `command` as our child: stdout and stderr appended to `log_path`, no stdin,
+    its own session (Ctrl-C on the terminal reaches only us), SIGTERM when we die.
+    `popen` adds to (or overrides) those `subprocess.Popen` arguments."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    options: dict = {"stdin": subprocess.DEVNULL, "start_new_session": True,
+                     "preexec_fn": die_with_parent, **popen}
+    with open(log_path, "ab") as log:  # the child has its own copy of the descriptor
+        return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, **options)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen | None], timeout: float = 10.0,
+                   sig: int = signal.SIGTERM) -> list[subprocess.Popen]:
+    """Stop children together: `sig` to each that runs, then wait for them up to
+    `timeout` in all, then SIGKILL (and reap) the rest. Returns the ones killed."""
+    procs = [p for p in procs if p is not None]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    deadline = time.monotonic() + timeout
+    killed = []
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            killed.append(proc)
+    return killed
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0,
+                 sig: int = signal.SIGTERM) -> bool:
+    """`sig`, wait up to `timeout`, then SIGKILL. True when it stopped by itself."""
+    return not stop_processes([proc], timeout, sig)
+
+
+def kill_process(proc: subprocess.Popen | None) -> None:
+    """SIGKILL and reap, as a crash would: no cleanup."""
+    stop_process(proc, 0, signal.SIGKILL)
+
+
+def stop_pid(pid: int, timeout: float = 10.0, sig: int = signal.SIGTERM) -> bool:
+    """`stop_process` for a process that is not our child (known by its pid only)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not pid_alive(pid):
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return False
+
+
+def restart_delay(restarts: int, first_s: float, max_s: float = 30.0) -> float:
+    """Backoff before restart number `restarts + 1`: first_s, doubling, at most max_s."""
+    return min(max_s, first_s * 2 ** min(restarts, 30))
+
+
 class ServerStartError(RuntimeError):
     """A child server did not come up; the message carries the tail of its log."""
 
@@ -58,7 +122,6 @@ class ChildServer:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     # -- to implement -------------------------------------------------------------
     def command(self) -> list[str]:
@@ -88,16 +151,7 @@ class ChildServer:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.prepare()
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C on the terminal reaches the supervisor, not us
-            preexec_fn=die_with_parent,
-            **self.popen_kwargs(),
-        )
+        self.proc = spawn(self.command(), self.log_path, **self.popen_kwargs())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -118,35 +172,18 @@ class ChildServer:
         return True
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Graceful stop (SIGTERM, then SIGKILL after `timeout`)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(self.stop_signal)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._close()
+        """Graceful stop (`stop_signal`, then SIGKILL after `timeout`)."""
+        stop_process(self.proc, timeout, self.stop_signal)
 
     stop_signal = signal.SIGTERM
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: no cleanup, stale files stay behind."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._close()
+        kill_process(self.proc)
 
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    def _close(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -21,6 +21,7 @@ from shared.infra.eventstore.store import EventStore, create_pool
 from shared.infra.logs import setup_logging
 from shared.contracts.messages import Ping, Pong
 from shared.infra.messaging import Bus
+from shared.infra.metrics import nats_reconnects
 from shared.infra.settings import Settings
 from shared.infra.tracing import setup_tracing, shutdown_tracing
 
@@ -83,10 +84,7 @@ class ServiceRuntime:
             self.store = EventStore(self.pool)
         subject, queue = PING_SUBJECTS[self.service]
         await self.bus.subscribe(subject, Ping, self._on_ping, queue=queue)
-        if self.service != "orchestrator":  # the orchestrator registers its gauges itself
-            from shared.infra.metrics import nats_reconnects
-
-            nats_reconnects(lambda: self.bus.reconnects if self.bus else 0)
+        nats_reconnects(lambda: self.bus.reconnects if self.bus else 0)
         log.info("service started", extra={"instance_id": self.settings.instance_id})
 
     async def _on_ping(self, ping: Ping, msg: Msg) -> Pong:

@@ -1,8 +1,11 @@
 """Settings, declared once and read from the environment.
 
-Every knob Nexus has is a field here with its environment variable and a docstring;
-README.md's configuration table is generated from the same names. Services call
-`get_settings()` (cached) and never read `os.environ` themselves.
+Every knob Nexus has is one `setting(...)` below: its environment variable, its default,
+how its text is parsed, whether it is a secret, and the line README.md shows for it.
+`Settings.from_env()` reads every declaration the same way, the redacting `repr` hides
+every secret, and README.md's configuration table is generated from the declarations
+(`nexus docs settings`; tests/test_docs.py fails with the diff when they drift).
+Services call `get_settings()` (cached) and never read `os.environ` themselves.
 """
 
 from __future__ import annotations
@@ -11,225 +14,238 @@ import dataclasses
 import functools
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
+@dataclass(frozen=True)
+class Setting:
+    """How one field of `Settings` comes from the environment and how it is documented."""
+
+    env: str
+    doc: str
+    parse: Callable[[str], Any] = str
+    secret: bool = False
+    shown_default: str | None = None  # README's "(default X)"; None: no default shown
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = _env(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from exc
+def setting(env: str, default: Any = None, *, doc: str, parse: Callable[[str], Any] | None = None,
+            factory: Callable[[], Any] | None = None, secret: bool = False,
+            shown: str | None = None) -> Any:
+    """Declare a field of `Settings`: `env` read by `from_env`, parsed with `parse` (by
+    default the type of `default`: int, float, Path or str), `default` (or `factory`)
+    when unset or empty. README shows `(default X)` from `shown`, or from `default` when
+    it is not None."""
+    if parse is None:
+        parse = type(default) if isinstance(default, (int, float, Path)) else str
+    if shown is None and default is not None and factory is None:
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+    meta = {"setting": Setting(env, doc, parse, secret, shown or None)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = _env(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not a number") from exc
-
-
-def _parse_labels(raw: str) -> dict[str, str]:
+def parse_labels(raw: str) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"NEXUS_NODE_LABELS item {item!r} is not key=value")
+            raise ValueError(f"item {item!r} is not key=value")
         labels[key.strip()] = value.strip()
     return labels
 
 
+_KIND = {int: "an integer", float: "a number"}
+
+
 @dataclass(frozen=True)
 class Settings:
-    nats_url: str | None = None
-    """NATS_URL: an external NATS server (with JetStream). Unset: `nexus up` starts one."""
-
-    database_url: str | None = None
-    """DATABASE_URL: an external Postgres. Unset: `nexus up` starts an embedded one."""
-
-    data_dir: Path = Path(".nexus")
-    """NEXUS_DATA_DIR: where embedded NATS/Postgres keep their data and logs."""
-
-    nats_port: int = 4222
-    """NEXUS_NATS_PORT: port of the embedded NATS server."""
-
-    nats_monitor_port: int = 8222
-    """NEXUS_NATS_MONITOR_PORT: HTTP monitoring port of the embedded NATS server."""
-
-    pg_port: int = 55432
-    """NEXUS_PG_PORT: port of the embedded Postgres (not 5432, to leave a system one alone)."""
-
-    http_host: str = "127.0.0.1"
-    """NEXUS_HTTP_HOST: interface the orchestrator's HTTP API binds to."""
-
-    http_port: int = 8080
-    """NEXUS_HTTP_PORT: port of the orchestrator's HTTP API."""
-
-    instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
-    """NEXUS_INSTANCE_ID: this process's id in traces, logs and pongs."""
-
-    log_level: str = "INFO"
-    """NEXUS_LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
-
-    request_timeout_s: float = 5.0
-    """NEXUS_REQUEST_TIMEOUT_S: default timeout of NATS request/reply calls."""
-
-    projection_poll_s: float = 1.0
-    """NEXUS_PROJECTION_POLL_S: safety-net poll of projection runners (LISTEN/NOTIFY wakes them first)."""
-
-    projection_batch_size: int = 500
-    """NEXUS_PROJECTION_BATCH_SIZE: events a projection applies per transaction."""
-
-    max_body_bytes: int = 1_048_576
-    """NEXUS_MAX_BODY_BYTES: largest HTTP request body accepted (413 above it)."""
-
-    db_pool_size: int = 10
-    """NEXUS_DB_POOL_SIZE: asyncpg pool size per process."""
-
-    reservation_ttl_s: float = 600.0
-    """NEXUS_RESERVATION_TTL_S: a budget reservation whose call never settles is released after this."""
-
-    budget_sweep_s: float = 5.0
-    """NEXUS_BUDGET_SWEEP_S: how often the orchestrator looks for expired reservations."""
-
-    budget_cache_size: int = 10_000
-    """NEXUS_BUDGET_CACHE_SIZE: budget states an orchestrator keeps in memory (least recently used out; reloaded from the events)."""
-
-    idempotency_wait_s: float = 10.0
-    """NEXUS_IDEMPOTENCY_WAIT_S: how long a retry waits for the first request with its Idempotency-Key to finish, then a 409 with Retry-After."""
-
-    admin_key: str | None = None
-    """NEXUS_ADMIN_KEY: the bootstrap platform-admin API key (`nexus up` generates one if unset)."""
-
-    api_key: str | None = None
-    """NEXUS_API_KEY: the key `nexus` CLI commands send to the API (default: the admin key)."""
-
-    nats_user: str | None = None
-    """NEXUS_NATS_USER: NATS user of this process (unset: connect without credentials)."""
-
-    nats_password: str | None = None
-    """NEXUS_NATS_PASSWORD: its password (never logged)."""
-
-    node_data_dir: Path | None = None
-    """NEXUS_NODE_DATA_DIR: where a node keeps its stable id (default `<NEXUS_DATA_DIR>/node`)."""
-
-    node_labels: dict[str, str] = field(default_factory=dict)
-    """NEXUS_NODE_LABELS: labels of this node, `key=value,key=value`."""
-
-    heartbeat_interval_s: float = 2.0
-    """NEXUS_HEARTBEAT_INTERVAL_S: how often a node reports its load."""
-
-    node_offline_after_s: float = 6.0
-    """NEXUS_NODE_OFFLINE_AFTER_S: silence after which the orchestrator marks a node offline."""
-
-    node_drain_timeout_s: float = 10.0
-    """NEXUS_NODE_DRAIN_TIMEOUT_S: how long a stopping node waits for in-flight work."""
-
-    cache_dir: Path = Path.home() / ".cache" / "nexus"
-    """NEXUS_CACHE_DIR: where the built llama-server and the model are kept (per machine)."""
-
-    runtime_url: str | None = None
-    """NEXUS_RUNTIME_URL: the OpenAI-compatible runtime a node fronts (e.g. http://host:8080/v1)."""
-
-    runtime: str = "llama"
-    """NEXUS_RUNTIME: with no NEXUS_RUNTIME_URL, `llama` (start llama-server) or `none`."""
-
-    runtime_model: str | None = None
-    """NEXUS_RUNTIME_MODEL: the model name the runtime serves (default: what it reports)."""
-
-    local_model: str = "smollm2-135m-instruct"
-    """NEXUS_LOCAL_MODEL: the bundled model a node's own llama-server serves: `smollm2-135m-instruct` (default) or `gemma-3-270m` (a base model)."""
-
-    llama_server_bin: Path | None = None
-    """NEXUS_LLAMA_SERVER_BIN: the llama-server binary a node starts (unset: the one built once per machine)."""
-
-    runtime_max_restarts: int = 5
-    """NEXUS_RUNTIME_MAX_RESTARTS: restarts of a crashing llama-server before the node reports it failed and stops."""
-
-    runtime_restart_backoff_s: float = 1.0
-    """NEXUS_RUNTIME_RESTART_BACKOFF_S: delay before the first restart; it doubles each time, up to 30s."""
-
-    node_max_concurrency: int = 4
-    """NEXUS_NODE_MAX_CONCURRENCY: inference requests a node runs at once."""
-
-    node_max_queue: int = 32
-    """NEXUS_NODE_MAX_QUEUE: requests a node lets wait beyond that; then it answers busy (429)."""
-
-    node_selection: str = "least_loaded"
-    """NEXUS_NODE_SELECTION: round_robin, least_loaded or power_of_two."""
+    nats_url: str | None = setting(
+        "NATS_URL", doc="an external NATS server (with JetStream). Unset: `nexus up` starts one.")
+    database_url: str | None = setting(
+        "DATABASE_URL", secret=True,  # its password is redacted, the rest shown
+        doc="an external Postgres. Unset: `nexus up` starts an embedded one "
+            "(password in `.nexus/postgres/password`).")
+    data_dir: Path = setting(
+        "NEXUS_DATA_DIR", Path(".nexus"), shown="`.nexus`",
+        doc="where embedded NATS/Postgres keep their data and logs.")
+    nats_port: int = setting("NEXUS_NATS_PORT", 4222, doc="port of the embedded NATS server.")
+    nats_monitor_port: int = setting(
+        "NEXUS_NATS_MONITOR_PORT", 8222, doc="HTTP monitoring port of the embedded NATS server.")
+    pg_port: int = setting(
+        "NEXUS_PG_PORT", 55432, shown="55432, to leave a system one alone",
+        doc="port of the embedded Postgres.")
+    http_host: str = setting(
+        "NEXUS_HTTP_HOST", "127.0.0.1", doc="interface the orchestrator's HTTP API binds to.")
+    http_port: int = setting("NEXUS_HTTP_PORT", 8080, doc="port of the orchestrator's HTTP API.")
+    instance_id: str = setting(
+        "NEXUS_INSTANCE_ID", factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        shown="host-pid", doc="this process's id in traces, logs and pongs.")
+    log_level: str = setting(
+        "NEXUS_LOG_LEVEL", "INFO", parse=str.upper, doc="DEBUG, INFO, WARNING or ERROR.")
+    request_timeout_s: float = setting(
+        "NEXUS_REQUEST_TIMEOUT_S", 5.0,
+        doc="default timeout of NATS request/reply calls.")
+    projection_poll_s: float = setting(
+        "NEXUS_PROJECTION_POLL_S", 1.0,
+        doc="safety-net poll of projection runners; LISTEN/NOTIFY wakes them first.")
+    projection_batch_size: int = setting(
+        "NEXUS_PROJECTION_BATCH_SIZE", 500, doc="events a projection applies per transaction.")
+    max_body_bytes: int = setting(
+        "NEXUS_MAX_BODY_BYTES", 1_048_576, shown="1 MiB",
+        doc="largest HTTP request body accepted, 413 above it.")
+    db_pool_size: int = setting("NEXUS_DB_POOL_SIZE", 10, doc="asyncpg pool size per process.")
+    reservation_ttl_s: float = setting(
+        "NEXUS_RESERVATION_TTL_S", 600.0,
+        doc="a budget reservation whose call never settles is released after this.")
+    budget_sweep_s: float = setting(
+        "NEXUS_BUDGET_SWEEP_S", 5.0,
+        doc="how often the orchestrator looks for expired reservations.")
+    budget_cache_size: int = setting(
+        "NEXUS_BUDGET_CACHE_SIZE", 10_000,
+        doc="budget states an orchestrator keeps in memory, least recently used out, "
+            "reloaded from the events.")
+    idempotency_wait_s: float = setting(
+        "NEXUS_IDEMPOTENCY_WAIT_S", 10.0,
+        doc="how long a retry waits for the first request with its `Idempotency-Key` to "
+            "finish before a 409 with `Retry-After`.")
+    admin_key: str | None = setting(
+        "NEXUS_ADMIN_KEY", secret=True,
+        doc="the bootstrap platform-admin API key (`nexus up` generates one if unset; only "
+            "the orchestrator gets it).")
+    api_key: str | None = setting(
+        "NEXUS_API_KEY", secret=True,
+        doc="the key `nexus` CLI commands send to the API (default: the admin key).")
+    providers: str | None = setting(
+        "NEXUS_PROVIDERS",
+        doc="provider, model and route configuration, as TOML text (format in "
+            "`services/provider/config.py`); unset: `NEXUS_PROVIDERS_FILE`.")
+    providers_file: Path | None = setting(
+        "NEXUS_PROVIDERS_FILE", parse=Path,
+        doc="the same as a file; neither set: the model `default` routed to the nodes' "
+            "local model.")
+    nats_user: str | None = setting(
+        "NEXUS_NATS_USER",
+        doc="NATS user of this process (unset: connect without credentials; `nexus up` sets it).")
+    nats_password: str | None = setting(
+        "NEXUS_NATS_PASSWORD", secret=True, doc="its password (never logged).")
+    node_data_dir: Path | None = setting(
+        "NEXUS_NODE_DATA_DIR", parse=Path, shown="`<NEXUS_DATA_DIR>/node`",
+        doc="where a node keeps its stable id.")
+    node_labels: dict[str, str] = setting(
+        "NEXUS_NODE_LABELS", factory=dict, parse=parse_labels,
+        doc="labels of this node, `key=value,key=value`.")
+    heartbeat_interval_s: float = setting(
+        "NEXUS_HEARTBEAT_INTERVAL_S", 2.0, doc="how often a node reports its load.")
+    node_offline_after_s: float = setting(
+        "NEXUS_NODE_OFFLINE_AFTER_S", 6.0,
+        doc="silence after which the orchestrator marks a node offline.")
+    node_drain_timeout_s: float = setting(
+        "NEXUS_NODE_DRAIN_TIMEOUT_S", 10.0,
+        doc="how long a stopping node waits for in-flight work.")
+    runtime_url: str | None = setting(
+        "NEXUS_RUNTIME_URL",
+        doc="the OpenAI-compatible runtime a node fronts (e.g. `http://host:8080/v1`); "
+            "unset: see `NEXUS_RUNTIME`.")
+    runtime: str = setting(
+        "NEXUS_RUNTIME", "llama", shown="",
+        doc="with no `NEXUS_RUNTIME_URL`: `llama` (the node starts and supervises "
+            "llama-server with the bundled model, default) or `none`.")
+    local_model: str = setting(
+        "NEXUS_LOCAL_MODEL", "smollm2-135m-instruct", shown="",
+        doc="the bundled model that llama-server serves: `smollm2-135m-instruct` (default) "
+            "or `gemma-3-270m` (a base model).")
+    runtime_model: str | None = setting(
+        "NEXUS_RUNTIME_MODEL",
+        doc="the model name a configured runtime serves (default: what it reports).")
+    llama_server_bin: Path | None = setting(
+        "NEXUS_LLAMA_SERVER_BIN", parse=Path,
+        doc="the llama-server binary a node starts (unset: the one built once per machine).")
+    runtime_max_restarts: int = setting(
+        "NEXUS_RUNTIME_MAX_RESTARTS", 5,
+        doc="restarts of a crashing llama-server before the node reports it `failed` and "
+            "stops restarting it.")
+    runtime_restart_backoff_s: float = setting(
+        "NEXUS_RUNTIME_RESTART_BACKOFF_S", 1.0,
+        doc="delay before the first restart; it doubles each time, up to 30 s.")
+    cache_dir: Path = setting(
+        "NEXUS_CACHE_DIR", factory=lambda: Path.home() / ".cache" / "nexus", parse=Path,
+        shown="`~/.cache/nexus`", doc="where the built llama-server and the model are kept.")
+    node_max_concurrency: int = setting(
+        "NEXUS_NODE_MAX_CONCURRENCY", 4, doc="inference requests a node runs at once.")
+    node_max_queue: int = setting(
+        "NEXUS_NODE_MAX_QUEUE", 32,
+        doc="requests a node lets wait beyond that, then answers busy (429) and the next "
+            "node is tried.")
+    node_selection: str = setting(
+        "NEXUS_NODE_SELECTION", "least_loaded", shown="",
+        doc="`round_robin`, `least_loaded` (default) or `power_of_two`.")
 
     @classmethod
-    def from_env(cls) -> Settings:
-        return cls(
-            nats_url=_env("NATS_URL"),
-            database_url=_env("DATABASE_URL"),
-            data_dir=Path(_env("NEXUS_DATA_DIR", ".nexus")),
-            nats_port=_env_int("NEXUS_NATS_PORT", 4222),
-            nats_monitor_port=_env_int("NEXUS_NATS_MONITOR_PORT", 8222),
-            pg_port=_env_int("NEXUS_PG_PORT", 55432),
-            http_host=_env("NEXUS_HTTP_HOST", "127.0.0.1"),
-            http_port=_env_int("NEXUS_HTTP_PORT", 8080),
-            instance_id=_env("NEXUS_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}",
-            log_level=(_env("NEXUS_LOG_LEVEL", "INFO") or "INFO").upper(),
-            request_timeout_s=_env_float("NEXUS_REQUEST_TIMEOUT_S", 5.0),
-            projection_poll_s=_env_float("NEXUS_PROJECTION_POLL_S", 1.0),
-            projection_batch_size=_env_int("NEXUS_PROJECTION_BATCH_SIZE", 500),
-            max_body_bytes=_env_int("NEXUS_MAX_BODY_BYTES", 1_048_576),
-            db_pool_size=_env_int("NEXUS_DB_POOL_SIZE", 10),
-            reservation_ttl_s=_env_float("NEXUS_RESERVATION_TTL_S", 600.0),
-            budget_sweep_s=_env_float("NEXUS_BUDGET_SWEEP_S", 5.0),
-            budget_cache_size=_env_int("NEXUS_BUDGET_CACHE_SIZE", 10_000),
-            idempotency_wait_s=_env_float("NEXUS_IDEMPOTENCY_WAIT_S", 10.0),
-            admin_key=_env("NEXUS_ADMIN_KEY"),
-            api_key=_env("NEXUS_API_KEY"),
-            nats_user=_env("NEXUS_NATS_USER"),
-            nats_password=_env("NEXUS_NATS_PASSWORD"),
-            node_data_dir=Path(d) if (d := _env("NEXUS_NODE_DATA_DIR")) else None,
-            node_labels=_parse_labels(_env("NEXUS_NODE_LABELS", "") or ""),
-            heartbeat_interval_s=_env_float("NEXUS_HEARTBEAT_INTERVAL_S", 2.0),
-            node_offline_after_s=_env_float("NEXUS_NODE_OFFLINE_AFTER_S", 6.0),
-            node_drain_timeout_s=_env_float("NEXUS_NODE_DRAIN_TIMEOUT_S", 10.0),
-            cache_dir=Path(_env("NEXUS_CACHE_DIR") or Path.home() / ".cache" / "nexus"),
-            runtime_url=_env("NEXUS_RUNTIME_URL"),
-            runtime=_env("NEXUS_RUNTIME", "llama") or "llama",
-            runtime_model=_env("NEXUS_RUNTIME_MODEL"),
-            local_model=_env("NEXUS_LOCAL_MODEL", "smollm2-135m-instruct") or "smollm2-135m-instruct",
-            llama_server_bin=Path(b) if (b := _env("NEXUS_LLAMA_SERVER_BIN")) else None,
-            runtime_max_restarts=_env_int("NEXUS_RUNTIME_MAX_RESTARTS", 5),
-            runtime_restart_backoff_s=_env_float("NEXUS_RUNTIME_RESTART_BACKOFF_S", 1.0),
-            node_max_concurrency=_env_int("NEXUS_NODE_MAX_CONCURRENCY", 4),
-            node_max_queue=_env_int("NEXUS_NODE_MAX_QUEUE", 32),
-            node_selection=_env("NEXUS_NODE_SELECTION", "least_loaded") or "least_loaded",
-        )
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Every declared setting from `environ` (default `os.environ`); unset or empty
+        keeps the default. A value its parser rejects names the variable."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f, decl in declarations():
+            raw = environ.get(decl.env)
+            if raw in (None, ""):
+                continue
+            try:
+                values[f.name] = decl.parse(raw)
+            except ValueError as exc:
+                what = _KIND.get(decl.parse)
+                detail = f"is not {what}" if what else f"is invalid: {exc}"
+                raise ValueError(f"environment variable {decl.env}={raw!r} {detail}") from None
+        return cls(**values)
 
     @property
     def node_dir(self) -> Path:
         return self.node_data_dir or self.data_dir / "node"
 
     def __repr__(self) -> str:  # never print secrets
-        hidden = {"admin_key", "api_key", "nats_password"}
-        fields = ", ".join(
-            f"{f.name}={'***' if f.name in hidden and getattr(self, f.name) else getattr(self, f.name)!r}"
-            if f.name != "database_url" or not self.database_url
-            else f"database_url={redact_url(self.database_url)!r}"
-            for f in dataclasses.fields(self)
-        )
-        return f"Settings({fields})"
+        shown = []
+        for f, decl in declarations():
+            value = getattr(self, f.name)
+            if decl.secret and value:
+                value = redact_url(value) if "://" in value else "***"
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)
 
+
+def declarations() -> list[tuple[dataclasses.Field, Setting]]:
+    """Each field of `Settings` with its declaration, in declaration order."""
+    return [(f, f.metadata["setting"]) for f in dataclasses.fields(Settings)]
+
+
+# Variables read by libraries, not by Nexus: documented with the settings.
+LIBRARY_VARIABLES = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "send traces and metrics over OTLP/HTTP there (the "
+                                   "OpenTelemetry SDK's own variables apply).",
+}
+
+
+def settings_table() -> str:
+    """README.md's configuration table (markdown), generated from the declarations."""
+    rows = ["| variable | meaning |", "| --- | --- |"]
+    for _, decl in declarations():
+        default = f" (default {decl.shown_default})" if decl.shown_default else ""
+        doc = decl.doc[:-1] + default + "." if default and decl.doc.endswith(".") else decl.doc + default
+        rows.append(f"| `{decl.env}` | {doc} |")
+    rows += [f"| `{name}` | {doc} |" for name, doc in LIBRARY_VARIABLES.items()]
+    return "\n".join(rows) + "\n"
+
+
+def env_secret(name: str) -> str | None:
+    """A secret whose variable's *name* is configuration (a provider's `api_key_env`):
+    the one other place the environment is read."""
+    return os.environ.get(name) or None
 
 
 def redact_url(url: str) -> str:

@@ -5,6 +5,7 @@ from shared.infra.eventstore.store import (
     AppendResult,
     EventIdConflict,
     EventStore,
+    StoredEvent,
     WrongExpectedVersion,
 )
 
@@ -14,5 +15,6 @@ __all__ = [
     "EventStore",
     "Projection",
     "ProjectionRunner",
+    "StoredEvent",
     "WrongExpectedVersion",
 ]

@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -60,6 +61,27 @@ class AppendResult(msgspec.Struct, frozen=True):
     last_position: int
     next_expected_version: int
     duplicate: bool = False
+
+
+class StoredEvent(msgspec.Struct, frozen=True):
+    """An event as stored, its data plain JSON (not decoded into its type): audit logs."""
+
+    position: int
+    type: str
+    stream_id: str
+    data: Any
+    trace_id: str | None
+    recorded_at: datetime
+
+
+_STORED = ("SELECT position, type, stream_id, data::text AS data,"
+           " metadata ->> 'trace_id' AS trace_id, recorded_at FROM events")
+
+
+def _to_stored(row: asyncpg.Record) -> StoredEvent:
+    return StoredEvent(position=row["position"], type=row["type"], stream_id=row["stream_id"],
+                       data=msgspec.json.decode(row["data"]), trace_id=row["trace_id"],
+                       recorded_at=row["recorded_at"])
 
 
 _SELECT = (
@@ -169,13 +191,19 @@ class EventStore:
         self, appends: Sequence[tuple[str, Sequence[Event], int | None]
                                 | tuple[str, Sequence[Event], int | None, Sequence[uuid.UUID] | None]],
         metadata: Metadata | None = None,
+        before: Any = None,
     ) -> list[AppendResult]:
         """Append to several streams in one transaction: all or nothing.
 
         Each item is `(stream_id, events, expected_version[, event_ids])`. Raises the
         first `WrongExpectedVersion` / `EventIdConflict` (then nothing is written).
+        `before(conn)`, if given, runs first in the same transaction (a write that must
+        commit with these events or not at all, e.g. taking rate-limit slots); what it
+        raises rolls everything back and propagates.
         """
         async with self.pool.acquire() as conn, conn.transaction():
+            if before is not None:
+                await before(conn)
             results = []
             for item in appends:
                 stream_id, events, expected = item[0], item[1], item[2]
@@ -267,6 +295,39 @@ class EventStore:
     async def head(self, conn: asyncpg.Connection | None = None) -> int:
         """The last committed global position (0 for an empty store)."""
         return await (conn or self.pool).fetchval("SELECT coalesce(max(position), 0) FROM events")
+
+    async def stream_head(self, stream_id: str) -> int | None:
+        """The global position of a stream's last event; None when the stream is empty."""
+        return await self.pool.fetchval(
+            "SELECT max(position) FROM events WHERE stream_id = $1", stream_id)
+
+    async def position_at(self, moment: datetime) -> int:
+        """The last position recorded at or before `moment` (0 before the first event)."""
+        return await self.pool.fetchval(
+            "SELECT coalesce(max(position), 0) FROM events WHERE recorded_at <= $1", moment)
+
+    async def events_of_trace(self, trace_id: str, *, tenant: str | None,
+                              limit: int) -> list[StoredEvent]:
+        """Every event a trace appended (of `tenant`; of every tenant when None), in order."""
+        rows = await self.pool.fetch(
+            f"{_STORED} WHERE metadata ->> 'trace_id' = $1"
+            " AND ($2::text IS NULL OR metadata ->> 'tenant' = $2) ORDER BY position LIMIT $3",
+            trace_id, tenant, limit)
+        return [_to_stored(r) for r in rows]
+
+    async def events_of_correlation(self, correlation_id: str, *, tenant: str, after: int,
+                                    limit: int) -> list[StoredEvent]:
+        """The events correlated with `correlation_id` (a session: its audit log) of
+        `tenant`, after global position `after`, in order, at most `limit`."""
+        rows = await self.pool.fetch(
+            f"{_STORED} WHERE metadata ->> 'correlation_id' = $1"
+            " AND metadata ->> 'tenant' = $2 AND position > $3 ORDER BY position LIMIT $4",
+            correlation_id, tenant, after, limit)
+        return [_to_stored(r) for r in rows]
+
+    async def ping(self) -> bool:
+        """Whether the database answers (the health check)."""
+        return await self.pool.fetchval("SELECT 1") == 1
 
     async def follow(self, after: int = 0, *, poll_s: float = 1.0, batch: int = 500,
                      types: Sequence[str] | None = None) -> AsyncIterator[RecordedEvent]:

@@ -1,0 +1,505 @@
+"""One LLM call as the orchestrator runs it: the call lifecycle, a use case.
+
+`CallLifecycle.open(caller, CallInput)` takes a typed call (whatever endpoint it came
+from: `/v1/chat/completions`, a session message, next the agent runner) through
+
+    session -> model -> policy decision -> admission -> plan -> provider
+
+and raises domain errors (`shared.contracts.errors`) for what it refuses; the HTTP edge
+maps them to problem+json in one place (`problems.py`).
+
+- The **policy decision** (`CompiledPolicy.evaluate_chat`: models and providers on
+  every target of the route, max tokens, tools, content, rate limits on the current
+  window's usage) is recorded as `PolicyEvaluated`.
+- **Admission** is one Postgres transaction: the decision's event, the budget
+  reservations (`BudgetReserved` on every budget the call is charged to) and the
+  call's rate-limit slots (`RateCounter.take`, every scope or none). A call denied for
+  any reason (policy, budget, a slot taken meanwhile by another process) consumes no
+  slot and reserves nothing.
+- The **plan** (`shared.domain.routing.plan_call`): the allowed targets, in order, with
+  their redaction and nodes; the provider executes it.
+- **Execution** streams frames from a provider over NATS; however the stream ends, the
+  actual cost is committed (or the reservation released), tokens are counted and the
+  conversation appended (`MessageAppended`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from shared.contracts import subjects
+from shared.contracts.errors import (
+    BudgetDenied,
+    CallFailed,
+    InvalidRequest,
+    NexusError,
+    PolicyDenied,
+    ProviderUnavailable,
+    SessionClosed,
+    UnknownModel,
+)
+from shared.contracts.events import (
+    DroppedTarget,
+    MessageAppended,
+    Metadata,
+    PolicyEvaluated,
+    conversation_stream,
+    llmcall_stream,
+)
+from shared.contracts.frames import Delta, Done, Failed
+from shared.contracts.messages import (
+    ChatMessage,
+    CompletionRequest,
+    ModelInfo,
+    ModelsReply,
+    ModelsRequest,
+    messages_text,
+)
+from shared.domain.budget import CANCELLED, FAILED, prompt_token_bound
+from shared.domain.policy import ChatRequestFacts, CompiledPolicy, Decision, redact_kinds
+from shared.domain.routing import Fleet, Plan, plan_call, route_of
+from shared.infra.eventstore import EventStore
+from shared.infra.messaging import Bus, MessagingError
+from shared.infra.metrics import ControlMetrics
+from shared.infra.streaming import StreamReceiver
+from services.orchestrator.budget_manager import BudgetManager, Charge
+from services.orchestrator.keys import Caller
+from services.orchestrator.policies import PolicyService
+from services.orchestrator.ratelimits import RateCounter, RateLimited
+from services.orchestrator.read_models.messages import MessagesReadModel
+from services.orchestrator.schemas import SessionCreate, SessionView
+from services.orchestrator.sessions import SessionService
+
+log = logging.getLogger("nexus.orchestrator.calls")
+
+DEFAULT_MAX_TOKENS = 1024
+MODELS_TTL_S = 10.0
+# A policy scans a text longer than this in a worker thread: RE2 releases the GIL while
+# it scans, so a large input never holds up the event loop (and every other request).
+SCAN_OFF_LOOP_CHARS = 32_768
+_scanner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="policy-scan")
+
+Frame = Delta | Done | Failed
+
+
+async def policy_scan(policy: CompiledPolicy, text: str, evaluate, *args):
+    """`evaluate(*args)`, which scans `text`; off the event loop when that is long."""
+    if policy.has_content_rules and len(text) > SCAN_OFF_LOOP_CHARS:
+        return await asyncio.get_running_loop().run_in_executor(
+            _scanner, functools.partial(evaluate, *args))
+    return evaluate(*args)
+
+
+def estimate_prompt_tokens(messages: tuple[ChatMessage, ...]) -> int:
+    """A typical count (1 token per 4 characters, plus 4 per message), for the context
+    check and the default `max_tokens` only; budgets reserve `reserved_prompt_tokens`."""
+    return math.ceil(sum(len(m.text) for m in messages) / 4) + 4 * len(messages)
+
+
+def reserved_prompt_tokens(messages: tuple[ChatMessage, ...], tools: list[dict] | None,
+                           redact: tuple[str, ...]) -> int:
+    """The prompt tokens a reservation covers: `prompt_token_bound` of the messages as
+    sent, i.e. also after redaction (a placeholder can be longer than what it replaces)."""
+    bound = prompt_token_bound(messages, tools)
+    if redact:
+        redacted = tuple(msgspec.structs.replace(m, content=redact_kinds(m.content, redact))
+                         if isinstance(m.content, str) else m for m in messages)
+        bound = max(bound, prompt_token_bound(redacted, tools))
+    return bound
+
+
+class CallInput(msgspec.Struct, frozen=True, kw_only=True):
+    """One LLM call as a client asks for it, whatever the endpoint.
+
+    `session_id`: the session it belongs to; None: the caller key's default session.
+    `with_history`: the session's conversation goes before `messages`. The user text
+    recorded in the conversation is that of the last user message (else the last one).
+    """
+
+    session_id: str | None
+    model: str
+    messages: tuple[ChatMessage, ...]
+    with_history: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+
+    @property
+    def user_text(self) -> str:
+        last = next((m for m in reversed(self.messages) if m.role == "user"), self.messages[-1])
+        return last.text
+
+
+@dataclass
+class Call:
+    """An admitted call: its request (with the plan) and what settling it needs."""
+
+    call_id: str
+    caller: Caller
+    session: SessionView
+    model: ModelInfo
+    request: CompletionRequest
+    charge: Charge
+    metadata: Metadata
+    new_user_text: str
+    rate_subjects: dict[str, str]
+    policy: CompiledPolicy | None
+    policy_label: str | None
+    plan: Plan
+    output: list[str] = field(default_factory=list)
+    output_denied: bool = False
+
+
+def failure_error(failed: Failed) -> NexusError:
+    """The domain error of a call that ended without an answer."""
+    if failed.error == "PolicyDenied":
+        return PolicyDenied(failed.rule or "content.output.deny", failed.detail)
+    return CallFailed(failed.error, f"{failed.error}: {failed.detail}", failed.status)
+
+
+class OpenCall:
+    """A call whose first frame has arrived (so it did not fail before its first token):
+    the remaining frames, passed through, remembering how the call ended."""
+
+    def __init__(self, call: Call, frames: AsyncIterator[Frame], first: Frame) -> None:
+        self.call = call
+        self.first = first
+        self._frames = frames
+        self.last: Frame = first
+
+    @property
+    def call_id(self) -> str:
+        return self.call.call_id
+
+    @property
+    def session_id(self) -> str:
+        return self.call.session.session_id
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """Every frame, the first included; ends after `Done` or `Failed`."""
+        frame = self.first
+        while True:
+            self.last = frame
+            yield frame
+            if not isinstance(frame, Delta):
+                return
+            try:
+                frame = await anext(self._frames)
+            except StopAsyncIteration:
+                return
+
+    async def collect(self) -> tuple[Done, str, list[dict[str, Any]]]:
+        """The whole answer: `Done`, the text and the tool-call deltas; a failure raises."""
+        tool_calls: list[dict[str, Any]] = []
+        try:
+            async for frame in self.frames():
+                if isinstance(frame, Delta):
+                    if frame.tool_calls:
+                        tool_calls.extend(frame.tool_calls)
+                elif isinstance(frame, Done):
+                    return frame, "".join(self.call.output), tool_calls
+                else:
+                    raise failure_error(frame)
+            raise CallFailed("NoAnswer", "the provider closed the stream without an answer")
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Done or client gone: cancels the upstream, settles the budget."""
+        await self._frames.aclose()  # type: ignore[attr-defined]
+
+    def answered(self) -> bool:
+        """Ended with a final answer (spent): an answer, or one the policy refused."""
+        last = self.last
+        return isinstance(last, Done) or (isinstance(last, Failed) and last.error == "PolicyDenied")
+
+
+class CallLifecycle:
+    def __init__(self, store: EventStore, bus: Bus, sessions: SessionService,
+                 budgets: BudgetManager, policies: PolicyService, rates: RateCounter,
+                 fleet: Fleet, *, request_timeout_s: float) -> None:
+        self.fleet = fleet
+        self.metrics = ControlMetrics()
+        self.store = store
+        self.bus = bus
+        self.sessions = sessions
+        self.budgets = budgets
+        self.policies = policies
+        self.rates = rates
+        self.messages = MessagesReadModel(store)
+        self.request_timeout_s = request_timeout_s
+        self._models: tuple[float, dict[str, ModelInfo]] = (0.0, {})
+
+    # -- the use case -----------------------------------------------------------------
+
+    async def open(self, caller: Caller, call_input: CallInput) -> OpenCall:
+        """Admit the call, send it and wait for its first frame; raises a domain error
+        for a refusal or a failure before the first token."""
+        call = await self.admit(caller, call_input)
+        frames = self.execute(call)
+        try:
+            first = await anext(frames)
+        except StopAsyncIteration:
+            raise CallFailed("NoAnswer", "the provider closed the stream without an answer") from None
+        except BaseException:
+            await frames.aclose()
+            raise
+        if isinstance(first, Failed):
+            await frames.aclose()
+            raise failure_error(first)
+        return OpenCall(call, frames, first)
+
+    # -- models -----------------------------------------------------------------------
+
+    async def models(self) -> dict[str, ModelInfo]:
+        fetched_at, models = self._models
+        if time.monotonic() - fetched_at > MODELS_TTL_S or not models:
+            try:
+                reply = await self.bus.request(subjects.PROVIDER_MODELS, ModelsRequest(),
+                                               ModelsReply, timeout=self.request_timeout_s)
+            except MessagingError as exc:
+                if models:
+                    return models
+                raise ProviderUnavailable(f"no provider answered: {exc}") from None
+            models = {m.name: m for m in reply.models}
+            self._models = (time.monotonic(), models)
+        return models
+
+    # -- sessions ---------------------------------------------------------------------
+
+    async def session_for(self, caller: Caller, session_id: str | None) -> SessionView:
+        """The named session (open, of this tenant), or the caller key's default session."""
+        if session_id is None:
+            return await self.sessions.start(
+                caller, SessionCreate(metadata={"default_for_key": caller.key_id}),
+                idempotency_key=f"default-session:{caller.key_id}", request_hash=None)
+        view = await self.sessions.require(caller, session_id)
+        if view.status != "open":
+            raise SessionClosed(session_id)
+        return view
+
+    # -- admission --------------------------------------------------------------------
+
+    async def admit(self, caller: Caller, call_input: CallInput) -> Call:
+        session = await self.session_for(caller, call_input.session_id)
+        messages = call_input.messages
+        if call_input.with_history:
+            messages = (*await self.messages.history(session.session_id), *messages)
+        models = await self.models()
+        model = call_input.model
+        info = models.get(model)
+        if info is None:
+            raise UnknownModel(model, tuple(models))
+        max_tokens = call_input.max_tokens
+        prompt_tokens = estimate_prompt_tokens(messages)
+        if max_tokens is not None and max_tokens + prompt_tokens > info.context:
+            raise InvalidRequest(
+                f"max_tokens: {max_tokens} plus the prompt (~{prompt_tokens} tokens) "
+                f"exceeds the context of {model!r} ({info.context} tokens)",
+                [{"field": "max_tokens", "message": "exceeds the model's context"}])
+        call_id = str(uuid.uuid4())
+        metadata = Metadata(tenant=caller.tenant, actor=caller.actor,
+                            correlation_id=session.session_id, causation_id=call_id)
+        route = route_of(info)
+        policy, label = await self.policies.compiled(caller.tenant, session.policy,
+                                                     session.policy_version, session.policy_rules)
+        decision: Decision | None = None
+        rate_subjects: dict[str, str] = {}
+        slots: dict[str, tuple[str, int | None]] = {}
+        policy_events: tuple[tuple[str, list], ...] = ()
+        if policy is not None:
+            scopes = {"tenant": caller.tenant, "key": caller.key_id, "session": session.session_id}
+            rate_subjects = {s: scopes[s] for s in policy.rate_scopes}
+            slots = {s: (subject, self._calls_limit(policy, s))
+                     for s, subject in rate_subjects.items()}
+            # every target of the route is evaluated (each with its own hosted flag)
+            facts = ChatRequestFacts(
+                model=model, targets=tuple(t.facts() for t in route), max_tokens=max_tokens,
+                input_text=messages_text(messages),
+                tools=tuple(t.get("function", {}).get("name", "") for t in call_input.tools or ()))
+            decision = await policy_scan(policy, facts.input_text, policy.evaluate_chat, facts,
+                                         await self.rates.usage(rate_subjects))
+            self._count(decision)
+            if not decision.allowed:
+                await self._deny(decision, session, call_id, label, metadata)
+            policy_events = ((llmcall_stream(call_id), [self._evaluated(
+                decision, session, call_id, label)]),)
+            if max_tokens is None and decision.max_tokens is not None:
+                max_tokens = decision.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, info.context - prompt_tokens))
+        redact = tuple(decision.redact) if decision is not None else ()
+        prompt_bound = reserved_prompt_tokens(messages, call_input.tools, redact)
+        charge = await self.budgets.charge_for(call_id, caller.tenant, session.session_id)
+        take = functools.partial(self.rates.take, slots=slots) if slots else None
+        try:  # the verdict, the reservations and the rate slots commit together, or nothing
+            if charge.streams:
+                await self.budgets.reserve(
+                    charge, math.ceil(prompt_bound * info.input_usd_per_mtok
+                                      + max_tokens * info.output_usd_per_mtok),
+                    prompt_bound + max_tokens, metadata, with_events=policy_events, before=take)
+            elif policy_events:
+                await self.store.append_atomic([(s, e, None) for s, e in policy_events],
+                                               metadata, before=take)
+        except BudgetDenied as exc:
+            self.metrics.budget_denials.add(1, {"budget": exc.budget})
+            raise
+        except RateLimited as exc:  # another call took the last slot since the usage was read
+            assert decision is not None
+            await self._deny(Decision(allowed=False, rule=f"rate.calls_per_minute.{exc.scope}",
+                                      scope=exc.scope, reason=str(exc)),
+                             session, call_id, label, metadata, count=True)
+        plan = plan_call(route, decision, self.fleet)
+        request = CompletionRequest(
+            call_id=call_id, session_id=session.session_id, tenant=caller.tenant, model=model,
+            messages=messages, max_tokens=max_tokens, temperature=call_input.temperature,
+            top_p=call_input.top_p, stop=call_input.stop, tools=call_input.tools,
+            tool_choice=call_input.tool_choice, redact=redact, nodes=plan.nodes,
+            targets=plan.targets)
+        return Call(call_id, caller, session, info, request, charge, metadata,
+                    call_input.user_text, rate_subjects, policy, label, plan)
+
+    @staticmethod
+    def _calls_limit(policy: CompiledPolicy, scope: str) -> int | None:
+        limits = getattr(policy.rules, f"rate_per_{scope}")
+        return limits.calls_per_minute if limits else None
+
+    @staticmethod
+    def _evaluated(decision: Decision, session: SessionView, call_id: str,
+                   label: str | None) -> PolicyEvaluated:
+        return PolicyEvaluated(
+            session_id=session.session_id, call_id=call_id, action="chat",
+            allowed=decision.allowed, rule=decision.rule, reason=decision.reason,
+            policy=label, scope=decision.scope,
+            targets=tuple(t.target for t in decision.allowed_targets),
+            dropped=tuple(DroppedTarget(target=t.target, rule=t.rule, reason=t.reason)
+                          for t in decision.dropped_targets))
+
+    def _count(self, decision: Decision) -> None:
+        self.metrics.policy.add(1, {"rule": decision.rule, "allowed": str(decision.allowed).lower()})
+
+    async def _deny(self, decision: Decision, session: SessionView, call_id: str,
+                    label: str | None, metadata: Metadata, count: bool = False) -> None:
+        """Record a denial (nothing else is written for the call) and raise it."""
+        if count:
+            self._count(decision)
+        await self.store.append(llmcall_stream(call_id),
+                                [self._evaluated(decision, session, call_id, label)],
+                                expected_version=None, metadata=metadata)
+        raise PolicyDenied(decision.rule, decision.reason, label)
+
+    # -- execution --------------------------------------------------------------------
+
+    async def execute(self, call: Call) -> AsyncIterator[Frame]:
+        """Frames of the call; settles budget and conversation however the stream ends.
+
+        A provider that vanishes before the first token (killed, partitioned) is not the
+        client's problem: the request goes once more to the queue, i.e. to another
+        provider instance. After the first token a lost provider ends the stream with a
+        clear failure.
+        """
+        outcome: Done | Failed | None = None
+        try:
+            for attempt in (1, 2):
+                sent_any = False
+                try:
+                    async with StreamReceiver(self.bus, subjects.PROVIDER_COMPLETE, call.request,
+                                              first_frame_timeout_s=self.request_timeout_s) as stream:
+                        async for frame in stream.frames():
+                            if isinstance(frame, Delta):
+                                if frame.content:
+                                    call.output.append(frame.content)
+                                sent_any = True
+                            else:
+                                outcome = frame
+                                if isinstance(frame, Done):
+                                    denied = await self._check_output(call)
+                                    if denied is not None:
+                                        yield denied
+                                        continue
+                            yield frame
+                    break
+                except MessagingError as exc:
+                    if not sent_any and attempt == 1:
+                        log.warning("provider lost before the first token; retrying once",
+                                    extra={"call_id": call.call_id, "error": str(exc)})
+                        continue
+                    outcome = Failed(error="ProviderUnavailable", detail=str(exc), status=503,
+                                     after_first_token=sent_any)
+                    yield outcome
+        finally:
+            await asyncio.shield(self._settle(call, outcome))
+
+    async def _check_output(self, call: Call) -> Failed | None:
+        """`content.deny_output` of the session's policy, on the whole answer."""
+        if call.policy is None or not call.policy.rules.content.deny_output:
+            return None
+        text = "".join(call.output)
+        decision = await policy_scan(call.policy, text, call.policy.check_output, text)
+        await self.store.append(llmcall_stream(call.call_id), [PolicyEvaluated(
+            session_id=call.session.session_id, call_id=call.call_id, action="output",
+            allowed=decision.allowed, rule=decision.rule, reason=decision.reason,
+            policy=call.policy_label)], expected_version=None, metadata=call.metadata)
+        self._count(decision)
+        if decision.allowed:
+            return None
+        call.output_denied = True  # the cost is spent (committed), the answer not kept
+        return Failed(error="PolicyDenied", detail=decision.reason, status=403,
+                      after_first_token=True, rule=decision.rule)
+
+    async def _settle(self, call: Call, outcome: Done | Failed | None) -> None:
+        try:
+            if isinstance(outcome, Done):
+                tokens = outcome.usage.input_tokens + outcome.usage.output_tokens
+                if call.charge.streams:
+                    self.metrics.budget_committed.add(outcome.cost_micro_usd / 1e6)
+                # independent writes: commit, token counters and the conversation together
+                commits, *_ = await asyncio.gather(
+                    self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata)
+                    if call.charge.streams else asyncio.sleep(0, []),
+                    self.rates.add_tokens(call.rate_subjects, tokens),
+                    self._record_conversation(call, outcome) if not call.output_denied
+                    else asyncio.sleep(0))
+                for commit in commits:
+                    if commit.overrun_micro_usd or commit.overrun_tokens:
+                        scope = "session" if commit.budget_id.startswith("budget-session-") else "tenant"
+                        self.metrics.budget_overruns.add(1, {"budget": scope})
+                        self.metrics.budget_overrun_tokens.add(commit.overrun_tokens, {"budget": scope})
+                        log.warning("a call cost more than it reserved", extra={
+                            "call_id": call.call_id, "budget": commit.budget_id,
+                            "overrun_tokens": commit.overrun_tokens,
+                            "overrun_micro_usd": commit.overrun_micro_usd})
+            elif call.charge.streams:
+                reason = FAILED if isinstance(outcome, Failed) and outcome.error != "Cancelled" else CANCELLED
+                await self.budgets.release(call.charge, reason, call.metadata)
+        except Exception:
+            log.exception("settling a call failed; the sweeper releases its reservation",
+                          extra={"call_id": call.call_id})
+
+    async def _record_conversation(self, call: Call, outcome: Done) -> None:
+        await self.store.append(conversation_stream(call.session.session_id), [
+            MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
+                            role="user", content=call.new_user_text, call_id=call.call_id),
+            MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
+                            role="assistant", content="".join(call.output),
+                            call_id=call.call_id, model=outcome.model,
+                            provider=outcome.provider, node=outcome.node,
+                            input_tokens=outcome.usage.input_tokens,
+                            output_tokens=outcome.usage.output_tokens,
+                            cost_micro_usd=outcome.cost_micro_usd,
+                            finish_reason=outcome.finish_reason),
+        ], expected_version=None, metadata=call.metadata)

@@ -1,0 +1,25 @@
+"""The orchestrator's read models: each module holds one projection (a fold over events
+that owns its tables, see shared.infra.eventstore) and the queries on those tables.
+Nobody else reads or writes these tables; the event store answers queries on `events`.
+"""
+
+from __future__ import annotations
+
+from shared.infra.eventstore import Projection
+from services.orchestrator.read_models.api_keys import ApiKeysProjection
+from services.orchestrator.read_models.budgets import BudgetsProjection
+from services.orchestrator.read_models.messages import MessagesProjection
+from services.orchestrator.read_models.node_registry import NodesProjection
+from services.orchestrator.read_models.policies import PoliciesProjection
+from services.orchestrator.read_models.sessions import SessionsProjection
+
+PROJECTIONS: tuple[Projection, ...] = (
+    SessionsProjection(),
+    NodesProjection(),
+    ApiKeysProjection(),
+    BudgetsProjection(),
+    MessagesProjection(),
+    PoliciesProjection(),
+)
+
+__all__ = ["PROJECTIONS"]

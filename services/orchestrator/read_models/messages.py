@@ -1,0 +1,53 @@
+"""The `messages` read model: the conversation of every session."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from shared.contracts.events import MessageAppended, RecordedEvent
+from shared.contracts.messages import ChatMessage
+from shared.domain.budget import micro_to_usd
+from shared.infra.eventstore import EventStore, Projection
+from services.orchestrator.schemas import MessageOut
+
+
+class MessagesProjection(Projection):
+    """`messages` table: the conversation of every session."""
+
+    name = "messages"
+    handles = frozenset({"MessageAppended"})
+    tables = ("messages",)
+
+    async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
+        e = rec.event
+        assert isinstance(e, MessageAppended)
+        await conn.execute(
+            "INSERT INTO messages (position, session_id, message_id, role, content, call_id, model,"
+            " provider, node, input_tokens, output_tokens, cost_micro_usd, finish_reason, created_at)"
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
+            rec.position, e.session_id, e.message_id, e.role, e.content, e.call_id, e.model,
+            e.provider, e.node, e.input_tokens, e.output_tokens, e.cost_micro_usd, e.finish_reason,
+            rec.recorded_at,
+        )
+
+
+class MessagesReadModel:
+    def __init__(self, store: EventStore) -> None:
+        self.pool = store.pool
+
+    async def history(self, session_id: str) -> tuple[ChatMessage, ...]:
+        """The session's conversation as chat messages (sent along with its next call)."""
+        rows = await self.pool.fetch(
+            "SELECT role, content FROM messages WHERE session_id = $1 ORDER BY position", session_id)
+        return tuple(ChatMessage(role=r["role"], content=r["content"]) for r in rows)
+
+    async def conversation(self, session_id: str) -> tuple[MessageOut, ...]:
+        """Both sides of the session's conversation with model, provider, tokens and cost."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM messages WHERE session_id = $1 ORDER BY position", session_id)
+        return tuple(MessageOut(
+            message_id=r["message_id"], role=r["role"], content=r["content"],
+            call_id=r["call_id"], model=r["model"], provider=r["provider"], node=r["node"],
+            input_tokens=r["input_tokens"], output_tokens=r["output_tokens"],
+            cost_usd=micro_to_usd(r["cost_micro_usd"]) if r["cost_micro_usd"] is not None else None,
+            finish_reason=r["finish_reason"], created_at=r["created_at"]) for r in rows)

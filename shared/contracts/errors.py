@@ -1,0 +1,86 @@
+"""Domain errors: what a use case refuses, in its own words, whatever the caller.
+
+The call lifecycle (and, next, the agent runner) raises these; the HTTP edge maps
+each to problem+json in one place (`services/orchestrator/problems.py`), another
+caller maps them to its own answers. They carry facts (rule, budget, field), never
+HTTP statuses.
+"""
+
+from __future__ import annotations
+
+
+class NexusError(Exception):
+    """Base of every domain error; `detail` says what happened, for humans."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class InvalidRequest(NexusError):
+    """A request a caller must fix; `errors` name each field (`field`, `message`)."""
+
+    def __init__(self, detail: str, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(detail)
+        self.errors = errors or []
+
+
+class UnknownModel(NexusError):
+    def __init__(self, model: str, known: tuple[str, ...]) -> None:
+        super().__init__(f"model {model!r} is not served here; "
+                         f"known: {', '.join(sorted(known)) or 'none'}")
+        self.model = model
+        self.known = known
+
+
+class SessionClosed(NexusError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} is closed")
+        self.session_id = session_id
+
+
+class PolicyDenied(NexusError):
+    """The session's policy refused the call (or its answer): `rule` decided."""
+
+    def __init__(self, rule: str, reason: str, policy: str | None = None) -> None:
+        super().__init__(reason)
+        self.rule = rule
+        self.policy = policy
+
+    @property
+    def rate_limited(self) -> bool:
+        """Denied by a per-minute limit: worth retrying later."""
+        return self.rule.startswith("rate.")
+
+
+class PolicyInvalid(NexusError):
+    """A stored policy that no longer compiles; `problems` name its fields."""
+
+    def __init__(self, detail: str, policy: str, problems: list[str]) -> None:
+        super().__init__(detail)
+        self.policy = policy
+        self.problems = problems
+
+
+class BudgetDenied(NexusError):
+    """A reservation the budget cannot cover; `budget` is `session`, `tenant` or
+    `contention`."""
+
+    def __init__(self, budget: str, reason: str) -> None:
+        super().__init__(reason)
+        self.budget = budget
+        self.reason = reason
+
+
+class ProviderUnavailable(NexusError):
+    """No provider instance answered."""
+
+
+class CallFailed(NexusError):
+    """The call ended without an answer: `error` names why (the provider's kind, e.g.
+    `UnknownModel`, `Cancelled`, `Overloaded`), `status` is the status it suggests."""
+
+    def __init__(self, error: str, detail: str, status: int = 502) -> None:
+        super().__init__(detail)
+        self.error = error
+        self.status = status

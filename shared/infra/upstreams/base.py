@@ -1,0 +1,152 @@
+"""What every upstream adapter shares: its config, the pieces it yields, its errors,
+its connection pool and the line reader under the wire protocols.
+
+An adapter speaks one wire protocol over HTTP and yields `Piece`s: `Text` and
+`ToolCalls` as they arrive, then one `End` (finish reason, the upstream's own usage
+when it reported any, the model that answered).
+
+Errors are `UpstreamError`s classified as retryable (connection errors, timeouts,
+429, 5xx) or not (other 4xx), with `Retry-After` when the upstream sent one. Error
+details never include the request headers (where the API key travels).
+
+HTTP is aiohttp, one session (connection pool) per upstream: at a thousand concurrent
+streams httpx's pool added seconds per call where aiohttp stays at the ideal (measured:
+1000 slow streams, 16.3 s vs 37.7 s for 16 s of generation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import aiohttp
+import msgspec
+
+from shared.contracts.frames import Usage
+from shared.contracts.messages import ChatMessage, CompletionRequest
+from shared.infra.settings import env_secret
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class UpstreamConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One upstream: where it is, how to authenticate, how long to wait."""
+
+    name: str  # how errors name it
+    kind: Literal["openai", "anthropic", "ollama"]
+    base_url: str
+    api_key_env: str | None = None  # the NAME of the variable; read at call time
+    timeout_s: Positive = 60.0  # between two reads of the stream
+    connect_timeout_s: Positive = 5.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 32
+
+    def api_key(self) -> str | None:
+        return env_secret(self.api_key_env) if self.api_key_env else None
+
+    def __repr__(self) -> str:  # nothing secret lives here, but keep dumps short
+        return f"UpstreamConfig(name={self.name!r}, kind={self.kind!r}, base_url={self.base_url!r})"
+
+
+@dataclass
+class Text:
+    content: str
+
+
+@dataclass
+class ToolCalls:
+    tool_calls: list[dict[str, Any]]
+
+
+@dataclass
+class End:
+    finish_reason: str
+    input_tokens: int | None  # None: the upstream reported no usage
+    output_tokens: int | None
+    model: str | None
+
+
+Piece = Text | ToolCalls | End
+
+
+def estimate_tokens(text: str) -> int:
+    """Stated estimate when the runtime reports no usage: 1 token per 4 characters."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+def usage_of(end: End, prompt: str, output: str) -> Usage:
+    """The upstream's usage, each missing count estimated (and the usage flagged so)."""
+    return Usage(
+        input_tokens=end.input_tokens if end.input_tokens is not None else estimate_tokens(prompt),
+        output_tokens=end.output_tokens if end.output_tokens is not None else estimate_tokens(output),
+        estimated=end.input_tokens is None or end.output_tokens is None)
+
+
+class UpstreamError(Exception):
+    def __init__(self, kind: str, detail: str, *, status: int | None = None,
+                 retryable: bool = True, retry_after_s: float | None = None) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+        self.status = status
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+async def _raise_for_status(resp: aiohttp.ClientResponse, upstream: str) -> None:
+    if resp.status < 400:
+        return
+    body = (await resp.read())[:300].decode(errors="replace")
+    retryable = resp.status == 429 or resp.status >= 500
+    kind = "RateLimited" if resp.status == 429 else f"HTTP{resp.status}"
+    raise UpstreamError(kind, f"{upstream} answered {resp.status}: {body}",
+                        status=resp.status, retryable=retryable,
+                        retry_after_s=_retry_after(resp))
+
+
+class Adapter:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        """The upstream's connection pool (created in the running event loop)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s,
+                                              sock_read=self.config.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self.config.max_connections),
+                read_bufsize=1 << 20,  # SSE lines up to 1 MiB
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def stream(self, model: str, request: CompletionRequest,
+               messages: tuple[ChatMessage, ...]) -> AsyncIterator[Piece]:
+        raise NotImplementedError
+
+    async def _lines(self, method: str, path: str, body: dict[str, Any],
+                     headers: dict[str, str]) -> AsyncIterator[str]:
+        url = self.config.base_url.rstrip("/") + path
+        try:
+            async with self.session().request(method, url, json=body, headers=headers) as resp:
+                await _raise_for_status(resp, self.config.name)
+                async for raw in resp.content:  # line by line, read to the end
+                    yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        except TimeoutError as exc:
+            raise UpstreamError("Timeout", f"{self.config.name}: {type(exc).__name__}") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("ConnectionError",
+                                f"{self.config.name}: {type(exc).__name__}: {exc}") from None
