@@ -201,9 +201,10 @@ async def test_restarted_orchestrator_knows_the_load_without_waiting(cluster: Cl
     ids = [f"{tag}-{i}" for i in range(20)]
     fleet = SimFleet(bus, ids, interval=0.5)
     await fleet.register_all()
-    await fleet.beat_once()
+    fleet.start()  # beats until the orchestrator has folded a fresh one of every node
     await asyncio.to_thread(wait_until, lambda: all(cluster.node(i)["load"]["fresh"] for i in ids),
-                            10, 0.1, "first heartbeats folded")
+                            30, 0.1, "first heartbeats folded")
+    await fleet.stop()  # silence from here on
     assert cluster.orchestrator.stop() == 0
     cluster.start_orchestrator("orchestrator-restarted")
     # No heartbeat since the restart: the view comes from the heartbeat stream's replay.
