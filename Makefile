@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: up test bench lint clean
+.PHONY: up test bench soak chaos fuzz lint clean
 
 up: $(VENV)/.installed
 	$(BIN)/nexus up
@@ -14,6 +14,22 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/eventstore.py
+
+# 1,000 concurrent sessions for 10 minutes: memory flat, p95 stable (docs/reliability.md);
+# e.g. `make soak SOAK_ARGS="--sessions 250"` on a small or busy machine
+soak: $(VENV)/.installed-dev
+	$(BIN)/python bench/soak.py --gate $(SOAK_ARGS)
+
+# kill -9 each process kind in turn under load, many rounds, invariants after each
+# (docs/reliability.md, "Chaos"); e.g. `make chaos CHAOS_ARGS="--rounds 120 --seed 1"`
+chaos: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+
+# Schemathesis over every operation, admin and tenant key, all checks and phases
+# (docs/reliability.md, "Fuzz"); e.g. `make fuzz FUZZ_EXAMPLES=200`
+FUZZ_EXAMPLES ?= 50
+fuzz: $(VENV)/.installed-dev
+	NEXUS_FUZZ_FULL=1 NEXUS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py -s -o timeout=3600 $(PYTEST_ARGS)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -151,6 +151,9 @@ class Supervisor:
         self.nats_users: dict[str, NatsUser] = {}  # per service; empty with an external NATS
         self.admin_key: str | None = None
         self._stopping = False
+        self._urls: tuple[str, str] | None = None  # (NATS, Postgres) once started
+        self._server_fails: dict[str, int] = {}  # failed restarts in a row, per server
+        self._server_next: dict[str, float] = {}  # no restart before (monotonic)
 
     def _say(self, text: str) -> None:
         print(text, flush=True)
@@ -195,6 +198,11 @@ class Supervisor:
         """`base` (the environment with all credentials) less what `name` must not have."""
         env = {k: v for k, v in base.items() if name in CREDENTIALS.get(k, (name,))}
         env["NEXUS_INSTANCE_ID"] = f"{name}-1"
+        # /metrics: the orchestrator's is on its API port, the provider's on
+        # NEXUS_METRICS_PORT, the node's on the next one (0: none).
+        port = self.settings.metrics_port
+        env["NEXUS_METRICS_PORT"] = str({"provider": port, "node": port + 1}.get(name, 0)
+                                        if port > 0 else 0)
         user = self.nats_users.get(name)
         if user is not None:
             env["NEXUS_NATS_USER"] = user.name
@@ -295,6 +303,7 @@ class Supervisor:
         try:
             nats_url, db_url = self.start_infrastructure()
             self.start_services(nats_url, db_url)
+            self._urls = (nats_url, db_url)
             self.write_state(nats_url, db_url)
             self.prepare_runtime()
             s = self.settings
@@ -320,11 +329,23 @@ class Supervisor:
         self._stopping = True
 
     def _watch(self) -> None:
-        """Restart a crashed server or service (with backoff for services)."""
+        """Restart a crashed server or service, with backoff; up.json keeps the new pids."""
+        now = time.monotonic()
+        restarted = False
         for server in self.servers:
-            if not server.running and not self._stopping:
-                self._say(f"{server.name} exited unexpectedly; restarting it")
+            if server.running or self._stopping or now < self._server_next.get(server.name, 0.0):
+                continue
+            self._say(f"{server.name} exited unexpectedly; restarting it")
+            try:
                 server.start()
+                self._server_fails[server.name] = 0
+                restarted = True
+            except Exception as exc:  # noqa: BLE001 - retried with backoff, not fatal
+                fails = self._server_fails.get(server.name, 0)
+                self._server_fails[server.name] = fails + 1
+                delay = restart_delay(fails, 0.5)
+                self._server_next[server.name] = time.monotonic() + delay
+                self._say(f"{server.name} did not start ({exc}); retrying in {delay:.1f}s")
         now = time.monotonic()
         for svc in self.services:
             if svc.alive() or self._stopping:
@@ -341,6 +362,9 @@ class Supervisor:
             elif now >= svc.next_start:
                 svc.next_start = 0.0
                 svc.start()
+                restarted = True
+        if restarted and self._urls is not None:
+            self.write_state(*self._urls)
 
     def shutdown(self) -> None:
         self._stopping = True

@@ -124,9 +124,10 @@ def platform(infra: Infra, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPath
         OTEL_METRIC_EXPORT_INTERVAL="500",
         NEXUS_LOG_LEVEL="INFO",
     )
-    own = {"orchestrator": {**env, "NEXUS_ADMIN_KEY": admin_key},
-           "provider": env,
-           "node": {k: v for k, v in env.items() if k != "DATABASE_URL"}}
+    own = {"orchestrator": {**env, "NEXUS_ADMIN_KEY": admin_key},  # /metrics on its API port
+           "provider": {**env, "NEXUS_METRICS_PORT": free_port_str()},
+           "node": {**{k: v for k, v in env.items() if k != "DATABASE_URL"},
+                    "NEXUS_METRICS_PORT": free_port_str()}}
     procs = {
         name: ServiceProc(name, {**own[name], "NEXUS_INSTANCE_ID": f"{name}-test"},
                           logs / f"{name}.log").start()

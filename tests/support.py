@@ -68,7 +68,8 @@ def service_env(nats_url: str, database_url: str, **extra: str) -> dict[str, str
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OTEL_", "NEXUS_")) or k == "NEXUS_CACHE_DIR"}
     env.update({"NATS_URL": nats_url, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1",
-                "NEXUS_RUNTIME": "none"})  # a test that wants llama-server says so
+                "NEXUS_RUNTIME": "none",  # a test that wants llama-server says so
+                "NEXUS_METRICS_PORT": "0"})  # a test that scrapes /metrics gives a port
     env.update(extra)
     return env
 

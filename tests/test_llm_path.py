@@ -81,6 +81,24 @@ def test_openai_sdk_streaming_with_usage(llm: LLMCluster, key) -> None:
     assert finish == "length" and usage.completion_tokens == 6
 
 
+def test_a_stream_ends_only_after_its_cost_and_answer_are_recorded(llm: LLMCluster, key) -> None:
+    """`[DONE]` is an acknowledgement: when the client reads it, the commit and the
+    conversation are already events, so a crash right after it loses nothing."""
+    sid = llm.session(key, budget={"limit_tokens": 10_000})
+    with httpx.stream("POST", f"{llm.api}/v1/chat/completions", timeout=30,
+                      headers={**key, "X-Nexus-Session": sid},
+                      json={"model": "default", "stream": True, "max_tokens": 4,
+                            "messages": [{"role": "user", "content": "acknowledge me"}]}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line == "data: [DONE]":
+                recorded = types(llm, sid)  # read while the response is still open
+                break
+        else:
+            raise AssertionError("no [DONE]")
+    assert recorded.count("BudgetCommitted") == 1 and recorded.count("MessageAppended") == 2
+
+
 def test_models_lists_routes_and_targets(llm: LLMCluster, key) -> None:
     ids = {m.id for m in client(llm, key).models.list()}
     assert {"default", "ollama-chat", "primary/fake-small", "backup/fake-large"} <= ids

@@ -34,6 +34,7 @@ class Up:
             "NEXUS_NATS_PORT": str(free_port()),
             "NEXUS_NATS_MONITOR_PORT": str(free_port()),
             "NEXUS_PG_PORT": str(free_port()),
+            "NEXUS_METRICS_PORT": str(free_port()),  # the provider's; the node's is the next
             "NEXUS_ADMIN_KEY": "admin-key-for-tests-" + data_dir.name,
             "NEXUS_RUNTIME": "none",  # the real-model tests cover llama-server
             **env,

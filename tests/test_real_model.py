@@ -39,8 +39,10 @@ def real(infra, tmp_path_factory, otlp):
                       OTEL_METRIC_EXPORT_INTERVAL="500")
     procs = [
         ServiceProc("orchestrator", env, tmp / "orchestrator.log").start(),
-        ServiceProc("provider", env, tmp / "provider.log").start(),
+        ServiceProc("provider", {**env, "NEXUS_METRICS_PORT": free_port_str()},
+                    tmp / "provider.log").start(),
         ServiceProc("node", {**env, "NEXUS_RUNTIME": "llama", "NEXUS_NODE_DATA_DIR": str(tmp / "node"),
+                             "NEXUS_METRICS_PORT": free_port_str(),
                              "NEXUS_NODE_MAX_CONCURRENCY": "1", "NEXUS_NODE_MAX_QUEUE": "0"},
                     tmp / "node.log").start(),
     ]
@@ -306,6 +308,23 @@ def test_dashboards_only_query_metrics_the_services_export(real, otlp) -> None:
         exported = sorted({n for p in otlp.points for n in prometheus_names(p)})
         raise AssertionError(f"dashboards query {sorted(missing())}, not exported; "
                              f"exported: {exported}") from None
+
+    # ... and the same names are served to Prometheus by the services' own /metrics.
+    _, _, _, procs = real
+    scrape_urls = [f"{api}/metrics"] + [
+        f"http://127.0.0.1:{proc.env['NEXUS_METRICS_PORT']}/metrics" for proc in procs[1:]]
+
+    def scraped() -> set[str]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        names: set[str] = set()
+        for url in scrape_urls:
+            text = httpx.get(url, timeout=5).raise_for_status().text
+            names |= {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+        return names
+
+    not_served = wanted - needs_gpu - scraped()
+    assert not not_served, f"dashboards query {sorted(not_served)}, not served on /metrics"
 
 
 def test_a_busy_node_answers_429_and_nothing_hangs(real) -> None:

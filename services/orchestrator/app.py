@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Litestar, Request, get
+from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.middleware.base import DefineMiddleware
@@ -24,17 +24,19 @@ from shared.infra.messaging import MessagingError
 from shared.infra.service import ServiceRuntime
 from shared.infra.settings import Settings
 from shared.domain.nodes import NodeView
-from shared.infra.metrics import observe_gauges
+from shared.infra.metrics import exposition, observe_gauges
 from shared.domain.routing import SelectorFleet
 from shared.domain.selection import NodeSelector
 from services.orchestrator.fleet import NodeService
 from services.orchestrator.nodes_api import NodesController
 from services.orchestrator.problems import EXCEPTION_HANDLERS
+from services.orchestrator.contract import reject_unstorable_text, with_contract
 from services.orchestrator.read_models import PROJECTIONS
 from services.orchestrator.auth import PUBLIC_PATHS, BearerKeyMiddleware
 from services.orchestrator.keys import KeyService, Caller
 from services.orchestrator.keys_api import KeysController
 from services.orchestrator.budget_manager import BudgetManager
+from services.orchestrator.liveness import InstanceLiveness, liveness_id
 from services.orchestrator.calls import CallLifecycle
 from services.orchestrator.chat_api import ChatController
 from services.orchestrator.idempotency import IdempotencyStore
@@ -55,6 +57,13 @@ async def health(state: State) -> Health:
     nats_ok = runtime.bus is not None and runtime.bus.connected
     return Health(status="ok" if db_ok and nats_ok else "degraded", nats=nats_ok,
                   postgres=db_ok, instance_id=runtime.settings.instance_id, version=__version__)
+
+
+@get("/metrics", include_in_schema=False, sync_to_thread=False)
+def prometheus_metrics(request: Request) -> Response[bytes]:
+    """The Prometheus exposition of this process's instruments (public, like /health)."""
+    body, content_type = exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 @get("/v1/system/ping")
@@ -143,9 +152,14 @@ def create_app(settings: Settings) -> Litestar:
         app.state.runner = runner
         app.state.policies = PolicyService(runtime.store, runner)
         app.state.sessions = SessionService(runtime.store, runner, app.state.policies)
+        instance = liveness_id(settings.instance_id)
         app.state.budgets = BudgetManager(runtime.store,
                                           reservation_ttl_s=settings.reservation_ttl_s,
-                                          cache_size=settings.budget_cache_size)
+                                          cache_size=settings.budget_cache_size,
+                                          instance=instance)
+        liveness = InstanceLiveness(runtime.bus, app.state.budgets, instance,
+                                    lost_after_s=settings.orchestrator_lost_after_s)
+        await liveness.start()  # before the first reservation names this instance
         app.state.nodes = NodeService(runtime.store, runtime.bus, NodeView(),
                                       offline_after_s=settings.node_offline_after_s,
                                       poll_s=settings.projection_poll_s)
@@ -162,6 +176,7 @@ def create_app(settings: Settings) -> Litestar:
         _register_gauges(app.state.nodes, runner)
         tasks = [asyncio.create_task(runner.run(), name="projections"),
                  asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper"),
+                 asyncio.create_task(liveness.run(), name="orchestrator-liveness"),
                  asyncio.create_task(_purge(app.state.idempotency), name="idempotency-purge")]
         try:
             yield
@@ -192,8 +207,9 @@ def create_app(settings: Settings) -> Litestar:
 
         return Provide(provide, sync_to_thread=False)
 
-    return Litestar(
-        route_handlers=[health, system_ping, SessionsController, KeysController, NodesController,
+    return with_contract(Litestar(
+        route_handlers=[health, prometheus_metrics, system_ping, SessionsController,
+                        KeysController, NodesController,
                         ChatController, EventsController],
         lifespan=[lifespan],
         dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False),
@@ -205,9 +221,10 @@ def create_app(settings: Settings) -> Litestar:
                       "idempotency": from_state("idempotency")},
         middleware=[DefineMiddleware(BearerKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
-        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health"]))],
+        before_request=reject_unstorable_text,  # NUL in any text: a 400 naming the field
+        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"]))],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Nexus orchestrator", version=__version__, path="/schema"),
         debug=False,
         logging_config=None,  # logs are ours: JSON lines with trace ids (shared.infra.logs)
-    )
+    ))

@@ -8,7 +8,7 @@ from litestar.middleware import AbstractAuthenticationMiddleware, Authentication
 
 from services.orchestrator.keys import KeyService, Caller
 
-PUBLIC_PATHS = ("/health", "/schema")
+PUBLIC_PATHS = ("/health", "/schema", "/metrics")
 TENANT_HEADER = "x-nexus-tenant"  # the platform-admin key acts for this tenant
 
 

@@ -36,6 +36,7 @@ from shared.domain.budget import (
     decide_expire,
     decide_open,
     decide_release,
+    decide_release_instance,
     decide_reserve,
     fold_budget,
     month_period,
@@ -98,8 +99,9 @@ class _LockTable:
 
 class BudgetManager:
     def __init__(self, store: EventStore, *, reservation_ttl_s: float = 600.0,
-                 cache_size: int = 10_000) -> None:
+                 cache_size: int = 10_000, instance: str | None = None) -> None:
         self.store = store
+        self.instance = instance  # recorded on each reservation (liveness.py releases a lost one's)
         self.read_model = BudgetsReadModel(store)
         self.ttl_s = reservation_ttl_s
         self.cache_size = max(1, cache_size)
@@ -251,7 +253,8 @@ class BudgetManager:
                 state = await self.state(stream, cached=attempt == 0)
                 assert state is not None
                 states[stream] = state
-                events = decide_reserve(state, charge.call_id, micro_usd, tokens, now, self.ttl_s)
+                events = decide_reserve(state, charge.call_id, micro_usd, tokens, now, self.ttl_s,
+                                        self.instance)
                 if events and isinstance(events[-1], BudgetExceeded):
                     denial = events[-1]
                     events = events[:-1]  # expired releases still happen
@@ -331,4 +334,33 @@ class BudgetManager:
                     break
                 except WrongExpectedVersion:
                     continue
+        return released
+
+    async def release_orphans(self, instance: str) -> int:
+        """Release the open reservations of `instance`, an orchestrator process known to
+        be lost (`BudgetReleased`, reason "orchestrator-lost"); how many were released.
+
+        Fenced and idempotent: each budget's releases are decided on its caught-up state
+        and appended at its version, so a reservation committed or released meanwhile is
+        left alone, and of two survivors doing this at once one appends, the other finds
+        nothing left to release.
+        """
+        released = 0
+        for stream in await self.read_model.with_reservations_of(instance):
+            async with self._locks[stream]:
+                for attempt in range(MAX_RETRIES):
+                    state = await self.state(stream)
+                    events = decide_release_instance(state, instance)
+                    if not events:
+                        break
+                    owner = state.owner if state.scope == "session" else None
+                    try:
+                        await self.store.append(stream, events, expected_version=state.version,
+                                                metadata=Metadata(actor="orchestrator",
+                                                                  correlation_id=owner))
+                        self._remember(stream, state, events)
+                        released += len(events)
+                        break
+                    except WrongExpectedVersion:
+                        await _backoff(attempt)
         return released

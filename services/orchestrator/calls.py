@@ -413,6 +413,14 @@ class CallLifecycle:
         clear failure.
         """
         outcome: Done | Failed | None = None
+        settled = False
+
+        async def settle() -> None:  # before the client sees the end: no answer acknowledged
+            nonlocal settled            # whose cost and conversation are not yet recorded
+            if not settled:
+                settled = True
+                await asyncio.shield(self._settle(call, outcome))
+
         try:
             for attempt in (1, 2):
                 sent_any = False
@@ -429,8 +437,10 @@ class CallLifecycle:
                                 if isinstance(frame, Done):
                                     denied = await self._check_output(call)
                                     if denied is not None:
+                                        await settle()
                                         yield denied
                                         continue
+                                await settle()
                             yield frame
                     break
                 except MessagingError as exc:
@@ -440,9 +450,10 @@ class CallLifecycle:
                         continue
                     outcome = Failed(error="ProviderUnavailable", detail=str(exc), status=503,
                                      after_first_token=sent_any)
+                    await settle()
                     yield outcome
         finally:
-            await asyncio.shield(self._settle(call, outcome))
+            await settle()
 
     async def _check_output(self, call: Call) -> Failed | None:
         """`content.deny_output` of the session's policy, on the whole answer."""

@@ -46,6 +46,8 @@ from services.orchestrator.schemas import (
 from services.orchestrator.sessions import SessionService
 
 SESSION_HEADER = "x-nexus-session"
+AT_PATTERN = (r"^([0-9]{1,18}|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}"
+              r"(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:[0-9]{2}))$")
 _enc = msgspec.json.Encoder()
 
 
@@ -219,7 +221,9 @@ class ChatController(Controller):
     @get("/v1/sessions/{session_id:str}/budget")
     async def get_budget(self, session_id: str, caller: Caller, sessions: SessionService,
                          budgets: BudgetManager,
-                         at: Annotated[str | None, Parameter(description="ISO timestamp or a global position")] = None) -> SessionBudgets:
+                         at: Annotated[str | None, Parameter(
+                             description="ISO timestamp with a time zone, or a global position",
+                             pattern=AT_PATTERN)] = None) -> SessionBudgets:
         await sessions.require(caller, session_id)
         position = await _position_at(budgets, at)
         session = await budgets.state(budget_stream_for_session(session_id), to_position=position)

@@ -17,12 +17,14 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
 from shared.contracts import errors
+from shared.infra.eventstore.store import database_unavailable
 from shared.infra.tracing import current_ids
 
 log = logging.getLogger("nexus.api")
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://nexus.dev/problems/"
+DATABASE_RETRY_AFTER_S = 2  # Retry-After of a 503 while Postgres is away
 
 
 class Problem(HTTPException):
@@ -75,6 +77,7 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response[dic
             405: "method-not-allowed", 413: "body-too-large",
             415: "unsupported-media-type"}.get(status, "http-error")
     response = problem_response(request, status, slug, exc.detail)
+    response.headers.update(exc.headers or {})  # e.g. a 405's Allow (RFC 9110)
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="nexus"'
     return response
@@ -118,6 +121,12 @@ def domain_error_handler(request: Request, exc: errors.NexusError) -> Response[d
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response[dict[str, Any]]:
+    if database_unavailable(exc):  # Postgres away (restart, failover): retry, no 500
+        log.warning("database unavailable: %s", exc, extra={"path": request.url.path})
+        response = problem_response(request, 503, "database-unavailable",
+                                    "the database is unavailable; retry after a moment")
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+        return response
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
     return problem_response(request, 500, "internal", "internal error; see logs by trace_id")
 

@@ -7,7 +7,11 @@ from typing import Annotated, Any
 
 import msgspec
 
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:/-]+$")]
+NAME = r"^[A-Za-z0-9._:/-]+$"
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NAME)]
+# a page cursor of GET /v1/sessions: `<microseconds since the epoch>.<session id>`
+CURSOR = r"^[0-9]{1,17}\.[0-9a-f-]{1,36}$"
+SESSION_STATUSES = ("open", "closed")
 MetaKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 MetaValue = Annotated[str, msgspec.Meta(max_length=1024)]
 
@@ -297,3 +301,23 @@ class PolicyOut(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     version: int
     rules: dict[str, Any]
+
+
+# -- errors (RFC 9457), as every error response declares them ---------------------------------
+
+class FieldError(msgspec.Struct, frozen=True, kw_only=True):
+    field: str  # the body member (dotted), query parameter, path parameter or header
+    message: str
+
+
+class ProblemOut(msgspec.Struct, frozen=True, kw_only=True):
+    """`application/problem+json`: every 4xx/5xx answer. Some types add members (a
+    policy denial its `rule` and `policy`, a budget denial its `budget`)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    trace_id: str | None
+    errors: list[FieldError] | None = None

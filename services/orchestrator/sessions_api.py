@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from litestar import Controller, Request, get, post
 from litestar.params import Parameter
@@ -10,6 +10,8 @@ from litestar.params import Parameter
 from services.orchestrator import idempotency
 from services.orchestrator.keys import Caller
 from services.orchestrator.schemas import (
+    CURSOR,
+    NAME,
     AuditLog,
     SessionCloseIn,
     SessionCreate,
@@ -19,6 +21,9 @@ from services.orchestrator.schemas import (
 from services.orchestrator.sessions import SessionService
 
 Limit = Annotated[int, Parameter(ge=1, le=500)]
+SessionStatus = Literal["open", "closed"]
+AgentName = Annotated[str | None, Parameter(min_length=1, max_length=200, pattern=NAME)]
+Cursor = Annotated[str | None, Parameter(pattern=CURSOR, description="next_cursor of the page before")]
 
 
 class SessionsController(Controller):
@@ -34,8 +39,9 @@ class SessionsController(Controller):
 
     @get("/")
     async def list_sessions(self, caller: Caller, sessions: SessionService,
-                            status: str | None = None, agent: str | None = None,
-                            limit: Limit = 50, cursor: str | None = None) -> SessionList:
+                            status: SessionStatus | None = None,
+                            agent: AgentName = None, limit: Limit = 50,
+                            cursor: Cursor = None) -> SessionList:
         return await sessions.list(caller, status=status, agent=agent, limit=limit, cursor=cursor)
 
     @get("/{session_id:str}")
@@ -50,7 +56,7 @@ class SessionsController(Controller):
 
     @get("/{session_id:str}/events")
     async def session_events(self, session_id: str, caller: Caller, sessions: SessionService,
-                             after: Annotated[int, Parameter(ge=0)] = 0,
+                             after: Annotated[int, Parameter(ge=0, le=2**63 - 1)] = 0,
                              limit: Limit = 100) -> AuditLog:
         return await sessions.audit_log(caller, session_id, after=after, limit=limit)
 

@@ -145,6 +145,9 @@ class BudgetReserved(Event, frozen=True):
     micro_usd: int
     tokens: int
     expires_at: float  # unix seconds
+    # the orchestrator process holding it (its liveness id: services/orchestrator/liveness.py);
+    # when that process is lost its reservations are released ("orchestrator-lost")
+    instance: str | None = None
 
 
 class BudgetCommitted(Event, frozen=True):
@@ -167,7 +170,7 @@ class BudgetCommitted(Event, frozen=True):
 class BudgetReleased(Event, frozen=True):
     budget_id: str
     call_id: str
-    reason: str  # "failed", "cancelled", "expired"
+    reason: str  # "failed", "cancelled", "expired", "orchestrator-lost"
 
 
 class BudgetExceeded(Event, frozen=True):

@@ -16,6 +16,22 @@ PING_ORCHESTRATOR = f"{PREFIX}.orchestrator.ping"
 PING_PROVIDER = f"{PREFIX}.provider.ping"
 PING_NODE = f"{PREFIX}.node.ping"
 
+# Orchestrator liveness: each orchestrator process subscribes (no queue) to its own
+# `nexus.orchestrator.instance.<id>` for as long as its NATS connection lives. A request
+# there answered "no responders" by the server means no process holds that id any more
+# (killed, its connection gone); a request that times out means alive but busy (an event
+# loop stall is not death). Survivors release a lost instance's budget reservations.
+ORCHESTRATOR_INSTANCE_PREFIX = f"{PREFIX}.orchestrator.instance"
+
+
+def orchestrator_instance(instance: str) -> str:
+    """The liveness subject of one orchestrator process. Characters a subject token
+    cannot hold become `_`; two ids that then collide only look alive for each other
+    (their reservations wait for the TTL), never dead."""
+    token = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in instance)
+    return f"{ORCHESTRATOR_INSTANCE_PREFIX}.{token or '_'}"
+
+
 # LLM calls: the orchestrator asks a provider instance (queue group) and receives the
 # answer as a frame stream on its reply inbox (shared.infra.streaming).
 PROVIDER_COMPLETE = f"{PREFIX}.provider.complete"

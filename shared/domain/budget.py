@@ -27,6 +27,9 @@ Lifecycle of one call (`call_id` unique per LLM call):
 - `decide_expire` -> `BudgetReleased(reason="expired")` for reservations whose owner
   died (`expires_at <= now`). `decide_reserve` also sweeps expired reservations first,
   so a dead owner never blocks a budget past its reservation's TTL.
+- `decide_release_instance` -> `BudgetReleased(reason="orchestrator-lost")` for the
+  reservations of an orchestrator process known to be dead (each reservation records
+  its `instance`): released within seconds instead of the TTL.
 
 Idempotence: the fold ignores events at versions it has already folded (duplicate
 delivery), a reserve for an open `call_id` decides nothing, and a commit or release
@@ -70,6 +73,7 @@ MICRO_PER_USD = 1_000_000
 Scope = Literal["session", "tenant"]
 SESSION, TENANT = "session", "tenant"
 FAILED, CANCELLED, EXPIRED = "failed", "cancelled", "expired"
+ORCHESTRATOR_LOST = "orchestrator-lost"
 
 
 class BudgetNotOpened(LookupError):
@@ -187,6 +191,7 @@ class Reservation:
     micro_usd: int
     tokens: int
     expires_at: float
+    instance: str | None = None  # the orchestrator process holding it
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +260,8 @@ def fold_budget(state: BudgetState | None, event: Event, version: int) -> Budget
         case _ if state is None:
             return None
         case BudgetReserved(call_id=call_id) if call_id not in state.reservations:
-            res = Reservation(max(0, event.micro_usd), max(0, event.tokens), event.expires_at)
+            res = Reservation(max(0, event.micro_usd), max(0, event.tokens), event.expires_at,
+                              event.instance)
             return replace(
                 state, version=version,
                 reserved_micro_usd=state.reserved_micro_usd + res.micro_usd,
@@ -316,8 +322,9 @@ def decide_open(state: BudgetState | None, budget_id: str, scope: Scope, owner: 
 
 
 def decide_reserve(state: BudgetState | None, call_id: str, micro_usd: int, tokens: int,
-                   now: float, ttl_s: float) -> list[Event]:
-    """Reserve a call's worst-case cost, or deny it.
+                   now: float, ttl_s: float, instance: str | None = None) -> list[Event]:
+    """Reserve a call's worst-case cost, or deny it; the reservation records the
+    `instance` (orchestrator process) that holds it.
 
     Reservations already expired at `now` are released first (`BudgetReleased`,
     reason "expired"), then the verdict, always the last event: `BudgetReserved` if
@@ -358,7 +365,7 @@ def decide_reserve(state: BudgetState | None, call_id: str, micro_usd: int, toke
     else:
         events.append(BudgetReserved(budget_id=state.budget_id, call_id=call_id,
                                      micro_usd=micro_usd, tokens=tokens,
-                                     expires_at=float(now + ttl_s)))
+                                     expires_at=float(now + ttl_s), instance=instance))
     return events
 
 
@@ -407,6 +414,19 @@ def decide_expire(state: BudgetState | None, now: float) -> list[Event]:
                  if res.expires_at <= now)
     return [BudgetReleased(budget_id=state.budget_id, call_id=call_id, reason=EXPIRED)
             for _, call_id in due]
+
+
+def decide_release_instance(state: BudgetState | None, instance: str) -> list[Event]:
+    """Release every open reservation held by `instance`, a process known to be dead
+    (reason "orchestrator-lost"), oldest first; nothing if it holds none. Appended at
+    the state's version, a reservation committed or released meanwhile is left alone,
+    and a second survivor deciding on the caught-up state finds nothing to release."""
+    if state is None:
+        return []
+    held = sorted((res.expires_at, call_id) for call_id, res in state.reservations.items()
+                  if res.instance == instance)
+    return [BudgetReleased(budget_id=state.budget_id, call_id=call_id, reason=ORCHESTRATOR_LOST)
+            for _, call_id in held]
 
 
 def decide_change_limit(state: BudgetState | None, limit_micro_usd: int | None,

@@ -10,11 +10,15 @@ and `tests/test_dashboards.py` checks them against a live run. Labels are bounde
 projection, node id (acceptable up to thousands); never a session, call or request id.
 
 With `OTEL_EXPORTER_OTLP_ENDPOINT` set, every service pushes its metrics every
-`OTEL_METRIC_EXPORT_INTERVAL` ms (default 60000); without it they are kept in memory.
+`OTEL_METRIC_EXPORT_INTERVAL` ms (default 60000). Besides, the same instruments are
+read at each scrape by the OpenTelemetry Prometheus exporter: every process serves them
+as `GET /metrics` on `NEXUS_METRICS_PORT` (`serve_metrics`), and the orchestrator also
+on its API port (`exposition`), under the same Prometheus names.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 
@@ -25,7 +29,10 @@ from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
+log = logging.getLogger("nexus.metrics")
+
 _provider: MeterProvider | None = None
+_server = None  # the /metrics HTTP server of this process, if any
 
 # GenAI semantic-convention buckets (seconds and tokens).
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
@@ -37,7 +44,11 @@ def setup_metrics(resource: Resource) -> MeterProvider:
     global _provider
     if _provider is not None:
         return _provider
-    readers = []
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+    # Pulled at each scrape of /metrics; every series carries `service_name` (as through
+    # the collector), which the dashboards select on.
+    readers = [PrometheusMetricReader(resource_attribute_filter=lambda key: key == "service.name")]
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -57,8 +68,45 @@ def setup_metrics(resource: Resource) -> MeterProvider:
 
 
 def shutdown_metrics() -> None:
+    stop_serving_metrics()
     if _provider is not None:
         _provider.shutdown()
+
+
+def stop_serving_metrics() -> None:
+    global _server
+    if _server is not None:
+        _server.shutdown()
+        _server.server_close()
+        _server = None
+
+
+def exposition(accept: str | None = None) -> tuple[bytes, str]:
+    """The Prometheus text exposition of this process's metrics and its content type."""
+    from prometheus_client import REGISTRY
+    from prometheus_client.exposition import choose_encoder
+
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(REGISTRY), content_type
+
+
+def serve_metrics(host: str, port: int) -> int | None:
+    """Serve `GET /metrics` on `host:port` from a thread (0: none); the bound port.
+
+    A port that cannot be bound is logged, not fatal: metrics are an aid, never a reason
+    for a service not to run."""
+    global _server
+    if port <= 0 or _server is not None:
+        return _server.server_port if _server is not None else None
+    from prometheus_client import start_http_server
+
+    try:
+        _server, _thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        log.error("cannot serve /metrics on %s:%s: %s", host, port, exc)
+        return None
+    log.info("metrics on http://%s:%s/metrics", host, _server.server_port)
+    return _server.server_port
 
 
 def _meter() -> metrics.Meter:

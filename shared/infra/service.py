@@ -1,5 +1,5 @@
-"""What every Nexus service process does: logs, tracing, NATS, optional Postgres,
-a ping responder, and a clean stop on SIGTERM/SIGINT.
+"""What every Nexus service process does: logs, tracing, metrics (OTLP and `/metrics`),
+NATS, optional Postgres, a ping responder, and a clean stop on SIGTERM/SIGINT.
 
 Services are thin: they build a `ServiceRuntime`, subscribe their handlers on
 `runtime.bus` and wait for the stop signal.
@@ -21,7 +21,7 @@ from shared.infra.eventstore.store import EventStore, create_pool
 from shared.infra.logs import setup_logging
 from shared.contracts.messages import Ping, Pong
 from shared.infra.messaging import Bus
-from shared.infra.metrics import nats_reconnects
+from shared.infra.metrics import nats_reconnects, serve_metrics
 from shared.infra.settings import Settings
 from shared.infra.tracing import setup_tracing, shutdown_tracing
 
@@ -35,9 +35,11 @@ PING_SUBJECTS = {
 
 
 def setup_process(service: str, settings: Settings) -> None:
-    """Logging and tracing for a service process; call once, at start."""
+    """Logging, tracing and metrics (`/metrics` on `NEXUS_METRICS_PORT`) for a service
+    process; call once, at start."""
     setup_logging(f"nexus-{service}", settings.log_level)
     setup_tracing(f"nexus-{service}", settings.instance_id)
+    serve_metrics(settings.http_host, settings.metrics_port)
 
 
 class ServiceRuntime:

@@ -79,8 +79,14 @@ class Settings:
         "NEXUS_PG_PORT", 55432, shown="55432, to leave a system one alone",
         doc="port of the embedded Postgres.")
     http_host: str = setting(
-        "NEXUS_HTTP_HOST", "127.0.0.1", doc="interface the orchestrator's HTTP API binds to.")
+        "NEXUS_HTTP_HOST", "127.0.0.1",
+        doc="interface the orchestrator's HTTP API and every service's `/metrics` bind to.")
     http_port: int = setting("NEXUS_HTTP_PORT", 8080, doc="port of the orchestrator's HTTP API.")
+    metrics_port: int = setting(
+        "NEXUS_METRICS_PORT", 9464,
+        doc="port of a service's Prometheus `GET /metrics`, 0: none (under `nexus up` the "
+            "provider's; the node's is the next port, the orchestrator's `/metrics` is on "
+            "its API port).")
     instance_id: str = setting(
         "NEXUS_INSTANCE_ID", factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         shown="host-pid", doc="this process's id in traces, logs and pongs.")
@@ -104,6 +110,11 @@ class Settings:
     budget_sweep_s: float = setting(
         "NEXUS_BUDGET_SWEEP_S", 5.0,
         doc="how often the orchestrator looks for expired reservations.")
+    orchestrator_lost_after_s: float = setting(
+        "NEXUS_ORCHESTRATOR_LOST_AFTER_S", 10.0,
+        doc="an orchestrator process gone from NATS this long (its liveness subject has "
+            "no subscriber; a stalled but connected process is alive) is lost: another "
+            "releases its budget reservations.")
     budget_cache_size: int = setting(
         "NEXUS_BUDGET_CACHE_SIZE", 10_000,
         doc="budget states an orchestrator keeps in memory, least recently used out, "

@@ -59,3 +59,19 @@ class BudgetsReadModel:
             " SELECT 1 FROM jsonb_each(state -> 'reservations') AS r(call_id, reservation)"
             " WHERE (r.reservation ->> 'expires_at')::float8 <= $1)", now)
         return [r["budget_id"] for r in rows]
+
+    async def reservation_holders(self) -> list[str]:
+        """The orchestrator instances holding an open reservation on some budget."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT r.reservation ->> 'instance' AS instance FROM budgets,"
+            " jsonb_each(state -> 'reservations') AS r(call_id, reservation)"
+            " WHERE open_reservations > 0 AND r.reservation ->> 'instance' IS NOT NULL")
+        return [r["instance"] for r in rows]
+
+    async def with_reservations_of(self, instance: str) -> list[str]:
+        """The budget streams holding an open reservation of `instance`."""
+        rows = await self.pool.fetch(
+            "SELECT budget_id FROM budgets WHERE open_reservations > 0 AND EXISTS ("
+            " SELECT 1 FROM jsonb_each(state -> 'reservations') AS r(call_id, reservation)"
+            " WHERE r.reservation ->> 'instance' = $1)", instance)
+        return [r["budget_id"] for r in rows]

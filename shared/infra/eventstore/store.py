@@ -363,9 +363,16 @@ class Notifier:
     def _on_notify(self, *_: Any) -> None:
         self._event.set()
 
+    def _listening(self) -> bool:
+        try:
+            return self._conn is not None and not self._conn.is_closed()
+        except asyncpg.InterfaceError:  # the pool took it back: its server went away
+            return False
+
     async def _listen(self) -> None:
-        if self._conn is not None and not self._conn.is_closed():
+        if self._listening():
             return
+        await self._release()  # a dead connection: give it back, take a new one
         try:
             self._conn = await self.pool.acquire()
             await self._conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
@@ -412,7 +419,33 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+CONNECT_TIMEOUT_S = 5.0  # a Postgres that does not answer is unavailable, not waited for
+
+
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """An asyncpg pool for Nexus (statement cache on; jsonb passed as text)."""
+    """An asyncpg pool for Nexus (statement cache on; jsonb passed as text). While
+    Postgres is away, taking a connection fails at once (refused) or after
+    `CONNECT_TIMEOUT_S`, and the pool connects again by itself once it is back."""
     return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size,
-                                     reset=_keep_session)
+                                     reset=_keep_session, timeout=CONNECT_TIMEOUT_S)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means Postgres cannot be reached right now (down, restarting, a
+    connection it closed, a connect timeout): something to retry later, not a bug."""
+    for err in (exc, exc.__cause__, exc.__context__):
+        if isinstance(err, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                            asyncpg.exceptions.OperatorInterventionError, ConnectionError)):
+            return True
+        if isinstance(err, (OSError, TimeoutError)) and _raised_in_asyncpg(err):
+            return True  # refused ("Connect call failed"), unreachable, connect timeout
+    return False
+
+
+def _raised_in_asyncpg(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if "/asyncpg/" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False

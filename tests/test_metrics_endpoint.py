@@ -1,0 +1,87 @@
+"""Every service serves `GET /metrics` for Prometheus: the OpenTelemetry Prometheus
+exporter over the same instruments that go out over OTLP.
+
+The orchestrator serves it on its API port (public, like /health); the provider and the
+node, which have no HTTP server, on `NEXUS_METRICS_PORT` (the `platform` fixture gives
+each a free port). The dashboards' name check (tests/test_real_model.py) checks the
+names the dashboards query against these endpoints too.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.infra import metrics
+from tests.support import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(url: str) -> dict[str, set[str]]:
+    """The sample names of a Prometheus text exposition, and the `service_name` labels of
+    its `target_info` and `nexus_*` series (under the key `service_name`)."""
+    resp = httpx.get(url, timeout=5)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"].startswith("text/plain"), resp.headers
+    families = list(text_string_to_metric_families(resp.text))  # a parse error fails here
+    samples = {s.name for f in families for s in f.samples}
+    services = {s.labels.get("service_name", "") for f in families for s in f.samples
+                if s.name == "target_info" or s.name.startswith("nexus_")}
+    return {"samples": samples, "service_name": services}
+
+
+def endpoints(platform) -> dict[str, str]:
+    return {
+        "orchestrator": f"{platform.api}/metrics",
+        "provider": f"http://127.0.0.1:{platform.provider.env['NEXUS_METRICS_PORT']}/metrics",
+        "node": f"http://127.0.0.1:{platform.node.env['NEXUS_METRICS_PORT']}/metrics",
+    }
+
+
+def test_every_service_serves_its_metrics_to_prometheus(platform) -> None:
+    # What each process records from its start (the provider zeroes its failure and
+    # fallback counters per upstream; the orchestrator counts the nodes it knows).
+    expected = {
+        "orchestrator": {"nexus_nats_reconnects_total", "nexus_nodes"},
+        "provider": {"nexus_nats_reconnects_total", "nexus_llm_failures_total",
+                     "nexus_llm_fallbacks_total"},
+        "node": {"nexus_nats_reconnects_total"},
+    }
+    for service, url in endpoints(platform).items():
+        def served() -> dict[str, set[str]] | None:
+            got = scrape(url)  # no Authorization header: public, like /health
+            return got if expected[service] <= got["samples"] else None
+
+        got = wait_until(served, 20, 0.3, f"{service}'s /metrics to serve {expected[service]}")
+        # every series says which service it is from, as the dashboards select it
+        assert got["service_name"] == {f"nexus-{service}"}, (service, got["service_name"])
+
+
+def test_the_orchestrator_serves_metrics_without_tracing_or_documenting_them(platform) -> None:
+    """A scrape is no API call: not in the OpenAPI document, no HTTP server span or
+    duration point of its own (a scrape every 15 s would otherwise fill the traces)."""
+    paths = httpx.get(f"{platform.api}/schema/openapi.json", timeout=5).json()["paths"]
+    assert "/metrics" not in paths
+    for _ in range(2):
+        scrape(f"{platform.api}/metrics")
+    text = httpx.get(f"{platform.api}/metrics", timeout=5).text
+    assert 'http_route="/metrics"' not in text and 'http_target="/metrics"' not in text
+
+
+def test_a_metrics_port_that_is_taken_is_logged_not_fatal(caplog) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert metrics.serve_metrics("127.0.0.1", port) is None
+    assert any("cannot serve /metrics" in r.getMessage() for r in caplog.records)
+    served = metrics.serve_metrics("127.0.0.1", port)  # free again now
+    try:
+        assert served == port
+        assert "python_info" in scrape(f"http://127.0.0.1:{port}/metrics")["samples"]
+    finally:
+        metrics.stop_serving_metrics()
