@@ -52,9 +52,10 @@ def test_every_service_serves_its_metrics_to_prometheus(platform) -> None:
         "node": {"nexus_nats_reconnects_total"},
     }
     for service, url in endpoints(platform).items():
-        def served() -> dict[str, set[str]] | None:
+        def served(url: str = url,
+                   want: set[str] = expected[service]) -> dict[str, set[str]] | None:
             got = scrape(url)  # no Authorization header: public, like /health
-            return got if expected[service] <= got["samples"] else None
+            return got if want <= got["samples"] else None
 
         got = wait_until(served, 20, 0.3, f"{service}'s /metrics to serve {expected[service]}")
         # every series says which service it is from, as the dashboards select it
