@@ -69,13 +69,16 @@ class KeyService:
         self.runner = runner  # a ProjectionRunner: answer after the key is usable
         self.read_model = ApiKeysReadModel(store)
         self._admin_hash = hash_key(admin_key) if admin_key else None
+        # mixed into derived keys: the platform's secret, which no tenant holds
+        self._server_secret = hashlib.sha256(f"nexus-derived-keys\x00{admin_key or ''}".encode()).digest()
         self._cache: dict[str, tuple[float, tuple[str, str, str, bool] | None]] = {}
 
     async def create(self, tenant: str, name: str, role: str, actor: str, *,
                      retry_of: tuple[str, str, str] | None = None) -> IssuedKey:
         """Issue a key. `retry_of` = (the caller's own key, Idempotency-Key, request hash):
-        the new key is derived from them (HMAC under the caller's key, which only the
-        caller knows; nothing more is stored), so a retry issues the very same key again,
+        the new key is derived from them (HMAC under the caller's key together with the
+        platform's secret, so neither a caller's key nor a leak of it alone recomputes the
+        new key; nothing more is stored), so a retry issues the very same key again,
         as a duplicate of the first event, and another request under the same
         Idempotency-Key (another body or caller) collides with it: a 422."""
         if role not in ROLES:
@@ -86,7 +89,8 @@ class KeyService:
         else:
             caller_key, idem_key, request_hash = retry_of
             key_id = idempotency.derived_id(tenant, idem_key, "api-key").hex[:16]
-            secret = hmac.new(caller_key.encode(), f"{tenant}\x00{idem_key}\x00{request_hash}".encode(),
+            secret = hmac.new(self._server_secret + caller_key.encode(),
+                              f"{tenant}\x00{idem_key}\x00{request_hash}".encode(),
                               hashlib.sha256).digest()
             key = f"nx_{key_id}_{base64.urlsafe_b64encode(secret).rstrip(b'=').decode()}"
             event_ids = [idempotency.derived_id(tenant, idem_key, f"api-key:{hash_key(key)}")]
