@@ -42,7 +42,6 @@ from shared.contracts.frames import (
     Frame,
     Keepalive,
     Started,
-    Usage,
 )
 from shared.infra.messaging import Bus, NoResponders, RequestTimeout
 from shared.infra.tracing import inject_headers
