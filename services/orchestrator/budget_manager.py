@@ -318,23 +318,8 @@ class BudgetManager:
         # The `budgets` projection folds the events, open reservations included: ask it
         # which budgets hold an expired one (cheap, and rebuilt from the events after a
         # restart), then decide on each stream's own state.
-        released = 0
-        for stream in await self.read_model.with_expired_reservations(now):
-            for _ in range(MAX_RETRIES):
-                state = await self.state(stream)
-                events = decide_expire(state, now)
-                if not events:
-                    break
-                owner = state.owner if state.scope == "session" else None
-                try:
-                    await self.store.append(stream, events, expected_version=state.version,
-                                            metadata=Metadata(actor="orchestrator",
-                                                              correlation_id=owner))
-                    released += len(events)
-                    break
-                except WrongExpectedVersion:
-                    continue
-        return released
+        return await self._release_on(await self.read_model.with_expired_reservations(now),
+                                      lambda state: decide_expire(state, now))
 
     async def release_orphans(self, instance: str) -> int:
         """Release the open reservations of `instance`, an orchestrator process known to
@@ -345,12 +330,17 @@ class BudgetManager:
         left alone, and of two survivors doing this at once one appends, the other finds
         nothing left to release.
         """
+        return await self._release_on(await self.read_model.with_reservations_of(instance),
+                                      lambda state: decide_release_instance(state, instance))
+
+    async def _release_on(self, streams, decide) -> int:
+        """Append what `decide(state)` releases on each budget stream, at its version."""
         released = 0
-        for stream in await self.read_model.with_reservations_of(instance):
+        for stream in streams:
             async with self._locks[stream]:
                 for attempt in range(MAX_RETRIES):
                     state = await self.state(stream)
-                    events = decide_release_instance(state, instance)
+                    events = decide(state)
                     if not events:
                         break
                     owner = state.owner if state.scope == "session" else None
