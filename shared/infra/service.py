@@ -8,6 +8,7 @@ Services are thin: they build a `ServiceRuntime`, subscribe their handlers on
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
 import time
@@ -34,9 +35,29 @@ PING_SUBJECTS = {
 }
 
 
+# glibc's malloc raises its mmap threshold each time a large mmapped block is freed;
+# after that, large buffers come from the heap, fragment it and are never given back:
+# under 500 streaming sessions the orchestrator's RSS grew +6.6 MiB/min with its live
+# heap flat (mallinfo: all of it freed-but-kept). Fixed thresholds keep it flat
+# (+0.1 MiB/min in the same soak). Set here, once, for every service process.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+MALLOC_THRESHOLD_BYTES = 128 * 1024
+
+
+def bound_malloc() -> bool:
+    """Fix glibc's trim and mmap thresholds (no-op elsewhere); whether it applied."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(option, MALLOC_THRESHOLD_BYTES) == 1
+                   for option in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def setup_process(service: str, settings: Settings) -> None:
     """Logging, tracing and metrics (`/metrics` on `NEXUS_METRICS_PORT`) for a service
-    process; call once, at start."""
+    process, and bounded malloc; call once, at start."""
+    bound_malloc()
     setup_logging(f"nexus-{service}", settings.log_level)
     setup_tracing(f"nexus-{service}", settings.instance_id)
     serve_metrics(settings.http_host, settings.metrics_port)
