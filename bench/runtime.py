@@ -6,7 +6,7 @@ for this very CPU (`-march=native`, the recipe Nexus used before, which crashed 
 SIGILL on other CPUs of the same machine kind), in one run on the same model.
 
 The native build is made once, for this comparison only, and kept in
-`NEXUS_CACHE_DIR/llama-server-native/` (15-25 minutes on 2 cores the first time); the
+`NEXUS_CACHE_DIR/llama-server-native/` (up to about 30 minutes on 2 cores the first time; 25 measured); the
 node never uses it.
 
 Each server runs alone with 2 threads; each run asks `/completion` for 64 tokens of a

@@ -255,7 +255,7 @@ def ensure_llama_server(progress: Progress = print, jobs: int | None = None, *,
             progress("llama-server: configuring (cmake, portable CPU dispatch) ...")
             _run(["cmake", "-S", str(source), "-B", str(build), *options], "configure")
             jobs = jobs or os.cpu_count() or 2
-            progress(f"llama-server: compiling with {jobs} jobs; about 15-25 minutes on 2 cores, "
+            progress(f"llama-server: compiling with {jobs} jobs; up to about 30 minutes on 2 cores, "
                      "once per machine (the rest of Nexus works meanwhile)")
             _build(build, jobs, started, progress)
             staged = work / "staged"
