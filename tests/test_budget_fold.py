@@ -24,6 +24,7 @@ from shared.domain.budget import (
     BUDGET_EVENT_TYPE_NAMES,
     BUDGET_EVENT_TYPES,
     EXPIRED,
+    LAPSED_KEPT,
     BudgetCommitted,
     BudgetExceeded,
     BudgetLimitChanged,
@@ -40,6 +41,7 @@ from shared.domain.budget import (
     decide_expire,
     decide_open,
     decide_release,
+    decide_release_instance,
     decide_reserve,
     fold_budget,
     fold_budget_events,
@@ -323,12 +325,43 @@ def test_reserve_sweeps_expired_reservations_first():
     assert b.s.reserved_micro_usd == 500_000
 
 
-def test_commit_after_expiry_is_not_charged():
+def test_a_call_that_outlives_its_reservation_is_still_charged_as_a_late_overrun():
     b = Budget(limit_micro_usd=USD)
     b.reserve("c1", 500_000, ttl_s=10)
-    b.expire(NOW + 10)
+    b.expire(NOW + 10)  # the TTL passed while the provider failed over
+    assert b.s.reserved_micro_usd == 0
+    commit = only(b.commit("c1", 400_000))
+    assert commit == BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=400_000, tokens=0,
+                                     overrun_micro_usd=400_000, overrun_tokens=0, late=True)
+    assert (b.s.committed_micro_usd, b.s.overrun_micro_usd, b.s.overruns) == (400_000, 400_000, 1)
+    assert b.commit("c1", 400_000) == []  # charged once
+    assert b.s.committed_micro_usd == 400_000
+
+
+def test_a_call_of_a_lost_orchestrator_that_finishes_anyway_is_charged():
+    b = Budget(limit_micro_usd=USD)
+    b.apply(decide_reserve(b.s, "c1", 500_000, 0, NOW, 600, instance="o1.a"))
+    b.apply(decide_release_instance(b.s, "o1.a"))
+    assert only(b.commit("c1", 300_000)).late
+    assert b.s.committed_micro_usd == 300_000
+
+
+def test_a_call_released_by_its_own_outcome_is_never_charged_later():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", 500_000)
+    b.release("c1", "failed")
     assert b.commit("c1", 400_000) == []
     assert b.s.committed_micro_usd == 0
+
+
+def test_lapsed_reservations_are_remembered_up_to_a_bound():
+    b = Budget()
+    for i in range(LAPSED_KEPT + 5):
+        b.reserve(f"c{i}", 1, ttl_s=1)
+    b.expire(NOW + 1)
+    assert len(b.s.lapsed) == LAPSED_KEPT
+    assert b.commit("c0", 1) == []  # the oldest were forgotten
+    assert only(b.commit(f"c{LAPSED_KEPT + 4}", 1)).late
 
 
 # -- dimensions and limits --------------------------------------------------------------
@@ -555,6 +588,13 @@ class BudgetMachine(RuleBasedStateMachine):
         s = self.b.s
         res = s.reservations.get(call_id)
         events = self.step(decide_commit(s, call_id, micro_usd, tokens))
+        if res is None and call_id in s.lapsed:  # outlived its reservation: charged, late
+            ev = only(events)
+            assert ev.late and (ev.overrun_micro_usd, ev.overrun_tokens) == (micro_usd, tokens)
+            assert call_id not in self.b.s.lapsed
+            assert self.b.s.committed_micro_usd == s.committed_micro_usd + micro_usd
+            self.spent = (self.spent[0] + micro_usd, self.spent[1] + tokens)
+            return
         if res is None:
             assert events == []
             return

@@ -37,7 +37,7 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import HeaderParameter
 from litestar.response import Stream
 
 from services.orchestrator.problems import PROBLEM_JSON, Problem, http_exception_handler
@@ -54,8 +54,8 @@ _KEPT_HEADERS = ("x-nexus-session", "x-nexus-call-id", "cache-control")
 _RETRYABLE = frozenset({402, 408, 409, 425, 429})
 
 # the header as OpenAPI declares it, on every route that honours it
-KeyHeader = Annotated[str | None, Parameter(
-    header="Idempotency-Key", required=False,
+KeyHeader = Annotated[str | None, HeaderParameter(
+    name="Idempotency-Key", required=False,
     description="Makes a retry safe: the same key and request return the first answer "
                 "(for a stream, the recorded answer) instead of running again; the same key "
                 "with another request is a 422; a retry while the first still runs waits "

@@ -157,6 +157,8 @@ class BudgetCommitted(Event, frozen=True):
     part of it above the call's reservation (included in `micro_usd` / `tokens`, not in
     addition), zero unless the reservation's worst case was wrong. (Events appended
     before this rule charged at most the budget's room and put the rest in `overrun_*`.)
+    `late`: the reservation had lapsed (expired, or released for a lost orchestrator)
+    before the call finished; all of the cost is then overrun.
     """
 
     budget_id: str
@@ -165,6 +167,7 @@ class BudgetCommitted(Event, frozen=True):
     tokens: int
     overrun_micro_usd: int = 0
     overrun_tokens: int = 0
+    late: bool = False
 
 
 class BudgetReleased(Event, frozen=True):

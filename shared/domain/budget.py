@@ -33,8 +33,15 @@ Lifecycle of one call (`call_id` unique per LLM call):
 
 Idempotence: the fold ignores events at versions it has already folded (duplicate
 delivery), a reserve for an open `call_id` decides nothing, and a commit or release
-of a `call_id` that is not open (unknown, already committed, released or expired)
-decides nothing and, if appended anyway, folds to no change but the version.
+of a `call_id` that is not open (unknown, already committed or released) decides
+nothing and, if appended anyway, folds to no change but the version.
+
+A call outlives its reservation when the reservation is released for its owner while
+the call still runs (its TTL passed during a long provider failover, or its
+orchestrator was taken for lost): such a *lapsed* reservation is remembered
+(`BudgetState.lapsed`, the last `LAPSED_KEPT` per budget) and the call's commit is
+still charged, in full, as an overrun marked `late`. What was spent is on the books
+however long the call took; the budget may then be overspent by that call, visibly.
 
 Commit records the actual cost, always (`BudgetCommitted.micro_usd` / `tokens`). The
 reservation is a true worst case (see `prompt_token_bound`), so the actual cost stays
@@ -74,6 +81,11 @@ Scope = Literal["session", "tenant"]
 SESSION, TENANT = "session", "tenant"
 FAILED, CANCELLED, EXPIRED = "failed", "cancelled", "expired"
 ORCHESTRATOR_LOST = "orchestrator-lost"
+LAPSING_REASONS = frozenset({EXPIRED, ORCHESTRATOR_LOST})
+"""Releases not decided by the call's own outcome: the call may still finish and commit."""
+
+LAPSED_KEPT = 1024
+"""Lapsed reservations remembered per budget (most recent); an older one's commit is lost."""
 
 
 class BudgetNotOpened(LookupError):
@@ -213,6 +225,7 @@ class BudgetState:
     overrun_micro_usd: int = 0  # committed beyond the calls' own reservations (in committed)
     overrun_tokens: int = 0
     overruns: int = 0  # commits that exceeded their reservation
+    lapsed: tuple[str, ...] = ()  # calls released while running (expired, owner lost), oldest first
 
     @property
     def remaining_micro_usd(self) -> int | None:
@@ -266,7 +279,8 @@ def fold_budget(state: BudgetState | None, event: Event, version: int) -> Budget
                 state, version=version,
                 reserved_micro_usd=state.reserved_micro_usd + res.micro_usd,
                 reserved_tokens=state.reserved_tokens + res.tokens,
-                reservations={**state.reservations, call_id: res})
+                reservations={**state.reservations, call_id: res},
+                lapsed=tuple(c for c in state.lapsed if c != call_id))
         case BudgetCommitted(call_id=call_id) if call_id in state.reservations:
             over_usd, over_tokens = max(0, event.overrun_micro_usd), max(0, event.overrun_tokens)
             return replace(
@@ -276,8 +290,22 @@ def fold_budget(state: BudgetState | None, event: Event, version: int) -> Budget
                 overrun_micro_usd=state.overrun_micro_usd + over_usd,
                 overrun_tokens=state.overrun_tokens + over_tokens,
                 overruns=state.overruns + (1 if over_usd or over_tokens else 0))
+        case BudgetCommitted(call_id=call_id) if call_id in state.lapsed:
+            # a late commit: its reservation was already given back, so all of it is overrun
+            usd, tokens = max(0, event.micro_usd), max(0, event.tokens)
+            return replace(
+                state, version=version,
+                committed_micro_usd=state.committed_micro_usd + usd,
+                committed_tokens=state.committed_tokens + tokens,
+                overrun_micro_usd=state.overrun_micro_usd + usd,
+                overrun_tokens=state.overrun_tokens + tokens,
+                overruns=state.overruns + (1 if usd or tokens else 0),
+                lapsed=tuple(c for c in state.lapsed if c != call_id))
         case BudgetReleased(call_id=call_id) if call_id in state.reservations:
-            return replace(_without(state, call_id), version=version)
+            lapsed = state.lapsed
+            if event.reason in LAPSING_REASONS:
+                lapsed = (*lapsed, call_id)[-LAPSED_KEPT:]
+            return replace(_without(state, call_id), version=version, lapsed=lapsed)
         case BudgetLimitChanged():
             return replace(state, version=version, limit_micro_usd=event.limit_micro_usd,
                            limit_tokens=event.limit_tokens)
@@ -384,13 +412,20 @@ def decide_commit(state: BudgetState | None, call_id: str, micro_usd: int,
     it); the budget may then be overspent, visibly, and `decide_reserve` denies every
     further call on a dimension whose committed amount has reached its limit.
 
-    Nothing if `call_id` is not open: a retried commit, or a commit after the
-    reservation was released or expired (that spend is then not charged: keep
-    reservation TTLs above the longest call).
+    A call whose reservation lapsed (expired or released for a lost orchestrator while
+    it ran) is still charged: all of its cost is overrun and the event says `late`.
+    Nothing if `call_id` is neither open nor lapsed: a retried commit, or a commit after
+    the call's own release.
     """
     if micro_usd < 0 or tokens < 0:
         raise ValueError(f"negative cost: {micro_usd} micro-USD, {tokens} tokens")
-    if state is None or call_id not in state.reservations:
+    if state is None:
+        return []
+    if call_id in state.lapsed:
+        return [BudgetCommitted(budget_id=state.budget_id, call_id=call_id, micro_usd=micro_usd,
+                                tokens=tokens, overrun_micro_usd=micro_usd,
+                                overrun_tokens=tokens, late=True)]
+    if call_id not in state.reservations:
         return []
     res = state.reservations[call_id]
     return [BudgetCommitted(budget_id=state.budget_id, call_id=call_id, micro_usd=micro_usd,

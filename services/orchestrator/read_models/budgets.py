@@ -13,6 +13,7 @@ from shared.infra.eventstore import EventStore, Projection
 def _budget_from_json(raw: str) -> BudgetState:
     data = msgspec.json.decode(raw)
     data["reservations"] = {k: Reservation(**v) for k, v in data["reservations"].items()}
+    data["lapsed"] = tuple(data.get("lapsed", ()))
     return BudgetState(**data)
 
 
