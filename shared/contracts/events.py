@@ -300,6 +300,100 @@ class LLMCallCompleted(Event, frozen=True):
     attempts: int
 
 
+# -- tools ------------------------------------------------------------------------------
+# A tool call's stream is `toolcall-<tool_call_id>`; definitions are versioned per
+# (tenant, name) like policies. The shapes of `spec` and `arguments` are the domain's
+# (`shared.domain.tools`), kept here as JSON so old events always decode.
+
+
+class ToolDefined(Event, frozen=True):
+    """A tenant's tool (stream `tool-<tenant>-<name>`); each definition a new version."""
+
+    tenant: str
+    name: str
+    spec: dict[str, object]  # shared.domain.tools.ToolSpec, as JSON (secrets by name only)
+
+
+class McpServerRegistered(Event, frozen=True):
+    """A tenant's MCP server (stream `mcpserver-<tenant>-<name>`) and the tools it listed."""
+
+    tenant: str
+    name: str
+    transport: str  # "http" (Streamable HTTP) or "stdio" (run in the sandbox on a node)
+    url: str | None = None
+    command: tuple[str, ...] = ()
+    headers: dict[str, str] = {}  # header -> the *name* of a tenant secret, never a value
+    tools: tuple[dict[str, object], ...] = ()  # as `tools/list` answered: name, description, inputSchema
+
+
+class ToolCallRequested(Event, frozen=True):
+    session_id: str
+    tool_call_id: str
+    tool: str  # the registry name ("python", "mcp.<server>.<tool>", a tenant's own)
+    tool_version: int
+    arguments: dict[str, object]
+    run_id: str | None = None  # the agent run that asked for it, if any
+
+
+class ToolCallDecided(Event, frozen=True):
+    """The orchestrator's verdict on a tool call, with the rule that decided it."""
+
+    session_id: str
+    tool_call_id: str
+    tool: str
+    verdict: str  # "allowed", "denied", "needs_approval"
+    rule: str
+    reason: str
+
+
+class ToolCallApprovalGiven(Event, frozen=True):
+    """A human's answer to a call that needed approval."""
+
+    session_id: str
+    tool_call_id: str
+    approved: bool
+    reason: str = ""
+    by: str = ""  # the key id that answered
+
+
+class ToolCallStarted(Event, frozen=True):
+    session_id: str
+    tool_call_id: str
+    tool: str
+    node: str
+
+
+class ToolCallFinished(Event, frozen=True):
+    """The tool ran to its end (`is_error`: it reported a failure, e.g. a non-zero exit)."""
+
+    session_id: str
+    tool_call_id: str
+    tool: str
+    node: str | None
+    is_error: bool
+    exit_code: int | None
+    duration_ms: float
+    cpu_s: float
+    peak_memory_mb: float
+    output_bytes: int  # all the output the tool produced, before the cap
+    truncated: bool
+    output: str  # the result as the caller sees it (capped)
+    output_ref: str | None = None  # the whole output in the object store, when above the cap
+
+
+class ToolCallFailed(Event, frozen=True):
+    """The call did not run to its end; `reason` names why."""
+
+    session_id: str
+    tool_call_id: str
+    tool: str
+    # "invalid_arguments", "denied", "rejected", "approval_expired", "timeout", "memory",
+    # "cpu", "node_lost", "no_node", "sandbox_error", "upstream_error", "cancelled"
+    reason: str
+    detail: str
+    node: str | None = None
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     SessionStarted,
     SessionClosed,
@@ -326,6 +420,14 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     LLMCallStarted,
     LLMCallFailed,
     LLMCallCompleted,
+    ToolDefined,
+    McpServerRegistered,
+    ToolCallRequested,
+    ToolCallDecided,
+    ToolCallApprovalGiven,
+    ToolCallStarted,
+    ToolCallFinished,
+    ToolCallFailed,
 )
 AnyEvent = Union[EVENT_TYPES]  # type: ignore[valid-type]
 EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in EVENT_TYPES)
@@ -360,6 +462,18 @@ def tenant_stream(tenant: str) -> str:
 
 def apikey_stream(key_id: str) -> str:
     return f"apikey-{key_id}"
+
+
+def tool_stream(tenant: str, name: str) -> str:
+    return f"tool-{tenant}-{name}"
+
+
+def mcpserver_stream(tenant: str, name: str) -> str:
+    return f"mcpserver-{tenant}-{name}"
+
+
+def toolcall_stream(tool_call_id: str) -> str:
+    return f"toolcall-{tool_call_id}"
 
 
 def new_id() -> str:

@@ -52,7 +52,23 @@ class Keepalive(msgspec.Struct, frozen=True, tag="keepalive", kw_only=True):
     pass
 
 
-Frame = Started | Delta | Done | Failed | Keepalive
+class ToolDone(msgspec.Struct, frozen=True, tag="tool_done", kw_only=True):
+    """A tool call's end on a node (`shared.contracts.subjects.node_tool`)."""
+
+    is_error: bool  # the tool reported a failure (non-zero exit, an MCP isError, HTTP >= 400)
+    exit_code: int | None = None
+    output: str = ""  # what the caller sees, at most the tool's max_output_bytes
+    output_bytes: int = 0  # all that the tool produced
+    truncated: bool = False
+    result: Any = None  # a JSON result when the tool gave one (python's `result`, MCP structuredContent)
+    duration_ms: float = 0.0
+    cpu_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    output_ref: str | None = None  # the whole output in the object store, when above the cap
+    node: str | None = None
+
+
+Frame = Started | Delta | Done | Failed | Keepalive | ToolDone
 
 
 class Credit(msgspec.Struct, frozen=True, tag="credit", kw_only=True):

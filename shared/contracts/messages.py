@@ -206,3 +206,41 @@ class ModelsRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 class ModelsReply(msgspec.Struct, frozen=True, kw_only=True):
     models: tuple[ModelInfo, ...]
+
+
+# -- tools ----------------------------------------------------------------------------
+
+
+class ToolLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What one tool call may use in the sandbox; exceeding one ends the call, named."""
+
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 512
+    cpu_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    max_output_bytes: Annotated[int, msgspec.Meta(ge=256, le=64 * 1024 * 1024)] = 1024 * 1024
+    processes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+
+
+class ToolExecRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Run one decided tool call on a node (`subjects.node_tool`).
+
+    `kind` and `target` say what runs: a builtin (`target` = "python", "shell",
+    "http_fetch", "files.read", ...), an HTTP tool (`http`: method, url, headers with
+    secret *values* resolved by the orchestrator for this call only; never logged), or
+    an MCP tool (`mcp`: transport, url or command, headers, the server's tool name).
+    `network` is the allowlist ("host" or "host:port"; empty: no network at all);
+    `filesystem` the session workspace's access ("none", "ro", "rw").
+    """
+
+    tool_call_id: str
+    tenant: str
+    session_id: str
+    tool: str
+    kind: Literal["builtin", "http", "mcp"]
+    target: str
+    arguments: dict[str, Any] = {}
+    limits: ToolLimits = ToolLimits()
+    network: tuple[str, ...] = ()
+    filesystem: Literal["none", "ro", "rw"] = "none"
+    http: dict[str, Any] | None = None
+    mcp: dict[str, Any] | None = None

@@ -67,6 +67,12 @@ def node_infer(node_id: str) -> str:
     return f"{NODE_PREFIX}.{node_id}.infer"
 
 
+def node_tool(node_id: str) -> str:
+    """A tool call on one node: a `ToolExecRequest` with a frame-stream reply
+    (`Started`, `Keepalive` while it runs, then `ToolDone` or `Failed`)."""
+    return f"{NODE_PREFIX}.{node_id}.tool"
+
+
 def node_id_from_subject(subject: str) -> str:
     """`nexus.node.<id>.<verb>` -> `<id>` (the id the sender's credentials vouch for)."""
     parts = subject.split(".")
