@@ -281,6 +281,87 @@ def projections_rebuild(name: str) -> None:
     click.echo(f"rebuilt {name}: {applied} events applied")
 
 
+@main.group(help="Tools: list, show, invoke in a session (the API key's tenant).")
+def tools() -> None:
+    pass
+
+
+def _api(method: str, path: str, body: object = None, timeout: float = 10.0) -> tuple[int, object]:
+    """One API call with the CLI's key: (status, decoded JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{_api_url()}{path}", data=data, method=method,
+                                     headers={**_auth_headers(), "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the orchestrator at {_api_url()}: {exc}") from exc
+
+
+def _problem(status: int, body: object) -> click.ClickException:
+    detail = body.get("detail") if isinstance(body, dict) else body
+    return click.ClickException(f"{status}: {detail}")
+
+
+def tools_table(items: list[dict]) -> str:
+    lines = [f"{'NAME':<32}{'SOURCE':<9}{'KIND':<9}{'VER':>4}  {'EFFECT':<15}{'APPROVAL':<9}DESCRIPTION"]
+    for t in items:
+        lines.append(f"{t['name'][:31]:<32}{t['source']:<9}{t['kind']:<9}{t['version']:>4}  "
+                     f"{t['effect']:<15}{'yes' if t['needs_approval'] else '-':<9}"
+                     f"{(t['description'] or '').splitlines()[0][:60] if t['description'] else ''}")
+    return "\n".join(lines)
+
+
+@tools.command("list", help="Every tool the tenant can call: builtins, its own, MCP tools.")
+def tools_list() -> None:
+    status, body = _api("GET", "/v1/tools")
+    if status != 200:
+        raise _problem(status, body)
+    click.echo(tools_table(body["tools"]))  # type: ignore[index]
+
+
+@tools.command("show", help="One tool's definition (JSON).")
+@click.argument("name")
+def tools_show(name: str) -> None:
+    import json
+    import urllib.parse
+
+    status, body = _api("GET", f"/v1/tools/{urllib.parse.quote(name, safe='')}")
+    if status != 200:
+        raise _problem(status, body)
+    click.echo(json.dumps(body, indent=2))
+
+
+@tools.command("invoke", help="Call a tool in a session; prints the call (JSON). A call that "
+                              "needs approval prints its id and status pending_approval.")
+@click.argument("name")
+@click.option("--session", "session_id", required=True, help="The session the call belongs to.")
+@click.option("--args", "arguments", default="{}", show_default=True,
+              help="The arguments, a JSON object.")
+def tools_invoke(name: str, session_id: str, arguments: str) -> None:
+    import json
+    import urllib.parse
+
+    try:
+        parsed = json.loads(arguments)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--args") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--args")
+    status, body = _api("POST", f"/v1/sessions/{urllib.parse.quote(session_id, safe='')}/tools/"
+                                f"{urllib.parse.quote(name, safe='')}/invoke",
+                        {"arguments": parsed}, timeout=3600)
+    if status not in (200, 202):
+        raise _problem(status, body)
+    click.echo(json.dumps(body, indent=2))
+
+
 @main.group(help="Documentation generated from the code.")
 def docs() -> None:
     pass

@@ -458,3 +458,52 @@ def test_nexus_up_gives_each_service_its_own_nats_login(tmp_path: Path) -> None:
                               for p in (up.data_dir / "logs").glob("*.log")),
                (up.data_dir / "nats" / "nats.log").read_text(errors="replace")]
     assert not any(pw in text for pw in passwords for text in written)
+
+
+# -- the session workspaces (JetStream Object Store) -----------------------------------
+
+async def test_a_node_uses_the_workspace_buckets_but_no_other_stream_nor_another_nodes_name(
+        strict: Secured, login: Connect) -> None:
+    """Exactly as under `nexus up`: the services create the buckets, a node puts, gets,
+    lists and deletes objects in them through its private inbox, and still cannot
+    manage them, read another stream or publish as another node."""
+    from services.node.workspace import WorkspaceStore
+
+    creds = strict.credentials
+    orchestrator = await Bus.connect(strict.nats.url, "orchestrator", user="orchestrator",
+                                     password=creds.service("orchestrator").password)
+    node_a = await login(strict, creds.node(NODE_A), inbox_prefix=node_inbox_prefix(NODE_A))
+    try:
+        await orchestrator.ensure_streams()  # the buckets too
+        received = await collect(orchestrator.nc, f"{subjects.NODE_PREFIX}.>")
+        store = WorkspaceStore(node_a.nc.jetstream(timeout=2), quota_bytes=2**20, timeout_s=5)
+        await store.write("acme", "s1", "dir/a.txt", b"x" * 300_000)  # chunked: 3 messages
+        assert (await store.read("acme", "s1", "dir/a.txt"))[0] == b"x" * 300_000
+        await store.write("acme", "s1", "dir/a.txt", b"small")  # the old blob is deleted
+        assert list(await store.manifest("acme", "s1")) == ["dir/a.txt"]
+        ref = await store.put_output("acme", "s1", "call-1", b"y" * 1000)
+        assert await store.get_output(ref) == b"y" * 1000
+        assert node_a.errors == []
+
+        js = node_a.nc.jetstream(timeout=0.5)
+        refused = [f"$JS.API.STREAM.DELETE.{subjects.WORKSPACE_BUCKET.stream}",
+                   f"$JS.API.STREAM.UPDATE.{subjects.WORKSPACE_BUCKET.stream}",
+                   f"$JS.API.STREAM.INFO.{subjects.HEARTBEATS_STREAM.name}"]
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.delete_stream(subjects.WORKSPACE_BUCKET.stream)
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.stream_info(subjects.HEARTBEATS_STREAM.name)
+        await node_a.nc.publish(f"$JS.API.STREAM.UPDATE.{subjects.WORKSPACE_BUCKET.stream}", b"{}")
+        await node_a.nc.publish(subjects.node_heartbeat(NODE_B), b"{}")  # as another node
+        await node_a.nc.publish(subjects.node_heartbeat(NODE_A), b"{}")
+        await node_a.nc.flush()
+        await eventually(lambda: received, "A's own heartbeat")
+        await orchestrator.nc.flush()
+        assert [m.subject for m in received] == [subjects.node_heartbeat(NODE_A)]
+        await eventually(lambda: all(node_a.violated("publish", s) for s in
+                                     [*refused, subjects.node_heartbeat(NODE_B)]),
+                         "A to be told each refused publish was refused")
+        info = await orchestrator.js.stream_info(subjects.WORKSPACE_BUCKET.stream)
+        assert info.config.max_bytes == subjects.WORKSPACE_BUCKET.max_bytes  # unchanged
+    finally:
+        await orchestrator.close()

@@ -27,6 +27,7 @@ TABLE_OWNERS: dict[str, str] = {
     "projection_checkpoints": EVENT_STORE,
     "idempotency_keys": "services.orchestrator.idempotency",
     "rate_windows": "services.orchestrator.ratelimits",
+    "tenant_secrets": "services.orchestrator.secrets",
     **{table: type(p).__module__ for p in PROJECTIONS for table in p.tables},
 }
 POOL_HOLDERS = {*TABLE_OWNERS.values(), "shared.infra.service"}  # the runtime opens/closes it

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from tests.test_tenants import member_of, tenant_admin
 
 # path parameter -> how to get the other tenant's (B's) id from the setup below
-OWNED = {"session_id", "key_id"}
+OWNED = {"session_id", "key_id", "name", "call_id"}
 # a route's parameter that names no tenant's resource, and why it is not checked here
 NOT_OWNED = {
     "node_id": "nodes are the platform's shared machines, not a tenant's resource",
@@ -28,7 +29,11 @@ NOT_OWNED = {
 BODIES = {
     ("post", "/v1/sessions/{session_id}/messages"): {"content": "hello"},
     ("put", "/v1/tenants/{tenant}/budget"): {"limit_usd": 1},
+    ("post", "/v1/sessions/{session_id}/tools/{name}/invoke"): {"arguments": {}},
+    ("post", "/v1/sessions/{session_id}/tool-calls/{call_id}/approval"): {"approve": True},
 }
+# routes whose answer to another tenant's id is not a 404, and why
+UPSERTS = {("put", "/v1/secrets/{name}"): "sets the caller's own secret of that name"}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,25 @@ def world(platform):
     session_b = httpx.post(f"{platform.api}/v1/sessions", headers=admin_b,
                            json={"policy": "b-secret", "budget": {"limit_usd": 3}})
     assert session_b.status_code == 201, session_b.text
+    sid_b = session_b.json()["session_id"]
+    # B's tool, secret and tool call (all under one name where a route takes `{name}`)
+    assert httpx.post(f"{platform.api}/v1/tools", headers=admin_b, json={
+        "name": "bthing", "builtin": "python", "needs_approval": True}).status_code == 201
+    assert httpx.put(f"{platform.api}/v1/secrets/bthing", headers=admin_b,
+                     json={"value": "b-value"}).status_code == 200
+    # B's MCP server (a stdio one: it runs in the node's sandbox, nothing else to start)
+    stdio = (Path(__file__).parent / "mcp_stdio_server.py").read_text()
+    assert httpx.post(f"{platform.api}/v1/mcp-servers", headers=admin_b, timeout=30, json={
+        "name": "bthing", "command": ["/usr/bin/python3", "-I", "-S", "-c", stdio]}
+        ).status_code == 201
+    assert httpx.post(f"{platform.api}/v1/sessions/{sid_b}/tools/bthing/invoke", headers=admin_b,
+                      json={"arguments": {"code": "1"}}).status_code == 403  # recorded, denied
+    call_b = next(e["data"]["tool_call_id"] for e in httpx.get(
+        f"{platform.api}/v1/sessions/{sid_b}/events", headers=admin_b).json()["events"]
+        if e["type"] == "ToolCallRequested")
     return {"platform": platform, "a": a, "b": b, "admin_a": admin_a, "admin_b": admin_b,
-            "ids_b": {"session_id": session_b.json()["session_id"], "key_id": key_b}}
+            "ids_b": {"session_id": sid_b, "key_id": key_b, "name": "bthing",
+                      "call_id": call_b}}
 
 
 def routes(platform) -> list[tuple[str, str, list[str]]]:
@@ -73,7 +95,7 @@ def test_another_tenants_ids_are_not_found_on_every_route(world) -> None:
         unknown = [p for p in params if p not in OWNED and p not in NOT_OWNED]
         assert not unknown, (f"{method.upper()} {path}: path parameter(s) {unknown} unknown to "
                              "this test; add them to OWNED (with B's id) or NOT_OWNED (why)")
-        if not set(params) & OWNED:
+        if not set(params) & OWNED or (method, path) in UPSERTS:
             continue
         theirs = path.format(**world["ids_b"])
         nobody = path.format(**{p: f"missing-{uuid.uuid4().hex[:8]}" for p in params})

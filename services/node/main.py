@@ -7,13 +7,14 @@ import contextlib
 import logging
 
 from shared.contracts import subjects
-from shared.contracts.messages import CompletionRequest, RuntimeInfo
+from shared.contracts.messages import CompletionRequest, RuntimeInfo, ToolExecRequest
 from shared.infra.nats_auth import node_inbox_prefix
 from shared.domain.nodes import load_or_create_node_id
 from shared.infra.service import ServiceRuntime
 from shared.infra.settings import Settings, get_settings
 from services.node.daemon import NodeDaemon
 from services.node.runtime import ManagedLlama, Relay, probe
+from services.node.tools import tool_runner
 
 log = logging.getLogger("nexus.node")
 
@@ -53,6 +54,9 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
                   max_queue=settings.node_max_queue)
     await bus.subscribe(subjects.node_infer(agent.node_id), CompletionRequest, relay.on_infer,
                         concurrent=True)
+    tools = tool_runner(agent.node_id, bus, settings)
+    await bus.subscribe(subjects.node_tool(agent.node_id), ToolExecRequest, tools.on_tool,
+                        concurrent=True)
     try:
         registering = asyncio.create_task(agent.register(bus, settings.request_timeout_s))
         stop = asyncio.create_task(runtime.wait_for_stop())
@@ -75,6 +79,7 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
             managed.stop()
         agent.gpus.close()
         await runtime.stop()
+        await tools.close()
 
 
 def main() -> None:

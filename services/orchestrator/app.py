@@ -45,6 +45,12 @@ from services.orchestrator.ratelimits import RateCounter
 from services.orchestrator.schemas import Health, ServicePing, SystemPing
 from services.orchestrator.sessions import SessionService
 from services.orchestrator.sessions_api import EventsController, SessionsController
+from services.orchestrator.secrets import SecretStore
+from services.orchestrator.mcp_api import McpServersController
+from services.orchestrator.mcp_gateway import McpGateway
+from services.orchestrator.mcp_servers import McpServerService, tool_node as _tool_node
+from services.orchestrator.tools import ToolService
+from services.orchestrator.tools_api import SecretsController, ToolCallsController, ToolsController
 
 log = logging.getLogger("nexus.orchestrator")
 
@@ -172,6 +178,16 @@ def create_app(settings: Settings) -> Litestar:
         app.state.key_service = KeyService(runtime.store, settings.admin_key, runner)
         app.state.idempotency = IdempotencyStore(runtime.pool, lease_s=settings.reservation_ttl_s,
                                                  wait_s=settings.idempotency_wait_s)
+        app.state.secrets = SecretStore(runtime.pool, settings.admin_key)
+        app.state.tools = ToolService(
+            runtime.store, runner, runtime.bus, app.state.sessions, app.state.policies,
+            app.state.secrets, RateCounter(runtime.pool), selector, app.state.nodes.view,
+            first_frame_timeout_s=settings.request_timeout_s,
+            idle_timeout_s=settings.node_offline_after_s)
+        app.state.mcp_servers = McpServerService(
+            runtime.store, runner, runtime.bus, pick_node=_tool_node(app.state.tools),
+            resolve=app.state.secrets.resolve)
+        app.state.tools.mcp_source = app.state.mcp_servers  # mcp.<server>.<tool> in the registry
         await app.state.nodes.start()
         _register_gauges(app.state.nodes, runner)
         tasks = [asyncio.create_task(runner.run(), name="projections"),
@@ -207,18 +223,23 @@ def create_app(settings: Settings) -> Litestar:
 
         return Provide(provide, sync_to_thread=False)
 
+    gateway = McpGateway(settings.max_body_bytes)  # /v1/mcp: MCP over Streamable HTTP
     return with_contract(Litestar(
         route_handlers=[health, prometheus_metrics, system_ping, SessionsController,
                         KeysController, NodesController,
-                        ChatController, EventsController],
-        lifespan=[lifespan],
+                        ChatController, EventsController, ToolsController,
+                        ToolCallsController, SecretsController, McpServersController,
+                        gateway.route()],
+        lifespan=[lifespan, gateway.lifespan],
         dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False),
                       "nodes": Provide(provide_nodes, sync_to_thread=False),
                       "keys": Provide(provide_keys, sync_to_thread=False),
                       "caller": Provide(provide_principal, sync_to_thread=False),
                       "calls": from_state("calls"), "budgets": from_state("budgets"),
                       "policies": from_state("policies"),
-                      "idempotency": from_state("idempotency")},
+                      "idempotency": from_state("idempotency"),
+                      "tools": from_state("tools"), "secrets": from_state("secrets"),
+                      "mcp_servers": from_state("mcp_servers")},
         middleware=[DefineMiddleware(BearerKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=reject_unstorable_text,  # NUL in any text: a 400 naming the field

@@ -107,7 +107,8 @@ DESCRIPTIONS = {
     409: "A conflict: the session is closed or changing, or a request with this "
          "Idempotency-Key is still running (retry after `Retry-After`)",
     413: "The body is larger than NEXUS_MAX_BODY_BYTES",
-    422: "This Idempotency-Key was used before with another request",
+    422: "This Idempotency-Key was used before with another request, or the input breaks a "
+         "rule (a tool definition, arguments failing the tool's schema): `rule`, `errors`",
     429: "A rate limit of the policy (`rule`); retry later",
     502: "The model's upstream failed and no fallback answered",
     503: "A dependency (provider, Postgres, NATS) is unavailable; retry after `Retry-After`",
@@ -130,8 +131,15 @@ EXTRA: dict[tuple[str, str], set[int]] = {
     ("post", "/v1/sessions/{session_id}/close"): {409},
     ("post", "/v1/chat/completions"): CHAT,
     ("post", "/v1/sessions/{session_id}/messages"): CHAT,
+    ("post", "/v1/tools"): {403, 409, 422},
+    ("post", "/v1/sessions/{session_id}/tools/{name}/invoke"): {403, 409, 422, 429},
+    ("post", "/v1/sessions/{session_id}/tool-calls/{call_id}/approval"): {403, 409, 422},
+    ("put", "/v1/secrets/{name}"): {403, 409},
+    ("get", "/v1/secrets"): {403},
+    ("delete", "/v1/secrets/{name}"): {403},
+    ("post", "/v1/mcp-servers"): {409, 502, 504},
 }
-OWNED_IDS = ("{session_id}", "{key_id}", "{node_id}")
+OWNED_IDS = ("{session_id}", "{key_id}", "{node_id}", "{name}", "{call_id}")
 PUBLIC = ("/health", "/schema")
 STREAMING = {("post", "/v1/chat/completions"), ("post", "/v1/sessions/{session_id}/messages")}
 OPTIONAL_BODY = {("post", "/v1/sessions/{session_id}/close")}  # `data: ... | None = None`
@@ -153,6 +161,8 @@ LINKS: dict[tuple[str, str, str], list[tuple[str, str, dict[str, str]]]] = {
         ("get", "/v1/sessions/{session_id}", {"session_id": "$response.header.X-Nexus-Session"}),
         ("get", "/v1/sessions/{session_id}/messages",
          {"session_id": "$response.header.X-Nexus-Session"})],
+    ("post", "/v1/mcp-servers", "201"): [("get", "/v1/mcp-servers/{name}",
+                                         {"name": "$response.body#/name"})],
     ("get", "/v1/nodes", "200"): [("get", "/v1/nodes/{node_id}",
                                    {"node_id": "$response.body#/nodes/0/node_id"})],
 }

@@ -113,6 +113,17 @@ def problem_for(error: errors.NexusError) -> Problem:
                 error.error, "upstream-failed")
             status = error.status if 400 <= error.status < 600 else 502
             return Problem(status, slug, error.detail)
+        case errors.NotFound():
+            return Problem(404, "not-found", error.detail)
+        case errors.Conflict():
+            return Problem(409, "conflict", error.detail)
+        case errors.InvalidEntity():
+            return Problem(422, "invalid", error.detail, rule=error.rule, errors=error.errors)
+        case errors.NoNodeAvailable():
+            return Problem(503, "no-node", error.detail, headers={"Retry-After": "2"})
+        case errors.McpServerFailed():
+            return Problem(504 if error.reason == "timeout" else 502, "mcp-server-failed",
+                           error.detail, server=error.server, reason=error.reason)
     return Problem(500, "internal", "internal error; see logs by trace_id")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -321,3 +321,191 @@ class ProblemOut(msgspec.Struct, frozen=True, kw_only=True):
     instance: str
     trace_id: str | None
     errors: list[FieldError] | None = None
+
+
+# -- tools ------------------------------------------------------------------------------
+
+ToolName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+HostPort = Annotated[str, msgspec.Meta(min_length=1, max_length=260)]
+
+
+class ToolPermissionsIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    network: Annotated[list[HostPort], msgspec.Meta(max_length=64)] | Literal["none"] = "none"
+    filesystem: Literal["none", "ro", "rw"] = "none"
+
+
+class ToolLimitsIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    memory_mb: Annotated[int, msgspec.Meta(ge=16, le=65536)] = 512
+    cpu_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    max_output_bytes: Annotated[int, msgspec.Meta(ge=256, le=64 * 1024 * 1024)] = 1024 * 1024
+    processes: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
+
+
+class HttpToolIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url_template: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    # header -> the NAME of a tenant secret (PUT /v1/secrets/{name}), never a value
+    headers: Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=128)],
+                            Annotated[str, msgspec.Meta(min_length=1, max_length=128)]],
+                       msgspec.Meta(max_length=32)] = {}
+
+
+class ToolIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A tenant tool: `kind` builtin (instantiating `builtin` with its own permissions) or
+    http (`http`). `parameters` is the JSON Schema of its arguments (an object)."""
+
+    name: ToolName
+    description: Annotated[str, msgspec.Meta(max_length=4096)] = ""
+    kind: Literal["builtin", "http"] = "builtin"
+    builtin: Literal["python", "shell", "http_fetch", "files.read", "files.write",
+                     "files.list"] | None = None
+    parameters: dict[str, Any] | None = None
+    permissions: ToolPermissionsIn = ToolPermissionsIn()
+    limits: ToolLimitsIn = ToolLimitsIn()
+    needs_approval: bool = False
+    effect: Literal["read_only", "idempotent", "side_effecting"] = "side_effecting"
+    http: HttpToolIn | None = None
+    node_labels: Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=64)],
+                                Annotated[str, msgspec.Meta(max_length=256)]],
+                           msgspec.Meta(max_length=16)] = {}
+    expected_version: Annotated[int, msgspec.Meta(ge=0)] | None = None  # 0: must be new
+
+
+class ToolOut(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    description: str
+    parameters: dict[str, Any]
+    kind: str
+    builtin: str | None
+    source: str  # builtin, tenant, mcp
+    version: int  # 0 for builtins
+    permissions: dict[str, Any]
+    limits: dict[str, Any]
+    needs_approval: bool
+    effect: str
+    http: dict[str, Any] | None = None
+    mcp: dict[str, Any] | None = None
+    node_labels: dict[str, str] = {}
+
+
+class ToolList(msgspec.Struct, frozen=True, kw_only=True):
+    tools: list[ToolOut]
+
+
+class ToolInvokeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    arguments: dict[str, Any] = {}
+    run_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NAME)] | None = None
+
+
+class ToolCallView(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool call: `status` requested, pending_approval, approved, running, finished or
+    failed (`error` names why: invalid_arguments, denied, rejected, timeout, memory, cpu,
+    node_lost, no_node, sandbox_error, upstream_error, cancelled, ...)."""
+
+    tool_call_id: str
+    session_id: str
+    tool: str
+    tool_version: int
+    status: str
+    arguments: dict[str, Any] = {}
+    run_id: str | None = None
+    verdict: str | None = None
+    rule: str | None = None
+    reason: str | None = None
+    approved: bool | None = None
+    approved_by: str | None = None
+    node: str | None = None
+    is_error: bool | None = None
+    exit_code: int | None = None
+    output: str | None = None
+    result: Any = None
+    output_bytes: int | None = None
+    truncated: bool | None = None
+    output_ref: str | None = None
+    duration_ms: float | None = None
+    cpu_s: float | None = None
+    peak_memory_mb: float | None = None
+    error: str | None = None
+    detail: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class ToolApprovalIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    approve: bool
+    reason: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+
+
+SECRET_NAME = r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$"
+
+
+class SecretIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    value: Annotated[str, msgspec.Meta(min_length=1, max_length=16384)]
+
+
+class SecretOut(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class SecretList(msgspec.Struct, frozen=True, kw_only=True):
+    secrets: list[SecretOut]
+
+
+# -- MCP servers (services/orchestrator/mcp_servers.py) -----------------------------------
+
+McpServerName = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                            pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+
+
+class McpServerIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A tenant's MCP server: `url` (Streamable HTTP) or `command` (an argv run over
+    stdio inside the sandbox on a node), exactly one. `headers` map a header to the NAME
+    of a tenant secret (PUT /v1/secrets/{name}). `limits` bound the listing and every
+    call of its tools; `needs_approval` and `effect` apply to each of its tools. A stdio
+    server gets no network."""
+
+    name: McpServerName
+    url: Annotated[str, msgspec.Meta(min_length=8, max_length=2048,
+                                     pattern=r"^https?://[^\s@/?#]+[^\s]*$")] | None = None
+    command: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=65536)]],
+                       msgspec.Meta(min_length=1, max_length=64)] | None = None
+    headers: Annotated[dict[Annotated[str, msgspec.Meta(
+                                pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")],
+                            Annotated[str, msgspec.Meta(pattern=SECRET_NAME)]],
+                       msgspec.Meta(max_length=32)] = {}
+    limits: ToolLimitsIn = ToolLimitsIn(timeout_s=10.0)
+    needs_approval: bool = False
+    effect: Literal["read_only", "idempotent", "side_effecting"] = "side_effecting"
+
+
+class McpToolOut(msgspec.Struct, frozen=True, kw_only=True):
+    name: str  # the registry's name: mcp.<server>.<tool>
+    tool: str  # the server's own name
+    description: str
+    parameters: dict[str, Any]
+
+
+class McpSkippedOut(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    reason: str
+
+
+class McpServerOut(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    version: int
+    transport: str  # http or stdio
+    url: str | None
+    command: list[str]
+    headers: dict[str, str]  # header -> secret name
+    tools: list[McpToolOut]
+    skipped: list[McpSkippedOut]  # listed tools left out, with the reason
+    limits: dict[str, Any]
+    needs_approval: bool
+    effect: str
+
+
+class McpServerList(msgspec.Struct, frozen=True, kw_only=True):
+    servers: list[McpServerOut]

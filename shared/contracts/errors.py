@@ -84,3 +84,41 @@ class CallFailed(NexusError):
         super().__init__(detail)
         self.error = error
         self.status = status
+
+
+class NotFound(NexusError):
+    """No such thing for this tenant (another tenant's is not found either): `what`
+    is its kind ("tool", "tool call", "secret", ...)."""
+
+    def __init__(self, what: str, name: str) -> None:
+        super().__init__(f"{what} {name!r} not found")
+        self.what = what
+        self.name = name
+
+
+class Conflict(NexusError):
+    """The thing changed meanwhile, or is not in a state that allows this."""
+
+
+class InvalidEntity(NexusError):
+    """Well-formed input that breaks a rule (a tool's schema, arguments failing it):
+    `errors` name each field (`field`, `message`); `rule` the rule broken."""
+
+    def __init__(self, detail: str, errors: list[dict[str, str]], rule: str) -> None:
+        super().__init__(detail)
+        self.errors = errors
+        self.rule = rule
+
+
+class NoNodeAvailable(NexusError):
+    """No online, non-draining node can take the work now."""
+
+
+class McpServerFailed(NexusError):
+    """An MCP server did not answer usably (registration's `tools/list`): `reason` is
+    the node's (`timeout`, `upstream_error`, `sandbox_error`, ...), `server` its name."""
+
+    def __init__(self, server: str, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.server = server
+        self.reason = reason

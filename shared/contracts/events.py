@@ -324,6 +324,11 @@ class McpServerRegistered(Event, frozen=True):
     command: tuple[str, ...] = ()
     headers: dict[str, str] = {}  # header -> the *name* of a tenant secret, never a value
     tools: tuple[dict[str, object], ...] = ()  # as `tools/list` answered: name, description, inputSchema
+    # listed tools left out (unusable name, invalid inputSchema), each with its reason
+    skipped: tuple[dict[str, str], ...] = ()
+    limits: dict[str, object] = {}  # ToolLimits of its tools' calls, as JSON ({}: the defaults)
+    needs_approval: bool = False  # every call of its tools waits for a human
+    effect: str = "side_effecting"  # of its tools (read_only, idempotent, side_effecting)
 
 
 class ToolCallRequested(Event, frozen=True):
@@ -379,6 +384,7 @@ class ToolCallFinished(Event, frozen=True):
     truncated: bool
     output: str  # the result as the caller sees it (capped)
     output_ref: str | None = None  # the whole output in the object store, when above the cap
+    result: object = None  # a JSON result when the tool gave one (ToolDone.result)
 
 
 class ToolCallFailed(Event, frozen=True):

@@ -121,3 +121,57 @@ HEARTBEATS_STREAM = StreamSpec(
 )
 
 STREAMS: tuple[StreamSpec, ...] = (DEADLETTER_STREAM, HEARTBEATS_STREAM)
+
+
+# -- object stores ----------------------------------------------------------------------
+# JetStream Object Store buckets (each is the stream `OBJ_<bucket>`, subjects
+# `$O.<bucket>.C.>` for chunks and `$O.<bucket>.M.>` for metadata), created or updated
+# idempotently at service start like the streams above; a node creates one only if it
+# is missing (its credentials may use, not manage, them: shared.infra.nats_auth).
+
+
+@dataclass(frozen=True)
+class ObjectStoreSpec:
+    """A JetStream Object Store bucket. Full buckets refuse new objects (DiscardNew)."""
+
+    bucket: str
+    max_bytes: int = -1
+    ttl_s: float | None = None  # objects older than this are removed; None: kept
+    description: str = ""
+
+    @property
+    def stream(self) -> str:
+        return f"OBJ_{self.bucket}"
+
+
+# Session workspaces (services.node.workspace): each session's files as content-addressed
+# blobs `<tenant>/<session_id>/blobs/<sha256>` plus one manifest object
+# `<tenant>/<session_id>/manifest` (path -> blob), so a sync out commits atomically.
+WORKSPACE_BUCKET = ObjectStoreSpec(
+    bucket="NEXUS_WORKSPACES",
+    max_bytes=2 * 1024 * 1024 * 1024,
+    description="Session workspaces: files tool calls read and write, per tenant and session",
+)
+
+# Whole outputs of tool calls above their max_output_bytes (`ToolDone.output_ref`).
+TOOL_OUTPUT_BUCKET = ObjectStoreSpec(
+    bucket="NEXUS_TOOL_OUTPUTS",
+    max_bytes=512 * 1024 * 1024,
+    ttl_s=7 * 24 * 3600,
+    description="Whole outputs of tool calls above their cap, kept a week",
+)
+
+OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (WORKSPACE_BUCKET, TOOL_OUTPUT_BUCKET)
+
+
+def tool_output_ref(tenant: str, session_id: str, tool_call_id: str) -> str:
+    """`ToolDone.output_ref`: `<bucket>/<object name>` of a call's whole output."""
+    return f"{TOOL_OUTPUT_BUCKET.bucket}/{tenant}/{session_id}/{tool_call_id}"
+
+
+def parse_output_ref(ref: str) -> tuple[str, str]:
+    """`ToolDone.output_ref` -> (bucket, object name)."""
+    bucket, sep, name = ref.partition("/")
+    if not sep or not name or bucket != TOOL_OUTPUT_BUCKET.bucket:
+        raise ValueError(f"not a tool output reference: {ref!r}")
+    return bucket, name

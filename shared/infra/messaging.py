@@ -28,7 +28,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DeliverPolicy, StreamConfig
+from nats.js.api import DeliverPolicy, DiscardPolicy, StreamConfig
 from nats.js.errors import BadRequestError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -177,6 +177,29 @@ class Bus:
                 max_msgs=spec.max_msgs,
                 max_bytes=spec.max_bytes,
                 max_msgs_per_subject=spec.max_msgs_per_subject,
+            )
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                await self.js.update_stream(config)
+        if specs is subjects.STREAMS:
+            await self.ensure_object_stores()
+
+    async def ensure_object_stores(
+            self, specs: tuple[subjects.ObjectStoreSpec, ...] = subjects.OBJECT_STORES) -> None:
+        """Create each Object Store bucket, or update it to the declared limits; safe to
+        repeat. The stream is configured as nats-py's `create_object_store` does (rollup
+        headers, direct get, DiscardNew), with our size and age limits."""
+        for spec in specs:
+            config = StreamConfig(
+                name=spec.stream,
+                description=spec.description or None,
+                subjects=[f"$O.{spec.bucket}.C.>", f"$O.{spec.bucket}.M.>"],
+                max_age=spec.ttl_s,
+                max_bytes=spec.max_bytes,
+                discard=DiscardPolicy.NEW,
+                allow_rollup_hdrs=True,
+                allow_direct=True,
             )
             try:
                 await self.js.add_stream(config)

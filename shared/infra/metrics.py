@@ -61,6 +61,8 @@ def setup_metrics(resource: Resource) -> MeterProvider:
              aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
         View(instrument_name="gen_ai.client.token.usage",
              aggregation=ExplicitBucketHistogramAggregation(_TOKEN_BUCKETS)),
+        View(instrument_name="nexus.tool.duration",
+             aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
     ]
     _provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
     metrics.set_meter_provider(_provider)
@@ -161,6 +163,23 @@ class ControlMetrics:
         self.budget_overrun_tokens = m.create_counter(
             "nexus.budget.overrun.tokens", unit="{token}",
             description="Tokens committed beyond the calls' reservations, by budget scope")
+
+
+class ToolMetrics:
+    """Node side: tool calls by tool and outcome, their duration, sandbox starts.
+
+    `gen_ai.tool.name` is the builtin's name, or the kind (`http`, `mcp`) for a tenant's
+    own tools (bounded); `outcome` is `ok`, `error` (the tool reported a failure) or the
+    `Failed.error` reason (`timeout`, `memory`, `overloaded`, ...)."""
+
+    def __init__(self) -> None:
+        m = _meter()
+        self.calls = m.create_counter(
+            "nexus.tool.calls", unit="{call}", description="Tool calls by tool and outcome")
+        self.duration = m.create_histogram(
+            "nexus.tool.duration", unit="s", description="Duration of tool calls on nodes")
+        self.sandbox_starts = m.create_counter(
+            "nexus.sandbox.starts", unit="{start}", description="Sandboxes started, by tool")
 
 
 def observe_gauges(name: str, unit: str, description: str,

@@ -196,9 +196,10 @@ def load_or_create_credentials(path: Path, *, services: Iterable[str] = SERVICE_
 
 def _q(value: str) -> str:
     """A double-quoted nats.conf string (only characters that need no escaping)."""
-    if not re.fullmatch(r"[A-Za-z0-9_.>*-]+", value):  # not quoted back: may be a password
+    # `$` only as JetStream's own prefix (`$JS.`, `$O.`): quoted, it is no variable
+    if not re.fullmatch(r"(\$(JS|O)\.)?[A-Za-z0-9_.>*-]+", value):  # not quoted back: may be a password
         raise ValueError("refusing to write a nats.conf string with characters "
-                         "other than A-Z a-z 0-9 _ . > * -")
+                         "other than A-Z a-z 0-9 _ . > * - (and a leading $JS. or $O.)")
     return f'"{value}"'
 
 
@@ -215,7 +216,28 @@ def node_permissions(node_id: str, *, private_inboxes: bool = False) -> tuple[li
     """
     own = f"{subjects.NODE_PREFIX}.{_check_name('node id', node_id)}.>"
     inbox = f"{node_inbox_prefix(node_id)}.>" if private_inboxes else f"{INBOX_PREFIX}.>"
-    return [own], [own, subjects.PING_NODE, inbox]
+    buckets = [s for spec in subjects.OBJECT_STORES for s in object_store_permissions(spec)]
+    # nats-py's ordered consumer (an object get) looks its stream up by subject: this
+    # lists stream names only, never their configuration or content
+    return [own, *buckets, "$JS.API.STREAM.NAMES"], [own, subjects.PING_NODE, inbox]
+
+
+def object_store_permissions(spec: subjects.ObjectStoreSpec) -> list[str]:
+    """What a client needs to put, get, list and delete objects of one Object Store
+    bucket (nats-py's ObjectStore), and nothing to create, change or delete the bucket
+    itself nor to touch any other stream: its chunk and metadata subjects, and the
+    JetStream API calls on its stream only (info, message get, purge of one object's
+    chunks, the ordered consumer a get reads through and its flow control)."""
+    stream = spec.stream
+    api = "$JS.API"
+    return [f"$O.{spec.bucket}.>",
+            f"{api}.STREAM.INFO.{stream}",
+            f"{api}.STREAM.MSG.GET.{stream}",
+            f"{api}.STREAM.PURGE.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}.>",
+            f"{api}.CONSUMER.DELETE.{stream}.*",
+            f"$JS.FC.{stream}.>"]
 
 
 def _responses(max_responses: int, response_ttl_s: int) -> str:

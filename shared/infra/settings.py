@@ -194,6 +194,18 @@ class Settings:
     node_selection: str = setting(
         "NEXUS_NODE_SELECTION", "least_loaded", shown="",
         doc="`round_robin`, `least_loaded` (default) or `power_of_two`.")
+    node_tool_concurrency: int = setting(
+        "NEXUS_NODE_TOOL_CONCURRENCY", 4,
+        doc="tool calls a node runs at once; one more is answered `overloaded` at once "
+            "(never queued).")
+    workspace_quota_mb: float = setting(
+        "NEXUS_WORKSPACE_QUOTA_MB", 100.0,
+        doc="the most a session's workspace may hold, MiB; a call that would exceed it "
+            "fails (`quota`) and keeps nothing.")
+    tool_output_store_mb: float = setting(
+        "NEXUS_TOOL_OUTPUT_STORE_MB", 16.0,
+        doc="a tool output above its call's cap is kept whole in the object store "
+            "(`output_ref`) up to this size, MiB.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -42,6 +42,7 @@ from shared.contracts.frames import (
     Frame,
     Keepalive,
     Started,
+    ToolDone,
 )
 from shared.infra.messaging import Bus, NoResponders, RequestTimeout
 from shared.infra.tracing import inject_headers
@@ -129,7 +130,7 @@ class StreamSender:
         self.seq += 1
         await self._publish(Delta(seq=self.seq, content=content, tool_calls=tool_calls))
 
-    async def done(self, done: Done) -> None:
+    async def done(self, done: Done | ToolDone) -> None:
         await self._publish(done)
 
     async def fail(self, failed: Failed) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 from shared.infra.eventstore import Projection
 from services.orchestrator.read_models.api_keys import ApiKeysProjection
 from services.orchestrator.read_models.budgets import BudgetsProjection
+from services.orchestrator.read_models.mcp_servers import McpServersProjection
 from services.orchestrator.read_models.messages import MessagesProjection
 from services.orchestrator.read_models.node_registry import NodesProjection
 from services.orchestrator.read_models.policies import PoliciesProjection
 from services.orchestrator.read_models.sessions import SessionsProjection
+from services.orchestrator.read_models.tools import ToolCallsProjection, ToolsProjection
 
 PROJECTIONS: tuple[Projection, ...] = (
     SessionsProjection(),
@@ -20,6 +22,9 @@ PROJECTIONS: tuple[Projection, ...] = (
     BudgetsProjection(),
     MessagesProjection(),
     PoliciesProjection(),
+    ToolsProjection(),
+    ToolCallsProjection(),
+    McpServersProjection(),
 )
 
 __all__ = ["PROJECTIONS"]
