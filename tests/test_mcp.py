@@ -108,7 +108,7 @@ def test_a_server_registers_its_tools_and_they_run_under_the_registry(platform, 
     tools = {t["name"]: t for t in httpx.get(f"{platform.api}/v1/tools", headers=tenant).json()["tools"]}
     assert tools["python"]["source"] == "builtin" and tools["python"]["kind"] == "builtin"
     assert tools["mcp.kit.python"]["kind"] == "mcp"
-    assert not any(n.endswith("bad name!") or n.endswith(".broken") for n in tools)
+    assert not any(n.endswith(("bad name!", ".broken")) for n in tools)
 
     sid = session(platform, tenant, ["mcp.kit.*", "python"])
     echoed = invoke(platform, tenant, sid, "mcp.kit.echo", {"text": "hello over MCP"})
@@ -203,9 +203,9 @@ def test_another_tenants_server_is_not_found(platform, tenant, mcp_servers) -> N
 
 
 async def _gateway(platform, headers: dict[str, str], work) -> object:
-    async with httpx2.AsyncClient(headers=headers, timeout=60) as http:
-        async with Client(streamable_http_client(f"{platform.api}/v1/mcp", http_client=http)) as client:
-            return await work(client)
+    async with httpx2.AsyncClient(headers=headers, timeout=60) as http, \
+            Client(streamable_http_client(f"{platform.api}/v1/mcp", http_client=http)) as client:
+        return await work(client)
 
 
 def test_the_gateway_serves_exactly_the_allowed_tools_to_an_mcp_client(platform, tenant,

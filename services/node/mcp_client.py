@@ -107,7 +107,7 @@ async def handle(request: ToolExecRequest, sandbox: Any = None) -> ToolDone:
     except TimeoutError:
         raise McpFailure("timeout", f"MCP server {where} did not answer {_verb(op)} within "
                                     f"{timeout_s:g}s") from None
-    except BaseException as exc:  # noqa: BLE001 - any transport fault is the server's failure
+    except BaseException as exc:  # any transport fault is the server's failure
         if isinstance(exc, (KeyboardInterrupt, SystemExit)) or _cancelled(exc):
             raise
         reason, why = _explain(exc)
@@ -306,7 +306,7 @@ def _explain(exc: BaseException) -> tuple[str, str]:
     leaf = _leaf(exc)
     if isinstance(leaf, McpFailure):
         return leaf.reason, leaf.detail
-    if isinstance(leaf, TimeoutError) or isinstance(leaf, httpx2.TimeoutException):
+    if isinstance(leaf, (TimeoutError, httpx2.TimeoutException)):
         return "timeout", "timed out"
     if isinstance(leaf, MCPError):
         if leaf.code == -32700 or "parse" in leaf.message.lower():

@@ -238,8 +238,8 @@ def create_app(settings: Settings) -> Litestar:
                       "calls": from_state("calls"), "budgets": from_state("budgets"),
                       "policies": from_state("policies"),
                       "idempotency": from_state("idempotency"),
-                      "tools": from_state("tools"), "secrets": from_state("secrets"),
-                      "mcp_servers": from_state("mcp_servers")},
+                      "tool_service": from_state("tools"), "secret_store": from_state("secrets"),
+                      "mcp_server_service": from_state("mcp_servers")},
         middleware=[DefineMiddleware(BearerKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=reject_unstorable_text,  # NUL in any text: a 400 naming the field

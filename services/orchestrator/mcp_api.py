@@ -14,17 +14,17 @@ class McpServersController(Controller):
 
     @post("/", status_code=201)
     async def register_mcp_server(self, data: McpServerIn, caller: Caller,
-                                  mcp_servers: McpServerService) -> McpServerOut:
+                                  mcp_server_service: McpServerService) -> McpServerOut:
         """Register (or re-register: a new version) an MCP server; a node lists its tools,
         which become `mcp.<name>.<tool>`. A server that fails to list is a 502 (504 when it
         did not answer in `limits.timeout_s`) naming it and the reason; nothing is kept."""
-        return await mcp_servers.register(caller, data)
+        return await mcp_server_service.register(caller, data)
 
     @get("/")
-    async def list_mcp_servers(self, caller: Caller, mcp_servers: McpServerService) -> McpServerList:
-        return await mcp_servers.of_tenant(caller)
+    async def list_mcp_servers(self, caller: Caller, mcp_server_service: McpServerService) -> McpServerList:
+        return await mcp_server_service.of_tenant(caller)
 
     @get("/{name:str}")
     async def get_mcp_server(self, name: str, caller: Caller,
-                             mcp_servers: McpServerService) -> McpServerOut:
-        return await mcp_servers.require(caller, name)
+                             mcp_server_service: McpServerService) -> McpServerOut:
+        return await mcp_server_service.require(caller, name)

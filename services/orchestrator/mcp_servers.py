@@ -175,8 +175,8 @@ def _out(server: McpServer) -> McpServerOut:
         name=server.name, version=server.version, transport=server.transport,
         url=_shown_url(server.url), command=list(server.command), headers=dict(server.headers),
         tools=[McpToolOut(name=spec.name, tool=spec.target, description=spec.description,
-                          parameters=spec.parameters) for spec in map(
-                              lambda t: tool_spec(server, t), server.tools)],
+                          parameters=spec.parameters)
+               for spec in (tool_spec(server, t) for t in server.tools)],
         skipped=[McpSkippedOut(name=s.get("name", "?"), reason=s.get("reason", ""))
                  for s in server.skipped],
         limits=msgspec.to_builtins(server.limits), needs_approval=server.needs_approval,

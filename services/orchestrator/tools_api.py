@@ -71,27 +71,27 @@ class ToolsController(Controller):
     path = "/v1/tools"
 
     @get("/")
-    async def list_tools(self, caller: Caller, tools: ToolService) -> ToolList:
+    async def list_tools(self, caller: Caller, tool_service: ToolService) -> ToolList:
         """Every tool the tenant can call: builtins, its own, its MCP servers' tools."""
-        return ToolList(tools=await tools.list(caller))
+        return ToolList(tools=await tool_service.list(caller))
 
     @post("/", status_code=201, responses=idem.RESPONSES)
     async def define_tool(self, request: Request, data: ToolIn, caller: Caller,
-                          tools: ToolService, idempotency: idem.IdempotencyStore,
+                          tool_service: ToolService, idempotency: idem.IdempotencyStore,
                           idempotency_key: idem.KeyHeader = None) -> Response[ToolOut]:
         """Define a tool, or a new version of it (admin)."""
         require_admin(caller)
 
         async def run() -> idem.Recorded:
-            out = await tools.define(caller, spec_of(data), expected_version=data.expected_version)
+            out = await tool_service.define(caller, spec_of(data), expected_version=data.expected_version)
             return idem.Recorded.json(out, status=201)
 
         return await idem.run_once(request, caller.tenant, idempotency,  # type: ignore[return-value]
                                    lambda: _edge(run()))
 
     @get("/{name:str}")
-    async def get_tool(self, name: AnyToolName, caller: Caller, tools: ToolService) -> ToolOut:
-        return await tools.get(caller, name)
+    async def get_tool(self, name: AnyToolName, caller: Caller, tool_service: ToolService) -> ToolOut:
+        return await tool_service.get(caller, name)
 
 
 class ToolCallsController(Controller):
@@ -101,12 +101,12 @@ class ToolCallsController(Controller):
         **idem.RESPONSES, 202: ResponseSpec(ToolCallView, description=(
             "The call waits for a human's approval (POST .../tool-calls/{call_id}/approval)"))})
     async def invoke_tool(self, request: Request, session_id: str, name: AnyToolName,
-                          data: ToolInvokeIn, caller: Caller, tools: ToolService,
+                          data: ToolInvokeIn, caller: Caller, tool_service: ToolService,
                           idempotency: idem.IdempotencyStore,
                           idempotency_key: idem.KeyHeader = None) -> Response[ToolCallView]:
         """Call a tool in the session: its outcome, or 202 while it waits for approval."""
         async def run() -> idem.Recorded:
-            return _call_answer(await tools.invoke(caller, session_id, name, data.arguments,
+            return _call_answer(await tool_service.invoke(caller, session_id, name, data.arguments,
                                                    run_id=data.run_id))
 
         return await idem.run_once(request, caller.tenant, idempotency,  # type: ignore[return-value]
@@ -114,19 +114,19 @@ class ToolCallsController(Controller):
 
     @get("/tool-calls/{call_id:str}")
     async def get_tool_call(self, session_id: str, call_id: str, caller: Caller,
-                            tools: ToolService) -> ToolCallView:
-        return await tools.call(caller, session_id, call_id)
+                            tool_service: ToolService) -> ToolCallView:
+        return await tool_service.call(caller, session_id, call_id)
 
     @post("/tool-calls/{call_id:str}/approval", status_code=200, responses=idem.RESPONSES)
     async def approve_tool_call(self, request: Request, session_id: str, call_id: str,
-                                data: ToolApprovalIn, caller: Caller, tools: ToolService,
+                                data: ToolApprovalIn, caller: Caller, tool_service: ToolService,
                                 idempotency: idem.IdempotencyStore,
                                 idempotency_key: idem.KeyHeader = None) -> Response[ToolCallView]:
         """Approve (it runs now; the answer is its outcome) or reject a pending call (admin)."""
         require_admin(caller)
 
         async def run() -> idem.Recorded:
-            return _call_answer(await tools.answer_approval(
+            return _call_answer(await tool_service.answer_approval(
                 caller, session_id, call_id, approve=data.approve, reason=data.reason))
 
         return await idem.run_once(request, caller.tenant, idempotency,  # type: ignore[return-value]
@@ -140,17 +140,17 @@ class SecretsController(Controller):
 
     @put("/{name:str}", status_code=200)
     async def put_secret(self, name: SecretName, data: SecretIn, caller: Caller,
-                         secrets: SecretStore) -> SecretOut:
+                         secret_store: SecretStore) -> SecretOut:
         require_admin(caller)
-        out, _ = await secrets.put(caller.tenant, name, data.value)
+        out, _ = await secret_store.put(caller.tenant, name, data.value)
         return out
 
     @get("/")
-    async def list_secrets(self, caller: Caller, secrets: SecretStore) -> SecretList:
+    async def list_secrets(self, caller: Caller, secret_store: SecretStore) -> SecretList:
         require_admin(caller)
-        return SecretList(secrets=await secrets.names(caller.tenant))
+        return SecretList(secrets=await secret_store.names(caller.tenant))
 
     @delete("/{name:str}", status_code=204)
-    async def delete_secret(self, name: SecretName, caller: Caller, secrets: SecretStore) -> None:
+    async def delete_secret(self, name: SecretName, caller: Caller, secret_store: SecretStore) -> None:
         require_admin(caller)
-        await secrets.delete(caller.tenant, name)
+        await secret_store.delete(caller.tenant, name)
