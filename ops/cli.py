@@ -362,6 +362,58 @@ def tools_invoke(name: str, session_id: str, arguments: str) -> None:
     click.echo(json.dumps(body, indent=2))
 
 
+@main.group(help="Agents: apply a markdown definition, list, show (the API key's tenant).")
+def agents() -> None:
+    pass
+
+
+@agents.command("apply", help="Define an agent from its markdown file (a new version when it "
+                              "changed); problems are printed as FILE:LINE: field: message.")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, readable=True))
+def agents_apply(path: str) -> None:
+    from pathlib import Path
+
+    try:
+        markdown = Path(path).read_text("utf-8")
+    except UnicodeDecodeError:
+        raise click.ClickException(f"{path}: not UTF-8 text") from None
+    status, body = _api("POST", "/v1/agents", {"markdown": markdown})
+    if status == 422 and isinstance(body, dict) and body.get("errors"):
+        for e in body["errors"]:
+            click.echo(f"{path}:{e.get('line') or 1}: {e.get('field')}: {e.get('message')}", err=True)
+        raise click.ClickException(f"{path}: the agent definition is invalid")
+    if status != 201:
+        raise _problem(status, body)
+    click.echo(f"agent {body['name']} version {body['version']}")  # type: ignore[index]
+
+
+@agents.command("list", help="The agents the tenant can run: its own and the system ones.")
+def agents_list() -> None:
+    status, body = _api("GET", "/v1/agents")
+    if status != 200:
+        raise _problem(status, body)
+    lines = [f"{'NAME':<24}{'SOURCE':<8}{'VER':>4}  {'MODEL':<20}{'TOOLS':<40}DESCRIPTION"]
+    for a in body["agents"]:  # type: ignore[index]
+        lines.append(f"{a['name'][:23]:<24}{a['source']:<8}{a['version']:>4}  "
+                     f"{(a['model'] or 'inherit')[:19]:<20}{', '.join(a['tools'])[:39]:<40}"
+                     f"{a['description'].splitlines()[0][:60] if a['description'] else ''}")
+    click.echo("\n".join(lines))
+
+
+@agents.command("show", help="One agent's definition (JSON), at its current version or --version.")
+@click.argument("name")
+@click.option("--version", "version", type=int, default=None, help="A version (default: current).")
+def agents_show(name: str, version: int | None) -> None:
+    import json
+    import urllib.parse
+
+    query = f"?version={version}" if version is not None else ""
+    status, body = _api("GET", f"/v1/agents/{urllib.parse.quote(name, safe='')}{query}")
+    if status != 200:
+        raise _problem(status, body)
+    click.echo(json.dumps(body, indent=2))
+
+
 @main.group(help="Documentation generated from the code.")
 def docs() -> None:
     pass
@@ -372,6 +424,18 @@ def docs_settings() -> None:
     from shared.infra.settings import settings_table
 
     click.echo(settings_table(), nl=False)
+
+
+from ops.models_cli import models as _models_group, tasks as _tasks_command  # noqa: E402
+
+main.add_command(_models_group)  # nexus models list|import|distribute|pull|rm
+main.add_command(_tasks_command)  # nexus tasks [--watch]
+
+from ops.skills_cli import explain as _explain, replay as _replay, skills as _skills  # noqa: E402
+
+main.add_command(_skills)  # nexus skills list|apply
+main.add_command(_explain)  # nexus explain CALL_ID
+main.add_command(_replay)  # nexus replay --routing FILE --since 24h
 
 
 if __name__ == "__main__":

@@ -263,6 +263,32 @@ class Supervisor:
 
         threading.Thread(target=work, name="runtime-prepare", daemon=True).start()
 
+    def import_shipped_model(self, nats_url: str) -> None:
+        """Put the bundled model into the model store (`NEXUS_MODELS`), in the background;
+        a no-op when the store already has it with the same SHA-256."""
+        import asyncio
+        import threading
+
+        from ops.models_cli import import_model
+        from shared.infra.llama import LOCAL_MODELS, ensure_model
+
+        name = self.settings.local_model
+        user = self.nats_users.get("orchestrator") if hasattr(self, "nats_users") else None
+        if name not in LOCAL_MODELS or (user is None and not self.settings.nats_url):
+            return
+
+        def work() -> None:
+            try:
+                path = ensure_model(self._say, name)
+                asyncio.run(import_model(path, name, f"package {LOCAL_MODELS[name].source}",
+                                         nats_url=nats_url, user=user.name if user else self.settings.nats_user,
+                                         password=user.password if user else self.settings.nats_password))
+                self._say(f"model store: {name} imported")
+            except Exception as exc:  # noqa: BLE001 - the platform works without it
+                self._say(f"could not import {name} into the model store: {exc}")
+
+        threading.Thread(target=work, name="model-import", daemon=True).start()
+
     def watch_runtime(self, poll_s: float = 1.0) -> None:
         """Say what the node reports about its runtime (crashed, failed, ready) as it
         changes, read from the API (`GET /v1/nodes/{id}`), in a background thread."""
@@ -306,6 +332,7 @@ class Supervisor:
             self._urls = (nats_url, db_url)
             self.write_state(nats_url, db_url)
             self.prepare_runtime()
+            self.import_shipped_model(nats_url)
             s = self.settings
             embedded_pg = any(x.name == "postgres" for x in self.servers)
             password_at = f"  (password in {pg_password_path(s)})" if embedded_pg else ""

@@ -28,6 +28,10 @@ Everything is deterministic so tests can check usage accounting exactly:
 * With ``tools`` in the request and ``CALL_TOOL`` in the last user message (``CALL_TOOL:name``
   picks a tool, otherwise the first), the reply is a tool call whose arguments are filled from
   the tool's JSON schema; its completion tokens are the words of ``json.dumps(arguments)``.
+* ``FAKE_AGENT={"steps": [[{"name": ..., "arguments": {...}}, ...], ...], "answer": "..."}`` in
+  the first user message scripts a multi-step agent (OpenAI protocol): with k assistant
+  tool-call messages already in the request, the reply is the tool calls of ``steps[k]``
+  (several in one answer: parallel calls), after the last step the answer text.
 
 Fault injection: ``script(*behaviours)`` (or ``POST /_fake/script`` with a JSON list) queues
 behaviours consumed FIFO, one per completion request (after auth and validation); then
@@ -165,6 +169,29 @@ def _last_user_text(messages: list[Any]) -> str:
     return ""
 
 
+_AGENT = re.compile(r"FAKE_AGENT=(\{.*\})", re.DOTALL)
+
+
+def _agent_script(messages: list[Any]) -> dict[str, Any] | None:
+    """``FAKE_AGENT={...}`` in the first user message: a scripted multi-step agent
+    (OpenAI protocol). ``{"steps": [[{"name": t, "arguments": {...}}, ...], ...],
+    "answer": "..."}``: the reply to a request with k assistant tool-call messages
+    already in it is the tool calls of ``steps[k]`` (several at once: parallel calls),
+    after the last step the answer (``{last_tool}`` in it: the last tool result's text).
+    Stateless, so concurrent and retried runs get the same replies."""
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") == "user":
+            found = _AGENT.search(_text_of(message.get("content")))
+            if not found:
+                return None
+            try:
+                script = json.loads(found.group(1))
+            except ValueError:
+                return None
+            return script if isinstance(script, dict) else None
+    return None
+
+
 def _example_value(spec: Any) -> Any:
     if not isinstance(spec, dict):
         return None
@@ -186,6 +213,7 @@ class _Plan:
     tool_name: str | None = None
     tool_args: dict[str, Any] | None = None
     tool_json: str | None = None
+    agent_calls: list[tuple[str, str]] | None = None  # FAKE_AGENT: (name, arguments JSON), all at once
 
     @property
     def completion_tokens(self) -> int:
@@ -200,6 +228,22 @@ def _make_plan(*, messages: list[Any], system: Any, limit: Any, stops: Any, tool
                tools_disabled: bool, reply_tokens: int) -> _Plan:
     prompt = estimate_prompt_tokens(messages, system)
     last_user = _last_user_text(messages)
+    agent = _agent_script(messages)
+    if agent is not None:
+        done = sum(1 for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
+                   and m.get("tool_calls"))
+        steps = agent.get("steps") or []
+        if tools and done < len(steps):
+            calls = [(str(c["name"]), json.dumps(c.get("arguments", {}))) for c in steps[done]]
+            words = [w for _, j in calls for w in _WORD.findall(j)]
+            return _Plan(words, "tool", None, prompt, calls[0][0], None, calls[0][1],
+                         agent_calls=calls)
+        answer = str(agent.get("answer", "done"))
+        if "{last_tool}" in answer:  # the answer quotes the last tool result it read
+            last = next((_text_of(m.get("content")) for m in reversed(messages)
+                         if isinstance(m, dict) and m.get("role") == "tool"), "")
+            answer = answer.replace("{last_tool}", last.strip())
+        return _Plan(_WORD.findall(answer), "stop", None, prompt)
     if tools and not tools_disabled and "CALL_TOOL" in last_user:
         specs = []
         for tool in tools:
@@ -517,7 +561,13 @@ def _full_response(ctx: _Ctx, plan: _Plan) -> dict[str, Any]:
     if ctx.proto == "openai":
         message: dict[str, Any] = {"role": "assistant", "content": plan.text, "refusal": None,
                                    "annotations": []}
-        if plan.tool_name is not None:
+        if plan.agent_calls:
+            message["content"] = None
+            message["tool_calls"] = [{
+                "id": f"{_tool_call_id(ctx, 'call_')}_{i}", "type": "function",
+                "function": {"name": name, "arguments": args}}
+                for i, (name, args) in enumerate(plan.agent_calls)]
+        elif plan.tool_name is not None:
             message["content"] = None
             message["tool_calls"] = [{
                 "id": _tool_call_id(ctx, "call_"), "type": "function",
@@ -573,7 +623,15 @@ def _stream_parts(ctx: _Ctx, plan: _Plan
                 {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
             ) + b"\n\n"
 
-        if plan.tool_name is not None:
+        if plan.agent_calls:  # every call whole in one chunk: no pieces to emit
+            head = chunk({"role": "assistant", "content": None, "tool_calls": [{
+                "index": i, "id": f"{_tool_call_id(ctx, 'call_')}_{i}", "type": "function",
+                "function": {"name": name, "arguments": args}}
+                for i, (name, args) in enumerate(plan.agent_calls)]})
+
+            def piece(p: str) -> bytes:
+                return b""
+        elif plan.tool_name is not None:
             head = chunk({"role": "assistant", "content": None, "tool_calls": [{
                 "index": 0, "id": _tool_call_id(ctx, "call_"), "type": "function",
                 "function": {"name": plan.tool_name, "arguments": ""}}]})
@@ -593,7 +651,8 @@ def _stream_parts(ctx: _Ctx, plan: _Plan
                                             "usage": _openai_usage(plan)}) + b"\n\n"
             return out + b"data: [DONE]\n\n"
 
-        return [*_SSE, _hdr("x-request-id", ctx.rid)], head, piece, tail, plan.pieces
+        return ([*_SSE, _hdr("x-request-id", ctx.rid)], head, piece, tail,
+                [] if plan.agent_calls else plan.pieces)
 
     if ctx.proto == "anthropic":
         start = {"type": "message_start", "message": {

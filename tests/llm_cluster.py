@@ -115,7 +115,7 @@ class LLMCluster:
                                             "NEXUS_INSTANCE_ID": f"orch-{port}"},
                            self.tmp / f"orchestrator-{port}.log").start()
         api = f"http://127.0.0.1:{port}"
-        wait_http_ok(f"{api}/health", proc=proc)
+        wait_http_ok(f"{api}/health", timeout=90, proc=proc)  # a busy 2-core machine
         self.orchestrators.append(proc)
         self.apis.append(api)
         return api
@@ -124,7 +124,7 @@ class LLMCluster:
         n = len(self.providers)
         proc = ServiceProc("provider", {**self.env, "NEXUS_INSTANCE_ID": f"provider-{n}"},
                            self.tmp / f"provider-{n}.log").start()
-        wait_until(lambda: "provider ready" in proc.log(), 30, 0.1, "provider ready")
+        wait_until(lambda: "provider ready" in proc.log(), 90, 0.1, "provider ready")
         self.providers.append(proc)
         return proc
 

@@ -38,7 +38,8 @@ async def test_events_tail_prints_a_stream_as_json_lines(infra, store: EventStor
     assert record["stream_id"] == session_stream(sid)
     assert record["event"] == {"type": "SessionStarted", "session_id": sid, "tenant": "cli",
                                "budget": None, "policy": None, "policy_version": None,
-                               "policy_rules": None, "agent": None, "metadata": {}}
+                               "policy_rules": None, "agent": None, "metadata": {},
+                               "agent_version": None, "agent_source": None}
 
 
 async def test_projections_list_and_rebuild(fresh_db: str) -> None:

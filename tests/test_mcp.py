@@ -251,3 +251,57 @@ def test_the_gateway_serves_exactly_the_allowed_tools_to_an_mcp_client(platform,
                           json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
         assert resp.status_code == status, resp.text
     assert httpx.post(f"{platform.api}/v1/mcp", json={}).status_code == 401
+
+
+def test_registration_is_idempotent_and_a_removed_servers_tools_leave(platform, tenant,
+                                                                     mcp_servers) -> None:
+    once = {**tenant, "Idempotency-Key": f"reg-{uuid.uuid4().hex}"}
+    first = register(platform, once, "gone", url=mcp_servers["ok"])
+    assert first.status_code == 201, first.text
+    again = register(platform, once, "gone", url=mcp_servers["ok"])
+    assert again.status_code == 201 and again.headers.get("Idempotent-Replayed") == "true"
+    assert again.json() == first.json() and first.json()["version"] == 1
+    other_body = register(platform, once, "gone", url=mcp_servers["ok"], needs_approval=True)
+    assert other_body.status_code == 422, other_body.text
+    assert httpx.get(f"{platform.api}/v1/mcp-servers/gone", headers=tenant).json()["version"] == 1
+
+    sid = session(platform, tenant, ["*"])
+    assert invoke(platform, tenant, sid, "mcp.gone.echo", {"text": "hi"}).status_code == 200
+    other = tenant_admin(platform, f"mcp{uuid.uuid4().hex[:8]}")
+    assert httpx.delete(f"{platform.api}/v1/mcp-servers/gone", headers=other).status_code == 404
+
+    removed = httpx.delete(f"{platform.api}/v1/mcp-servers/gone", headers=tenant)
+    assert removed.status_code == 204, removed.text
+    assert httpx.get(f"{platform.api}/v1/mcp-servers/gone", headers=tenant).status_code == 404
+    assert httpx.get(f"{platform.api}/v1/mcp-servers", headers=tenant).json()["servers"] == []
+    tools = httpx.get(f"{platform.api}/v1/tools", headers=tenant).json()["tools"]
+    assert not any(t["name"].startswith("mcp.gone.") for t in tools)
+    assert invoke(platform, tenant, sid, "mcp.gone.echo", {"text": "hi"}).status_code == 404
+    assert httpx.delete(f"{platform.api}/v1/mcp-servers/gone", headers=tenant).status_code == 404
+    # the name can be registered again: the next version of the same stream
+    back = register(platform, tenant, "gone", url=mcp_servers["ok"])
+    assert back.status_code == 201 and back.json()["version"] == 3, back.text
+
+
+def test_the_gateway_honours_an_idempotency_key_on_tools_call(platform, tenant,
+                                                              mcp_servers) -> None:
+    assert register(platform, tenant, "kit", url=mcp_servers["ok"]).status_code == 201
+    sid = session(platform, tenant, ["mcp.kit.*"])
+    key = f"mcp-{uuid.uuid4().hex}"
+
+    async def work(client: Client) -> tuple:
+        first = await client.call_tool("mcp.kit.add", {"a": 2, "b": 3})
+        retry = await client.call_tool("mcp.kit.add", {"a": 2, "b": 3})
+        other = await client.call_tool("mcp.kit.add", {"a": 1, "b": 1})
+        return first, retry, other
+
+    headers = {**tenant, "X-Nexus-Session": sid, "Idempotency-Key": key}
+    first, retry, other = asyncio.run(_gateway(platform, headers, work))
+    assert first.is_error is False and first.structured_content == {"sum": 5}
+    assert retry.structured_content == {"sum": 5} and retry.content[0].text == "5"
+    assert retry.meta["nexus/tool_call_id"] == first.meta["nexus/tool_call_id"]
+    assert retry.meta["nexus/idempotent_replayed"] is True
+    assert other.is_error and "Idempotency-Key" in other.content[0].text
+    log = httpx.get(f"{platform.api}/v1/sessions/{sid}/events", headers=tenant,
+                    params={"limit": 500}).json()["events"]
+    assert [e["type"] for e in log].count("ToolCallRequested") == 1  # ran once

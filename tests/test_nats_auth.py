@@ -467,7 +467,7 @@ async def test_a_node_uses_the_workspace_buckets_but_no_other_stream_nor_another
     """Exactly as under `nexus up`: the services create the buckets, a node puts, gets,
     lists and deletes objects in them through its private inbox, and still cannot
     manage them, read another stream or publish as another node."""
-    from services.node.workspace import WorkspaceStore
+    from shared.infra.workspace import WorkspaceStore
 
     creds = strict.credentials
     orchestrator = await Bus.connect(strict.nats.url, "orchestrator", user="orchestrator",

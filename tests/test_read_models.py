@@ -28,6 +28,7 @@ TABLE_OWNERS: dict[str, str] = {
     "idempotency_keys": "services.orchestrator.idempotency",
     "rate_windows": "services.orchestrator.ratelimits",
     "tenant_secrets": "services.orchestrator.secrets",
+    "run_leases": "services.orchestrator.run_leases",
     **{table: type(p).__module__ for p in PROJECTIONS for table in p.tables},
 }
 POOL_HOLDERS = {*TABLE_OWNERS.values(), "shared.infra.service"}  # the runtime opens/closes it

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
 import threading
 import uuid
@@ -264,3 +265,41 @@ async def test_a_wrapped_argv_runs_under_the_same_isolation(sandbox: Sandbox) ->
     out, _ = await asyncio.wait_for(proc.communicate(b"ping\n"), 30)
     assert out == b"1000 none ping\n"
     assert proc.returncode == 128 + 9     # the endless loop: killed at its cpu limit
+    await sandbox.release(argv)
+
+
+def _slot_free(sandbox: Sandbox, slot: int) -> bool:
+    import fcntl
+    fd = os.open(os.path.join(sandbox._slots, f"{slot}.lock"), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)   # (releases the probe's own lock, if it got one)
+    return True
+
+
+async def test_a_wrapped_run_cannot_give_its_slot_away(sandbox: Sandbox) -> None:
+    """The slot (the run's uid) stays taken while the run lives, whatever the tool does
+    to the descriptors it has; `release` frees it."""
+    if not sandbox.as_root:
+        pytest.skip("slots (a uid per run) exist only when the node runs as root")
+    argv = sandbox.wrap(py(sandbox, "import fcntl, os, sys\n"
+                                    "for fd in range(3, 1024):\n"
+                                    "  try: fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)\n"
+                                    "  except OSError: pass\n"
+                                    "print('unlocked', flush=True)\nsys.stdin.readline()"),
+                        limits=NORMAL)
+    slot = json.loads(argv[-1])["slot"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"unlocked\n"
+        assert not _slot_free(sandbox, slot)
+        assert not _slot_free(sandbox, slot)   # nobody else got it meanwhile either
+    finally:
+        proc.stdin.write(b"done\n")
+        await asyncio.wait_for(proc.wait(), 30)
+        await sandbox.release(argv)
+    assert _slot_free(sandbox, slot)

@@ -22,6 +22,9 @@ OWNED = {"session_id", "key_id", "name", "call_id"}
 # a route's parameter that names no tenant's resource, and why it is not checked here
 NOT_OWNED = {
     "node_id": "nodes are the platform's shared machines, not a tenant's resource",
+    "task_id": "model download tasks are the platform's fleet work: every /v1/tasks route "
+               "is the platform admin's alone (a tenant key gets 403: checked below)",
+    "model": "models on nodes are the platform's: the route is the platform admin's alone",
     "tenant": "the route is the platform admin's alone (a tenant key gets 403 for any "
               "tenant, its own included: checked below, nothing is learnt about others)",
 }
@@ -31,6 +34,7 @@ BODIES = {
     ("put", "/v1/tenants/{tenant}/budget"): {"limit_usd": 1},
     ("post", "/v1/sessions/{session_id}/tools/{name}/invoke"): {"arguments": {}},
     ("post", "/v1/sessions/{session_id}/tool-calls/{call_id}/approval"): {"approve": True},
+    ("post", "/v1/calls/{call_id}/feedback"): {"score": 0.5},
 }
 # routes whose answer to another tenant's id is not a 404, and why
 UPSERTS = {("put", "/v1/secrets/{name}"): "sets the caller's own secret of that name"}
@@ -55,6 +59,10 @@ def world(platform):
         "name": "bthing", "builtin": "python", "needs_approval": True}).status_code == 201
     assert httpx.put(f"{platform.api}/v1/secrets/bthing", headers=admin_b,
                      json={"value": "b-value"}).status_code == 200
+    # B's agent (GET /v1/agents/{name}: A gets a 404, though B's is there)
+    assert httpx.post(f"{platform.api}/v1/agents", headers={**admin_b, "Content-Type": "text/markdown"},
+                      content=b"---\nname: bthing\ndescription: B's own\n---\nB only.\n"
+                      ).status_code == 201
     # B's MCP server (a stdio one: it runs in the node's sandbox, nothing else to start)
     stdio = (Path(__file__).parent / "mcp_stdio_server.py").read_text()
     assert httpx.post(f"{platform.api}/v1/mcp-servers", headers=admin_b, timeout=30, json={
@@ -126,6 +134,17 @@ def test_platform_only_routes_refuse_a_tenant_whatever_the_tenant(world) -> None
                          json={"limit_usd": 1})
         assert resp.status_code == 403, resp.text
     assert httpx.delete(f"{platform.api}/v1/nodes/nope", headers=admin_a).status_code == 403
+    # model distribution: the fleet is the platform's, whatever ids a tenant names
+    for method, path, body in (
+            ("get", "/v1/models/available", None),
+            ("post", "/v1/models/distribute", {"model": "m", "target": "all"}),
+            ("get", "/v1/nodes/nope/models", None),
+            ("post", "/v1/nodes/nope/models/pull", {"model": "m"}),
+            ("delete", "/v1/nodes/nope/models/m", None),
+            ("get", "/v1/tasks", None), ("get", "/v1/tasks/nope", None),
+            ("delete", "/v1/tasks/nope", None), ("get", "/v1/tasks/nope/stream", None)):
+        resp = httpx.request(method, f"{platform.api}{path}", headers=admin_a, json=body)
+        assert resp.status_code == 403, (method, path, resp.text)
 
 
 def test_chat_in_another_tenants_session_is_not_found(world) -> None:

@@ -337,3 +337,58 @@ def test_the_cli_lists_shows_and_invokes(platform, tenant, tmp_path) -> None:
     assert "from-cli" in json.loads(ran.stdout)["output"]
     bad = nexus("invoke", "shell", "--session", sid, "--args", '{"command": 1}')
     assert bad.returncode != 0 and "arguments/command" in bad.stderr
+
+
+def test_a_closed_sessions_workspace_is_deleted_and_its_tools_refused(platform, infra,
+                                                                      tenant) -> None:
+    import nats
+
+    from services.orchestrator.read_models.workspaces import WorkspacesReadModel
+    from shared.infra.workspace import WorkspaceStore
+
+    name, admin = tenant
+    sid = session(platform, admin)
+    wrote = invoke(platform, admin, sid, "files.write", {"path": "notes/a.txt", "content": "x" * 1000})
+    assert wrote.status_code == 200 and wrote.json()["status"] == "finished", wrote.text
+    ran = invoke(platform, admin, sid, "shell", {"command": "cat notes/a.txt | wc -c > n.txt"})
+    assert ran.status_code == 200 and ran.json()["exit_code"] == 0, ran.text
+
+    async def manifest() -> dict:
+        nc = await nats.connect(infra.nats_url)
+        try:
+            return await WorkspaceStore(nc.jetstream(), quota_bytes=1 << 20).manifest(name, sid)
+        finally:
+            await nc.close()
+
+    assert set(asyncio.run(manifest())) == {"notes/a.txt", "n.txt"}
+    closed = httpx.post(f"{platform.api}/v1/sessions/{sid}/close", headers=admin)
+    assert closed.status_code == 200, closed.text
+    refused = invoke(platform, admin, sid, "files.read", {"path": "notes/a.txt"})
+    assert refused.status_code == 409 and "closed" in refused.json()["detail"], refused.text
+
+    deleted = wait_until(lambda: next((e for e in events(platform, admin, sid)
+                                       if e["type"] == "WorkspaceDeleted"), None),
+                         timeout=30, what="the closed session's workspace to be deleted")
+    assert deleted["data"] == {"type": "WorkspaceDeleted", "tenant": name, "session_id": sid,
+                               "objects": 3, "bytes": 1000 + 5}  # two blobs, the manifest
+    assert asyncio.run(manifest()) == {}
+    # recorded once (every orchestrator's janitor tries; one appends), and its read model
+    # equals its rebuild
+    time.sleep(1.5)
+    assert [e["type"] for e in events(platform, admin, sid)].count("WorkspaceDeleted") == 1
+
+    async def compare() -> None:
+        pool = await create_pool(infra.database_url, max_size=4)
+        try:
+            store = EventStore(pool)
+            runner = ProjectionRunner(store, [p for p in PROJECTIONS if p.name == "workspaces"])
+            await runner.wait_for(await store.head(), names=("workspaces",))
+            model = WorkspacesReadModel(store)
+            before = await model.rows(name)
+            assert [r[0] for r in before] == [sid] and before[0][3] is not None
+            await runner.rebuild("workspaces")
+            assert await model.rows(name) == before
+        finally:
+            await pool.close()
+
+    asyncio.run(compare())

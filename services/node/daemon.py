@@ -33,6 +33,7 @@ class NodeDaemon:
         self._runtime_changes: list[RuntimeInfo] = []  # not yet reported, oldest first
         self._runtime_changed = asyncio.Event()
         self.gpus = gpus or hardware.Gpus()
+        self.installed_models = lambda: ()  # the inventory heartbeats carry (services.node.models)
         self.active_requests = 0
         self.queue_depth = 0
         self.avg_response_ms: float | None = None
@@ -58,7 +59,7 @@ class NodeDaemon:
             node_id=self.node_id, seq=self.seq, sent_at=time.time(), cpu_pct=cpu,
             memory_pct=mem, gpus=self.gpus.sample(), active_requests=self.active_requests,
             queue_depth=self.queue_depth, avg_response_ms=self.avg_response_ms,
-            draining=self.draining,
+            draining=self.draining, models=tuple(self.installed_models()),
         )
 
     @contextlib.asynccontextmanager

@@ -21,10 +21,17 @@ log = logging.getLogger("nexus.node.hardware")
 class Gpus:
     """NVML handles, opened once; an empty set when NVML is unavailable."""
 
-    def __init__(self) -> None:
+    def __init__(self, fake_memory_gib: str = "") -> None:
         self._nvml = None
         self._handles: list[object] = []
         self.info: tuple[GpuInfo, ...] = ()
+        if fake_memory_gib:  # test hook (NEXUS_FAKE_GPU_MEMORY_GIB): declared GPUs, no NVML
+            self.info = tuple(
+                GpuInfo(index=i, name="Declared GPU (test hook)", uuid=f"GPU-fake-{i}",
+                        memory_total_bytes=int(float(gib) * 1024**3))
+                for i, gib in enumerate(p.strip() for p in fake_memory_gib.split(",") if p.strip()))
+            log.info("GPUs declared by NEXUS_FAKE_GPU_MEMORY_GIB", extra={"gpus": len(self.info)})
+            return
         try:
             import pynvml
 

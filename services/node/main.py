@@ -6,15 +6,20 @@ import asyncio
 import contextlib
 import logging
 
-from shared.contracts import subjects
-from shared.contracts.messages import CompletionRequest, RuntimeInfo, ToolExecRequest
-from shared.infra.nats_auth import node_inbox_prefix
-from shared.domain.nodes import load_or_create_node_id
-from shared.infra.service import ServiceRuntime
-from shared.infra.settings import Settings, get_settings
+import msgspec
+
+from services.node import hardware
 from services.node.daemon import NodeDaemon
+from services.node.models import Inventory, ModelRuntimes, Puller, compose
 from services.node.runtime import ManagedLlama, Relay, probe
 from services.node.tools import tool_runner
+from shared.contracts import subjects
+from shared.contracts.messages import CompletionRequest, ModelCommand, RuntimeInfo, ToolExecRequest
+from shared.domain.nodes import load_or_create_node_id
+from shared.infra.model_store import ModelStore
+from shared.infra.nats_auth import node_inbox_prefix
+from shared.infra.service import ServiceRuntime
+from shared.infra.settings import Settings, get_settings
 
 log = logging.getLogger("nexus.node")
 
@@ -27,16 +32,38 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
     bus = runtime.bus
     assert bus is not None
     agent = NodeDaemon(node_id, labels=settings.node_labels,
-                      heartbeat_interval_s=settings.heartbeat_interval_s)
+                      heartbeat_interval_s=settings.heartbeat_interval_s,
+                      gpus=hardware.Gpus(settings.fake_gpu_memory_gib))
     tasks: list[asyncio.Task[None]] = []
     managed: ManagedLlama | None = None
+    # Installed models (the model store): each served by its own llama-server when the
+    # node runs llama-server (`llama`, or `installed`: only installed models).
+    inventory = Inventory(settings.node_dir / "models")
+    runtimes: ModelRuntimes | None = None
+    primary = [agent.runtime]
+
+    def recompose() -> None:
+        composed = compose(primary[0], runtimes)
+        if composed != agent.runtime:
+            agent.set_runtime(composed)
 
     def runtime_changed(info: RuntimeInfo) -> None:
         log.log(logging.WARNING if info.state in ("crashed", "failed") else logging.INFO,
                 "runtime %s%s", info.state, f" ({info.reason})" if info.reason else "",
                 extra={"runtime": info.kind, "models": list(info.models),
                        "restarts": info.restarts})
-        agent.set_runtime(info)  # reported to the orchestrator once registered
+        primary[0] = info
+        agent.set_runtime(compose(info, runtimes))  # reported to the orchestrator once registered
+
+    if not settings.runtime_url and settings.runtime in ("llama", "installed"):
+        runtimes = ModelRuntimes(inventory, lambda name, path: ManagedLlama(
+            settings.node_dir / "logs", lambda _info: recompose(),
+            binary=settings.llama_server_bin, max_restarts=settings.runtime_max_restarts,
+            backoff_s=settings.runtime_restart_backoff_s, context=settings.model_context,
+            model_file=path, alias=name), recompose)
+    agent.installed_models = lambda: tuple(
+        msgspec.structs.replace(m, loaded=m.name in agent.runtime.models)
+        for m in inventory.installed())
 
     if settings.runtime_url:
         agent.runtime = await probe(settings.runtime_url)
@@ -50,8 +77,20 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
                                backoff_s=settings.runtime_restart_backoff_s)
         agent.runtime = managed.info
         tasks.append(asyncio.create_task(managed.run(), name="llama-server"))
+    primary[0] = agent.runtime
     relay = Relay(agent, bus, lambda: agent.runtime, max_concurrency=settings.node_max_concurrency,
-                  max_queue=settings.node_max_queue)
+                  max_queue=settings.node_max_queue,
+                  route=runtimes.route if runtimes is not None else None)
+    puller = Puller(agent.node_id, bus, ModelStore(bus.js), inventory,
+                    max_downloads=settings.model_max_downloads,
+                    rate_bps=settings.model_pull_rate_bps,
+                    progress_interval_s=settings.model_progress_interval_s,
+                    stall_s=settings.model_stall_s,
+                    on_change=runtimes.sync if runtimes is not None else (lambda: None))
+    if runtimes is not None:
+        runtimes.sync()
+    await bus.subscribe(subjects.node_models(agent.node_id), ModelCommand, puller.on_command,
+                        concurrent=True)
     await bus.subscribe(subjects.node_infer(agent.node_id), CompletionRequest, relay.on_infer,
                         concurrent=True)
     tools = tool_runner(agent.node_id, bus, settings)
@@ -77,6 +116,9 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
                 await task
         if managed is not None:
             managed.stop()
+        await puller.close()
+        if runtimes is not None:
+            runtimes.stop()
         agent.gpus.close()
         await runtime.stop()
         await tools.close()

@@ -161,7 +161,7 @@ async def _connect(spec: dict[str, Any], request: ToolExecRequest, sandbox: Any,
                                                        f"{_leaf(exc)!s:.120}; stderr: {tail}") from None
             raise
         finally:
-            if release is not None:  # the egress proxy of a server with network
+            if release is not None:  # its slot (uid) and, with network, its egress proxy
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     await release(argv)
 

@@ -32,7 +32,7 @@ import httpx
 from nats.aio.msg import Msg
 
 from shared.infra import free_port
-from shared.infra.llama import ensure_llama_server, ensure_model, local_model, server_args
+from shared.infra.llama import LocalModel, ensure_llama_server, ensure_model, local_model, server_args
 from shared.infra.process import describe_exit, restart_delay, spawn, stop_process
 from shared.contracts.messages import CompletionRequest, RuntimeInfo, messages_text
 from shared.infra.messaging import Bus
@@ -88,7 +88,8 @@ class ManagedLlama:
                  binary: Path | None = None, max_restarts: int = 5,
                  backoff_s: float = 1.0, backoff_max_s: float = 30.0, stable_s: float = 60.0,
                  health_timeout_s: float = 120.0, threads: int | None = None,
-                 context: int = 4096) -> None:
+                 context: int = 4096, model_file: Path | None = None,
+                 alias: str | None = None) -> None:
         self.log_dir = Path(log_dir)
         self.on_change = on_change
         self.binary = binary
@@ -99,6 +100,8 @@ class ManagedLlama:
         self.health_timeout_s = health_timeout_s
         self.threads = threads or os.cpu_count() or 2
         self.context = context
+        self.model_file = model_file  # an installed model (services.node.models); None: bundled
+        self.alias = alias
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = free_port()
         self.info = RuntimeInfo(kind="llama.cpp", state="starting", reason="starting")
@@ -124,8 +127,14 @@ class ManagedLlama:
                 self._set(RuntimeInfo(kind="llama.cpp", state="starting",
                                       reason="starting: preparing llama-server (built once per machine)"))
             binary = self.binary or await asyncio.to_thread(ensure_llama_server, lambda m: log.info(m))
-            spec = local_model()
-            model = await asyncio.to_thread(ensure_model, lambda m: log.info(m), spec.name)
+            if self.model_file is not None:
+                spec = LocalModel(name=self.alias or self.model_file.stem, file=self.model_file.name,
+                                  sha256="", source="model store", chat_template=None,
+                                  description="installed from the model store")
+                model = self.model_file
+            else:
+                spec = local_model()
+                model = await asyncio.to_thread(ensure_model, lambda m: log.info(m), spec.name)
         except Exception as exc:  # noqa: BLE001 - reported, not raised into the void
             self._fail(f"failed: could not prepare llama-server: {exc}")
             return
@@ -177,7 +186,7 @@ class ManagedLlama:
             [str(binary), *model_args, "--host", "127.0.0.1",
              "--port", str(self.port), "-c", str(self.context), "-t", str(self.threads),
              "--parallel", "2", "--no-webui"],
-            self.log_dir / "llama-server.log",
+            self.log_dir / (f"llama-server-{self.alias}.log" if self.alias else "llama-server.log"),
             cwd=self.log_dir)  # a core dump lands here, not in the caller's directory
 
     async def _wait_healthy(self, timeout: float) -> bool:
@@ -211,16 +220,25 @@ class Relay:
     """`nexus.node.<id>.infer` -> the runtime's OpenAI API -> frames back."""
 
     def __init__(self, agent: NodeDaemon, bus: Bus, runtime: Callable[[], RuntimeInfo], *,
-                 max_concurrency: int = 4, max_queue: int = 32) -> None:
+                 max_concurrency: int = 4, max_queue: int = 32,
+                 route: Callable[[str], RuntimeInfo | None] | None = None) -> None:
         self.agent = agent
         self.bus = bus
         self.runtime = runtime
+        self.route = route  # model -> the runtime serving it (installed models), if any
         self._slots = asyncio.Semaphore(max_concurrency)
         self._max_queue = max_queue
         self._adapter: OpenAIAdapter | None = None
         self._adapter_url: str | None = None
+        self._adapters: dict[str, OpenAIAdapter] = {}
 
     def adapter(self, info: RuntimeInfo) -> OpenAIAdapter:
+        if self.route is not None and info.base_url != self.runtime().base_url:
+            if info.base_url not in self._adapters:  # an installed model's own server
+                self._adapters[info.base_url or ""] = OpenAIAdapter(UpstreamConfig(
+                    name=f"node-{self.agent.node_id}", kind="openai", base_url=info.base_url or "",
+                    timeout_s=300))
+            return self._adapters[info.base_url or ""]
         if self._adapter is None or self._adapter_url != info.base_url:
             self._adapter = OpenAIAdapter(UpstreamConfig(
                 name=f"node-{self.agent.node_id}", kind="openai", base_url=info.base_url or "",
@@ -251,7 +269,7 @@ class Relay:
                 await sender.done(outcome)
 
     async def _run(self, request: CompletionRequest, sender: StreamSender) -> Done | Failed:
-        info = self.runtime()
+        info = (self.route(request.model) if self.route is not None else None) or self.runtime()
         if not info.ready:
             return Failed(error="RuntimeNotReady", detail=f"node {self.agent.node_id}: runtime not ready",
                           status=503)

@@ -2,7 +2,8 @@
 
     sandbox = Sandbox(work_dir)
     result = await sandbox.run([*sandbox.python, "-c", "print(1)"], limits=ToolLimits())
-    argv = sandbox.wrap(["/usr/bin/node", "server.js"], limits=...)   # for any spawner
+    argv = sandbox.wrap(["/usr/bin/node", "server.js"], limits=...)   # for any spawner,
+    ...; await sandbox.release(argv)                                   # once it is gone
 
 Each run gets its own user, pid, net, ipc, uts and cgroup namespaces (bwrap
 `--unshare-all`), a root of its own: /usr (and the /bin, /lib symlinks) read-only, a
@@ -203,7 +204,8 @@ class Sandbox:
             self._extra_ro.append(prefix)
             exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
             self.python = [exe, "-I", "-S"]
-        self._proxies: dict[str, tuple[EgressProxy, Path]] = {}
+        # wrap()ped runs until release(): (slot lock fd, egress proxy, its directory)
+        self._wrapped: dict[str, tuple[int | None, EgressProxy | None, Path | None]] = {}
 
     # -- argv ------------------------------------------------------------------------------
 
@@ -280,32 +282,45 @@ class Sandbox:
         """An argv that runs `argv` with run()'s isolation and limits, for any spawner.
 
         No deadline and no output cap (the spawner owns the process's lifetime and pipes;
-        kill it to end the sandbox). With `network`, call it from the node's event loop:
-        the egress proxy is served there until `await sandbox.release(argv)`.
+        kill it to end the sandbox). Always `await sandbox.release(argv)` once the process
+        is gone: as root the node holds the run's slot (its uid) until then, in its own
+        process, so nothing inside the sandbox can unlock it and let another run take the
+        same uid. With `network`, call it from the node's event loop: the egress proxy is
+        served there until `release`.
         """
-        net_dir = None
-        if network:
-            net_dir = self._runs / secrets.token_hex(8)
-            net_dir.mkdir(mode=0o755)
-            proxy = EgressProxy(net_dir / "egress.sock", network, self.denied)
-            asyncio.get_running_loop().create_task(proxy.start())
-        args, staged = self._bwrap_args(argv, limits=limits, workspace=workspace,
-                                        writable=writable, net_dir=net_dir, env=None)
-        spec = {"slots_dir": self._slots,
+        slot = slot_fd = None
+        if self.as_root:
+            slot, slot_fd = sandbox_exec.acquire_slot(self._slots)  # O_CLOEXEC: never inherited
+        net_dir = proxy = None
+        try:
+            if network:
+                net_dir = self._runs / secrets.token_hex(8)
+                net_dir.mkdir(mode=0o755)
+                proxy = EgressProxy(net_dir / "egress.sock", network, self.denied)
+                asyncio.get_running_loop().create_task(proxy.start())
+            args, staged = self._bwrap_args(argv, limits=limits, workspace=workspace,
+                                            writable=writable, net_dir=net_dir, env=None)
+        except BaseException:
+            if slot_fd is not None:
+                os.close(slot_fd)
+            raise
+        spec = {"slot": slot,
                 "workspace": str(workspace) if workspace is not None else None,
                 "rlimits": rlimits(limits, as_root=self.as_root),
-                "stage": staged, "args": args}
+                "stage": staged, "args": args, "run": secrets.token_hex(8)}
         out = [sys.executable, "-I", "-S", sandbox_exec.__file__, json.dumps(spec)]
-        if net_dir is not None:
-            self._proxies[out[-1]] = (proxy, net_dir)
+        self._wrapped[out[-1]] = (slot_fd, proxy, net_dir)
         return out
 
     async def release(self, wrapped: list[str]) -> None:
-        """Stop the egress proxy of a `wrap()`ped argv (no-op without network)."""
-        entry = self._proxies.pop(wrapped[-1], None)
-        if entry is not None:
-            await entry[0].close()
-            shutil.rmtree(entry[1], ignore_errors=True)
+        """The end of a `wrap()`ped run: its slot freed, its egress proxy stopped."""
+        slot_fd, proxy, net_dir = self._wrapped.pop(wrapped[-1], (None, None, None))
+        if slot_fd is not None:
+            os.close(slot_fd)
+        if proxy is not None:
+            await proxy.close()
+        if net_dir is not None:
+            shutil.rmtree(net_dir, ignore_errors=True)
 
     # -- run -------------------------------------------------------------------------------
 

@@ -35,7 +35,8 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 409
 
 
 def acquire_slot(slots_dir: str) -> tuple[int, int]:
-    """A free slot (flock held by the returned fd until it is closed, here or after exec)."""
+    """A free slot (flock held by the returned fd, close-on-exec, until the node closes it:
+    never by a process of the sandbox)."""
     os.makedirs(slots_dir, mode=0o700, exist_ok=True)
     start = (os.getpid() * 7919) % SLOTS
     for i in range(SLOTS):
@@ -139,10 +140,12 @@ def main(argv: list[str]) -> None:
     spec = json.loads(argv[1])
     uid = None
     if os.geteuid() == 0:
+        # the slot's lock is the node's (Sandbox.wrap holds it until release): a lock fd
+        # here would be inherited by bwrap and the tool, which could unlock it
+        if not isinstance(spec.get("slot"), int) or not 0 <= spec["slot"] < SLOTS:
+            raise SystemExit("sandbox_exec: no slot in the spec (run as root: Sandbox.wrap)")
         ensure_stage_dir()
-        slot, lock_fd = acquire_slot(spec["slots_dir"])
-        os.set_inheritable(lock_fd, True)    # held by bwrap until the sandbox is gone
-        uid = UID_BASE + slot
+        uid = UID_BASE + spec["slot"]
         if spec.get("workspace"):
             chown_tree(spec["workspace"], uid, uid)
     args, fds = open_fds(spec["args"])

@@ -29,7 +29,7 @@ What runs (`request.kind`, `request.target`):
   hosts in `request.network` only, never the node's NATS/Postgres/metrics; each
   redirect is checked again; body capped at `max_output_bytes`, time at `timeout_s`.
 - builtin `files.read` {path} / `files.write` {path, content} / `files.list` {path?}:
-  the session workspace (services.node.workspace), paths relative, no `..`.
+  the session workspace (shared.infra.workspace), paths relative, no `..`.
 - kind `http` (a tenant's HTTP tool): `request.http` {method, url template, headers};
   `{param}` in the url is filled from the arguments (URL-encoded), the rest go as a
   JSON body (as the query for GET/DELETE). Only the url's host is reachable; header
@@ -65,7 +65,7 @@ from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.node import egress
-from services.node.workspace import Manifest, WorkspaceError, WorkspaceStore, clean_path
+from shared.infra.workspace import Manifest, WorkspaceError, WorkspaceStore, clean_path
 from shared.contracts.frames import Failed, ToolDone
 from shared.contracts.messages import ToolExecRequest, ToolLimits
 from shared.infra.messaging import Bus
@@ -85,7 +85,7 @@ RESULT_MARK = "\x1enexus-result:"  # the python wrapper's last stderr line: MARK
 # of stderr after a per-call token (the node strips it; a tool forging it can only
 # forge its own result).
 WRAPPER = r"""
-import json, sys
+import sys
 _mark = "\x1enexus-result:" + sys.argv[1] + ":"
 _code = sys.stdin.read()
 _ns = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -101,6 +101,7 @@ except BaseException:
     traceback.print_exc()
     _status = 1
 if "result" in _ns:
+    import json  # only then: importing it costs a trivial call ~10 ms
     try:
         _out = json.dumps({"result": _ns["result"]}, allow_nan=False)
     except (TypeError, ValueError) as _e:

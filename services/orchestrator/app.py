@@ -47,10 +47,22 @@ from services.orchestrator.sessions import SessionService
 from services.orchestrator.sessions_api import EventsController, SessionsController
 from services.orchestrator.secrets import SecretStore
 from services.orchestrator.mcp_api import McpServersController
+from services.orchestrator.models import ModelService
+from services.orchestrator.models_api import ModelsController, NodeModelsController, TasksController
 from services.orchestrator.mcp_gateway import McpGateway
+from services.orchestrator.workspaces import WorkspaceJanitor
 from services.orchestrator.mcp_servers import McpServerService, tool_node as _tool_node
 from services.orchestrator.tools import ToolService
+from services.orchestrator.agents import AgentService
+from services.orchestrator.agents_api import AgentsController
+from services.orchestrator.runs import RunService
+from services.orchestrator.runs_api import RunsController, SessionRunsController
+from services.orchestrator.ws_api import session_socket
 from services.orchestrator.tools_api import SecretsController, ToolCallsController, ToolsController
+from services.orchestrator.explain import CallExplainer
+from services.orchestrator.replay import ReplayService
+from services.orchestrator.skills import SkillRouter, SkillService
+from services.orchestrator.skills_api import CallsController, ReplaysController, SkillsController
 
 log = logging.getLogger("nexus.orchestrator")
 
@@ -175,6 +187,12 @@ def create_app(settings: Settings) -> Litestar:
                                         app.state.budgets, app.state.policies,
                                         RateCounter(runtime.pool), SelectorFleet(selector),
                                         request_timeout_s=settings.request_timeout_s)
+        # skills and adaptive routing (`auto`, `skill:<name>`), explain, feedback, replay
+        app.state.skills = SkillService(runtime.store, runner)
+        app.state.calls.router = SkillRouter(runtime.store, app.state.skills,
+                                             cluster_threshold=settings.routing_cluster_threshold)
+        app.state.explainer = CallExplainer(runtime.store)
+        app.state.replays = ReplayService(runtime.store, app.state.skills, app.state.calls)
         app.state.key_service = KeyService(runtime.store, settings.admin_key, runner)
         app.state.idempotency = IdempotencyStore(runtime.pool, lease_s=settings.reservation_ttl_s,
                                                  wait_s=settings.idempotency_wait_s)
@@ -188,20 +206,39 @@ def create_app(settings: Settings) -> Litestar:
             runtime.store, runner, runtime.bus, pick_node=_tool_node(app.state.tools),
             resolve=app.state.secrets.resolve)
         app.state.tools.mcp_source = app.state.mcp_servers  # mcp.<server>.<tool> in the registry
+        app.state.agents = AgentService(runtime.store, runner, app.state.tools,
+                                        app.state.calls.models)
+        app.state.sessions.agents = app.state.agents  # sessions pin their agent's version
+        await app.state.agents.load_system()  # agents/*.md, appended only when changed
+        app.state.runs = RunService(  # agent runs: the durable loop, leases, takeovers
+            runtime.store, runner, runtime.bus, app.state.calls, app.state.tools,
+            app.state.sessions, app.state.agents.resolve, instance=instance,
+            lease_s=settings.run_lease_s, scan_s=settings.run_scan_s,
+            approval_ttl_s=settings.run_approval_ttl_s)
         await app.state.nodes.start()
+        app.state.models = ModelService(  # model distribution: store, placement, tasks
+            runtime.store, runtime.bus, app.state.nodes, context=settings.model_context,
+            stall_s=settings.model_stall_s, placement=settings.model_placement,
+            poll_s=settings.projection_poll_s)
+        await app.state.models.start()
         _register_gauges(app.state.nodes, runner)
         tasks = [asyncio.create_task(runner.run(), name="projections"),
+                 asyncio.create_task(app.state.runs.run_forever(), name="agent-runs"),
                  asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper"),
                  asyncio.create_task(liveness.run(), name="orchestrator-liveness"),
-                 asyncio.create_task(_purge(app.state.idempotency), name="idempotency-purge")]
+                 asyncio.create_task(_purge(app.state.idempotency), name="idempotency-purge"),
+                 asyncio.create_task(WorkspaceJanitor(runtime.store, runtime.bus.js).run(),
+                                     name="workspace-janitor")]
         try:
             yield
         finally:
+            await app.state.runs.stop()  # in-flight runs handed on to another process
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await app.state.models.stop()
             await app.state.nodes.stop()
             await runtime.stop()
 
@@ -228,7 +265,11 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[health, prometheus_metrics, system_ping, SessionsController,
                         KeysController, NodesController,
                         ChatController, EventsController, ToolsController,
-                        ToolCallsController, SecretsController, McpServersController,
+                        ToolCallsController, SecretsController, McpServersController, AgentsController,
+                        SessionRunsController, RunsController,
+                        session_socket,
+                        ModelsController, NodeModelsController, TasksController,
+                        SkillsController, CallsController, ReplaysController,
                         gateway.route()],
         lifespan=[lifespan, gateway.lifespan],
         dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False),
@@ -239,7 +280,13 @@ def create_app(settings: Settings) -> Litestar:
                       "policies": from_state("policies"),
                       "idempotency": from_state("idempotency"),
                       "tool_service": from_state("tools"), "secret_store": from_state("secrets"),
-                      "mcp_server_service": from_state("mcp_servers")},
+                      "mcp_server_service": from_state("mcp_servers"),
+                      "skill_service": from_state("skills"),
+                      "call_explainer": from_state("explainer"),
+                      "replay_service": from_state("replays"),
+                      "model_service": from_state("models"),
+                      "agent_service": from_state("agents"),
+                      "run_service": from_state("runs")},
         middleware=[DefineMiddleware(BearerKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=reject_unstorable_text,  # NUL in any text: a 400 naming the field

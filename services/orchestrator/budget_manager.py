@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from shared.domain.budget import (
     TENANT,
     BudgetState,
+    budget_stream_for_run,
     budget_stream_for_session,
     budget_stream_for_tenant,
     decide_change_limit,
@@ -195,12 +196,17 @@ class BudgetManager:
         return limits
 
     async def charge_for(self, call_id: str, tenant: str, session_id: str,
-                         now: float | None = None) -> Charge:
-        """The budgets a new call must fit: the session's (if any), the tenant's month (if set)."""
+                         now: float | None = None, run_id: str | None = None) -> Charge:
+        """The budgets a new call must fit: the session's (if any), the agent run's (if
+        it has one), the tenant's month (if set)."""
         streams = []
         session = budget_stream_for_session(session_id)
         if await self.state(session, cached=True) is not None:  # budgets never close
             streams.append(session)
+        if run_id is not None:
+            run = budget_stream_for_run(run_id)
+            if await self.state(run, cached=True) is not None:
+                streams.append(run)
         limits = await self.tenant_limits(tenant)
         if limits is not None:
             period = month_period(now or time.time())
@@ -269,7 +275,8 @@ class BudgetManager:
                         metadata)
                     for stream, events, _ in appends:
                         self._remember(stream, states[stream], events)
-                    scope = "session" if denial.budget_id.startswith("budget-session-") else "tenant"
+                    scope = ("session" if denial.budget_id.startswith("budget-session-") else
+                             "run" if denial.budget_id.startswith("budget-run-") else "tenant")
                     raise BudgetDenied(scope, denial.reason)
                 if appends or extra or before is not None:
                     await self.store.append_atomic([*appends, *extra], metadata, before=before)

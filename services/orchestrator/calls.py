@@ -80,6 +80,7 @@ from services.orchestrator.ratelimits import RateCounter, RateLimited
 from services.orchestrator.read_models.messages import MessagesReadModel
 from services.orchestrator.schemas import SessionCreate, SessionView
 from services.orchestrator.sessions import SessionService
+from services.orchestrator.skills import SkillRouter, planned_event, routed_model
 
 log = logging.getLogger("nexus.orchestrator.calls")
 
@@ -137,6 +138,12 @@ class CallInput(msgspec.Struct, frozen=True, kw_only=True):
     stop: tuple[str, ...] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    # an agent run's call: its id chosen by the run, also charged to the run's own
+    # budget, and the conversation recorded by the run (with its tool calls) instead
+    call_id: str | None = None
+    run_id: str | None = None
+    record_conversation: bool = True
+    tool_names: tuple[str, ...] | None = None  # the registry names behind `tools` (policy)
 
     @property
     def user_text(self) -> str:
@@ -162,6 +169,7 @@ class Call:
     plan: Plan
     output: list[str] = field(default_factory=list)
     output_denied: bool = False
+    record_conversation: bool = True
 
 
 def failure_error(failed: Failed) -> NexusError:
@@ -243,6 +251,7 @@ class CallLifecycle:
         self.messages = MessagesReadModel(store)
         self.request_timeout_s = request_timeout_s
         self._models: tuple[float, dict[str, ModelInfo]] = (0.0, {})
+        self.router: SkillRouter | None = None  # skill routing (`auto`, `skill:<name>`)
 
     # -- the use case -----------------------------------------------------------------
 
@@ -301,7 +310,12 @@ class CallLifecycle:
             messages = (*await self.messages.history(session.session_id), *messages)
         models = await self.models()
         model = call_input.model
-        info = models.get(model)
+        routed = None
+        if self.router is not None and routed_model(model):  # `auto` / `skill:<name>`
+            routed = await self.router.route(caller, session, model, messages, models, self.policies)
+            model, info = routed.model, routed.info
+        else:
+            info = models.get(model)
         if info is None:
             raise UnknownModel(model, tuple(models))
         max_tokens = call_input.max_tokens
@@ -311,9 +325,10 @@ class CallLifecycle:
                 f"max_tokens: {max_tokens} plus the prompt (~{prompt_tokens} tokens) "
                 f"exceeds the context of {model!r} ({info.context} tokens)",
                 [{"field": "max_tokens", "message": "exceeds the model's context"}])
-        call_id = str(uuid.uuid4())
+        call_id = call_input.call_id or str(uuid.uuid4())
         metadata = Metadata(tenant=caller.tenant, actor=caller.actor,
-                            correlation_id=session.session_id, causation_id=call_id)
+                            correlation_id=session.session_id,
+                            causation_id=call_input.run_id or call_id)
         route = route_of(info)
         policy, label = await self.policies.compiled(caller.tenant, session.policy,
                                                      session.policy_version, session.policy_rules)
@@ -330,7 +345,8 @@ class CallLifecycle:
             facts = ChatRequestFacts(
                 model=model, targets=tuple(t.facts() for t in route), max_tokens=max_tokens,
                 input_text=messages_text(messages),
-                tools=tuple(t.get("function", {}).get("name", "") for t in call_input.tools or ()))
+                tools=call_input.tool_names if call_input.tool_names is not None else
+                tuple(t.get("function", {}).get("name", "") for t in call_input.tools or ()))
             decision = await policy_scan(policy, facts.input_text, policy.evaluate_chat, facts,
                                          await self.rates.usage(rate_subjects))
             self._count(decision)
@@ -340,11 +356,14 @@ class CallLifecycle:
                 decision, session, call_id, label)]),)
             if max_tokens is None and decision.max_tokens is not None:
                 max_tokens = decision.max_tokens
+        if routed is not None:  # the routing decision commits with the policy's
+            policy_events = routed.with_events(call_id, policy_events)
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, info.context - prompt_tokens))
         redact = tuple(decision.redact) if decision is not None else ()
         prompt_bound = reserved_prompt_tokens(messages, call_input.tools, redact)
-        charge = await self.budgets.charge_for(call_id, caller.tenant, session.session_id)
+        charge = await self.budgets.charge_for(call_id, caller.tenant, session.session_id,
+                                               run_id=call_input.run_id)
         take = functools.partial(self.rates.take, slots=slots) if slots else None
         try:  # the verdict, the reservations and the rate slots commit together, or nothing
             if charge.streams:
@@ -371,7 +390,8 @@ class CallLifecycle:
             tool_choice=call_input.tool_choice, redact=redact, nodes=plan.nodes,
             targets=plan.targets)
         return Call(call_id, caller, session, info, request, charge, metadata,
-                    call_input.user_text, rate_subjects, policy, label, plan)
+                    call_input.user_text, rate_subjects, policy, label, plan,
+                    record_conversation=call_input.record_conversation)
 
     @staticmethod
     def _calls_limit(policy: CompiledPolicy, scope: str) -> int | None:
@@ -483,7 +503,9 @@ class CallLifecycle:
                     self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata)
                     if call.charge.streams else asyncio.sleep(0, []),
                     self.rates.add_tokens(call.rate_subjects, tokens),
-                    self._record_conversation(call, outcome) if not call.output_denied
+                    self._record_plan(call),
+                    self._record_conversation(call, outcome)
+                    if call.record_conversation and not call.output_denied
                     else asyncio.sleep(0))
                 for commit in commits:
                     if commit.overrun_micro_usd or commit.overrun_tokens:
@@ -494,12 +516,22 @@ class CallLifecycle:
                             "call_id": call.call_id, "budget": commit.budget_id,
                             "overrun_tokens": commit.overrun_tokens,
                             "overrun_micro_usd": commit.overrun_micro_usd})
-            elif call.charge.streams:
-                reason = FAILED if isinstance(outcome, Failed) and outcome.error != "Cancelled" else CANCELLED
-                await self.budgets.release(call.charge, reason, call.metadata)
+            else:
+                await self._record_plan(call)
+                if call.charge.streams:
+                    reason = (FAILED if isinstance(outcome, Failed) and outcome.error != "Cancelled"
+                              else CANCELLED)
+                    await self.budgets.release(call.charge, reason, call.metadata)
         except Exception:
             log.exception("settling a call failed; the sweeper releases its reservation",
                           extra={"call_id": call.call_id})
+
+    async def _record_plan(self, call: Call) -> None:
+        """`CallPlanned`: the targets and nodes of the plan, each node's load as the
+        selector saw it (what `GET /v1/calls/{id}/explain` shows)."""
+        await self.store.append(llmcall_stream(call.call_id), [
+            planned_event(call.call_id, call.plan, self.fleet)],
+            expected_version=None, metadata=call.metadata)
 
     async def _record_conversation(self, call: Call, outcome: Done) -> None:
         await self.store.append(conversation_stream(call.session.session_id), [

@@ -137,10 +137,34 @@ EXTRA: dict[tuple[str, str], set[int]] = {
     ("put", "/v1/secrets/{name}"): {403, 409},
     ("get", "/v1/secrets"): {403},
     ("delete", "/v1/secrets/{name}"): {403},
-    ("post", "/v1/mcp-servers"): {409, 502, 504},
+    ("post", "/v1/mcp-servers"): {409, 422, 502, 504},
+    ("delete", "/v1/mcp-servers/{name}"): {409},
+    ("post", "/v1/agents"): {403, 409, 422},
+    # model distribution (issue 14): the platform's; 409 names the node and the reason
+    ("get", "/v1/models/available"): {403},
+    ("post", "/v1/models/distribute"): {403, 404, 409},
+    ("get", "/v1/nodes/{node_id}/models"): {403},
+    ("post", "/v1/nodes/{node_id}/models/pull"): {403, 409},
+    ("delete", "/v1/nodes/{node_id}/models/{model}"): {403, 409},
+    ("get", "/v1/tasks"): {403},
+    ("get", "/v1/tasks/{task_id}"): {403},
+    ("delete", "/v1/tasks/{task_id}"): {403},
+    ("get", "/v1/tasks/{task_id}/stream"): {403},
+    # skills and adaptive routing (issue 13)
+    ("post", "/v1/skills"): {403, 409, 422},
+    ("post", "/v1/calls/{call_id}/feedback"): {409},
+    ("post", "/v1/replays"): {403},
 }
-OWNED_IDS = ("{session_id}", "{key_id}", "{node_id}", "{name}", "{call_id}")
+OWNED_IDS = ("{session_id}", "{key_id}", "{node_id}", "{name}", "{call_id}", "{task_id}", "{model}")
 PUBLIC = ("/health", "/schema")
+# bodies a handler reads itself (several media types): declared here
+BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/v1/agents"): {"required": True, "description": "the agent file (markdown with "
+                             "YAML front matter), or JSON {markdown}", "content": {
+        "text/markdown": {"schema": {"type": "string", "minLength": 1,
+                                     "maxLength": schemas.AGENT_MARKDOWN_MAX}},
+        "application/json": {"schema": {"$ref": "#/components/schemas/AgentIn"}}}},
+}
 STREAMING = {("post", "/v1/chat/completions"), ("post", "/v1/sessions/{session_id}/messages")}
 OPTIONAL_BODY = {("post", "/v1/sessions/{session_id}/close")}  # `data: ... | None = None`
 # each event's data: a JSON object (the OpenAI stream ends with the text `[DONE]`)
@@ -161,8 +185,9 @@ LINKS: dict[tuple[str, str, str], list[tuple[str, str, dict[str, str]]]] = {
         ("get", "/v1/sessions/{session_id}", {"session_id": "$response.header.X-Nexus-Session"}),
         ("get", "/v1/sessions/{session_id}/messages",
          {"session_id": "$response.header.X-Nexus-Session"})],
-    ("post", "/v1/mcp-servers", "201"): [("get", "/v1/mcp-servers/{name}",
-                                         {"name": "$response.body#/name"})],
+    ("post", "/v1/mcp-servers", "201"): [(m, "/v1/mcp-servers/{name}",
+                                          {"name": "$response.body#/name"})
+                                         for m in ("get", "delete")],
     ("get", "/v1/nodes", "200"): [("get", "/v1/nodes/{node_id}",
                                    {"node_id": "$response.body#/nodes/0/node_id"})],
 }
@@ -194,7 +219,7 @@ def _strict_inputs() -> list[str]:
 def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
     components = doc.setdefault("components", {}).setdefault("schemas", {})
     _, defs = msgspec.json.schema_components(
-        [schemas.ProblemOut, schemas.SessionReply, PolicyRules],
+        [schemas.ProblemOut, schemas.SessionReply, PolicyRules, schemas.AgentIn],
         ref_template="#/components/schemas/{name}")
     for name, schema in defs.items():
         components.setdefault(name, schema)
@@ -203,6 +228,10 @@ def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
             components[name]["additionalProperties"] = False
     for name in [*_strict_inputs(), "PolicyRules", "ContentRules", "RateLimits"]:
         _no_nul(components.get(name))
+    if "McpServerIn" in components:  # `headers`: what msgspec checks of keys and values
+        components["McpServerIn"]["properties"]["headers"].update(
+            propertyNames={"pattern": schemas.HEADER_NAME}, maxProperties=32,
+            additionalProperties={"type": "string", "pattern": schemas.SECRET_NAME})
     rules_ref = {"$ref": "#/components/schemas/PolicyRules"}
     if "PolicyIn" in components:
         components["PolicyIn"]["properties"]["rules"] = rules_ref
@@ -219,6 +248,8 @@ def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
             ALLOW.setdefault(path, ["OPTIONS"]).insert(-1, method.upper())
             for parameter in op.get("parameters", []):
                 _no_nul(parameter.get("schema"))
+            if (method, path) in BODIES:
+                op["requestBody"] = BODIES[(method, path)]
             for status in sorted(statuses(method, path, op)):
                 responses[str(status)] = {
                     "description": DESCRIPTIONS[status],

@@ -123,6 +123,7 @@ class NodeService:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[str] = set()
         self._subs: list[object] = []
+        self.heartbeat_listeners: list[Callable[[Heartbeat], None]] = []  # e.g. model inventory
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -232,6 +233,8 @@ class NodeService:
         if self.view.apply_heartbeat(hb, now=time.monotonic() - age) is None:
             return  # not (or no longer) registered
         self.last_heartbeat_wall[hb.node_id] = received
+        for listener in self.heartbeat_listeners:
+            listener(hb)
         record = self.records.get(hb.node_id)
         if record and record.status == OFFLINE and age < self.offline_after_s:
             self._spawn_once(hb.node_id, decide_came_back)

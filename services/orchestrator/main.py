@@ -25,6 +25,7 @@ def main() -> None:
     config = uvicorn.Config(
         create_app(settings), host=settings.http_host, port=settings.http_port,
         log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+        ws_max_size=settings.max_body_bytes,  # a WebSocket frame is bounded like a body
     )
     uvicorn.Server(config).run()
 

@@ -18,16 +18,25 @@ before any MCP is spoken.
   how to approve it (`structuredContent`: `tool_call_id`, `status`); a denial or
   arguments failing the schema answer `isError` with the rule and reason. Each result's
   `_meta` carries `nexus/tool_call_id`. An unknown tool is a JSON-RPC error.
+- `Idempotency-Key` (an HTTP header on the tools/call request, as on the REST routes;
+  MCP clients can set headers on their HTTP client): a retried call with the same key,
+  tool and arguments in the same session answers the first call's result (its `_meta`
+  has `nexus/idempotent_replayed`) instead of running the tool again; the same key with
+  another call is an `isError` result saying so; a retry while the first still runs
+  waits for it (NEXUS_IDEMPOTENCY_WAIT_S), then is an `isError` "still running". The
+  record is the REST routes' (`idempotency.IdempotencyStore`, per tenant, kept a day).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import mcp_types as types
+import msgspec
 from litestar import Litestar
 from litestar.handlers import asgi
 from litestar.types import Receive, Scope, Send
@@ -45,6 +54,7 @@ from shared.contracts.errors import (
     PolicyDenied,
     SessionClosed,
 )
+from services.orchestrator import idempotency as idem
 from services.orchestrator.keys import Caller
 from services.orchestrator.problems import Problem
 
@@ -53,13 +63,12 @@ log = logging.getLogger("nexus.orchestrator.mcp_gateway")
 PATH = "/v1/mcp"
 SESSION_HEADER = "x-nexus-session"
 SESSION_QUERY = "session"
-SCOPE_KEY = "nexus.mcp"  # (Caller, session_id), set on the ASGI scope before the SDK runs
+SCOPE_KEY = "nexus.mcp"  # (Caller, session_id, app state, Idempotency-Key), on the ASGI scope
+IDEMPOTENCY_ROUTE = "MCP tools/call"  # the idempotency record's route (one per tenant and key)
 
 
-def _who(ctx: Any) -> tuple[Caller, str, Any]:
-    request = ctx.request
-    caller, session_id, state = request.scope[SCOPE_KEY]
-    return caller, session_id, state
+def _who(ctx: Any) -> tuple[Caller, str, Any, str | None]:
+    return ctx.request.scope[SCOPE_KEY]
 
 
 def _text(value: str) -> list[types.ContentBlock]:
@@ -107,13 +116,14 @@ class McpGateway:
                           errors=[{"field": "X-Nexus-Session", "message": "required"}])
         state = scope["app"].state
         await state.sessions.require(caller, session_id)  # another tenant's: 404
-        scope[SCOPE_KEY] = (caller, session_id, state)  # type: ignore[typeddict-unknown-key]
+        key = idem.validate_key(headers.get(idem.HEADER))
+        scope[SCOPE_KEY] = (caller, session_id, state, key)  # type: ignore[typeddict-unknown-key]
         await self.manager.handle_request(scope, receive, send)  # type: ignore[arg-type]
 
     # -- MCP handlers ----------------------------------------------------------------------
 
     async def _list_tools(self, ctx: Any, params: Any) -> types.ListToolsResult:
-        caller, session_id, state = _who(ctx)
+        caller, session_id, state, _ = _who(ctx)
         session = await state.sessions.require(caller, session_id)
         policy, _ = await state.policies.compiled(caller.tenant, session.policy,
                                                   session.policy_version, session.policy_rules)
@@ -125,7 +135,37 @@ class McpGateway:
             for t in tools])
 
     async def _call_tool(self, ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
-        caller, session_id, state = _who(ctx)
+        caller, session_id, state, key = _who(ctx)
+        if key is None:
+            return await self._invoke(caller, session_id, state, params)
+        request_hash = idem.body_hash(msgspec.json.encode(
+            [session_id, params.name, params.arguments or {}]))
+        try:
+            got = await state.idempotency.begin(caller.tenant, IDEMPOTENCY_ROUTE, key, request_hash)
+        except Problem as exc:  # used with another call (422), or the first still runs (409)
+            return types.CallToolResult(content=_text(f"Idempotency-Key: {exc.detail}"),
+                                        structured_content={"status": exc.slug,
+                                                            "http_status": exc.status_code},
+                                        is_error=True)
+        if isinstance(got, idem.StoredResponse):
+            replay = types.CallToolResult.model_validate_json(got.body)
+            meta = {**(replay.meta or {}), "nexus/idempotent_replayed": True}
+            return replay.model_copy(update={"meta": meta})
+        try:
+            result = await self._invoke(caller, session_id, state, params)
+        except BaseException:
+            await asyncio.shield(got.release())
+            raise
+        if (result.structured_content or {}).get("status") in _RETRYABLE:
+            await asyncio.shield(got.release())  # nothing ran: a retry may run it
+        else:
+            await asyncio.shield(got.complete(idem.StoredResponse(
+                200, {}, "application/json",
+                result.model_dump_json(by_alias=True, exclude_none=True).encode())))
+        return result
+
+    async def _invoke(self, caller: Caller, session_id: str, state: Any,
+                      params: types.CallToolRequestParams) -> types.CallToolResult:
         try:
             view = await state.tools.invoke(caller, session_id, params.name,
                                             dict(params.arguments or {}))
@@ -136,7 +176,10 @@ class McpGateway:
             return types.CallToolResult(content=_text(f"denied ({rule}): {exc.detail}"),
                                         structured_content={"status": "denied", "rule": rule},
                                         is_error=True)
-        except (SessionClosed, NoNodeAvailable) as exc:
+        except NoNodeAvailable as exc:
+            return types.CallToolResult(content=_text(exc.detail),
+                                        structured_content={"status": "no_node"}, is_error=True)
+        except SessionClosed as exc:
             return types.CallToolResult(content=_text(exc.detail), is_error=True)
         except NexusError as exc:
             return types.CallToolResult(content=_text(exc.detail), is_error=True)
@@ -161,6 +204,9 @@ class McpGateway:
             structured_content=result if isinstance(result, dict) else
             ({"result": result} if result is not None else None),
             is_error=bool(view.is_error), _meta=meta)
+
+
+_RETRYABLE = frozenset({"no_node"})  # answers of calls that never ran: not recorded
 
 
 def _describe(tool: Any) -> str:

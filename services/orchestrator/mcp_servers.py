@@ -23,13 +23,25 @@ from urllib.parse import urlsplit
 import msgspec
 
 from shared.contracts import subjects
-from shared.contracts.errors import InvalidRequest, McpServerFailed, NoNodeAvailable, NotFound
-from shared.contracts.events import McpServerRegistered, Metadata, mcpserver_stream, new_id
+from shared.contracts.errors import (
+    Conflict,
+    InvalidRequest,
+    McpServerFailed,
+    NoNodeAvailable,
+    NotFound,
+)
+from shared.contracts.events import (
+    McpServerRegistered,
+    McpServerRemoved,
+    Metadata,
+    mcpserver_stream,
+    new_id,
+)
 from shared.contracts.frames import Failed, ToolDone
 from shared.contracts.messages import ToolExecRequest, ToolLimits
 from shared.domain.mcp import McpServer, exec_mcp, sort_listing, tool_spec
 from shared.domain.tools import ToolSpec, http_host
-from shared.infra.eventstore import EventStore, ProjectionRunner
+from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
 from shared.infra.messaging import Bus, MessagingError
 from shared.infra.streaming import RemoteStreamError, StreamReceiver
 from services.orchestrator.keys import Caller
@@ -149,6 +161,22 @@ class McpServerService:
             raise McpServerFailed(server.name, "upstream_error",
                                   f"MCP server {server.name!r}: tools/list gave no tool list")
         return answer.result
+
+    async def remove(self, caller: Caller, name: str) -> None:
+        """Remove the tenant's server (`McpServerRemoved`): its tools leave the registry at
+        once; calls already running finish. Another tenant's, or none: `NotFound`."""
+        if await self.read_model.get(caller.tenant, name) is None:
+            raise NotFound("MCP server", name)
+        stream = mcpserver_stream(caller.tenant, name)
+        try:
+            result = await self.store.append(
+                stream, [McpServerRemoved(tenant=caller.tenant, name=name, by=caller.actor)],
+                expected_version=await self.store.stream_version(stream),
+                metadata=Metadata(tenant=caller.tenant, actor=caller.actor))
+        except WrongExpectedVersion:
+            raise Conflict(f"MCP server {name!r} changed meanwhile; read it and retry") from None
+        await self.runner.wait_for(result.last_position, names=("mcp_servers",))
+        log.info("mcp server removed", extra={"tenant": caller.tenant, "server": name})
 
     # -- reads -------------------------------------------------------------------------
 

@@ -121,6 +121,9 @@ def problem_for(error: errors.NexusError) -> Problem:
             return Problem(422, "invalid", error.detail, rule=error.rule, errors=error.errors)
         case errors.NoNodeAvailable():
             return Problem(503, "no-node", error.detail, headers={"Retry-After": "2"})
+        case errors.PlacementRefused():
+            return Problem(409, "placement-refused", error.detail, node=error.node,
+                           reason=error.reason)
         case errors.McpServerFailed():
             return Problem(504 if error.reason == "timeout" else 502, "mcp-server-failed",
                            error.detail, server=error.server, reason=error.reason)

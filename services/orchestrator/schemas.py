@@ -48,6 +48,10 @@ class SessionView(msgspec.Struct, frozen=True, kw_only=True):
     closed_at: datetime | None
     version: int
     trace_id: str | None
+    # the agent's version pinned at start and whose it is ("tenant" or "system"); None:
+    # `agent` names no defined agent (a label)
+    agent_version: int | None = None
+    agent_source: str | None = None
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):
@@ -251,6 +255,10 @@ class MessageOut(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float | None
     finish_reason: str | None
     created_at: datetime
+    # an agent run's messages: the assistant's tool calls, which call a tool message answers
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    run_id: str | None = None
 
 
 class MessageList(msgspec.Struct, frozen=True, kw_only=True):
@@ -308,6 +316,7 @@ class PolicyOut(msgspec.Struct, frozen=True, kw_only=True):
 class FieldError(msgspec.Struct, frozen=True, kw_only=True):
     field: str  # the body member (dotted), query parameter, path parameter or header
     message: str
+    line: int | None = None  # in an agent file (markdown): the line of the problem
 
 
 class ProblemOut(msgspec.Struct, frozen=True, kw_only=True):
@@ -460,6 +469,9 @@ McpServerName = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
                                             pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
 
 
+HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$"  # an HTTP header name (RFC 9110 token)
+
+
 class McpServerIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """A tenant's MCP server: `url` (Streamable HTTP) or `command` (an argv run over
     stdio inside the sandbox on a node), exactly one. `headers` map a header to the NAME
@@ -472,8 +484,7 @@ class McpServerIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
                                      pattern=r"^https?://[^\s@/?#]+[^\s]*$")] | None = None
     command: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=65536)]],
                        msgspec.Meta(min_length=1, max_length=64)] | None = None
-    headers: Annotated[dict[Annotated[str, msgspec.Meta(
-                                pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")],
+    headers: Annotated[dict[Annotated[str, msgspec.Meta(pattern=HEADER_NAME)],
                             Annotated[str, msgspec.Meta(pattern=SECRET_NAME)]],
                        msgspec.Meta(max_length=32)] = {}
     limits: ToolLimitsIn = ToolLimitsIn(timeout_s=10.0)
@@ -509,3 +520,193 @@ class McpServerOut(msgspec.Struct, frozen=True, kw_only=True):
 
 class McpServerList(msgspec.Struct, frozen=True, kw_only=True):
     servers: list[McpServerOut]
+
+
+# -- agents (definitions) -----------------------------------------------------------------
+
+AGENT_MARKDOWN_MAX = 256 * 1024  # shared.domain.agents.MAX_MARKDOWN_BYTES
+
+
+class AgentIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/agents` as JSON; the body may also be the markdown itself
+    (`Content-Type: text/markdown`)."""
+
+    markdown: Annotated[str, msgspec.Meta(min_length=1, max_length=AGENT_MARKDOWN_MAX)]
+
+
+class AgentOut(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    version: int
+    source: str  # tenant (its own) or system (shipped in agents/)
+    description: str
+    model: str | None  # as written; None: inherit
+    route: str | None  # what a run asks the call path for; None: the run's/session's model
+    tools: list[str]
+    ignored_tools: list[str]  # coding-agent-only tools left out
+    max_steps: int
+    max_cost_usd: float | None
+    approval: list[str]
+    temperature: float | None
+    system_prompt: str
+    markdown: str
+
+
+class AgentList(msgspec.Struct, frozen=True, kw_only=True):
+    agents: list[AgentOut]
+
+
+# -- agent runs (issue 12: RUNS) ------------------------------------------------------------
+
+
+class RunIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/sessions/{id}/runs`: the agent (its name) and the task."""
+
+    agent: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    input: Annotated[str, msgspec.Meta(min_length=1, max_length=1_000_000)]
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+
+
+class RunApprovalIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    tool_call_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    decision: Literal["approve", "reject"]
+    reason: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+
+
+class RunCancelIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    reason: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+
+
+class RunApprovalRequest(msgspec.Struct, frozen=True, kw_only=True):
+    tool_call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    reason: str  # needs_approval, or outcome_unknown (approve = run it again)
+    expires_at: datetime
+
+
+class RunToolCallOut(msgspec.Struct, frozen=True, kw_only=True):
+    step: int
+    tool: str
+    tool_call_id: str | None  # the last attempt's (GET /v1/sessions/{id}/tool-calls/{id})
+    attempts: int
+    status: str  # pending, running, awaiting_approval, finished, failed, rejected, denied, outcome_unknown
+    is_error: bool | None = None
+
+
+class RunOut(msgspec.Struct, frozen=True, kw_only=True):
+    run_id: str
+    session_id: str
+    agent: str
+    agent_version: int
+    model: str
+    status: str  # running, awaiting_approval, finished, failed, cancelled
+    steps: int
+    max_steps: int
+    cost_usd: float
+    max_cost_usd: float | None
+    input_tokens: int
+    output_tokens: int
+    answer: str | None = None
+    error: str | None = None  # why it failed: max_steps, budget, policy, approval_expired, ...
+    detail: str | None = None
+    pending_approvals: list[RunApprovalRequest] = []
+    tool_calls: list[RunToolCallOut] = []
+
+
+class RunSummary(msgspec.Struct, frozen=True, kw_only=True):
+    run_id: str
+    session_id: str
+    agent: str
+    agent_version: int
+    status: str
+    steps: int
+    cost_usd: float
+    answer: str | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class RunList(msgspec.Struct, frozen=True, kw_only=True):
+    runs: list[RunSummary]
+
+
+# -- model distribution (issue 14) ------------------------------------------------------
+
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
+                                        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
+NodeIdIn = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class DistributeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    model: ModelName
+    target: Literal["all", "specific", "auto"] = "auto"
+    node_ids: Annotated[list[NodeIdIn], msgspec.Meta(max_length=1000)] = []
+
+
+class PullIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    model: ModelName
+
+
+class TaskOut(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    node_id: str
+    model: str
+    status: str  # pending, in_progress, completed, failed, cancelled
+    progress: float  # 0..1
+    bytes_done: int
+    total_bytes: int
+    speed_bps: float
+    error: str | None
+    detail: str
+    attempt: int
+    resumed_from: int
+    fetched_bytes: int  # read from the store by the last attempt (a resume skips what it had)
+    reason: str
+    reconciled: bool
+    progress_at: float | None = None  # unix time of the last progress telemetry
+
+
+class TaskList(msgspec.Struct, frozen=True, kw_only=True):
+    tasks: list[TaskOut]
+
+
+class TaskIds(msgspec.Struct, frozen=True, kw_only=True):
+    task_ids: list[str]
+    tasks: list[TaskOut]
+
+
+class ModelFit(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    fits: bool
+    reason: str | None
+
+
+class AvailableModel(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    sha256: str
+    size_bytes: int
+    architecture: str
+    parameters: int
+    quantization: str
+    context_length: int
+    memory_needed_bytes: int
+    source: str
+    fit: list[ModelFit]
+
+
+class AvailableModels(msgspec.Struct, frozen=True, kw_only=True):
+    models: list[AvailableModel]
+
+
+class NodeModelOut(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    sha256: str
+    size_bytes: int
+    loaded: bool
+
+
+class NodeModels(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    installed: list[NodeModelOut]
+    downloading: list[TaskOut]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import msgspec
 
@@ -57,6 +58,8 @@ class SessionService:
         self.runner = runner
         self.policies = policies
         self.read_model = SessionsReadModel(store)
+        # AgentService (set by the app): `start` pins the version of the agent it names
+        self.agents: Any = None
 
     async def start(self, caller: Caller, request: SessionCreate, *, idempotency_key: str | None = None,
                     request_hash: str | None = None) -> SessionView:
@@ -85,10 +88,16 @@ class SessionService:
                               errors=[{"field": "policy", "message": "unknown policy"}])
         inline = (msgspec.to_builtins(rules_or_problem(request.policy_rules, "policy_rules"))
                   if request.policy_rules is not None else None)
+        # the agent's current version is pinned (a run uses it even after a redefinition);
+        # a name that is no defined agent stays a label (agent_version None)
+        pin = (await self.agents.pin(tenant, request.agent)
+               if request.agent is not None and self.agents is not None else None)
         event = SessionStarted(session_id=session_id, tenant=tenant, budget=budget,
                                policy=request.policy, policy_version=policy_version,
                                policy_rules=inline, agent=request.agent,
-                               metadata=dict(request.metadata))
+                               metadata=dict(request.metadata),
+                               agent_version=pin[0] if pin else None,
+                               agent_source=pin[1] if pin else None)
         stream = session_stream(session_id)
         metadata = Metadata(tenant=tenant, actor=caller.actor, correlation_id=session_id,
                             idempotency_key=idempotency_key, request_hash=request_hash)
@@ -118,7 +127,8 @@ class SessionService:
             policy=event.policy, policy_version=event.policy_version,
             policy_rules=event.policy_rules, agent=event.agent, metadata=dict(event.metadata),
             created_at=started.recorded_at, closed_at=None, version=1,
-            trace_id=started.metadata.trace_id)
+            trace_id=started.metadata.trace_id, agent_version=event.agent_version,
+            agent_source=event.agent_source)
 
     async def get(self, caller: Caller, session_id: str) -> SessionView | None:
         """The session from the read model; read-your-writes: if the read model does not

@@ -231,15 +231,26 @@ class ToolService:
     # -- calls ----------------------------------------------------------------------------
 
     async def invoke(self, caller: Caller, session_id: str, name: str,
-                     arguments: dict[str, Any], *, run_id: str | None = None) -> ToolCallView:
-        session = await self.sessions.require(caller, session_id)
-        if session.status != "open":
-            raise SessionClosed(session_id)
-        spec, version, _ = await self.resolve(caller.tenant, name)
+                     arguments: dict[str, Any], *, run_id: str | None = None,
+                     call_id: str | None = None) -> ToolCallView:
+        # `call_id`: the id an agent run derived for this attempt (else a new one)
+        # the session and the tool are independent reads: one round trip's wait, not two
+        # (the session's answer comes first: another tenant's is a 404, a closed one 409)
+        tool = asyncio.ensure_future(self.resolve(caller.tenant, name))
+        try:
+            session = await self.sessions.require(caller, session_id)
+            if session.status != "open":
+                raise SessionClosed(session_id)
+            spec, version, _ = await tool
+        finally:
+            if not tool.done():
+                tool.cancel()
+            elif not tool.cancelled():
+                tool.exception()  # retrieved: no "exception was never retrieved"
         policy, _label = await self.policies.compiled(caller.tenant, session.policy,
                                                       session.policy_version, session.policy_rules)
         verdict = decide_tool_call(spec, policy, arguments)
-        call_id = str(uuid.uuid4())
+        call_id = call_id or str(uuid.uuid4())
         meta = Metadata(tenant=caller.tenant, actor=caller.actor, correlation_id=session_id,
                         causation_id=run_id or call_id)
         requested = ToolCallRequested(session_id=session_id, tool_call_id=call_id, tool=name,
@@ -266,8 +277,11 @@ class ToolService:
             events.append(self._started(requested, node) if node else
                           self._failed(requested, "no_node", "no online node can run tools now"))
         try:
-            await self.store.append_atomic([(toolcall_stream(call_id), events, 0)], meta,
-                                           before=take)
+            if take is None:  # nothing to commit with it: the group commit's shared flush
+                await self._append(call_id, events, 0, meta)
+            else:
+                await self.store.append_atomic([(toolcall_stream(call_id), events, 0)], meta,
+                                               before=take)
         except RateLimited as exc:
             rule = f"rate.calls_per_minute.{exc.scope}"
             denied = ToolVerdict(verdict="denied", rule=rule, reason=str(exc))

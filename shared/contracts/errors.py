@@ -122,3 +122,28 @@ class McpServerFailed(NexusError):
         super().__init__(detail)
         self.server = server
         self.reason = reason
+
+
+# -- model distribution (issue 14) ----------------------------------------------------
+
+
+class PlacementRefused(NexusError):
+    """A model cannot go to a node: `reason` is `node_offline`, `does_not_fit`,
+    `unknown_node`, `no_runtime`, ...; `node` names the node (the 409 names both)."""
+
+    def __init__(self, node: str, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.node = node
+        self.reason = reason
+
+
+# -- agents (definitions) -----------------------------------------------------------------
+
+
+class AgentInvalid(InvalidEntity):
+    """An agent definition (markdown + YAML front matter) that breaks a rule: `errors`
+    name each problem's `field`, its `line` in the file and a `message` (a 422)."""
+
+    def __init__(self, errors: list[dict]) -> None:
+        detail = "; ".join(f"{e['field']} (line {e.get('line')}): {e['message']}" for e in errors)
+        super().__init__(f"invalid agent definition: {detail}", errors, "agent.definition")

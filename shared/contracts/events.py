@@ -53,6 +53,10 @@ class SessionStarted(Event, frozen=True):
     policy_rules: dict[str, object] | None = None  # or inline rules (shared.domain.policy.PolicyRules)
     agent: str | None = None
     metadata: dict[str, str] = {}
+    # the agent's definition pinned at start (AgentDefined's stream version) and whose it
+    # is ("tenant" or "system"); None: `agent` names no defined agent (a label only)
+    agent_version: int | None = None
+    agent_source: str | None = None
 
 
 class SessionClosed(Event, frozen=True):
@@ -132,8 +136,8 @@ class ApiKeyRevoked(Event, frozen=True):
 
 class BudgetOpened(Event, frozen=True):
     budget_id: str
-    scope: Literal["session", "tenant"]
-    owner: str  # session id or tenant
+    scope: Literal["session", "tenant", "run"]  # "run": an agent run's max_cost_usd
+    owner: str  # session id, tenant or run id
     limit_micro_usd: int | None = None
     limit_tokens: int | None = None
     period: str | None = None  # "YYYY-MM" for tenant monthly budgets
@@ -247,6 +251,10 @@ class MessageAppended(Event, frozen=True):
     output_tokens: int | None = None
     cost_micro_usd: int | None = None
     finish_reason: str | None = None
+    # an agent run's messages: the assistant's tool calls, a tool result's call id
+    tool_calls: tuple[dict[str, object], ...] | None = None
+    tool_call_id: str | None = None
+    run_id: str | None = None
 
 
 class TenantBudgetSet(Event, frozen=True):
@@ -400,6 +408,345 @@ class ToolCallFailed(Event, frozen=True):
     node: str | None = None
 
 
+# -- tools: removals and workspace cleanup (tools follow-up) -----------------------------
+
+
+class McpServerRemoved(Event, frozen=True):
+    """A tenant removed its MCP server (stream `mcpserver-<tenant>-<name>`): its tools
+    leave the registry; registering the name again starts a new version."""
+
+    tenant: str
+    name: str
+    by: str = ""
+
+
+class WorkspaceDeleted(Event, frozen=True):
+    """A closed session's workspace was deleted from the object store (stream
+    `workspace-<session_id>`, appended once by the orchestrator's janitor)."""
+
+    tenant: str
+    session_id: str
+    objects: int = 0  # objects deleted (the manifest and its blobs)
+    bytes: int = 0
+
+
+# -- agent runs (issue 12: RUNS) --------------------------------------------------------
+# A run is the stream run-{run_id}; its state is `shared.domain.runs.fold_run` of it.
+# The orchestrator that holds the run's lease appends at the stream's version (fencing).
+
+
+class RunStarted(Event, frozen=True):
+    """A run of an agent in a session, with the definition it pinned (so a takeover needs
+    nothing else) and the caller it runs for."""
+
+    run_id: str
+    session_id: str
+    tenant: str
+    agent: str
+    agent_version: int
+    input: str
+    model: str
+    system_prompt: str = ""
+    tools: tuple[str, ...] = ()
+    approval: tuple[str, ...] = ()  # tools that need a human yes before each call
+    max_steps: int = 10
+    max_cost_micro_usd: int | None = None
+    temperature: float | None = None
+    key_id: str = ""
+    role: str = "member"
+    owner: str = ""  # the orchestrator process that took the first lease
+
+
+class RunResumed(Event, frozen=True):
+    """Another orchestrator process (or the restarted one) took the run over: its lease
+    `epoch`; appended at the stream's version, so the previous owner's next append fails."""
+
+    run_id: str
+    owner: str
+    epoch: int
+
+
+class RunStepStarted(Event, frozen=True):
+    run_id: str
+    step: int
+
+
+class RunLLMCallLinked(Event, frozen=True):
+    """The step's LLM call is about to be sent (`llmcall-{call_id}`); an attempt without
+    its `RunModelAnswered` was interrupted and is sent again under a new call id."""
+
+    run_id: str
+    step: int
+    call_id: str
+
+
+class RunModelAnswered(Event, frozen=True):
+    """The model's answer of a step: its text and the tool calls it asked for."""
+
+    run_id: str
+    step: int
+    call_id: str
+    content: str = ""
+    tool_calls: tuple[dict[str, object], ...] = ()  # OpenAI shape: id, type, function{name, arguments}
+    finish_reason: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_micro_usd: int = 0
+    model: str | None = None
+
+
+class RunToolCallStarted(Event, frozen=True):
+    """One attempt at a tool call the model asked for (`toolcall-{tool_call_id}`)."""
+
+    run_id: str
+    step: int
+    index: int  # the position of the call in the model's answer
+    model_call_id: str  # the model's id for it (the tool message answers it)
+    tool_call_id: str
+    tool: str
+    effect: str = "side_effecting"
+    attempt: int = 1
+
+
+class RunToolResult(Event, frozen=True):
+    """A tool call's result as the model will read it (errors too: they are fed back)."""
+
+    run_id: str
+    step: int
+    index: int
+    model_call_id: str
+    tool_call_id: str | None
+    tool: str
+    content: str
+    is_error: bool = False
+    status: str = "finished"  # finished, failed, rejected, denied, outcome_unknown
+
+
+class RunToolOutcomeUnknown(Event, frozen=True):
+    """A side-effecting tool call was interrupted: it may or may not have run. It is
+    not retried without a human's approval."""
+
+    run_id: str
+    step: int
+    index: int
+    tool_call_id: str
+    tool: str
+
+
+class RunAwaitingApproval(Event, frozen=True):
+    """The run waits for a human (`POST /v1/runs/{id}/approvals`); nothing runs meanwhile."""
+
+    run_id: str
+    step: int
+    index: int
+    tool_call_id: str  # the id the approval names (the attempt it would run)
+    tool: str
+    arguments: dict[str, object] = {}
+    reason: str = "needs_approval"  # or "outcome_unknown": approve = run it again
+    expires_at: float = 0.0  # unix time; unanswered by then, the run fails
+
+
+class RunApprovalGiven(Event, frozen=True):
+    run_id: str
+    tool_call_id: str
+    approved: bool
+    reason: str = ""
+    by: str = ""
+
+
+class RunFinished(Event, frozen=True):
+    run_id: str
+    answer: str
+    steps: int
+    cost_micro_usd: int
+
+
+class RunFailed(Event, frozen=True):
+    """The run stopped without an answer: `reason` max_steps, budget, policy,
+    approval_expired, llm_error, tool_error, ..."""
+
+    run_id: str
+    reason: str
+    detail: str = ""
+    steps: int = 0
+    cost_micro_usd: int = 0
+
+
+class RunCancelled(Event, frozen=True):
+    run_id: str
+    reason: str = ""
+    by: str = ""
+
+
+# -- agent definitions (issue 12: AGENTS) -------------------------------------------------
+# An agent's definitions are the stream `agent-<tenant>:<name>` (the name never holds a
+# ':', so no two tenants' streams can meet), versioned by stream version; the system
+# agents shipped in `agents/` are the tenant `@system` (no tenant can be named so).
+
+
+class AgentDefined(Event, frozen=True):
+    """A version of an agent: its markdown source as given and the parsed definition
+    (`shared.domain.agents.AgentDefinition` as JSON, without version/source)."""
+
+    tenant: str  # or SYSTEM_AGENTS for the agents shipped in `agents/`
+    name: str
+    markdown: str
+    definition: dict[str, object]
+    sha256: str = ""  # of the markdown: a system agent is redefined only when it changed
+
+
+# -- model distribution (issue 14): streams modeltask-{task_id}, nodemodels-{node_id} --------
+
+
+class ModelDownloadRequested(Event, frozen=True):
+    """A model is to be put on a node (`reason`: manual, distribute, placement)."""
+
+    task_id: str
+    node_id: str
+    model: str
+    sha256: str
+    size_bytes: int
+    reason: str = "manual"
+    source: str = "store"  # store | ollama
+    actor: str = ""
+
+
+class ModelDownloadStarted(Event, frozen=True):
+    """The node took a slot and bytes move (again, after a resume: `attempt` > 1)."""
+
+    task_id: str
+    node_id: str
+    attempt: int = 1
+    resumed_from: int = 0  # bytes already on the node's disk
+
+
+class ModelDownloadCompleted(Event, frozen=True):
+    task_id: str
+    node_id: str
+    bytes_total: int
+    fetched_bytes: int = 0  # read from the store by the last attempt
+    reconciled: bool = False  # learned from the node's inventory, not its message
+
+
+class ModelDownloadFailed(Event, frozen=True):
+    """`reason`: `node offline` (resumable), `stalled`, `digest mismatch`, `not found`,
+    `error`; `detail` says more."""
+
+    task_id: str
+    node_id: str
+    reason: str
+    detail: str = ""
+    bytes_done: int = 0
+
+
+class ModelDownloadResumed(Event, frozen=True):
+    """A task failed as `node offline` goes back to pending when the node returns."""
+
+    task_id: str
+    node_id: str
+
+
+class ModelDownloadCancelled(Event, frozen=True):
+    task_id: str
+    node_id: str
+    actor: str = ""
+
+
+class ModelInstalled(Event, frozen=True):
+    node_id: str
+    model: str
+    sha256: str
+    size_bytes: int
+    task_id: str = ""
+
+
+class ModelRemoved(Event, frozen=True):
+    node_id: str
+    model: str
+    actor: str = ""
+
+
+# -- skills and adaptive model routing (issue 13: SKILLS) ----------------------------------
+# Skill definitions are the stream `skill-<tenant>:<name>` (versioned by stream version;
+# the skills shipped in `skills/` are files, never events). A routed call's decision
+# (`ModelRouted`) and its feedback (`CallFeedback`) go to the call's `llmcall-{id}`; a
+# tenant's routing clusters to `routing-<tenant>`. The learned statistics are the
+# `routing_stats` projection (`shared.domain.adaptive_routing.fold_arm`).
+
+
+class SkillDefined(Event, frozen=True):
+    """A version of a tenant's skill (`shared.domain.skills.SkillSpec` as JSON)."""
+
+    tenant: str
+    name: str
+    spec: dict[str, object]
+
+
+class RoutingCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One model the router weighed: its learned quality (posterior mean, the sample
+    drawn, the observations behind it), its expected cost, its score; or why it was
+    excluded (`excluded`: the policy's rule, `not_served`)."""
+
+    model: str
+    quality: float = 0.0
+    quality_sample: float = 0.0
+    quality_n: float = 0.0
+    cost_micro_usd: float = 0.0
+    cost_n: int = 0
+    score: float = 0.0
+    excluded: str | None = None
+
+
+class ModelRouted(Event, frozen=True):
+    """The router's decision for a call asked of `auto` or `skill:<name>`."""
+
+    call_id: str
+    session_id: str
+    requested: str  # "auto" or "skill:<name>"
+    skill: str
+    skill_version: int = 0  # 0: a system skill (a file)
+    matched_by: str = "explicit"  # explicit, auto, default
+    confidence: float = 1.0
+    cluster: str = ""
+    embedder: str = ""
+    cost_weight: float = 0.0
+    performance_weight: float = 1.0
+    candidates: tuple[RoutingCandidate, ...] = ()
+    pick: str = ""
+    fallback: tuple[str, ...] = ()  # the models planned after the pick, in order
+    reason: str = ""
+    exploration: bool = False  # the sampled pick differs from the best by posterior means
+
+
+class RoutingClusterCreated(Event, frozen=True):
+    """A new task cluster of a tenant: a request nearer to no centroid than the threshold
+    became one (leader clustering; centroids never move, so replays are exact)."""
+
+    tenant: str
+    cluster: str
+    centroid: tuple[float, ...]
+
+
+class CallFeedback(Event, frozen=True):
+    """A quality score of a call's answer, 0..1 (from `POST /v1/calls/{id}/feedback` or
+    an evaluation run)."""
+
+    call_id: str
+    score: float
+    source: str = "api"  # api, eval
+    comment: str = ""
+
+
+class CallPlanned(Event, frozen=True):
+    """Where an admitted call was planned: the targets in order and, per node-served
+    model, the nodes picked by the strategy with each candidate's load at that moment."""
+
+    call_id: str
+    targets: tuple[str, ...] = ()
+    nodes: dict[str, tuple[str, ...]] = {}
+    strategy: str = ""
+    loads: tuple[dict[str, object], ...] = ()
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     SessionStarted,
     SessionClosed,
@@ -434,6 +781,35 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ToolCallStarted,
     ToolCallFinished,
     ToolCallFailed,
+    RunStarted,
+    RunResumed,
+    RunStepStarted,
+    RunLLMCallLinked,
+    RunModelAnswered,
+    RunToolCallStarted,
+    RunToolResult,
+    RunToolOutcomeUnknown,
+    RunAwaitingApproval,
+    RunApprovalGiven,
+    RunFinished,
+    RunFailed,
+    RunCancelled,
+    AgentDefined,
+    ModelDownloadRequested,
+    ModelDownloadStarted,
+    ModelDownloadCompleted,
+    ModelDownloadFailed,
+    ModelDownloadResumed,
+    ModelDownloadCancelled,
+    ModelInstalled,
+    ModelRemoved,
+    SkillDefined,
+    ModelRouted,
+    RoutingClusterCreated,
+    CallFeedback,
+    CallPlanned,
+    McpServerRemoved,
+    WorkspaceDeleted,
 )
 AnyEvent = Union[EVENT_TYPES]  # type: ignore[valid-type]
 EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in EVENT_TYPES)
@@ -480,6 +856,37 @@ def mcpserver_stream(tenant: str, name: str) -> str:
 
 def toolcall_stream(tool_call_id: str) -> str:
     return f"toolcall-{tool_call_id}"
+
+
+def workspace_stream(session_id: str) -> str:
+    return f"workspace-{session_id}"
+
+
+def run_stream(run_id: str) -> str:
+    return f"run-{run_id}"
+
+
+SYSTEM_AGENTS = "@system"  # the tenant of the agents shipped in `agents/`
+
+
+def agent_stream(tenant: str, name: str) -> str:
+    return f"agent-{tenant}:{name}"
+
+
+def modeltask_stream(task_id: str) -> str:
+    return f"modeltask-{task_id}"
+
+
+def nodemodels_stream(node_id: str) -> str:
+    return f"nodemodels-{node_id}"
+
+
+def skill_stream(tenant: str, name: str) -> str:
+    return f"skill-{tenant}:{name}"
+
+
+def routing_stream(tenant: str) -> str:
+    return f"routing-{tenant}"
 
 
 def new_id() -> str:

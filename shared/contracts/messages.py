@@ -90,6 +90,15 @@ class GpuLoad(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     memory_used_bytes: Bytes
 
 
+class InstalledModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A model installed on a node (verified SHA-256, in its models directory)."""
+
+    name: str
+    sha256: str
+    size_bytes: Bytes
+    loaded: bool = False  # a runtime serves it now
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`nexus.node.<id>.heartbeat`: live load, every `heartbeat_interval_s`."""
 
@@ -103,6 +112,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     queue_depth: Count = 0
     avg_response_ms: Annotated[float, msgspec.Meta(ge=0)] | None = None
     draining: bool = False
+    models: tuple[InstalledModel, ...] = ()  # the node's inventory (model distribution)
 
 
 class NodeStatusChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -244,3 +254,73 @@ class ToolExecRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     filesystem: Literal["none", "ro", "rw"] = "none"
     http: dict[str, Any] | None = None
     mcp: dict[str, Any] | None = None
+
+
+# -- model distribution (issue 14) --------------------------------------------------------
+
+
+class ModelCommand(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`nexus.node.<id>.models`: `pull` a model from the store (resumes from the bytes
+    already on disk; verifies `sha256` before installing), `cancel` a task, `remove` an
+    installed model, or `inventory` (just answer what is installed)."""
+
+    op: Literal["pull", "cancel", "remove", "inventory"]
+    task_id: str = ""
+    model: str = ""
+    sha256: str = ""
+    size_bytes: Bytes = 0
+    source: Literal["store", "ollama"] = "store"
+
+
+class ModelCommandReply(msgspec.Struct, frozen=True, kw_only=True):
+    accepted: bool
+    detail: str = ""
+    installed: tuple[InstalledModel, ...] = ()
+    running: tuple[str, ...] = ()  # task ids downloading now
+    queued: tuple[str, ...] = ()   # task ids waiting for a slot
+
+
+class ModelTaskUpdate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`nexus.node.<id>.modeltask`: a task started, completed or failed on the node."""
+
+    node_id: NodeId
+    task_id: str
+    state: Literal["started", "completed", "failed"]
+    model: str = ""
+    bytes_done: Bytes = 0
+    total_bytes: Bytes = 0
+    resumed_from: Bytes = 0  # bytes already on disk when it (re)started
+    fetched_bytes: Bytes = 0  # bytes read from the store by this attempt
+    sha256: str = ""
+    reason: str = ""
+    detail: str = ""
+
+
+class ModelTaskAck(msgspec.Struct, frozen=True, kw_only=True):
+    known: bool
+    status: str = ""
+
+
+class ModelProgress(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`nexus.node.<id>.modelprogress`: telemetry, at least once a second while bytes move."""
+
+    node_id: NodeId
+    task_id: str
+    bytes_done: Bytes
+    total_bytes: Bytes
+    speed_bps: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    sent_at: float = 0.0
+
+
+# -- agent runs (issue 12: RUNS) --------------------------------------------------------
+
+
+class RunLive(msgspec.Struct, frozen=True, kw_only=True):
+    """On `subjects.run_live`: `kind` "delta" (text as generated at `step`) or "event"
+    (the run's stream reached `version`: read it)."""
+
+    run_id: str
+    kind: Literal["delta", "event"]
+    step: int = 0
+    version: int = 0
+    text: str = ""

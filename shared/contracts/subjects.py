@@ -73,6 +73,29 @@ def node_tool(node_id: str) -> str:
     return f"{NODE_PREFIX}.{node_id}.tool"
 
 
+# -- model distribution (issue 14) --
+NODE_MODEL_TASK_ALL = f"{NODE_PREFIX}.*.modeltask"          # node -> orchestrator (queue)
+NODE_MODEL_PROGRESS_ALL = f"{NODE_PREFIX}.*.modelprogress"  # telemetry -> every orchestrator
+
+
+def node_models(node_id: str) -> str:
+    """Orchestrator -> node: a `ModelCommand` (pull, cancel, remove, inventory) ->
+    `ModelCommandReply`."""
+    return f"{NODE_PREFIX}.{node_id}.models"
+
+
+def node_model_task(node_id: str) -> str:
+    """Node -> orchestrator: a download task changed (`ModelTaskUpdate` -> `ModelTaskAck`);
+    the node repeats it until answered."""
+    return f"{NODE_PREFIX}.{node_id}.modeltask"
+
+
+def node_model_progress(node_id: str) -> str:
+    """Node -> every orchestrator: `ModelProgress` telemetry while bytes move (core NATS,
+    never stored)."""
+    return f"{NODE_PREFIX}.{node_id}.modelprogress"
+
+
 def node_id_from_subject(subject: str) -> str:
     """`nexus.node.<id>.<verb>` -> `<id>` (the id the sender's credentials vouch for)."""
     parts = subject.split(".")
@@ -144,7 +167,7 @@ class ObjectStoreSpec:
         return f"OBJ_{self.bucket}"
 
 
-# Session workspaces (services.node.workspace): each session's files as content-addressed
+# Session workspaces (shared.infra.workspace): each session's files as content-addressed
 # blobs `<tenant>/<session_id>/blobs/<sha256>` plus one manifest object
 # `<tenant>/<session_id>/manifest` (path -> blob), so a sync out commits atomically.
 WORKSPACE_BUCKET = ObjectStoreSpec(
@@ -161,7 +184,19 @@ TOOL_OUTPUT_BUCKET = ObjectStoreSpec(
     description="Whole outputs of tool calls above their cap, kept a week",
 )
 
-OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (WORKSPACE_BUCKET, TOOL_OUTPUT_BUCKET)
+# -- model distribution (issue 14) --
+# The fleet's model store: one object per model (its name), chunks checked by digest;
+# the GGUF's SHA-256 and header metadata in the object's description
+# (shared.infra.model_store). Nodes may only read it (shared.infra.nats_auth).
+MODEL_BUCKET = ObjectStoreSpec(
+    bucket="NEXUS_MODELS",
+    description="The fleet's model store: GGUF files with their SHA-256 and header metadata",
+)
+
+OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (WORKSPACE_BUCKET, TOOL_OUTPUT_BUCKET, MODEL_BUCKET)
+# Buckets a node may read but never write (nats_auth grants read rights only).
+NODE_READ_ONLY_STORES: tuple[ObjectStoreSpec, ...] = (MODEL_BUCKET,)
+
 
 
 def tool_output_ref(tenant: str, session_id: str, tool_call_id: str) -> str:
@@ -175,3 +210,19 @@ def parse_output_ref(ref: str) -> tuple[str, str]:
     if not sep or not name or bucket != TOOL_OUTPUT_BUCKET.bucket:
         raise ValueError(f"not a tool output reference: {ref!r}")
     return bucket, name
+
+
+# -- agent runs (issue 12: RUNS) --------------------------------------------------------
+# Live view of a run: `RunLive` messages (tokens as generated, "an event was appended")
+# published by the orchestrator driving the run, for SSE and WebSocket viewers. Core
+# NATS, not kept: the durable part of a stream is read from the run's events.
+
+RUN_LIVE_PREFIX = f"{PREFIX}.run"
+
+
+def run_live(session_id: str, run_id: str) -> str:
+    return f"{RUN_LIVE_PREFIX}.{session_id}.{run_id}"
+
+
+def session_runs_live(session_id: str) -> str:
+    return f"{RUN_LIVE_PREFIX}.{session_id}.*"

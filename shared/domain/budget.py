@@ -77,8 +77,8 @@ from shared.contracts.events import (
 
 MICRO_PER_USD = 1_000_000
 
-Scope = Literal["session", "tenant"]
-SESSION, TENANT = "session", "tenant"
+Scope = Literal["session", "tenant", "run"]
+SESSION, TENANT, RUN = "session", "tenant", "run"
 FAILED, CANCELLED, EXPIRED = "failed", "cancelled", "expired"
 ORCHESTRATOR_LOST = "orchestrator-lost"
 LAPSING_REASONS = frozenset({EXPIRED, ORCHESTRATOR_LOST})
@@ -110,6 +110,11 @@ BUDGET_EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in BUDGET_E
 
 def budget_stream_for_session(session_id: str) -> str:
     return f"budget-session-{session_id}"
+
+
+def budget_stream_for_run(run_id: str) -> str:
+    """An agent run's own budget (its `max_cost_usd`), charged with its session's."""
+    return f"budget-run-{run_id}"
 
 
 def budget_stream_for_tenant(tenant: str, period: str) -> str:
@@ -341,7 +346,7 @@ def decide_open(state: BudgetState | None, budget_id: str, scope: Scope, owner: 
     """`[BudgetOpened]` for a new stream; nothing if the budget is already open."""
     if state is not None:
         return []
-    if scope not in (SESSION, TENANT):
+    if scope not in (SESSION, TENANT, RUN):
         raise ValueError(f"unknown budget scope {scope!r}")
     _check_limits(limit_micro_usd, limit_tokens)
     return [BudgetOpened(budget_id=budget_id, scope=scope, owner=owner,

@@ -216,7 +216,10 @@ def node_permissions(node_id: str, *, private_inboxes: bool = False) -> tuple[li
     """
     own = f"{subjects.NODE_PREFIX}.{_check_name('node id', node_id)}.>"
     inbox = f"{node_inbox_prefix(node_id)}.>" if private_inboxes else f"{INBOX_PREFIX}.>"
-    buckets = [s for spec in subjects.OBJECT_STORES for s in object_store_permissions(spec)]
+    buckets = [s for spec in subjects.OBJECT_STORES if spec not in subjects.NODE_READ_ONLY_STORES
+               for s in object_store_permissions(spec)]
+    buckets += [s for spec in subjects.NODE_READ_ONLY_STORES
+                for s in object_store_read_permissions(spec)]
     # nats-py's ordered consumer (an object get) looks its stream up by subject: this
     # lists stream names only, never their configuration or content
     return [own, *buckets, "$JS.API.STREAM.NAMES"], [own, subjects.PING_NODE, inbox]
@@ -234,6 +237,19 @@ def object_store_permissions(spec: subjects.ObjectStoreSpec) -> list[str]:
             f"{api}.STREAM.INFO.{stream}",
             f"{api}.STREAM.MSG.GET.{stream}",
             f"{api}.STREAM.PURGE.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}",
+            f"{api}.CONSUMER.CREATE.{stream}.>",
+            f"{api}.CONSUMER.DELETE.{stream}.*",
+            f"$JS.FC.{stream}.>"]
+
+
+def object_store_read_permissions(spec: subjects.ObjectStoreSpec) -> list[str]:
+    """What a client needs to read objects of one bucket (info, list, get through an
+    ordered consumer from any sequence) and nothing to write, purge or delete them."""
+    stream = spec.stream
+    api = "$JS.API"
+    return [f"{api}.STREAM.INFO.{stream}",
+            f"{api}.STREAM.MSG.GET.{stream}",
             f"{api}.CONSUMER.CREATE.{stream}",
             f"{api}.CONSUMER.CREATE.{stream}.>",
             f"{api}.CONSUMER.DELETE.{stream}.*",

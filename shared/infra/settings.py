@@ -119,6 +119,18 @@ class Settings:
         "NEXUS_BUDGET_CACHE_SIZE", 10_000,
         doc="budget states an orchestrator keeps in memory, least recently used out, "
             "reloaded from the events.")
+    run_lease_s: float = setting(
+        "NEXUS_RUN_LEASE_S", 2.0,
+        doc="an agent run's lease: the orchestrator driving it renews it every quarter of "
+            "this; a run whose owner died is taken over by another once it lapses.")
+    run_scan_s: float = setting(
+        "NEXUS_RUN_SCAN_S", 0.25,
+        doc="how often each orchestrator looks for runs whose lease lapsed (or whose "
+            "approval was answered) to take over.")
+    run_approval_ttl_s: float = setting(
+        "NEXUS_RUN_APPROVAL_TTL_S", 86400.0,
+        doc="how long a run waits for a human's approval before it fails "
+            "(`approval_expired`).")
     idempotency_wait_s: float = setting(
         "NEXUS_IDEMPOTENCY_WAIT_S", 10.0,
         doc="how long a retry waits for the first request with its `Idempotency-Key` to "
@@ -164,7 +176,9 @@ class Settings:
     runtime: str = setting(
         "NEXUS_RUNTIME", "llama", shown="",
         doc="with no `NEXUS_RUNTIME_URL`: `llama` (the node starts and supervises "
-            "llama-server with the bundled model, default) or `none`.")
+            "llama-server with the bundled model, default), `installed` (only the models "
+            "installed from the model store, one llama-server each; `llama` serves those "
+            "too) or `none`.")
     local_model: str = setting(
         "NEXUS_LOCAL_MODEL", "smollm2-135m-instruct", shown="",
         doc="the bundled model that llama-server serves: `smollm2-135m-instruct` (default) "
@@ -206,6 +220,38 @@ class Settings:
         "NEXUS_TOOL_OUTPUT_STORE_MB", 16.0,
         doc="a tool output above its call's cap is kept whole in the object store "
             "(`output_ref`) up to this size, MiB.")
+    # -- model distribution (issue 14) --
+    model_placement: str = setting(
+        "NEXUS_MODEL_PLACEMENT", "", shown="",
+        doc="placement rules: which model a node gets by the memory of its largest GPU, "
+            "`GIB:model,...` plus `cpu:model` for nodes without GPUs (e.g. "
+            "`16:big,8:mid,cpu:smollm2-135m-instruct`); applied on registration and "
+            "hardware changes; empty: none.")
+    model_context: int = setting(
+        "NEXUS_MODEL_CONTEXT", 4096,
+        doc="the context installed models run with (and that their fit is estimated at).")
+    model_stall_s: float = setting(
+        "NEXUS_MODEL_STALL_S", 30.0,
+        doc="a running download with no progress for this long fails as `stalled`.")
+    model_max_downloads: int = setting(
+        "NEXUS_MODEL_MAX_DOWNLOADS", 10,
+        doc="downloads a node runs at once; more wait in its queue (pending).")
+    model_pull_rate_bps: float = setting(
+        "NEXUS_MODEL_PULL_RATE_BPS", 0.0, shown="",
+        doc="cap on each download's speed in bytes per second (0: none; tests throttle "
+            "with it).")
+    model_progress_interval_s: float = setting(
+        "NEXUS_MODEL_PROGRESS_INTERVAL_S", 0.5,
+        doc="how often a node reports a running download's progress.")
+    fake_gpu_memory_gib: str = setting(
+        "NEXUS_FAKE_GPU_MEMORY_GIB", "", shown="",
+        doc="test hook: the node reports GPUs of these sizes in GiB (`24` or `24,8`) "
+            "instead of what NVML finds.")
+    # -- skills and adaptive routing (issue 13) --
+    routing_cluster_threshold: float = setting(
+        "NEXUS_ROUTING_CLUSTER_THRESHOLD", 0.82,
+        doc="cosine similarity (multilingual-e5-small) at which a routed request joins its "
+            "nearest task cluster; below it, it starts a new one.")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

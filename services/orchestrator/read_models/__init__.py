@@ -6,14 +6,19 @@ Nobody else reads or writes these tables; the event store answers queries on `ev
 from __future__ import annotations
 
 from shared.infra.eventstore import Projection
+from services.orchestrator.read_models.agents import AgentsProjection
 from services.orchestrator.read_models.api_keys import ApiKeysProjection
 from services.orchestrator.read_models.budgets import BudgetsProjection
 from services.orchestrator.read_models.mcp_servers import McpServersProjection
 from services.orchestrator.read_models.messages import MessagesProjection
+from services.orchestrator.read_models.model_tasks import ModelTasksProjection, NodeModelsProjection
 from services.orchestrator.read_models.node_registry import NodesProjection
 from services.orchestrator.read_models.policies import PoliciesProjection
+from services.orchestrator.read_models.routing import RoutingStatsProjection, SkillsProjection
+from services.orchestrator.read_models.runs import RunsProjection
 from services.orchestrator.read_models.sessions import SessionsProjection
 from services.orchestrator.read_models.tools import ToolCallsProjection, ToolsProjection
+from services.orchestrator.read_models.workspaces import WorkspacesProjection
 
 PROJECTIONS: tuple[Projection, ...] = (
     SessionsProjection(),
@@ -25,6 +30,13 @@ PROJECTIONS: tuple[Projection, ...] = (
     ToolsProjection(),
     ToolCallsProjection(),
     McpServersProjection(),
+    WorkspacesProjection(),
+    AgentsProjection(),
+    SkillsProjection(),
+    RoutingStatsProjection(),
+    ModelTasksProjection(),
+    NodeModelsProjection(),
+    RunsProjection(),
 )
 
 __all__ = ["PROJECTIONS"]

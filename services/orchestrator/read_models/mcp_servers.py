@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 
-from shared.contracts.events import McpServerRegistered, RecordedEvent
+from shared.contracts.events import McpServerRegistered, McpServerRemoved, RecordedEvent
 from shared.contracts.messages import ToolLimits
 from shared.domain.mcp import McpServer
 from shared.infra.eventstore import EventStore, Projection
@@ -15,14 +15,19 @@ _enc = msgspec.json.Encoder()
 
 
 class McpServersProjection(Projection):
-    """`mcp_servers` table: the current registration of each tenant's MCP servers."""
+    """`mcp_servers` table: the current registration of each tenant's MCP servers (a
+    removed one has no row)."""
 
     name = "mcp_servers"
-    handles = frozenset({"McpServerRegistered"})
+    handles = frozenset({"McpServerRegistered", "McpServerRemoved"})
     tables = ("mcp_servers",)
 
     async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
         e = rec.event
+        if isinstance(e, McpServerRemoved):
+            await conn.execute("DELETE FROM mcp_servers WHERE tenant = $1 AND name = $2",
+                               e.tenant, e.name)
+            return
         assert isinstance(e, McpServerRegistered)
         await conn.execute(
             "INSERT INTO mcp_servers (tenant, name, version, transport, url, command, headers,"

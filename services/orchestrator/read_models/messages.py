@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+import msgspec
 
 from shared.contracts.events import MessageAppended, RecordedEvent
 from shared.contracts.messages import ChatMessage
@@ -23,11 +24,14 @@ class MessagesProjection(Projection):
         assert isinstance(e, MessageAppended)
         await conn.execute(
             "INSERT INTO messages (position, session_id, message_id, role, content, call_id, model,"
-            " provider, node, input_tokens, output_tokens, cost_micro_usd, finish_reason, created_at)"
-            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
+            " provider, node, input_tokens, output_tokens, cost_micro_usd, finish_reason, created_at,"
+            " tool_calls, tool_call_id, run_id)"
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15::jsonb,$16,$17)",
             rec.position, e.session_id, e.message_id, e.role, e.content, e.call_id, e.model,
             e.provider, e.node, e.input_tokens, e.output_tokens, e.cost_micro_usd, e.finish_reason,
             rec.recorded_at,
+            msgspec.json.encode(e.tool_calls).decode() if e.tool_calls is not None else None,
+            e.tool_call_id, e.run_id,
         )
 
 
@@ -38,16 +42,23 @@ class MessagesReadModel:
     async def history(self, session_id: str) -> tuple[ChatMessage, ...]:
         """The session's conversation as chat messages (sent along with its next call)."""
         rows = await self.pool.fetch(
-            "SELECT role, content FROM messages WHERE session_id = $1 ORDER BY position", session_id)
-        return tuple(ChatMessage(role=r["role"], content=r["content"]) for r in rows)
+            "SELECT role, content, tool_calls::text AS tool_calls, tool_call_id FROM messages"
+            " WHERE session_id = $1 ORDER BY position", session_id)
+        return tuple(ChatMessage(role=r["role"], content=r["content"],
+                                 tool_calls=msgspec.json.decode(r["tool_calls"])
+                                 if r["tool_calls"] else None,
+                                 tool_call_id=r["tool_call_id"]) for r in rows)
 
     async def conversation(self, session_id: str) -> tuple[MessageOut, ...]:
         """Both sides of the session's conversation with model, provider, tokens and cost."""
         rows = await self.pool.fetch(
-            "SELECT * FROM messages WHERE session_id = $1 ORDER BY position", session_id)
+            "SELECT *, tool_calls::text AS tool_calls_json FROM messages WHERE session_id = $1"
+            " ORDER BY position", session_id)
         return tuple(MessageOut(
             message_id=r["message_id"], role=r["role"], content=r["content"],
             call_id=r["call_id"], model=r["model"], provider=r["provider"], node=r["node"],
             input_tokens=r["input_tokens"], output_tokens=r["output_tokens"],
             cost_usd=micro_to_usd(r["cost_micro_usd"]) if r["cost_micro_usd"] is not None else None,
-            finish_reason=r["finish_reason"], created_at=r["created_at"]) for r in rows)
+            finish_reason=r["finish_reason"], created_at=r["created_at"],
+            tool_calls=msgspec.json.decode(r["tool_calls_json"]) if r["tool_calls_json"] else None,
+            tool_call_id=r["tool_call_id"], run_id=r["run_id"]) for r in rows)

@@ -25,14 +25,17 @@ class SessionsProjection(Projection):
         if isinstance(event, SessionStarted):
             await conn.execute(
                 "INSERT INTO sessions (session_id, tenant, status, budget, policy, policy_version,"
-                " policy_rules, agent, metadata, created_at, version, event_count, trace_id)"
-                " VALUES ($1, $2, 'open', $3::jsonb, $4, $5, $6::jsonb, $7, $8::jsonb, $9, $10, 1, $11)",
+                " policy_rules, agent, metadata, created_at, version, event_count, trace_id,"
+                " agent_version, agent_source)"
+                " VALUES ($1, $2, 'open', $3::jsonb, $4, $5, $6::jsonb, $7, $8::jsonb, $9, $10, 1, $11,"
+                " $12, $13)",
                 event.session_id, event.tenant,
                 msgspec.json.encode(event.budget).decode() if event.budget else None,
                 event.policy, event.policy_version,
                 msgspec.json.encode(event.policy_rules).decode() if event.policy_rules is not None else None,
                 event.agent, msgspec.json.encode(event.metadata).decode(),
                 rec.recorded_at, rec.stream_version, rec.metadata.trace_id,
+                event.agent_version, event.agent_source,
             )
         elif isinstance(event, SessionClosed):
             await conn.execute(
@@ -44,7 +47,7 @@ class SessionsProjection(Projection):
 
 _COLUMNS = (
     "SELECT session_id, tenant, status, budget::text AS budget, policy, policy_version,"
-    " policy_rules::text AS policy_rules, agent,"
+    " policy_rules::text AS policy_rules, agent, agent_version, agent_source,"
     " metadata::text AS metadata, created_at, closed_at, version, trace_id FROM sessions"
 )
 
@@ -58,6 +61,7 @@ def _view(row: asyncpg.Record) -> SessionView:
         policy_rules=json.loads(row["policy_rules"]) if row["policy_rules"] else None,
         agent=row["agent"], metadata=json.loads(row["metadata"]), created_at=row["created_at"],
         closed_at=row["closed_at"], version=row["version"], trace_id=row["trace_id"],
+        agent_version=row["agent_version"], agent_source=row["agent_source"],
     )
 
 

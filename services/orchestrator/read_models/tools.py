@@ -127,6 +127,12 @@ class ToolsReadModel:
         out["result"] = msgspec.json.decode(out["result"]) if out["result"] is not None else None
         return out
 
+    async def active_calls(self, tenant: str, session_id: str) -> int:
+        """Calls of the session that may still be running (decided, not yet ended)."""
+        return await self.pool.fetchval(
+            "SELECT count(*) FROM tool_calls WHERE tenant = $1 AND session_id = $2"
+            " AND status IN ('requested', 'approved', 'running')", tenant, session_id)
+
     async def rows_of_tenant(self, tenant: str) -> list[tuple]:
         """Every tool call row of a tenant (for comparing a projection with its rebuild)."""
         rows = await self.pool.fetch(

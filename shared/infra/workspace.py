@@ -17,6 +17,9 @@ Quota: the sum of the sizes of a session's files; a commit that would exceed it 
 refused before anything is uploaded (`WorkspaceError("quota")`), so nothing partial is
 kept.
 
+When the session closes, the orchestrator deletes its workspace (`purge`: every blob the
+manifest names, then the manifest; services/orchestrator/workspaces.py).
+
 A node holds credentials for every session's workspace it may serve (see
 docs/ARCHITECTURE.md, "Tools on nodes"): the isolation between sessions is the
 sandbox, which sees only the private copy of its own session's files.
@@ -323,6 +326,31 @@ class WorkspaceStore:
             raise WorkspaceError("invalid_arguments",
                                  f"path: {path!r} is a directory or lies under a file")
         return await self._commit(tenant, session_id, {path: entry}, {entry.digest: data})
+
+    async def purge(self, tenant: str, session_id: str) -> tuple[int, int]:
+        """Delete the session's workspace: each blob its manifest names, then the manifest
+        (so an interrupted purge is simply run again). (objects deleted, their bytes).
+        Blobs a crashed commit left unreferenced are not found this way (an object store
+        cannot be listed by prefix without reading every name in the bucket)."""
+        prefix = _session_prefix(tenant, session_id)
+        files = await self.manifest(tenant, session_id)
+        store = await self._op(self._store("workspace"))
+        sizes = {e.digest: e.size for e in files.values() if e.size > 0}
+        deleted = [0, 0]
+        sem = asyncio.Semaphore(_PARALLEL)
+
+        async def delete(name: str, size: int) -> None:
+            async with sem:
+                try:
+                    await self._op(store.delete(name))
+                except (ObjectNotFoundError, NotFoundError):
+                    return
+                deleted[0] += 1
+                deleted[1] += size
+
+        await asyncio.gather(*(delete(f"{prefix}/blobs/{d}", n) for d, n in sizes.items()))
+        await delete(f"{prefix}/manifest", 0)
+        return deleted[0], deleted[1]
 
     # -- whole outputs --------------------------------------------------------------------
 

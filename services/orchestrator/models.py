@@ -1,0 +1,442 @@
+"""Model distribution: the store's catalogue, placement and fit, download tasks.
+
+Task transitions are events on `modeltask-<id>` (the pure fold and decisions are
+`shared.domain.downloads`), appended at the stream's version so that of two
+orchestrators noticing the same thing one append wins. Each orchestrator keeps every
+task in memory (folded from the events at start, then following them) and the latest
+progress per task from the nodes' `ModelProgress` telemetry (never stored).
+
+**Nothing stays stuck** (`_watch`, once a second, in every orchestrator):
+- a running task with no progress for `NEXUS_MODEL_STALL_S` fails `stalled` (and the
+  node is told to stop);
+- a node that goes offline fails its pending and running tasks `node offline`; when it
+  is back they are resumed (pending again, pulled again: the node continues from the
+  bytes it has);
+- every few seconds the node is asked which tasks it runs or queues: a task it has
+  forgotten (it restarted before anyone noticed) is sent again;
+- a task whose model shows up, with the right SHA-256, in the inventory a heartbeat
+  carries is completed from there (its completion message was lost);
+- an orchestrator that restarts folds the task events again: nothing lives only in
+  its memory but the progress, which the next telemetry message restores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from nats.aio.msg import Msg
+
+from services.orchestrator.fleet import NodeService
+from services.orchestrator.read_models.model_tasks import ModelTasksReadModel
+from shared.contracts import subjects
+from shared.contracts.errors import InvalidRequest, NotFound, PlacementRefused
+from shared.contracts.events import (
+    Event,
+    Metadata,
+    ModelDownloadRequested,
+    ModelInstalled,
+    ModelRemoved,
+    modeltask_stream,
+    new_id,
+    nodemodels_stream,
+)
+from shared.contracts.messages import (
+    Heartbeat,
+    InstalledModel,
+    ModelCommand,
+    ModelCommandReply,
+    ModelProgress,
+    ModelTaskAck,
+    ModelTaskUpdate,
+)
+from shared.domain import downloads as dl
+from shared.domain.nodes import DRAINING, ONLINE, NodeRecord
+from shared.domain.placement import (
+    ModelArtifact,
+    NodeCapacity,
+    estimate_memory,
+    fit,
+    models_for,
+    parse_rules,
+)
+from shared.infra.eventstore import EventStore, WrongExpectedVersion
+from shared.infra.messaging import Bus, HandlerError, MessagingError
+from shared.infra.model_store import ModelStore, StoredModel
+
+log = logging.getLogger("nexus.orchestrator.models")
+
+
+class Progress:
+    __slots__ = ("at", "bytes_done", "speed_bps", "total", "wall")
+
+    def __init__(self, bytes_done: int, total: int, speed_bps: float) -> None:
+        self.bytes_done, self.total, self.speed_bps = bytes_done, total, speed_bps
+        self.at = time.monotonic()
+        self.wall = time.time()
+
+
+class ModelService:
+    def __init__(self, store: EventStore, bus: Bus, nodes: NodeService, *, context: int,
+                 stall_s: float, placement: str = "", poll_s: float = 1.0) -> None:
+        self.store = store
+        self.bus = bus
+        self.nodes = nodes
+        self.context = context
+        self.stall_s = stall_s
+        self.rules = parse_rules(placement)
+        self.poll_s = poll_s
+        self.catalogue = ModelStore(bus.js)
+        self.read = ModelTasksReadModel(store)
+        self.tasks: dict[str, dl.DownloadTask] = {}
+        self.progress: dict[str, Progress] = {}
+        self.started_at: dict[str, float] = {}  # task -> when it (re)entered in_progress here
+        self.inventory: dict[str, tuple[InstalledModel, ...]] = {}
+        self.placed: dict[str, object] = {}
+        self._checked: dict[str, float] = {}
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[object] = []
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        position = 0
+        types = sorted(dl.TASK_EVENT_TYPES)
+        while batch := await self.store.read_all(position, 5000, types=types):
+            for rec in batch:
+                self._fold(rec.event, rec.stream_version)
+            position = batch[-1].position
+        self._tasks.append(asyncio.create_task(self._follow(position, types), name="model-tasks"))
+        self._subs.append(await self.bus.subscribe(
+            subjects.NODE_MODEL_TASK_ALL, ModelTaskUpdate, self.on_update,
+            queue=subjects.QUEUE_ORCHESTRATOR, concurrent=True))
+        self._subs.append(await self.bus.subscribe(
+            subjects.NODE_MODEL_PROGRESS_ALL, ModelProgress, self.on_progress))
+        self.nodes.heartbeat_listeners.append(self.on_heartbeat)
+        self._tasks.append(asyncio.create_task(self._watch(), name="model-watch"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def _fold(self, event: Event, version: int) -> None:
+        current = self.tasks.get(event.task_id)
+        if current is not None and version <= current.version:
+            return
+        task = dl.fold_task(current, event, version)
+        if task is None:
+            return
+        if task.status == dl.IN_PROGRESS and (current is None or current.status != dl.IN_PROGRESS):
+            self.started_at[task.task_id] = time.monotonic()
+        self.tasks[task.task_id] = task
+        self._changed.set()
+
+    async def _follow(self, after: int, types: list[str]) -> None:
+        async for rec in self.store.follow(after, poll_s=self.poll_s, types=types):
+            self._fold(rec.event, rec.stream_version)
+
+    async def transition(self, task_id: str, decide: Callable[[dl.DownloadTask | None], list[Event]],
+                         actor: str = "orchestrator") -> dl.DownloadTask | None:
+        stream = modeltask_stream(task_id)
+        for _ in range(5):
+            state: dl.DownloadTask | None = None
+            for rec in await self.store.read_stream(stream):
+                state = dl.fold_task(state, rec.event, rec.stream_version)
+            events = decide(state)
+            if not events:
+                return state
+            version = state.version if state else 0
+            try:
+                await self.store.append(stream, events, expected_version=version,
+                                        metadata=Metadata(actor=actor, correlation_id=task_id))
+            except WrongExpectedVersion:
+                continue
+            for offset, event in enumerate(events, start=1):
+                self._fold(event, version + offset)
+            return self.tasks.get(task_id)
+        raise RuntimeError(f"task {task_id}: too many concurrent transitions")
+
+    # -- catalogue and fit ------------------------------------------------------------
+
+    def capacity(self, record: NodeRecord) -> NodeCapacity:
+        reg = record.registration
+        return NodeCapacity(node_id=record.node_id,
+                            gpu_memory=tuple(g.memory_total_bytes for g in reg.gpus),
+                            memory_total=reg.memory_total_bytes,
+                            online=record.status in (ONLINE, DRAINING))
+
+    def live_nodes(self) -> list[NodeRecord]:
+        return [r for r in self.nodes.records.values() if r.status == ONLINE]
+
+    async def available(self) -> list[tuple[StoredModel, int, dict[str, str | None]]]:
+        """Each stored model, the memory it needs, and per online node: None if it fits,
+        else why not."""
+        out = []
+        for stored in await self.catalogue.list():
+            fits = {r.node_id: fit(self.capacity(r), stored.artifact, self.context)
+                    for r in self.live_nodes()}
+            out.append((stored, estimate_memory(stored.artifact, self.context), fits))
+        return out
+
+    async def _artifact(self, model: str) -> ModelArtifact:
+        stored = await self.catalogue.get(model)
+        if stored is None:
+            raise NotFound("model", model)
+        return stored.artifact
+
+    def _check_node(self, node_id: str, artifact: ModelArtifact) -> NodeRecord:
+        record = self.nodes.records.get(node_id)
+        if record is None or record.status == "deregistered":
+            raise NotFound("node", node_id)
+        if record.status != ONLINE:
+            raise PlacementRefused(node_id, "node_offline",
+                                   f"node {node_id} is {record.status}: it cannot pull {artifact.name} now")
+        why = fit(self.capacity(record), artifact, self.context)
+        if why is not None:
+            raise PlacementRefused(node_id, "does_not_fit", f"node {node_id}: {why}")
+        return record
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def pull(self, node_id: str, model: str, *, actor: str, reason: str = "manual") -> dl.DownloadTask:
+        artifact = await self._artifact(model)
+        self._check_node(node_id, artifact)
+        return await self._request(node_id, artifact, actor=actor, reason=reason)
+
+    async def distribute(self, model: str, target: str, node_ids: tuple[str, ...], *,
+                         actor: str) -> list[dl.DownloadTask]:
+        artifact = await self._artifact(model)
+        if target == "specific":
+            if not node_ids:
+                raise InvalidRequest("node_ids: required with target `specific`",
+                                     [{"field": "node_ids", "message": "required with target specific"}])
+            chosen = list(dict.fromkeys(node_ids))
+            for node_id in chosen:  # all or nothing: refuse before creating any task
+                self._check_node(node_id, artifact)
+        else:
+            chosen = [r.node_id for r in sorted(self.live_nodes(), key=lambda r: r.node_id)
+                      if target == "all" or fit(self.capacity(r), artifact, self.context) is None]
+            if target == "all":
+                for node_id in chosen:
+                    self._check_node(node_id, artifact)
+        return [await self._request(n, artifact, actor=actor, reason=f"distribute:{target}")
+                for n in chosen]
+
+    async def _request(self, node_id: str, artifact: ModelArtifact, *, actor: str,
+                       reason: str) -> dl.DownloadTask:
+        existing = next((t for t in self.tasks.values() if t.node_id == node_id
+                         and t.model == artifact.name and t.sha256 == artifact.sha256
+                         and (t.active or t.resumable)), None)
+        if existing is not None:
+            return existing  # already on its way
+        task_id = new_id()
+        task = await self.transition(task_id, lambda _s: [ModelDownloadRequested(
+            task_id=task_id, node_id=node_id, model=artifact.name, sha256=artifact.sha256,
+            size_bytes=artifact.size_bytes, reason=reason, actor=actor)], actor=actor)
+        assert task is not None
+        await self._send_pull(task)
+        return task
+
+    async def _send_pull(self, task: dl.DownloadTask) -> ModelCommandReply | None:
+        try:
+            return await self.bus.request(
+                subjects.node_models(task.node_id),
+                ModelCommand(op="pull", task_id=task.task_id, model=task.model, sha256=task.sha256,
+                             size_bytes=task.size_bytes, source=task.source),
+                ModelCommandReply, timeout=5)
+        except MessagingError as exc:  # the watchdog sends it again, or fails it offline
+            log.warning("pull not delivered: %s", exc, extra={"task_id": task.task_id})
+            return None
+
+    async def _tell(self, node_id: str, command: ModelCommand) -> ModelCommandReply | None:
+        with contextlib.suppress(MessagingError):
+            return await self.bus.request(subjects.node_models(node_id), command,
+                                          ModelCommandReply, timeout=5)
+        return None
+
+    async def cancel(self, task_id: str, actor: str) -> dl.DownloadTask:
+        if task_id not in self.tasks:
+            raise NotFound("task", task_id)
+        task = await self.transition(task_id, lambda s: dl.decide_cancel(s, actor), actor=actor)
+        assert task is not None
+        await self._tell(task.node_id, ModelCommand(op="cancel", task_id=task_id))
+        return task
+
+    async def remove(self, node_id: str, model: str, actor: str) -> None:
+        record = self.nodes.records.get(node_id)
+        if record is None or record.status == "deregistered":
+            raise NotFound("node", node_id)
+        installed = {m.name for m in self.inventory.get(node_id, ())}
+        known = {r["model"] for r in await self.read.installed(node_id)}
+        if model not in installed | known:
+            raise NotFound("model on node", model)
+        if record.status != ONLINE:
+            raise PlacementRefused(node_id, "node_offline", f"node {node_id} is {record.status}")
+        await self._tell(node_id, ModelCommand(op="remove", model=model))
+        await self.store.append(nodemodels_stream(node_id),
+                                [ModelRemoved(node_id=node_id, model=model, actor=actor)],
+                                expected_version=None, metadata=Metadata(actor=actor))
+        self.inventory[node_id] = tuple(m for m in self.inventory.get(node_id, ()) if m.name != model)
+
+    async def node_models(self, node_id: str) -> tuple[list[InstalledModel], list[dl.DownloadTask]]:
+        record = self.nodes.records.get(node_id)
+        if record is None or record.status == "deregistered":
+            raise NotFound("node", node_id)
+        installed = list(self.inventory.get(node_id, ()))
+        if not installed:  # no heartbeat since this orchestrator started: the read model
+            installed = [InstalledModel(name=r["model"], sha256=r["sha256"],
+                                        size_bytes=r["size_bytes"])
+                         for r in await self.read.installed(node_id)]
+        active = [t for t in self.tasks.values() if t.node_id == node_id and t.active]
+        return installed, active
+
+    def require(self, task_id: str) -> dl.DownloadTask:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise NotFound("task", task_id)
+        return task
+
+    # -- node messages ----------------------------------------------------------------
+
+    async def on_update(self, update: ModelTaskUpdate, msg: Msg) -> ModelTaskAck:
+        if subjects.node_id_from_subject(msg.subject) != update.node_id:
+            raise HandlerError("Forbidden", "a node speaks only for itself")
+        task = self.tasks.get(update.task_id)
+        if task is None or task.node_id != update.node_id:
+            return ModelTaskAck(known=False)
+        if update.state == "started":
+            self.progress[task.task_id] = Progress(update.bytes_done, update.total_bytes, 0.0)
+            task = await self.transition(task.task_id, lambda s: dl.decide_started(s, update.resumed_from),
+                                         actor=f"node:{update.node_id}")
+        elif update.state == "completed":
+            self.progress[task.task_id] = Progress(update.total_bytes, update.total_bytes, 0.0)
+            task = await self._complete(task, fetched=update.fetched_bytes, reconciled=False)
+        else:
+            task = await self.transition(task.task_id, lambda s: dl.decide_finished(
+                s, ok=False, reason=update.reason or "error", detail=update.detail,
+                bytes_done=update.bytes_done), actor=f"node:{update.node_id}")
+        return ModelTaskAck(known=True, status=task.status if task else "")
+
+    async def _complete(self, task: dl.DownloadTask, *, fetched: int, reconciled: bool) -> dl.DownloadTask | None:
+        before = self.tasks.get(task.task_id)
+        done = await self.transition(task.task_id, lambda s: dl.decide_finished(
+            s, ok=True, fetched=fetched, reconciled=reconciled), actor=f"node:{task.node_id}")
+        if done is not None and done.status == dl.COMPLETED and (before is None or before.status != dl.COMPLETED):
+            await self.store.append(nodemodels_stream(task.node_id), [ModelInstalled(
+                node_id=task.node_id, model=task.model, sha256=task.sha256,
+                size_bytes=task.size_bytes, task_id=task.task_id)], expected_version=None,
+                metadata=Metadata(actor=f"node:{task.node_id}", correlation_id=task.task_id))
+        return done
+
+    async def on_progress(self, p: ModelProgress, msg: Msg) -> None:
+        if subjects.node_id_from_subject(msg.subject) != p.node_id:
+            return
+        task = self.tasks.get(p.task_id)
+        if task is not None and task.node_id == p.node_id:
+            self.progress[p.task_id] = Progress(p.bytes_done, p.total_bytes, p.speed_bps)
+            self._changed.set()
+
+    def on_heartbeat(self, hb: Heartbeat) -> None:
+        self.inventory[hb.node_id] = hb.models
+
+    # -- never stuck ------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.stall_s / 4))
+            try:
+                await self.check()
+            except Exception:
+                log.exception("model task watch failed")
+
+    async def check(self) -> None:
+        now = time.monotonic()
+        for task in list(self.tasks.values()):
+            record = self.nodes.records.get(task.node_id)
+            online = record is not None and record.status in (ONLINE, DRAINING)
+            installed = {(m.name, m.sha256) for m in self.inventory.get(task.node_id, ())}
+            if (task.active or task.resumable or task.error == dl.STALLED) and \
+                    (task.model, task.sha256) in installed and task.status != dl.CANCELLED:
+                await self._complete(task, fetched=0, reconciled=True)  # lost completion
+            elif task.active and not online:
+                detail = f"node {task.node_id} went {record.status if record else 'away'}"
+                await self.transition(task.task_id, lambda s, d=detail: dl.decide_finished(
+                    s, ok=False, reason=dl.NODE_OFFLINE, detail=d))
+            elif task.resumable and record is not None and record.status == ONLINE:
+                resumed = await self.transition(task.task_id, dl.decide_resume)
+                if resumed is not None and resumed.status == dl.PENDING:
+                    await self._send_pull(resumed)
+            elif task.status == dl.IN_PROGRESS:
+                seen = self.progress.get(task.task_id)
+                last = max(seen.at if seen else 0.0, self.started_at.get(task.task_id, now))
+                if now - last > self.stall_s:
+                    done = seen.bytes_done if seen else 0
+                    await self.transition(task.task_id, lambda s, b=done: dl.decide_finished(
+                        s, ok=False, reason=dl.STALLED,
+                        detail=f"no progress for {self.stall_s:g}s", bytes_done=b))
+                    await self._tell(task.node_id, ModelCommand(op="cancel", task_id=task.task_id))
+        await self._recheck_nodes(now)
+        await self._place()
+
+    async def _recheck_nodes(self, now: float) -> None:
+        """Ask each node with active tasks what it runs; send again what it forgot."""
+        by_node: dict[str, list[dl.DownloadTask]] = {}
+        for task in self.tasks.values():
+            if task.active:
+                by_node.setdefault(task.node_id, []).append(task)
+        for node_id, tasks in by_node.items():
+            if now - self._checked.get(node_id, 0.0) < 3.0:
+                continue
+            self._checked[node_id] = now
+            record = self.nodes.records.get(node_id)
+            if record is None or record.status != ONLINE:
+                continue
+            reply = await self._tell(node_id, ModelCommand(op="inventory"))
+            if reply is None:
+                continue
+            self.inventory[node_id] = reply.installed
+            known = set(reply.running) | set(reply.queued)
+            for task in tasks:
+                fresh = self.tasks.get(task.task_id)
+                if fresh is not None and fresh.active and fresh.task_id not in known and \
+                        now - self.started_at.get(fresh.task_id, 0.0) > 2.0:
+                    await self._send_pull(fresh)
+
+    async def _place(self) -> None:
+        """Placement rules on registration and hardware changes."""
+        if not self.rules:
+            return
+        for record in self.live_nodes():
+            signature = (record.registration.gpus, record.registration.memory_total_bytes)
+            if self.placed.get(record.node_id) == signature:
+                continue
+            self.placed[record.node_id] = signature
+            for model in models_for(self.capacity(record), self.rules):
+                stored = await self.catalogue.get(model)
+                if stored is None:  # not imported yet: try again on the next round
+                    self.placed.pop(record.node_id, None)
+                    continue
+                why = fit(self.capacity(record), stored.artifact, self.context)
+                if why is not None:
+                    log.warning("placement skipped: %s", why, extra={"node_id": record.node_id})
+                    continue
+                if any(m.name == model and m.sha256 == stored.artifact.sha256
+                       for m in self.inventory.get(record.node_id, ())):
+                    continue
+                await self._request(record.node_id, stored.artifact, actor="placement",
+                                    reason="placement")
+
+    async def wait_changed(self, timeout: float) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)

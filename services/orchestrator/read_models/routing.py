@@ -1,0 +1,163 @@
+"""The `skills` and `routing_stats` read models: tenants' skills at their current
+version, and what adaptive routing learned from the events: each routed call
+(`ModelRouted`) with its cost (`LLMCallCompleted`) and feedback (`CallFeedback`), and
+per (tenant, cluster, model) the folded statistics (`shared.domain.adaptive_routing`:
+`fold_feedback`, `fold_cost`), so a rebuild from the events gives the same numbers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from shared.contracts.events import (
+    CallFeedback,
+    LLMCallCompleted,
+    ModelRouted,
+    RecordedEvent,
+    SkillDefined,
+)
+from shared.domain.adaptive_routing import ArmStats, fold_cost, fold_feedback
+from shared.infra.eventstore import EventStore, Projection
+
+_enc = msgspec.json.Encoder()
+
+
+class SkillsProjection(Projection):
+    name = "skills"
+    handles = frozenset({"SkillDefined"})
+    tables = ("skills",)
+
+    async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
+        e = rec.event
+        assert isinstance(e, SkillDefined)
+        await conn.execute(
+            "INSERT INTO skills (tenant, name, version, spec, updated_at)"
+            " VALUES ($1, $2, $3, $4::jsonb, $5) ON CONFLICT (tenant, name) DO UPDATE SET"
+            " version = EXCLUDED.version, spec = EXCLUDED.spec, updated_at = EXCLUDED.updated_at",
+            e.tenant, e.name, rec.stream_version, _enc.encode(e.spec).decode(), rec.recorded_at)
+
+
+class RoutingStatsProjection(Projection):
+    name = "routing_stats"
+    handles = frozenset({"ModelRouted", "LLMCallCompleted", "CallFeedback"})
+    tables = ("routed_calls", "routing_stats")
+
+    async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
+        e = rec.event
+        match e:
+            case ModelRouted():
+                tenant = rec.metadata.tenant or ""
+                await conn.execute(
+                    "INSERT INTO routed_calls (call_id, tenant, session_id, skill, cluster, pick,"
+                    " routed_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    e.call_id, tenant, e.session_id, e.skill, e.cluster, e.pick, rec.recorded_at)
+                await conn.execute(
+                    "INSERT INTO routing_stats (tenant, cluster, model, skill_counts)"
+                    " VALUES ($1, $2, $3, jsonb_build_object($4::text, 1))"
+                    " ON CONFLICT (tenant, cluster, model) DO UPDATE SET skill_counts ="
+                    " routing_stats.skill_counts || jsonb_build_object($4::text,"
+                    " coalesce((routing_stats.skill_counts ->> $4)::int, 0) + 1)",
+                    tenant, e.cluster, e.pick, e.skill if e.matched_by == "explicit" else "")
+            case LLMCallCompleted():
+                row = await conn.fetchrow(
+                    "UPDATE routed_calls SET cost_micro_usd = $2, latency_ms = $3"
+                    " WHERE call_id = $1 RETURNING tenant, cluster, pick", e.call_id,
+                    e.cost_micro_usd, e.latency_ms)
+                if row is not None:
+                    await self._fold(conn, row, lambda s: fold_cost(s, e.cost_micro_usd))
+            case CallFeedback():
+                row = await conn.fetchrow(
+                    "UPDATE routed_calls SET feedback = $2 WHERE call_id = $1"
+                    " RETURNING tenant, cluster, pick", e.call_id, e.score)
+                if row is not None:
+                    await self._fold(conn, row, lambda s: fold_feedback(s, e.score))
+
+    @staticmethod
+    async def _fold(conn: asyncpg.Connection, row: Any, fold) -> None:
+        cur = await conn.fetchrow(
+            "SELECT alpha, beta, feedback_n, cost_n, cost_mean FROM routing_stats"
+            " WHERE tenant = $1 AND cluster = $2 AND model = $3 FOR UPDATE",
+            row["tenant"], row["cluster"], row["pick"])
+        stats = fold(ArmStats(**dict(cur)) if cur is not None else ArmStats())
+        await conn.execute(
+            "INSERT INTO routing_stats (tenant, cluster, model, alpha, beta, feedback_n, cost_n,"
+            " cost_mean) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant, cluster, model)"
+            " DO UPDATE SET alpha = EXCLUDED.alpha, beta = EXCLUDED.beta,"
+            " feedback_n = EXCLUDED.feedback_n, cost_n = EXCLUDED.cost_n,"
+            " cost_mean = EXCLUDED.cost_mean",
+            row["tenant"], row["cluster"], row["pick"], stats.alpha, stats.beta,
+            stats.feedback_n, stats.cost_n, stats.cost_mean)
+
+
+class RoutedCall(msgspec.Struct, frozen=True, kw_only=True):
+    call_id: str
+    session_id: str
+    skill: str
+    cluster: str
+    pick: str
+    routed_at: datetime
+    cost_micro_usd: int | None
+    latency_ms: float | None
+    feedback: float | None
+
+
+class RoutingReadModel:
+    """Queries on `skills`, `routed_calls` and `routing_stats`."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+
+    async def skill(self, tenant: str, name: str) -> tuple[dict, int] | None:
+        row = await self.store.pool.fetchrow(
+            "SELECT spec, version FROM skills WHERE tenant = $1 AND name = $2", tenant, name)
+        return (msgspec.json.decode(row["spec"]), row["version"]) if row else None
+
+    async def skills(self, tenant: str) -> list[tuple[dict, int]]:
+        rows = await self.store.pool.fetch(
+            "SELECT spec, version FROM skills WHERE tenant = $1 ORDER BY name", tenant)
+        return [(msgspec.json.decode(r["spec"]), r["version"]) for r in rows]
+
+    async def arms(self, tenant: str, cluster: str,
+                   models: list[str]) -> tuple[dict[str, ArmStats], dict[str, ArmStats], dict[str, int]]:
+        """Per model: this cluster's stats, the stats over all the tenant's clusters, and
+        the cluster's explicit skill traffic (skill -> calls)."""
+        rows = await self.store.pool.fetch(
+            "SELECT cluster, model, alpha, beta, feedback_n, cost_n, cost_mean, skill_counts"
+            " FROM routing_stats WHERE tenant = $1 AND model = ANY($2::text[])", tenant, models)
+        own: dict[str, ArmStats] = {}
+        pooled: dict[str, ArmStats] = {}
+        traffic: dict[str, int] = {}
+        for r in rows:
+            stats = ArmStats(alpha=r["alpha"], beta=r["beta"], feedback_n=r["feedback_n"],
+                             cost_n=r["cost_n"], cost_mean=r["cost_mean"])
+            if r["cluster"] == cluster:
+                own[r["model"]] = stats
+                for skill, n in msgspec.json.decode(r["skill_counts"]).items():
+                    if skill:
+                        traffic[skill] = traffic.get(skill, 0) + int(n)
+            p = pooled.setdefault(r["model"], ArmStats())
+            n = p.cost_n + stats.cost_n
+            pooled[r["model"]] = ArmStats(
+                alpha=p.alpha + stats.alpha, beta=p.beta + stats.beta,
+                feedback_n=p.feedback_n + stats.feedback_n, cost_n=n,
+                cost_mean=(p.cost_mean * p.cost_n + stats.cost_mean * stats.cost_n) / n if n else 0.0)
+        return own, pooled, traffic
+
+    async def all_arms(self, tenant: str) -> dict[tuple[str, str], ArmStats]:
+        rows = await self.store.pool.fetch(
+            "SELECT cluster, model, alpha, beta, feedback_n, cost_n, cost_mean FROM routing_stats"
+            " WHERE tenant = $1", tenant)
+        return {(r["cluster"], r["model"]): ArmStats(
+            alpha=r["alpha"], beta=r["beta"], feedback_n=r["feedback_n"], cost_n=r["cost_n"],
+            cost_mean=r["cost_mean"]) for r in rows}
+
+    async def routed_between(self, tenant: str, since: datetime, until: datetime,
+                             limit: int) -> list[RoutedCall]:
+        rows = await self.store.pool.fetch(
+            "SELECT call_id, session_id, skill, cluster, pick, routed_at, cost_micro_usd,"
+            " latency_ms, feedback FROM routed_calls WHERE tenant = $1 AND routed_at >= $2"
+            " AND routed_at <= $3 ORDER BY routed_at LIMIT $4", tenant, since, until, limit)
+        return [RoutedCall(**dict(r)) for r in rows]

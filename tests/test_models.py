@@ -1,0 +1,325 @@
+"""Model distribution end to end: a real orchestrator and provider, two real node
+processes, a real NATS (its own: the model store, task messages and progress must not
+meet another test's orchestrator) and real GGUF files (tiny ones written with the
+`gguf` package, plus the real SmolLM2 for the "callable" check when llama-server is
+built).
+
+Node A declares a 24 GiB GPU and serves installed models with llama-server; node B
+declares 4 GiB, downloads at a throttled 2 MiB/s (so a download can be watched,
+killed and cancelled mid-way) and serves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from ops.models_cli import import_model
+from shared.contracts.subjects import MODEL_BUCKET
+from shared.infra import EmbeddedNats
+from shared.infra.gguf import write_tiny
+from shared.infra.llama import model_path, server_path
+from shared.infra.model_store import ModelStore
+from tests.conftest import new_database
+from tests.support import ServiceProc, free_port_str, service_env, wait_http_ok, wait_until
+
+MIB = 1024 * 1024
+SMOLLM2 = "smollm2-135m-instruct"
+CAN_SERVE = server_path().exists() and model_path(SMOLLM2).exists()
+
+
+class Fleet:
+    def __init__(self, api: str, headers: dict, nats_url: str, tmp: Path, procs: dict,
+                 envs: dict) -> None:
+        self.api, self.headers, self.nats_url, self.tmp = api, headers, nats_url, tmp
+        self.procs, self.envs = procs, envs
+        self.node_ids: dict[str, str] = {}
+
+    def get(self, path: str, **params) -> httpx.Response:
+        return httpx.get(f"{self.api}{path}", headers=self.headers, params=params, timeout=30)
+
+    def post(self, path: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{self.api}{path}", headers=self.headers, json=body, timeout=30)
+
+    def delete(self, path: str) -> httpx.Response:
+        return httpx.delete(f"{self.api}{path}", headers=self.headers, timeout=30)
+
+    def task(self, task_id: str) -> dict:
+        resp = self.get(f"/v1/tasks/{task_id}")
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def wait_task(self, task_id: str, status: str, timeout: float = 60) -> dict:
+        def done():
+            t = self.task(task_id)
+            if t["status"] in ("completed", "failed", "cancelled") and t["status"] != status:
+                raise AssertionError(f"task ended {t['status']}, not {status}: {t}")
+            return t if t["status"] == status else None
+        return wait_until(done, timeout, 0.2, f"task {task_id} to be {status}")
+
+    def make(self, name: str, size: int, **kw) -> Path:
+        path = self.tmp / f"{name}.gguf"
+        write_tiny(path, payload_bytes=size, seed=hash(name) & 0xFFFF, **kw)
+        return path
+
+    def put(self, path: Path, name: str | None = None) -> None:
+        asyncio.run(import_model(path, name or path.stem, f"file {path.name}",
+                                 nats_url=self.nats_url, user=None, password=None))
+
+    def node(self, which: str) -> dict:
+        return self.get(f"/v1/nodes/{self.node_ids[which]}/models").json()
+
+
+def _node_env(env: dict, tmp: Path, which: str, **extra: str) -> dict:
+    return {**{k: v for k, v in env.items() if k != "DATABASE_URL"},
+            "NEXUS_NODE_DATA_DIR": str(tmp / f"node-{which}"), "NEXUS_METRICS_PORT": "0",
+            "NEXUS_NODE_LABELS": f"fleet=models,which={which}", **extra}
+
+
+@pytest.fixture(scope="module")
+def fleet(infra, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("models")
+    server = EmbeddedNats(tmp / "nats")
+    server.start()
+    admin = f"admin-{uuid.uuid4().hex}"
+    port = free_port_str()
+    env = service_env(server.url, new_database(infra), NEXUS_ADMIN_KEY=admin, NEXUS_HTTP_PORT=port,
+                      NEXUS_HEARTBEAT_INTERVAL_S="0.5", NEXUS_PROJECTION_POLL_S="0.2",
+                      NEXUS_NODE_OFFLINE_AFTER_S="3", NEXUS_MODEL_STALL_S="4",
+                      NEXUS_MODEL_PLACEMENT="16:place-big,2:place-small",
+                      NEXUS_MODEL_PROGRESS_INTERVAL_S="0.25")
+    envs = {"a": _node_env(env, tmp, "a", NEXUS_FAKE_GPU_MEMORY_GIB="24",
+                           NEXUS_RUNTIME="installed" if CAN_SERVE else "none"),
+            "b": _node_env(env, tmp, "b", NEXUS_FAKE_GPU_MEMORY_GIB="4",
+                           NEXUS_MODEL_PULL_RATE_BPS=str(2 * MIB))}
+    procs = {"orchestrator": ServiceProc("orchestrator", env, tmp / "orchestrator.log").start(),
+             "provider": ServiceProc("provider", env, tmp / "provider.log").start()}
+    api = f"http://127.0.0.1:{port}"
+    f = Fleet(api, {"Authorization": f"Bearer {admin}"}, server.url, tmp, procs, envs)
+    try:
+        wait_http_ok(f"{api}/health", proc=procs["orchestrator"])
+        # the placement rules' models are in the store before the nodes register
+        f.put(f.make("place-big", 256 * 1024))
+        f.put(f.make("place-small", 256 * 1024))
+        for which in ("a", "b"):
+            procs[which] = ServiceProc("node", envs[which], tmp / f"node-{which}.log").start()
+
+        def registered():
+            nodes = f.get("/v1/nodes", label="fleet=models", status="online").json()["nodes"]
+            return nodes if len(nodes) == 2 else None
+        for n in wait_until(registered, 60, 0.2, "both nodes online"):
+            f.node_ids[n["labels"]["which"]] = n["node_id"]
+        yield f
+    finally:
+        for proc in procs.values():
+            if proc.proc and proc.proc.poll() is None:
+                proc.stop()
+        server.stop()
+
+
+def test_placement_by_declared_gpu_memory(fleet):
+    """Node A (24 GiB) gets the 16 GiB tier's model, node B (4 GiB) the 2 GiB tier's."""
+    def placed(which: str, model: str):
+        return any(m["name"] == model for m in fleet.node(which)["installed"])
+    wait_until(lambda: placed("a", "place-big"), 60, 0.3, "place-big on node A")
+    wait_until(lambda: placed("b", "place-small"), 60, 0.3, "place-small on node B")
+    assert not placed("a", "place-small") and not placed("b", "place-big")
+    tasks = fleet.get("/v1/tasks", node=fleet.node_ids["b"]).json()["tasks"]
+    assert any(t["model"] == "place-small" and t["reason"] == "placement" for t in tasks)
+
+
+def test_distribute_to_all_progress_reaches_one(fleet):
+    fleet.put(fleet.make("tiny-all", 3 * MIB))
+    resp = fleet.post("/v1/models/distribute", {"model": "tiny-all", "target": "all"})
+    assert resp.status_code == 202, resp.text
+    ids = resp.json()["task_ids"]
+    assert len(ids) == 2
+    [on_b] = [t["task_id"] for t in resp.json()["tasks"] if t["node_id"] == fleet.node_ids["b"]]
+    seen = []  # node B's (throttled) task, followed over SSE
+    with httpx.stream("GET", f"{fleet.api}/v1/tasks/{on_b}/stream", headers=fleet.headers,
+                      timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                seen.append(httpx.Response(200, content=line[6:]).json())
+    assert seen[-1]["status"] == "completed" and seen[-1]["progress"] == 1.0
+    assert any(0 < s["progress"] < 1 for s in seen), "progress was reported while bytes moved"
+    for task_id in ids:
+        assert fleet.wait_task(task_id, "completed")["progress"] == 1.0
+    for which in ("a", "b"):
+        [m] = [m for m in fleet.node(which)["installed"] if m["name"] == "tiny-all"]
+        assert m["size_bytes"] == (fleet.tmp / "tiny-all.gguf").stat().st_size
+
+
+@pytest.mark.skipif(not CAN_SERVE, reason="llama-server not built: `nexus runtime prepare` (make test does)")
+def test_installed_model_becomes_callable(fleet):
+    fleet.put(model_path(SMOLLM2), SMOLLM2)
+    resp = fleet.post(f"/v1/nodes/{fleet.node_ids['a']}/models/pull", {"model": SMOLLM2})
+    assert resp.status_code == 202, resp.text
+    fleet.wait_task(resp.json()["task_id"], "completed", timeout=120)
+
+    def serving():
+        nodes = fleet.get("/v1/nodes", model=SMOLLM2, status="online").json()["nodes"]
+        return nodes if nodes and nodes[0]["runtime"]["ready"] else None
+    [node] = wait_until(serving, 120, 0.5, "node A to serve the installed model")
+    assert node["node_id"] == fleet.node_ids["a"]
+    answer = httpx.post(f"{fleet.api}/v1/chat/completions", headers=fleet.headers, timeout=120,
+                        json={"model": "default", "max_tokens": 4,
+                              "messages": [{"role": "user", "content": "Hi"}]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] > 0
+
+
+def test_too_big_is_409_naming_node_and_reason(fleet):
+    # 80 layers x 64 KV heads x 128 dims at a 4096 context: ~10 GiB of KV cache
+    fleet.put(fleet.make("tiny-huge-kv", 64 * 1024, layers=80, embedding=8192, heads=64,
+                         kv_heads=64, context=32768))
+    b = fleet.node_ids["b"]
+    resp = fleet.post(f"/v1/nodes/{b}/models/pull", {"model": "tiny-huge-kv"})
+    assert resp.status_code == 409, resp.text
+    problem = resp.json()
+    assert problem["node"] == b and problem["reason"] == "does_not_fit"
+    assert "GiB" in problem["detail"]
+    fits = {m["name"]: m["fit"] for m in fleet.get("/v1/models/available").json()["models"]}
+    by_node = {f["node_id"]: f for f in fits["tiny-huge-kv"]}
+    assert by_node[fleet.node_ids["a"]]["fits"] and not by_node[b]["fits"]
+    specific = fleet.post("/v1/models/distribute", {"model": "tiny-huge-kv", "target": "specific",
+                                                    "node_ids": [fleet.node_ids["a"], b]})
+    assert specific.status_code == 409 and specific.json()["node"] == b
+    auto = fleet.post("/v1/models/distribute", {"model": "tiny-huge-kv", "target": "auto"})
+    assert auto.status_code == 202
+    assert [t["node_id"] for t in auto.json()["tasks"]] == [fleet.node_ids["a"]]
+
+
+def _purge_and_republish(fleet: Fleet, model: str, corrupt: bool) -> None:
+    async def go():
+        nc = await nats.connect(fleet.nats_url)
+        try:
+            store = ModelStore(nc.jetstream())
+            stored = await store.get(model)
+            subject = store.chunk_subject(stored.nuid)
+            chunks = [data async for _, data, _ in store.read_chunks(stored)]
+            await nc.jetstream().purge_stream(MODEL_BUCKET.stream, subject=subject)
+            if corrupt:
+                bad = bytearray(chunks[len(chunks) // 2])
+                bad[100] ^= 0xFF
+                chunks[len(chunks) // 2] = bytes(bad)
+                for chunk in chunks:
+                    await nc.jetstream().publish(subject, chunk)
+        finally:
+            await nc.close()
+    asyncio.run(go())
+
+
+def test_corrupted_chunk_fails_and_installs_nothing(fleet):
+    fleet.put(fleet.make("tiny-corrupt", 1 * MIB))
+    _purge_and_republish(fleet, "tiny-corrupt", corrupt=True)
+    resp = fleet.post(f"/v1/nodes/{fleet.node_ids['a']}/models/pull", {"model": "tiny-corrupt"})
+    task = fleet.wait_task(resp.json()["task_id"], "failed")
+    assert task["error"] == "digest mismatch", task
+    assert "tiny-corrupt" not in {m["name"] for m in fleet.node("a")["installed"]}
+    node_dir = fleet.tmp / "node-a" / "models"
+    assert not (node_dir / "tiny-corrupt.gguf").exists()
+    assert not list((node_dir / ".partial").glob("*.part"))
+
+
+def test_stall_fails_as_stalled(fleet):
+    fleet.put(fleet.make("tiny-stall", 1 * MIB))
+    _purge_and_republish(fleet, "tiny-stall", corrupt=False)  # chunks gone: no byte ever comes
+    resp = fleet.post(f"/v1/nodes/{fleet.node_ids['a']}/models/pull", {"model": "tiny-stall"})
+    task = fleet.wait_task(resp.json()["task_id"], "failed", timeout=30)
+    assert task["error"] == "stalled"
+
+
+def test_cancel(fleet):
+    fleet.put(fleet.make("tiny-cancel", 8 * MIB))
+    resp = fleet.post(f"/v1/nodes/{fleet.node_ids['b']}/models/pull", {"model": "tiny-cancel"})
+    task_id = resp.json()["task_id"]
+    wait_until(lambda: fleet.task(task_id)["bytes_done"] > 0, 30, 0.1, "bytes to move")
+    assert fleet.delete(f"/v1/tasks/{task_id}").status_code == 204
+    assert fleet.task(task_id)["status"] == "cancelled"
+    assert fleet.delete("/v1/tasks/no-such-task").status_code == 404
+
+    def partial_gone():
+        return not list((fleet.tmp / "node-b" / "models" / ".partial").glob("*.part")) or None
+    wait_until(partial_gone, 10, 0.2, "the node to drop the partial file")
+    assert "tiny-cancel" not in {m["name"] for m in fleet.node("b")["installed"]}
+
+
+def test_twelve_pulls_ten_run_two_queue(fleet):
+    names = [f"tiny-q{i:02d}" for i in range(12)]
+    for name in names:
+        fleet.put(fleet.make(name, 6 * MIB))
+    b = fleet.node_ids["b"]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(12) as pool:  # all twelve at once
+        ids = [r.json()["task_id"] for r in pool.map(
+            lambda n: fleet.post(f"/v1/nodes/{b}/models/pull", {"model": n}), names)]
+
+    def split():
+        states = [fleet.task(t)["status"] for t in ids]
+        running, pending = states.count("in_progress"), states.count("pending")
+        return (running, pending) if running == 10 else None
+    _running, pending = wait_until(split, 30, 0.1, "ten downloads running")
+    assert pending == 2
+    for task_id in ids:
+        fleet.wait_task(task_id, "completed", timeout=60)
+
+
+def test_node_killed_mid_download_resumes_without_refetching(fleet):
+    fleet.put(fleet.make("tiny-resume", 10 * MIB))
+    size = (fleet.tmp / "tiny-resume.gguf").stat().st_size
+    b = fleet.node_ids["b"]
+    task_id = fleet.post(f"/v1/nodes/{b}/models/pull", {"model": "tiny-resume"}).json()["task_id"]
+    wait_until(lambda: fleet.task(task_id)["bytes_done"] >= 3 * MIB, 30, 0.1, "3 MiB on disk")
+    fleet.procs["b"].kill()
+    failed = fleet.wait_task(task_id, "failed", timeout=30)
+    assert failed["error"] == "node offline"
+    offline = fleet.post(f"/v1/nodes/{b}/models/pull", {"model": "place-big"})
+    assert offline.status_code == 409, offline.text
+    assert offline.json()["node"] == b and offline.json()["reason"] == "node_offline"
+
+    fleet.procs["b"] = ServiceProc("node", fleet.envs["b"], fleet.tmp / "node-b-2.log").start()
+    done = fleet.wait_task(task_id, "completed", timeout=60)
+    assert done["attempt"] == 2
+    assert done["resumed_from"] >= 2 * MIB  # the resume state is written every MiB
+    assert done["fetched_bytes"] == size - done["resumed_from"]  # not one byte fetched twice
+
+
+def test_tasks_projection_equals_rebuild(fleet):
+
+    async def rows(conn):
+        return [tuple(r) for r in await conn.fetch(
+            "SELECT task_id, node_id, model, status, attempt, error, resumed_from, fetched_bytes,"
+            " version FROM model_tasks ORDER BY task_id")]
+
+    async def go():
+        from services.orchestrator.read_models.model_tasks import (
+            ModelTasksProjection,
+            NodeModelsProjection,
+        )
+        from shared.infra.eventstore import EventStore, ProjectionRunner
+        from shared.infra.eventstore.store import create_pool
+
+        url = fleet.envs["b"].get("DATABASE_URL") or fleet.procs["orchestrator"].env["DATABASE_URL"]
+        pool = await create_pool(url, max_size=4)
+        try:
+            runner = ProjectionRunner(EventStore(pool), (ModelTasksProjection(), NodeModelsProjection()))
+            await runner.catch_up()
+            async with pool.acquire() as conn:
+                before = await rows(conn)
+                models_before = await conn.fetch("SELECT node_id, model, sha256 FROM node_models ORDER BY 1, 2")
+            await runner.rebuild("model_tasks")
+            await runner.rebuild("node_models")
+            async with pool.acquire() as conn:
+                assert await rows(conn) == before
+                assert await conn.fetch("SELECT node_id, model, sha256 FROM node_models ORDER BY 1, 2") == models_before
+            assert len(before) >= 2  # at least the placement tasks
+        finally:
+            await pool.close()
+    asyncio.run(go())
