@@ -101,8 +101,9 @@ async def store(fresh_db: str) -> AsyncIterator[EventStore]:
 
 async def test_two_survivors_and_a_late_commit_settle_each_reservation_once(store) -> None:
     """A lost instance's reservations on 20 budgets; two survivors release them at once
-    while the lost instance's last commits land: every call is settled exactly once
-    (committed or released, never both, never twice) and nothing stays reserved."""
+    while the lost instance's last commits land: every reservation is settled exactly
+    once (committed or released, never twice), every finished call is charged exactly
+    once (in its reservation, or late after it was released) and nothing stays reserved."""
     dead = BudgetManager(store, instance="orch-a.dead")
     survivors = [BudgetManager(store, instance=f"orch-{n}.alive") for n in "bc"]
     charges = []
@@ -123,20 +124,27 @@ async def test_two_survivors_and_a_late_commit_settle_each_reservation_once(stor
         *(s.release_orphans("orch-a.dead") for s in survivors),
         *(dead.commit(c, 0, 40, META) for c in late))
     released = results[0] + results[1]
-    committed = sum(len(r) for r in results[2:])
-    print(f"\n20 budgets: {committed} late commits won, {released} released as orchestrator-lost")
-    assert committed + released == len(charges)
+    commits = [e for r in results[2:] for e in r]
+    in_time = sum(1 for e in commits if not e.late)
+    print(f"\n20 budgets: {in_time} commits before the release, {len(commits) - in_time} late,"
+          f" {released} released as orchestrator-lost")
+    assert len(commits) == len(late)  # every finished call is charged
+    assert in_time + released == len(charges)  # every reservation settled once
     for i in range(20):
         events = [r.event for r in await store.read_stream(budget_stream_for_session(f"s{i}"))]
         for call in (f"c{i}", f"d{i}"):
-            settled = [e for e in events if isinstance(e, (BudgetCommitted, BudgetReleased))
-                       and e.call_id == call]
-            assert len(settled) == 1, settled
-            if isinstance(settled[0], BudgetReleased):
-                assert settled[0].reason == ORCHESTRATOR_LOST
+            committed = [e for e in events if isinstance(e, BudgetCommitted) and e.call_id == call]
+            released_ = [e for e in events if isinstance(e, BudgetReleased) and e.call_id == call]
+            assert all(e.reason == ORCHESTRATOR_LOST for e in released_)
+            if call.startswith("d"):  # never finished: released, never charged
+                assert (len(committed), len(released_)) == (0, 1)
+            else:  # finished: charged once; late exactly when its reservation was released first
+                assert len(committed) == 1 and len(released_) <= 1, events
+                assert committed[0].late == bool(released_)
         state = await survivors[1].state(budget_stream_for_session(f"s{i}"))
         assert set(state.reservations) == {f"alive{i}"}  # the living instance's is untouched
         assert state.reserved_tokens == 50
+        assert state.committed_tokens == 40  # the finished call, charged once
     assert await survivors[0].release_orphans("orch-a.dead") == 0  # idempotent
 
 
