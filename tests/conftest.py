@@ -20,7 +20,9 @@ from shared.infra.eventstore import EventStore
 from shared.infra.eventstore.store import create_pool
 from shared.infra import EmbeddedNats, EmbeddedPostgres
 from shared.infra.migrate import migrate
-from tests.support import OtlpReceiver, ServiceProc, service_env, wait_http_ok, free_port_str
+import httpx
+
+from tests.support import OtlpReceiver, ServiceProc, free_port_str, service_env, wait_http_ok, wait_until
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,11 @@ def platform(infra: Infra, otlp: OtlpReceiver, tmp_path_factory: pytest.TempPath
     api = f"http://127.0.0.1:{port}"
     try:
         wait_http_ok(f"{api}/health", proc=procs["orchestrator"])
+        # the node registers with backoff: tests that need a node (tools, MCP) find it
+        wait_until(lambda: httpx.get(f"{api}/v1/nodes", params={"status": "online"},
+                                     headers={"Authorization": f"Bearer {admin_key}"},
+                                     timeout=5).json()["nodes"] or None,
+                   30, 0.2, "the platform's node to be online")
         yield Platform(api, procs["orchestrator"], procs["provider"], procs["node"], env, admin_key)
     finally:
         for proc in procs.values():

@@ -22,13 +22,13 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from services.orchestrator.agents import SYSTEM_AGENTS_DIR, AgentService
+from services.orchestrator.read_models import PROJECTIONS
 from shared.contracts.errors import AgentInvalid
 from shared.contracts.events import SYSTEM_AGENTS, agent_stream
 from shared.domain.agents import MAX_MARKDOWN_BYTES, parse_agent_markdown
 from shared.infra.eventstore import EventStore, ProjectionRunner
 from shared.infra.eventstore.store import create_pool
-from services.orchestrator.agents import SYSTEM_AGENTS_DIR, AgentService
-from services.orchestrator.read_models import PROJECTIONS
 from tests.conftest import new_database
 from tests.fake_upstream import reply_text
 from tests.llm_cluster import LLMCluster, start_llm_cluster

@@ -102,7 +102,7 @@ def fleet(infra, tmp_path_factory):
     api = f"http://127.0.0.1:{port}"
     f = Fleet(api, {"Authorization": f"Bearer {admin}"}, server.url, tmp, procs, envs)
     try:
-        wait_http_ok(f"{api}/health", proc=procs["orchestrator"])
+        wait_http_ok(f"{api}/health", timeout=90, proc=procs["orchestrator"])
         # the placement rules' models are in the store before the nodes register
         f.put(f.make("place-big", 256 * 1024))
         f.put(f.make("place-small", 256 * 1024))
@@ -323,3 +323,23 @@ def test_tasks_projection_equals_rebuild(fleet):
         finally:
             await pool.close()
     asyncio.run(go())
+
+
+def test_cli_lists_models_and_tasks(fleet):
+    import os
+    import subprocess
+    import sys
+
+    port = fleet.api.rsplit(":", 1)[1]
+    env = {**os.environ, "NEXUS_HTTP_PORT": port, "NEXUS_HTTP_HOST": "127.0.0.1",
+           "NEXUS_API_KEY": fleet.headers["Authorization"].split()[1], "COLUMNS": "200",
+           "NEXUS_DATA_DIR": str(fleet.tmp / "cli")}
+    cli = [sys.executable, "-m", "ops.cli"]
+    models = subprocess.run([*cli, "models", "list"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert models.returncode == 0, models.stderr
+    assert "place-small" in models.stdout and "MODEL" in models.stdout
+    tasks = subprocess.run([*cli, "tasks", "--node", fleet.node_ids["a"], "--status", "completed"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert tasks.returncode == 0, tasks.stderr
+    assert "place-big" in tasks.stdout and "completed" in tasks.stdout

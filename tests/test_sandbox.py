@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import msgspec
 import pytest
 
 from services.node import sandbox_exec
@@ -118,7 +119,11 @@ async def test_a_memory_bomb_stops_at_the_memory_limit(sandbox: Sandbox) -> None
 
 
 async def test_an_endless_loop_stops_at_the_cpu_limit(sandbox: Sandbox) -> None:
-    r = await contained(sandbox, py(sandbox, "while True: pass"))
+    # a wall deadline far beyond the CPU limit: on a loaded machine the loop may get less
+    # than a CPU second in TIGHT's two wall seconds (then the deadline, not the CPU
+    # limit, would stop it, and its CPU would go uncounted)
+    r = await contained(sandbox, py(sandbox, "while True: pass"),
+                        limits=msgspec.structs.replace(TIGHT, timeout_s=120.0))
     assert (r.outcome, r.detail) == ("cpu", "cpu limit 1 s"), r
     assert r.cpu_s >= 0.8     # rusage is tick-accounted; the kernel killed it at 1 s
 

@@ -18,7 +18,7 @@ import pytest
 from tests.test_tenants import member_of, tenant_admin
 
 # path parameter -> how to get the other tenant's (B's) id from the setup below
-OWNED = {"session_id", "key_id", "name", "call_id"}
+OWNED = {"session_id", "key_id", "name", "call_id", "run_id"}
 # a route's parameter that names no tenant's resource, and why it is not checked here
 NOT_OWNED = {
     "node_id": "nodes are the platform's shared machines, not a tenant's resource",
@@ -35,6 +35,8 @@ BODIES = {
     ("post", "/v1/sessions/{session_id}/tools/{name}/invoke"): {"arguments": {}},
     ("post", "/v1/sessions/{session_id}/tool-calls/{call_id}/approval"): {"approve": True},
     ("post", "/v1/calls/{call_id}/feedback"): {"score": 0.5},
+    ("post", "/v1/sessions/{session_id}/runs"): {"agent": "research", "input": "hi"},
+    ("post", "/v1/runs/{run_id}/approvals"): {"tool_call_id": "x", "decision": "approve"},
 }
 # routes whose answer to another tenant's id is not a 404, and why
 UPSERTS = {("put", "/v1/secrets/{name}"): "sets the caller's own secret of that name"}
@@ -73,9 +75,13 @@ def world(platform):
     call_b = next(e["data"]["tool_call_id"] for e in httpx.get(
         f"{platform.api}/v1/sessions/{sid_b}/events", headers=admin_b).json()["events"]
         if e["type"] == "ToolCallRequested")
+    # B's agent run (a system agent; it fails for want of a model here, which is fine)
+    run_b = httpx.post(f"{platform.api}/v1/sessions/{sid_b}/runs", headers=admin_b, timeout=30,
+                       json={"agent": "research", "input": "hello"})
+    assert run_b.status_code == 202, run_b.text
     return {"platform": platform, "a": a, "b": b, "admin_a": admin_a, "admin_b": admin_b,
             "ids_b": {"session_id": sid_b, "key_id": key_b, "name": "bthing",
-                      "call_id": call_b}}
+                      "call_id": call_b, "run_id": run_b.json()["run_id"]}}
 
 
 def routes(platform) -> list[tuple[str, str, list[str]]]:

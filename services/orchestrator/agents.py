@@ -52,6 +52,10 @@ from typing import Any
 
 import msgspec
 
+from services.orchestrator.keys import Caller
+from services.orchestrator.read_models.agents import AgentRow, AgentsReadModel
+from services.orchestrator.schemas import AgentOut, SessionView
+from services.orchestrator.tools import ToolService
 from shared.contracts.errors import AgentInvalid, NotFound
 from shared.contracts.events import SYSTEM_AGENTS, AgentDefined, Metadata, agent_stream
 from shared.domain.agents import (
@@ -63,10 +67,6 @@ from shared.domain.agents import (
 )
 from shared.domain.tools import BUILTINS
 from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
-from services.orchestrator.keys import Caller
-from services.orchestrator.read_models.agents import AgentRow, AgentsReadModel
-from services.orchestrator.schemas import AgentOut, SessionView
-from services.orchestrator.tools import ToolService
 
 log = logging.getLogger("nexus.orchestrator.agents")
 

@@ -15,10 +15,9 @@ from services.orchestrator import idempotency as idem
 from services.orchestrator.agents import AgentService
 from services.orchestrator.auth import require_admin
 from services.orchestrator.keys import Caller
-from services.orchestrator.problems import Problem
+from services.orchestrator.problems import Problem, problem_for
 from services.orchestrator.schemas import AgentIn, AgentList, AgentOut
 from shared.contracts.errors import NexusError
-from services.orchestrator.problems import problem_for
 
 AgentName = Annotated[str, Parameter(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
 Version = Annotated[int | None, Parameter(ge=1, le=2**31 - 1, required=False,

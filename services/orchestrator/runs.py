@@ -61,6 +61,7 @@ from shared.contracts.errors import (
     NoNodeAvailable,
     NotFound,
     PolicyDenied,
+    ProviderUnavailable,
     SessionClosed,
 )
 from shared.contracts.events import (
@@ -113,6 +114,7 @@ from services.orchestrator.tools import ToolService
 
 log = logging.getLogger("nexus.orchestrator.runs")
 
+LLM_ATTEMPTS = 5  # LLM calls of one step while no provider answers, before the run fails
 RESULT_CAP = 16 * 1024  # of a tool's output fed back to the model (the tool call keeps all)
 AgentResolver = Callable[..., Awaitable[Any]]  # AgentService.resolve(caller, name, version=None)
 
@@ -597,6 +599,15 @@ class RunService:
         except SessionClosed as exc:
             await self._fail(run, "session_closed", exc.detail)
             raise _Stop from None
+        except ProviderUnavailable as exc:  # no provider now: the step is asked again
+            attempts = len(run.state.steps[-1].call_ids)
+            if attempts >= LLM_ATTEMPTS:
+                await self._fail(run, "llm_error", f"ProviderUnavailable: {exc.detail}")
+                raise _Stop from None
+            log.warning("no provider for a run's LLM call; retrying",
+                        extra={"run_id": s.run_id, "attempt": attempts})
+            await asyncio.sleep(min(8.0, 0.5 * 2 ** attempts))
+            return
         except NexusError as exc:
             await self._fail(run, "llm_error", f"{type(exc).__name__}: {exc.detail}")
             raise _Stop from None

@@ -23,11 +23,11 @@ once with code 4404 (and a reason), the WebSocket's 404.
 - `error` frames are problem-style: `status`, `type`, `title`, `detail`, and where it
   applies `errors: [{field, message}]` (a bad frame names the field: `content`,
   `type`, ...), `rule` (policy), `budget`. A bad frame never closes the socket.
-- run events: when the run service is there (`app.state.runs` with
-  `session_events(caller, session_id, after=None)`, an async iterator of the session's
-  run events as msgspec-encodable items, from after `after`, then live), each item is
-  sent as `{"type": "run", "event": ...}`; `?after=` on the URL resumes after an
-  event the client already has. Without it the socket is chat only.
+- run events: every run of the session, live from the moment the socket opened
+  (`RunService.follow_session`): `{"type": "run", "run_id", "kind": "event"|"delta",
+  "event": <the event's type, or "delta">, "data": {...}, "version": <its place in the
+  run's stream, null for a delta>}`. To resume one run without gaps after a reconnect,
+  read `GET /v1/runs/{id}/stream` with `Last-Event-ID` (the last `version` seen).
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import HTTPException, WebSocketDisconnect
 
-from shared.contracts.errors import NexusError
-from shared.contracts.frames import Delta, Done
-from shared.contracts.messages import ChatMessage
-from shared.domain.budget import micro_to_usd
 from services.orchestrator.calls import CallInput, CallLifecycle
 from services.orchestrator.problems import TYPE_BASE, Problem, problem_for
 from services.orchestrator.schemas import MaxTokens
 from services.orchestrator.sessions import SessionService
+from shared.contracts.errors import NexusError
+from shared.contracts.frames import Delta, Done
+from shared.contracts.messages import ChatMessage
+from shared.domain.budget import micro_to_usd
 
 log = logging.getLogger("nexus.orchestrator.ws")
 
@@ -159,9 +159,19 @@ class SessionSocket:
         finally:
             await call.aclose()  # cancelled or done: the upstream stops, the budget settles
 
-    async def forward_runs(self, runs: Any, after: str | None) -> None:
-        async for item in runs.session_events(self.caller, self.session_id, after=after):
-            await self.send({"type": "run", "event": msgspec.to_builtins(item)})
+    async def forward_runs(self, runs: Any) -> None:
+        try:
+            async for item in runs.follow_session(self.caller, self.session_id):
+                await self.send({"type": "run", "run_id": item.run_id, "kind": item.kind,
+                                 "event": item.type, "data": msgspec.to_builtins(item.data),
+                                 "version": item.version})
+        except (WebSocketDisconnect, asyncio.CancelledError):
+            raise
+        except Exception:  # the chat goes on; the client can still follow a run over SSE
+            log.exception("forwarding run events failed", extra={"session_id": self.session_id})
+            with contextlib.suppress(Exception):
+                await self.send(_error(503, "run-events-unavailable",
+                                       "run events stopped; follow a run at GET /v1/runs/{id}/stream"))
 
     async def receive_loop(self) -> None:
         while True:
@@ -207,8 +217,8 @@ async def session_socket(socket: WebSocket, session_id: str) -> None:
     conn = SessionSocket(socket, caller, session_id, state.calls)
     tasks = []
     runs = getattr(state, "runs", None)
-    if runs is not None and hasattr(runs, "session_events"):
-        tasks.append(asyncio.create_task(conn.forward_runs(runs, socket.query_params.get("after"))))
+    if runs is not None:  # the session's runs, live, beside the chat
+        tasks.append(asyncio.create_task(conn.forward_runs(runs)))
     try:
         await conn.receive_loop()
     except WebSocketDisconnect:

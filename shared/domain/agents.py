@@ -51,6 +51,7 @@ problem+json with `errors: [{field, line, message}]`) listing all it found.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -279,7 +280,7 @@ def _number(value: Any, field: str, line: int, errors: list[dict[str, Any]], *,
         errors.append({"field": field, "line": line,
                        "message": "an integer" if integer else "a number"})
         return None
-    if value != value or (value <= low if low_open else value < low) or value > high:
+    if math.isnan(value) or (value <= low if low_open else value < low) or value > high:
         bound = f"more than {low}" if low_open else f"at least {low}"
         errors.append({"field": field, "line": line,
                        "message": f"{value} is out of range: {bound} and at most {high}"})

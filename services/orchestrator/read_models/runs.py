@@ -94,3 +94,7 @@ class RunsReadModel:
         rows = await self.pool.fetch(
             "SELECT * FROM runs WHERE tenant = $1 ORDER BY run_id", tenant)
         return [tuple(r) for r in rows]
+
+    async def all_rows(self) -> list[tuple]:
+        """Every run row (for comparing the projection with its rebuild)."""
+        return [tuple(r) for r in await self.pool.fetch("SELECT * FROM runs ORDER BY run_id")]
