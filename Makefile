@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: up test bench soak chaos fuzz lint clean
+.PHONY: up test bench soak chaos runs-crash fuzz lint clean
 
 up: $(VENV)/.installed
 	$(BIN)/nexus up
@@ -24,6 +24,10 @@ soak: $(VENV)/.installed-dev
 # (docs/reliability.md, "Chaos"); e.g. `make chaos CHAOS_ARGS="--rounds 120 --seed 1"`
 chaos: $(VENV)/.installed-dev
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+
+# agent runs: the owner killed with SIGKILL under 20 runs (make test runs 8)
+runs-crash: $(VENV)/.installed-dev
+	NEXUS_TEST_CRASH_RUNS=20 $(BIN)/python -m pytest -p no:cacheprovider -q tests/test_runs.py -k many_runs
 
 # Schemathesis over every operation, admin and tenant key, all checks and phases
 # (docs/reliability.md, "Fuzz"); e.g. `make fuzz FUZZ_EXAMPLES=200`

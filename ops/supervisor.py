@@ -270,12 +270,15 @@ class Supervisor:
         import threading
 
         from ops.models_cli import import_model
-        from shared.infra.llama import LOCAL_MODELS, ensure_model
+        from shared.infra.llama import LOCAL_MODELS, ensure_model, model_path
 
         name = self.settings.local_model
         user = self.nats_users.get("orchestrator") if hasattr(self, "nats_users") else None
         if name not in LOCAL_MODELS or (user is None and not self.settings.nats_url):
             return
+        fetched_anyway = not self.settings.runtime_url and self.settings.runtime == "llama"
+        if not (fetched_anyway or model_path(name).exists()):
+            return  # no runtime wants it here: do not fetch a model just for the store
 
         def work() -> None:
             try:

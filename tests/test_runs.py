@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -32,11 +33,11 @@ class _Counter(BaseHTTPRequestHandler):
     """A side-effecting HTTP endpoint that counts each execution, slowly (so a test can
     kill the orchestrator while a call is in flight)."""
 
-    hits: dict[str, int] = {}
+    hits: ClassVar[dict[str, int]] = {}
     lock = threading.Lock()
     delay_s = 0.0
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
+    def do_POST(self) -> None:
         key = self.path.rsplit("/", 1)[-1].split("?")[0]
         with _Counter.lock:
             _Counter.hits[key] = _Counter.hits.get(key, 0) + 1
@@ -490,9 +491,9 @@ def test_the_runs_read_model_equals_its_rebuild(agentic, tenant) -> None:
     run = start(agentic, tenant, sid, "plain", [[py("print(3)")]], "{last_tool}")
     assert wait_status(agentic, tenant, run["run_id"], "finished")["answer"] == "3"
 
+    from services.orchestrator.read_models.runs import RunsProjection, RunsReadModel
     from shared.infra.eventstore import EventStore, ProjectionRunner
     from shared.infra.eventstore.store import create_pool
-    from services.orchestrator.read_models.runs import RunsProjection, RunsReadModel
 
     async def compare() -> None:
         pool = await create_pool(agentic.cluster.database_url, max_size=2)

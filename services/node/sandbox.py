@@ -34,6 +34,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -206,6 +207,8 @@ class Sandbox:
             self.python = [exe, "-I", "-S"]
         # wrap()ped runs until release(): (slot lock fd, egress proxy, its directory)
         self._wrapped: dict[str, tuple[int | None, EgressProxy | None, Path | None]] = {}
+        self._spawn_proc: _Spawner | None = None
+        self._spawn_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     # -- argv ------------------------------------------------------------------------------
 
@@ -322,6 +325,24 @@ class Sandbox:
         if net_dir is not None:
             shutil.rmtree(net_dir, ignore_errors=True)
 
+    async def _spawner(self) -> _Spawner:
+        """The node's spawner process (started on first use; again if it died)."""
+        loop = asyncio.get_running_loop()
+
+        def usable(sp: _Spawner | None) -> bool:   # (a new event loop: a new spawner)
+            return sp is not None and sp.alive and sp.loop is loop
+
+        if not usable(self._spawn_proc):
+            if self._spawn_lock is None or self._spawn_lock[0] is not loop:
+                self._spawn_lock = (loop, asyncio.Lock())
+            async with self._spawn_lock[1]:
+                if not usable(self._spawn_proc):
+                    if self._spawn_proc is not None:
+                        self._spawn_proc.close()
+                    self._spawn_proc = await _Spawner.start()
+        assert self._spawn_proc is not None
+        return self._spawn_proc
+
     # -- run -------------------------------------------------------------------------------
 
     async def run(self, argv: list[str], *, limits: ToolLimits, workspace: Path | None = None,
@@ -344,8 +365,7 @@ class Sandbox:
                 proxy, net_dir = await self._egress(tuple(network))
             args, staged = self._bwrap_args(argv, limits=limits, workspace=workspace,
                                             writable=writable, net_dir=net_dir, env=env)
-            args, fds = sandbox_exec.open_fds(args)
-            result = await self._spawn(args, fds, staged, uid, limits, stdin)
+            result = await self._spawn(args, staged, uid, limits, stdin)
             if proxy is not None and proxy.refused:
                 result = dataclasses.replace(result, egress_refused=tuple(proxy.refused))
             return result
@@ -360,22 +380,31 @@ class Sandbox:
             if slot_fd is not None:
                 os.close(slot_fd)
 
-    async def _spawn(self, args: list[str], fds: list[int], staged: dict[str, str],
-                     uid: int | None, limits: ToolLimits, stdin: bytes | None) -> SandboxResult:
+    async def _spawn(self, args: list[str], staged: dict[str, str], uid: int | None,
+                     limits: ToolLimits, stdin: bytes | None) -> SandboxResult:
         loop = asyncio.get_running_loop()
         lim = rlimits(limits, as_root=self.as_root)
         started = time.perf_counter()
-        # Popen, not asyncio's: os.wait4 on the pid gives the run's rusage (cpu, peak RSS),
-        # which a child watcher would reap first. preexec_fn runs only async-signal-light
-        # code prepared before the fork (setrlimit, mount, setres[ug]id via ctypes/os).
+        # forked by the spawner (sandbox_exec.serve), never from this large process: its
+        # wait4 gives the run's rusage (cpu, peak RSS) without the node's own size in it
+        spawner = await self._spawner()
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin is not None else (
+            os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None)
         try:
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                args, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=fds,
-                process_group=0,
-                preexec_fn=lambda: sandbox_exec.child_setup(staged, lim, uid))  # noqa: PLW1509
-        except (OSError, subprocess.SubprocessError) as e:
-            raise SandboxError(f"cannot start bwrap: {e}") from None
+            run = await spawner.spawn({"args": args, "stage": staged, "rlimits": lim,
+                                       "uid": uid}, [in_r, out_w, err_w])
+        except BaseException:
+            for f in (out_r, err_r, in_w):
+                if f is not None:
+                    os.close(f)
+            raise
+        finally:
+            for f in (in_r, out_w, err_w):
+                os.close(f)
+        proc = _Run(run, open(in_w, "wb", buffering=0) if in_w is not None else None,
+                    open(out_r, "rb", buffering=0), open(err_r, "rb", buffering=0))
         cap = limits.max_output_bytes
         hard = max(HARD_OUTPUT_FACTOR * cap, HARD_OUTPUT_MIN)
         bufs = {"out": bytearray(), "err": bytearray()}
@@ -386,8 +415,7 @@ class Sandbox:
         def kill(reason: str) -> None:
             if state["killed_for"] is None:
                 state["killed_for"] = reason
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
 
         def reader(fd: int, key: str) -> None:
             while True:
@@ -414,22 +442,19 @@ class Sandbox:
         for f, key in pipes:
             os.set_blocking(f.fileno(), False)
             loop.add_reader(f.fileno(), reader, f.fileno(), key)
-        pidfd = os.pidfd_open(proc.pid)
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
         stdin_task = None
         if stdin is not None:
             stdin_task = loop.create_task(_feed(proc.stdin, stdin))
         timer = loop.call_later(limits.timeout_s, kill, "timeout")
+        ru = None
         try:
-            await exited
-            _, status, ru = os.wait4(proc.pid, 0)  # noqa: ASYNC222 (exited: pidfd readable)
+            ended = await asyncio.shield(proc.run.ended)
+            status, ru = ended["status"], ended
             proc.returncode = os.waitstatus_to_exitcode(status)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(drained), EXIT_DRAIN_S)
         finally:
             timer.cancel()
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
             for f, _ in pipes:
                 loop.remove_reader(f.fileno())
                 f.close()
@@ -441,13 +466,15 @@ class Sandbox:
                 with contextlib.suppress(OSError):
                     proc.stdin.close()
             if proc.returncode is None:   # cancelled: never leave a sandbox behind
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(proc.pid, 0)  # noqa: ASYNC222 (just SIGKILLed)
+                proc.kill()
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(proc.run.ended), 10)
                 proc.returncode = -9
         duration_ms = (time.perf_counter() - started) * 1000
         stderr = bytes(bufs["err"])
+        if proc.returncode == 126 and stderr.startswith(b"sandbox-launch: "):
+            raise SandboxError("cannot start bwrap: "
+                               + stderr.decode("utf-8", "replace").strip()[16:500])
         if (proc.returncode == 1 and stderr.startswith(b"bwrap: ")
                 and state["killed_for"] is None):
             raise SandboxError("sandbox setup failed: "
@@ -460,8 +487,8 @@ class Sandbox:
             with contextlib.suppress(ValueError):
                 sig = signal.Signals(code - 128).name
                 exit_code = None
-        cpu_s = ru.ru_utime + ru.ru_stime
-        peak_mb = ru.ru_maxrss / 1024
+        cpu_s = ru["utime"] + ru["stime"]
+        peak_mb = ru["maxrss"] / 1024
         outcome, detail = _classify(limits, state["killed_for"], exit_code, sig, stderr,
                                     cpu_s, state["total"])
         return SandboxResult(
@@ -469,6 +496,147 @@ class Sandbox:
             stderr=stderr, output_bytes=state["total"],
             truncated=len(bufs["out"]) + len(bufs["err"]) < state["total"],
             duration_ms=duration_ms, cpu_s=cpu_s, peak_memory_mb=peak_mb, detail=detail)
+
+
+class _SpawnedRun:
+    """One run in the spawner: its pid once forked, then its wait4 result."""
+
+    def __init__(self, spawner: _Spawner, rid: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.spawner, self.id = spawner, rid
+        self.pid: asyncio.Future[int] = loop.create_future()
+        self.ended: asyncio.Future[dict] = loop.create_future()
+
+
+class _Run:
+    """What `_spawn` holds of a run: its pipes and how to kill it."""
+
+    def __init__(self, run: _SpawnedRun, stdin, stdout, stderr) -> None:
+        self.run, self.stdin, self.stdout, self.stderr = run, stdin, stdout, stderr
+        self.returncode: int | None = None
+
+    def kill(self) -> None:
+        """SIGKILL the run's process group (the spawner does it while the run is not
+        yet reaped, so a reused pid is never hit)."""
+        self.run.spawner.kill(self.run.id)
+
+
+class _Spawner:
+    """The client of `sandbox_exec.serve`, a small child process that forks every bwrap."""
+
+    def __init__(self, proc: subprocess.Popen, sock: socket.socket) -> None:
+        self.proc, self.sock = proc, sock
+        self.runs: dict[int, _SpawnedRun] = {}
+        self.next_id = 0
+        self.alive = True
+        self.loop = asyncio.get_running_loop()
+        self.send_lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task] = set()
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def start(cls) -> _Spawner:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:   # no preexec_fn: a vfork, cheap whatever the node's size
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", sandbox_exec.__file__, "--serve",
+                 str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except OSError as e:
+            mine.close()
+            raise SandboxError(f"cannot start the sandbox spawner: {e}") from None
+        finally:
+            theirs.close()
+        mine.setblocking(False)
+        return cls(proc, mine)
+
+    def close(self) -> None:
+        """Let go of it (its loop is gone): the spawner exits when its socket closes."""
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+
+    async def spawn(self, spec: dict, fds: list[int]) -> _SpawnedRun:
+        if not self.alive:
+            raise SandboxError("the sandbox spawner died")
+        self.next_id += 1
+        run = _SpawnedRun(self, self.next_id)
+        self.runs[run.id] = run
+        frame = sandbox_exec._frame({"op": "spawn", "id": run.id, **spec})
+        try:
+            await self._send(frame, fds)
+            await asyncio.wait_for(asyncio.shield(run.pid), 30)
+        except BaseException:
+            self.runs.pop(run.id, None)
+            if run.pid.done() and not run.pid.exception():
+                self.kill(run.id)
+            raise
+        return run
+
+    def kill(self, rid: int) -> None:
+        if self.alive:
+            task = asyncio.get_running_loop().create_task(
+                self._send(sandbox_exec._frame({"op": "kill", "id": rid}), []))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, frame: bytes, fds: list[int]) -> None:
+        """One whole frame, its fds on the length prefix (frames never interleave)."""
+        loop = asyncio.get_running_loop()
+        async with self.send_lock:
+            while True:
+                try:
+                    if fds:
+                        socket.send_fds(self.sock, [frame[:4]], fds)
+                    else:
+                        self.sock.send(frame[:4])
+                    break
+                except BlockingIOError:
+                    ready = loop.create_future()
+                    loop.add_writer(self.sock.fileno(), _set_done, ready)
+                    try:
+                        await ready
+                    finally:
+                        loop.remove_writer(self.sock.fileno())
+            await loop.sock_sendall(self.sock, frame[4:])
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        buf = b""
+        try:
+            while True:
+                chunk = await loop.sock_recv(self.sock, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+                while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                    n = int.from_bytes(buf[:4], "big")
+                    msg, buf = json.loads(buf[4:4 + n]), buf[4 + n:]
+                    run = self.runs.get(msg["id"])
+                    if run is None:
+                        continue
+                    if "error" in msg:
+                        self.runs.pop(run.id, None)
+                        run.pid.set_exception(SandboxError(f"cannot start bwrap: {msg['error']}"))
+                    elif "pid" in msg:
+                        run.pid.set_result(msg["pid"])
+                    else:
+                        self.runs.pop(run.id, None)
+                        run.ended.set_result(msg)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.alive = False
+            self.sock.close()
+            for run in self.runs.values():
+                for fut in (run.pid, run.ended):
+                    if not fut.done():
+                        fut.set_exception(SandboxError("the sandbox spawner died"))
+            self.runs.clear()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await asyncio.to_thread(self.proc.wait)
 
 
 def _classify(limits: ToolLimits, killed_for: str | None, exit_code: int | None,

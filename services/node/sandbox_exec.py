@@ -2,8 +2,9 @@
 
 Used two ways, with the same code:
 
-- in the node process by `Sandbox.run` (`prepare` in the parent, `child_setup` as the
-  `preexec_fn` of the bwrap child: no extra interpreter start);
+- by `Sandbox.run` through the spawner (`serve` below: a small process started once per
+  node, which forks each bwrap and runs `child_setup` in it; no interpreter start per
+  run, and no fork of the large node process);
 - as a program, `python -I -S sandbox_exec.py SPEC_JSON`, by `Sandbox.wrap`: an argv any
   spawner can run (the MCP client's stdio servers); it does the same steps and then
   `execv`s bwrap, so the spawner's child *is* the sandbox.
@@ -136,7 +137,113 @@ def drop_privileges(uid: int | None) -> None:
     os.setresuid(uid, uid, uid)
 
 
+# -- the spawner: sandboxes forked from a small process ---------------------------------
+#
+# `Sandbox.run` does not fork the node: forking a process of 100 MB costs tens of ms (its
+# page tables, copy-on-write faults while preexec code runs), and the child's peak RSS
+# (ru_maxrss, carried across exec) would start at the node's size. `serve` runs as a small
+# child of the node (`python -I -S sandbox_exec.py --serve FD`, started once, dying with
+# it) and forks each sandbox from its own few MB. Protocol on the unix stream socket FD:
+# frames of a 4-byte big-endian length and JSON; a `spawn` request carries the run's
+# stdin, stdout and stderr as SCM_RIGHTS on its length prefix.
+#   -> {"op": "spawn", "id", "args", "stage", "rlimits", "uid"}   (+3 fds)
+#   <- {"id", "pid"}, later {"id", "status", "utime", "stime", "maxrss"} (from wait4)
+#   -> {"op": "kill", "id"}: SIGKILL the run's process group (only while not yet reaped)
+#   <- {"id", "error"}: the fork failed
+
+_HEADER = 4
+
+
+def _frame(obj: object) -> bytes:
+    data = json.dumps(obj).encode()
+    return len(data).to_bytes(_HEADER, "big") + data
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+def serve(fd: int) -> None:
+    import signal
+    import socket
+    import threading
+
+    _libc.prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG: gone with the node
+    if os.getppid() == 1:
+        os._exit(0)
+    sock = socket.socket(fileno=fd)
+    send_lock = threading.Lock()
+    live: dict[int, int] = {}          # run id -> pid, until reaped
+    live_lock = threading.Lock()
+
+    def send(obj: object) -> None:
+        with send_lock:
+            sock.sendall(_frame(obj))
+
+    def reap(rid: int, pid: int) -> None:
+        _, status, ru = os.wait4(pid, 0)
+        with live_lock:
+            live.pop(rid, None)
+        send({"id": rid, "status": status, "utime": ru.ru_utime, "stime": ru.ru_stime,
+              "maxrss": ru.ru_maxrss})
+
+    while True:
+        try:
+            head, fds, _, _ = socket.recv_fds(sock, _HEADER, 3)
+            if len(head) < _HEADER:
+                head += _recv_exact(sock, _HEADER - len(head))
+            req = json.loads(_recv_exact(sock, int.from_bytes(head, "big")))
+        except (EOFError, OSError, ValueError):
+            os._exit(0)                # the node is gone (or spoke garbage): so are we
+        rid = req.get("id")
+        if req.get("op") == "kill":
+            with live_lock:
+                pid = live.get(rid)
+                if pid is not None:    # not reaped: the pid is still this run's
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            continue
+        try:
+            pid = os.fork()
+        except OSError as e:
+            for f in fds:
+                os.close(f)
+            send({"id": rid, "error": f"fork: {e.strerror}"})
+            continue
+        if pid == 0:
+            try:
+                os.setpgid(0, 0)
+                for i, f in enumerate(fds):
+                    os.dup2(f, i)      # inheritable
+                os.closerange(3, 65536)
+                args, opened = open_fds(req["args"])
+                for f in opened:
+                    os.set_inheritable(f, True)
+                child_setup(req["stage"], req["rlimits"], req["uid"])
+                os.execv(args[0], args)
+            except BaseException as e:  # noqa: BLE001 - said on the run's stderr
+                os.write(2, f"sandbox-launch: {type(e).__name__}: {e}\n".encode())
+            os._exit(126)
+        for f in fds:
+            os.close(f)
+        with live_lock:
+            live[rid] = pid
+        send({"id": rid, "pid": pid})
+        threading.Thread(target=reap, args=(rid, pid), daemon=True).start()
+
+
 def main(argv: list[str]) -> None:
+    if argv[1] == "--serve":
+        serve(int(argv[2]))
+        return
     spec = json.loads(argv[1])
     uid = None
     if os.geteuid() == 0:

@@ -154,8 +154,13 @@ EXTRA: dict[tuple[str, str], set[int]] = {
     ("post", "/v1/skills"): {403, 409, 422},
     ("post", "/v1/calls/{call_id}/feedback"): {409},
     ("post", "/v1/replays"): {403},
+    # agent runs (issue 12: RUNS)
+    ("post", "/v1/sessions/{session_id}/runs"): {409, 422},
+    ("post", "/v1/runs/{run_id}/cancel"): {409},
+    ("post", "/v1/runs/{run_id}/approvals"): {403, 409},
 }
-OWNED_IDS = ("{session_id}", "{key_id}", "{node_id}", "{name}", "{call_id}", "{task_id}", "{model}")
+OWNED_IDS = ("{session_id}", "{key_id}", "{node_id}", "{name}", "{call_id}", "{task_id}", "{model}",
+             "{run_id}")
 PUBLIC = ("/health", "/schema")
 # bodies a handler reads itself (several media types): declared here
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
@@ -189,7 +194,13 @@ LINKS: dict[tuple[str, str, str], list[tuple[str, str, dict[str, str]]]] = {
                                           {"name": "$response.body#/name"})
                                          for m in ("get", "delete")],
     ("get", "/v1/nodes", "200"): [("get", "/v1/nodes/{node_id}",
+                                   {"node_id": "$response.body#/nodes/0/node_id"}),
+                                  ("get", "/v1/nodes/{node_id}/models",
                                    {"node_id": "$response.body#/nodes/0/node_id"})],
+    ("post", "/v1/models/distribute", "202"): [
+        (m, p, {"task_id": "$response.body#/task_ids/0"}) for m, p in (
+            ("get", "/v1/tasks/{task_id}"), ("get", "/v1/tasks/{task_id}/stream"),
+            ("delete", "/v1/tasks/{task_id}"))],
 }
 CHAT_COMPLETION = {"type": "object", "required": ["id", "object", "created", "model", "choices"],
                    "properties": {"id": {"type": "string"}, "object": {"type": "string"},
@@ -232,6 +243,13 @@ def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
         components["McpServerIn"]["properties"]["headers"].update(
             propertyNames={"pattern": schemas.HEADER_NAME}, maxProperties=32,
             additionalProperties={"type": "string", "pattern": schemas.SECRET_NAME})
+        # exactly one of url and command; headers only with url
+        components["McpServerIn"]["oneOf"] = [
+            {"required": ["url"], "properties": {"url": {"type": "string"},
+                                                 "command": {"type": "null"}}},
+            {"required": ["command"], "properties": {"command": {"type": "array"},
+                                                     "url": {"type": "null"},
+                                                     "headers": {"maxProperties": 0}}}]
     rules_ref = {"$ref": "#/components/schemas/PolicyRules"}
     if "PolicyIn" in components:
         components["PolicyIn"]["properties"]["rules"] = rules_ref

@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from services.orchestrator.fleet import NodeService
 from services.orchestrator.read_models.model_tasks import ModelTasksReadModel
 from shared.contracts import subjects
-from shared.contracts.errors import InvalidRequest, NotFound, PlacementRefused
+from shared.contracts.errors import NotFound, PlacementRefused
 from shared.contracts.events import (
     Event,
     Metadata,
@@ -216,10 +216,7 @@ class ModelService:
     async def distribute(self, model: str, target: str, node_ids: tuple[str, ...], *,
                          actor: str) -> list[dl.DownloadTask]:
         artifact = await self._artifact(model)
-        if target == "specific":
-            if not node_ids:
-                raise InvalidRequest("node_ids: required with target `specific`",
-                                     [{"field": "node_ids", "message": "required with target specific"}])
+        if target == "specific":  # the listed nodes (none listed: no task)
             chosen = list(dict.fromkeys(node_ids))
             for node_id in chosen:  # all or nothing: refuse before creating any task
                 self._check_node(node_id, artifact)

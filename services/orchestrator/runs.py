@@ -52,6 +52,19 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
+from services.orchestrator.calls import CallInput, CallLifecycle, failure_error
+from services.orchestrator.keys import Caller
+from services.orchestrator.read_models.runs import RunsReadModel
+from services.orchestrator.run_leases import RunLeases
+from services.orchestrator.schemas import (
+    RunApprovalRequest,
+    RunOut,
+    RunSummary,
+    RunToolCallOut,
+    ToolCallView,
+)
+from services.orchestrator.sessions import SessionService
+from services.orchestrator.tools import ToolService
 from shared.contracts import subjects
 from shared.contracts.errors import (
     BudgetDenied,
@@ -98,19 +111,6 @@ from shared.domain.tools import ToolSpec
 from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
 from shared.infra.messaging import Bus
 from shared.infra.tracing import tracer
-from services.orchestrator.calls import CallInput, CallLifecycle, failure_error
-from services.orchestrator.keys import Caller
-from services.orchestrator.read_models.runs import RunsReadModel
-from services.orchestrator.run_leases import RunLeases
-from services.orchestrator.schemas import (
-    RunApprovalRequest,
-    RunOut,
-    RunSummary,
-    RunToolCallOut,
-    ToolCallView,
-)
-from services.orchestrator.sessions import SessionService
-from services.orchestrator.tools import ToolService
 
 log = logging.getLogger("nexus.orchestrator.runs")
 
@@ -687,9 +687,7 @@ class RunService:
                     run_id=run.state.run_id, step=step.step, index=slot.index,
                     model_call_id=slot.model_call_id, tool_call_id=slot.tool_call_id,
                     tool=slot.tool, content=content, is_error=is_error, status=status))
-            elif not events:  # never reached the tool path: run it now, same id
-                rerun.append(self._run_tool(run, attempt, record_start=False))
-            elif _pending_tool_approval(events):  # stopped before the tool's own approval
+            elif not events or _pending_tool_approval(events):  # never reached the tool path: run it now, same id
                 rerun.append(self._run_tool(run, attempt, record_start=False))
             # else: it was running on a node when its driver died: decide_next says
         if rerun:

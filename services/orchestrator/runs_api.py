@@ -13,13 +13,13 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from shared.contracts.errors import NexusError
 from services.orchestrator import idempotency as idem
 from services.orchestrator.auth import require_admin
 from services.orchestrator.keys import Caller
 from services.orchestrator.problems import problem_for
 from services.orchestrator.runs import RunItem, RunService
 from services.orchestrator.schemas import RunApprovalIn, RunCancelIn, RunIn, RunList, RunOut
+from shared.contracts.errors import NexusError
 
 LastEventId = Annotated[int | None, Parameter(
     header="last-event-id", ge=0, le=2**31,
