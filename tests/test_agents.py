@@ -208,6 +208,10 @@ def test_sessions_pin_the_version_they_start_with(platform, tenant) -> None:
     assert define(platform, admin, agent_md("pinned", prompt="v2")).json()["version"] == 2
     session = httpx.get(f"{platform.api}/v1/sessions/{sid}", headers=admin).json()
     assert (session["agent"], session["agent_version"], session["agent_source"]) == ("pinned", 1, "tenant")
+    run = httpx.post(f"{platform.api}/v1/sessions/{sid}/runs", headers=admin,
+                     json={"agent": "pinned", "input": "hello"})
+    assert run.status_code == 202, run.text
+    assert run.json()["agent_version"] == 1  # a run of the session's agent uses the pinned version
     later = httpx.post(f"{platform.api}/v1/sessions", headers=admin, json={"agent": "pinned"}).json()
     assert later["agent_version"] == 2
     system = httpx.post(f"{platform.api}/v1/sessions", headers=admin, json={"agent": "coder"}).json()

@@ -275,8 +275,11 @@ class RunService:
         session = await self.sessions.require(caller, session_id)
         if session.status != "open":
             raise SessionClosed(session_id)
-        try:
-            definition = await self.resolve_agent(caller, agent)
+        pinned = session.agent == agent and session.agent_version is not None
+        try:  # the session's own agent at the version it pinned at start; others as they are now
+            definition = (await self.resolve_agent(caller, agent, session.agent_version,
+                                                   source=session.agent_source or "tenant")
+                          if pinned else await self.resolve_agent(caller, agent))
         except NotFound:
             raise InvalidEntity(f"no agent named {agent!r}",
                                 [{"field": "agent", "message": f"no agent named {agent!r}"}],
