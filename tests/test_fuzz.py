@@ -65,7 +65,23 @@ def schemathesis(api: str, key: str, report_dir: Path, phases: str) -> dict:
     report["wall_s"] = time.monotonic() - started
     report["output"] = proc.stdout[-20000:] + proc.stderr[-2000:]
     (report_dir / "output.txt").write_text(proc.stdout + proc.stderr)
+    report["errors"] = _without_tool_bugs(report["errors"], proc.stdout + proc.stderr)
     return report
+
+
+CPYTHON_AST_RACE = "AST constructor recursion depth mismatch"
+
+
+def _without_tool_bugs(errors: list[dict], output: str) -> list[dict]:
+    """Schemathesis's own errors, less those of CPython 3.11's thread-unsafe `ast.parse`
+    (gh-106905), hit inside Hypothesis when two workers describe a lambda at once: an
+    error of the fuzzer's process, never of an answer. Printed, not gated."""
+    races = output.count(f"SystemError: {CPYTHON_AST_RACE}")
+    runtime = sum(e["count"] for e in errors if e["title"] == "Runtime Error")
+    if races and races >= runtime:
+        print(f"\nfuzzer: {races} runtime error(s) of CPython's ast.parse race, not gated")
+        return [e for e in errors if e["title"] != "Runtime Error"]
+    return errors
 
 
 @pytest.mark.parametrize("who", ["platform-admin", "tenant-admin"])

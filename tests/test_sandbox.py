@@ -308,3 +308,15 @@ async def test_a_wrapped_run_cannot_give_its_slot_away(sandbox: Sandbox) -> None
         await asyncio.wait_for(proc.wait(), 30)
         await sandbox.release(argv)
     assert _slot_free(sandbox, slot)
+
+
+async def test_a_runs_peak_memory_is_its_own_not_the_nodes(sandbox: Sandbox) -> None:
+    """Sandboxes are forked by the small spawner, never by the (large) node process, whose
+    size would otherwise be every run's `peak_memory_mb` (ru_maxrss survives exec)."""
+    ballast = bytearray(256 << 20)
+    for i in range(0, len(ballast), 4096):   # touched: resident in this process
+        ballast[i] = 1
+    r = await sandbox.run(py(sandbox, "print(1)"), limits=NORMAL)
+    assert r.outcome == "ok" and r.stdout == b"1\n", r
+    assert r.peak_memory_mb < 64, r.peak_memory_mb
+    del ballast

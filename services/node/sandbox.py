@@ -17,8 +17,10 @@ deadline kills the sandbox's pid namespace (killing bwrap kills its init, and th
 every process in the namespace). A seccomp filter (`seccomp.py`) denies the syscalls
 a tool never needs. No network unless hosts are allowed; then only through
 the node's egress proxy (`egress.py`), reached by a unix socket bound into the sandbox and
-a forwarder inside on 127.0.0.1:3128 (HTTP_PROXY/HTTPS_PROXY). See docs/ARCHITECTURE.md
-"Sandbox" for the threat model.
+a forwarder inside on 127.0.0.1:3128 (HTTP_PROXY/HTTPS_PROXY). `run` forks bwrap from a
+small spawner process (`sandbox_exec.serve`), never from the node itself: cheap whatever
+the node's size, and the run's peak RSS is its own. See docs/ARCHITECTURE.md "Sandbox"
+for the threat model.
 """
 
 from __future__ import annotations
@@ -403,13 +405,13 @@ class Sandbox:
         finally:
             for f in (in_r, out_w, err_w):
                 os.close(f)
-        proc = _Run(run, open(in_w, "wb", buffering=0) if in_w is not None else None,
-                    open(out_r, "rb", buffering=0), open(err_r, "rb", buffering=0))
+        # file objects over the pipes' fds (no I/O here; read and written non-blocking below)
+        proc = _Run(run, open(in_w, "wb", buffering=0) if in_w is not None else None,  # noqa: ASYNC230, SIM115
+                    open(out_r, "rb", buffering=0), open(err_r, "rb", buffering=0))  # noqa: ASYNC230, SIM115
         cap = limits.max_output_bytes
         hard = max(HARD_OUTPUT_FACTOR * cap, HARD_OUTPUT_MIN)
         bufs = {"out": bytearray(), "err": bytearray()}
         state = {"total": 0, "open": 2, "killed_for": None}
-        exited = loop.create_future()
         drained = loop.create_future()
 
         def kill(reason: str) -> None:
@@ -538,7 +540,7 @@ class _Spawner:
     async def start(cls) -> _Spawner:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:   # no preexec_fn: a vfork, cheap whatever the node's size
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # noqa: ASYNC220 - once per node, a vfork: ~1 ms
                 [sys.executable, "-I", "-S", sandbox_exec.__file__, "--serve",
                  str(theirs.fileno())], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except OSError as e:

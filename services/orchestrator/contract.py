@@ -243,13 +243,6 @@ def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
         components["McpServerIn"]["properties"]["headers"].update(
             propertyNames={"pattern": schemas.HEADER_NAME}, maxProperties=32,
             additionalProperties={"type": "string", "pattern": schemas.SECRET_NAME})
-        # exactly one of url and command; headers only with url
-        components["McpServerIn"]["oneOf"] = [
-            {"required": ["url"], "properties": {"url": {"type": "string"},
-                                                 "command": {"type": "null"}}},
-            {"required": ["command"], "properties": {"command": {"type": "array"},
-                                                     "url": {"type": "null"},
-                                                     "headers": {"maxProperties": 0}}}]
     rules_ref = {"$ref": "#/components/schemas/PolicyRules"}
     if "PolicyIn" in components:
         components["PolicyIn"]["properties"]["rules"] = rules_ref

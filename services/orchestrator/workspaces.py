@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from nats.js.client import JetStreamContext
 
@@ -50,14 +50,14 @@ class WorkspaceJanitor:
                 await self.sweep()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the next round tries again
+            except Exception:  # the next round tries again
                 log.exception("workspace janitor round failed")
             await asyncio.sleep(self.poll_s)
 
     async def sweep(self) -> int:
         """One round; how many workspaces it deleted."""
         done = 0
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for tenant, session_id, closed_at in await self.pending.pending():
             if (now - closed_at < timedelta(seconds=MAX_CALL_WAIT_S)
                     and await self.calls.active_calls(tenant, session_id)):
