@@ -150,8 +150,10 @@ def test_distribute_to_all_progress_reaches_one(fleet):
     assert any(0 < s["progress"] < 1 for s in seen), "progress was reported while bytes moved"
     for task_id in ids:
         assert fleet.wait_task(task_id, "completed")["progress"] == 1.0
-    for which in ("a", "b"):
-        [m] = [m for m in fleet.node(which)["installed"] if m["name"] == "tiny-all"]
+    for which in ("a", "b"):  # the inventory is a projection: it follows the completion
+        [m] = wait_until(lambda: [m for m in fleet.node(which)["installed"]
+                                  if m["name"] == "tiny-all"], 30, 0.2,
+                         f"node {which} to list tiny-all as installed")
         assert m["size_bytes"] == (fleet.tmp / "tiny-all.gguf").stat().st_size
 
 

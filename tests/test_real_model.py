@@ -357,3 +357,34 @@ def test_a_busy_node_answers_429_and_nothing_hangs(real) -> None:
     import asyncio
 
     assert asyncio.run(busy_attempts()) >= 1
+
+
+def test_an_agent_run_answers_a_one_step_task_with_the_real_model(real) -> None:
+    """An agent without tools, run in a session: one LLM call through the whole path to
+    llama-server, the run finishes with the model's answer, cost and tokens counted,
+    and the conversation tells the story."""
+    api, headers, _, _ = real
+    agent = ("---\nname: greeter\ndescription: answers in one short sentence\nmodel: inherit\n"
+             "tools: []\nmax_steps: 2\n---\nYou answer in one short sentence.\n")
+    defined = httpx.post(f"{api}/v1/agents", headers={**headers, "Content-Type": "text/markdown"},
+                         content=agent.encode(), timeout=30)
+    assert defined.status_code == 201, defined.text
+    sid = httpx.post(f"{api}/v1/sessions", headers=headers, json={"agent": "greeter"},
+                     timeout=30).json()["session_id"]
+    started = httpx.post(f"{api}/v1/sessions/{sid}/runs", headers=headers, timeout=30,
+                         json={"agent": "greeter", "input": "Say hello."})
+    assert started.status_code == 202, started.text
+
+    def ended() -> dict | None:
+        run = httpx.get(f"{api}/v1/runs/{started.json()['run_id']}", headers=headers,
+                        timeout=30).json()
+        return run if run["status"] in ("finished", "failed", "cancelled") else None
+
+    run = wait_until(ended, 180, 0.5, "the run to end")
+    assert run["status"] == "finished", run
+    assert run["steps"] == 1 and run["answer"], run
+    assert run["output_tokens"] > 0 and run["input_tokens"] > 0
+    messages = httpx.get(f"{api}/v1/sessions/{sid}/messages", headers=headers,
+                         timeout=30).json()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["content"] == run["answer"]

@@ -42,7 +42,7 @@ from shared.contracts.messages import (
     RegistrationAck,
     RuntimeInfo,
 )
-from shared.infra.messaging import Bus, HandlerError
+from shared.infra.messaging import Bus, HandlerError, stop_listening
 from shared.domain.nodes import (
     DEREGISTERED,
     DRAINING,
@@ -146,14 +146,7 @@ class NodeService:
         self._tasks.append(asyncio.create_task(self._liveness(), name="node-liveness"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await stop_listening(self._tasks, self._subs)
 
     # -- folding ----------------------------------------------------------------------
 

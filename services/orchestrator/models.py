@@ -64,7 +64,7 @@ from shared.domain.placement import (
     parse_rules,
 )
 from shared.infra.eventstore import EventStore, WrongExpectedVersion
-from shared.infra.messaging import Bus, HandlerError, MessagingError
+from shared.infra.messaging import Bus, HandlerError, MessagingError, stop_listening
 from shared.infra.model_store import ModelStore, StoredModel
 
 log = logging.getLogger("nexus.orchestrator.models")
@@ -120,14 +120,7 @@ class ModelService:
         self._tasks.append(asyncio.create_task(self._watch(), name="model-watch"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await stop_listening(self._tasks, self._subs)
 
     def _fold(self, event: Event, version: int) -> None:
         current = self.tasks.get(event.task_id)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import HeaderParameter
 from litestar.response import Stream
 
 from services.orchestrator import idempotency as idem
@@ -21,8 +21,8 @@ from services.orchestrator.runs import RunItem, RunService
 from services.orchestrator.schemas import RunApprovalIn, RunCancelIn, RunIn, RunList, RunOut
 from shared.contracts.errors import NexusError
 
-LastEventId = Annotated[int | None, Parameter(
-    header="last-event-id", ge=0, le=2**31,
+LastEventId = Annotated[int | None, HeaderParameter(
+    name="last-event-id", ge=0, le=2**31,
     description="resume after this event (the `id` of the last event received)")]
 
 

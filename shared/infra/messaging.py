@@ -96,6 +96,18 @@ def _attrs(subject: str, operation: str, size: int) -> dict[str, Any]:
     }
 
 
+async def stop_listening(tasks: list[asyncio.Task], subscriptions: list[Any]) -> None:
+    """Cancel a component's background tasks (waiting for each) and drop its subscriptions."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    for sub in subscriptions:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
 class Bus:
     """One NATS connection of a service, with typed, traced publish/request/subscribe."""
 
