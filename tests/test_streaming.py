@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import nats.errors
 import pytest
 
 from shared.contracts.messages import Ping
@@ -20,6 +21,21 @@ WINDOW = 8
 
 def done() -> Done:
     return Done(finish_reason="stop", usage=Usage(), model="m", provider="p")
+
+
+PROBE = b"probe"
+
+
+async def reachable(consumer: Bus, subject: str) -> None:
+    """Wait until the consumer's connection sees the producer's subscription (a probe
+    answered), so a test starts from a served subject and not from a race."""
+    for _ in range(50):
+        try:
+            await consumer.nc.request(subject, PROBE, timeout=1)
+            return
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            await asyncio.sleep(0.1)
+    pytest.fail(f"{subject} never became reachable")
 
 
 @pytest.fixture
@@ -47,6 +63,9 @@ async def serve(bus: Bus, produce: Callable[[StreamSender], Awaitable[None]], *,
             ended.set_result(exc)
 
     async def on_request(msg) -> None:
+        if msg.data == PROBE:
+            await msg.respond(b"ok")
+            return
         asyncio.ensure_future(run(msg.reply))
 
     await bus.nc.subscribe(subject, cb=on_request)
@@ -65,6 +84,7 @@ async def test_a_slow_consumer_holds_the_producer_to_the_window(buses) -> None:
         await sender.done(done())
 
     subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
     ahead: list[int] = []
     received: list[str] = []
     async with StreamReceiver(consumer, subject, Ping(sender="slow"), first_frame_timeout_s=10,
@@ -92,6 +112,7 @@ async def test_a_vanished_consumer_stops_the_producer_at_the_window(buses) -> No
             produced.append(i)
 
     subject, ended = await serve(producer, produce, idle_timeout_s=0.5)
+    await reachable(consumer, subject)
     inbox = consumer.nc.new_inbox()
     sub = await consumer.nc.subscribe(inbox)
     await consumer.nc.publish(subject, b'{"sender": "gone"}', reply=inbox)
@@ -113,6 +134,7 @@ async def test_a_cancelling_consumer_stops_the_producer(buses) -> None:
             produced.append(i)
 
     subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
     async with StreamReceiver(consumer, subject, Ping(sender="leaves"), first_frame_timeout_s=10,
                               window=WINDOW) as stream:
         async for frame in stream.frames():
