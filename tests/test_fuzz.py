@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -66,7 +67,26 @@ def schemathesis(api: str, key: str, report_dir: Path, phases: str) -> dict:
     report["output"] = proc.stdout[-20000:] + proc.stderr[-2000:]
     (report_dir / "output.txt").write_text(proc.stdout + proc.stderr)
     report["errors"] = _without_tool_bugs(report["errors"], proc.stdout + proc.stderr)
+    report["failures"] = _without_documented_unavailability(report["failures"],
+                                                            proc.stdout + proc.stderr)
     return report
+
+
+# Registering an MCP server lists its tools through a node, at the URL or command the
+# request names, and this cluster has none: 503 (no node, Retry-After), or 502/504 for a
+# server that failed or hung. Documented answers there, not server errors; a 500 still is.
+AVAILABILITY = re.compile(r"- ST101 Server error\n\n\[(\d{3})\][^\n]*\n\n\s+`(.*)`")
+
+
+def _without_documented_unavailability(failures: list[dict], output: str) -> list[dict]:
+    found = AVAILABILITY.findall(output)
+    every = output.count("- ST101 Server error")
+    if every and len(found) == every and all(
+            status in ("502", "503", "504") and '"instance":"/v1/mcp-servers"' in body
+            for status, body in found):
+        print(f"\nfuzz: {every} documented 502/503/504 of MCP server registration, not gated")
+        return [f for f in failures if f["code"] != "ST101"]
+    return failures
 
 
 CPYTHON_AST_RACE = "AST constructor recursion depth mismatch"
