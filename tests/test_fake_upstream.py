@@ -7,11 +7,10 @@ disconnects are observed from the server side (``stats.cancelled``).
 
 from __future__ import annotations
 
-import time
-
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import anthropic
