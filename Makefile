@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: up test bench soak chaos runs-crash fuzz lint clean
+.PHONY: up test browser bench soak chaos runs-crash fuzz lint clean
 
 up: $(VENV)/.installed
+	-$(BIN)/nexus ui assets >/dev/null  # the dashboard's htmx, from the npm registry (once)
 	$(BIN)/nexus up
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser
 	$(BIN)/nexus runtime prepare
+	$(BIN)/nexus ui assets >/dev/null
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-dev
@@ -34,6 +36,12 @@ runs-crash: $(VENV)/.installed-dev
 FUZZ_EXAMPLES ?= 50
 fuzz: $(VENV)/.installed-dev
 	NEXUS_FUZZ_FULL=1 NEXUS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/test_fuzz.py -s -o timeout=3600 $(PYTEST_ARGS)
+
+# the dashboard's browser tests drive Debian's chromium (tests/test_dashboard.py)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo 'installing chromium (apt-get)'; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y chromium || { $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }; }
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)

@@ -181,8 +181,14 @@ def main() -> None:
                     "policy_rules": {"tools_allow": ["*"]}})).json()["session_id"]
                 t0 = time.perf_counter()
                 started = await asyncio.gather(*(ac.post(f"{survivor}/v1/sessions/{sid}/runs", json={
-                    "agent": "bench", "input": script(1)}) for _ in range(args.concurrent)))
-                ids = [r.json()["run_id"] for r in started if r.status_code == 202]
+                    "agent": "bench", "input": script(1)}) for _ in range(args.concurrent)),
+                    return_exceptions=True)
+                refused = [r if isinstance(r, Exception) else f"{r.status_code} {r.text[:200]}"
+                           for r in started if isinstance(r, Exception) or r.status_code != 202]
+                for why in sorted({repr(r) for r in refused})[:5]:
+                    print(f"    a start failed: {why}")
+                ids = [r.json()["run_id"] for r in started
+                       if not isinstance(r, Exception) and r.status_code == 202]
                 pending = set(ids)
                 status: dict[str, str] = {}
                 while pending and time.perf_counter() - t0 < 600:

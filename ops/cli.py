@@ -297,7 +297,7 @@ def _api(method: str, path: str, body: object = None, timeout: float = 10.0) -> 
                                      headers={**_auth_headers(), "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, json.load(resp)
+            return resp.status, json.loads(resp.read() or b"null")  # a 204 has no body
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
     except OSError as exc:
@@ -436,6 +436,10 @@ from ops.skills_cli import explain as _explain, replay as _replay, skills as _sk
 main.add_command(_skills)  # nexus skills list|apply
 main.add_command(_explain)  # nexus explain CALL_ID
 main.add_command(_replay)  # nexus replay --routing FILE --since 24h
+
+from ops.ui_cli import ui as _ui  # noqa: E402
+
+main.add_command(_ui)  # nexus ui assets
 
 
 if __name__ == "__main__":

@@ -54,23 +54,64 @@ def resolve_source(source: str, work: Path, say=click.echo) -> tuple[Path, str, 
 
 async def import_model(path: Path, name: str, source: str, *, nats_url: str, user: str | None,
                        password: str | None, progress=None) -> object:
+    stored, _uploaded = await import_if_changed(path, name, source, nats_url=nats_url, user=user,
+                                                password=password, progress=progress)
+    return stored
+
+
+async def import_if_changed(path: Path, name: str, source: str, *, nats_url: str,
+                            user: str | None, password: str | None,
+                            progress=None) -> tuple[object, bool]:
+    """Put `path` into the store as `name` unless the store already has it with the same
+    SHA-256: (the stored model, whether it was uploaded)."""
     from shared.contracts.subjects import MODEL_BUCKET
     from shared.infra.gguf import describe, sha256_file
     from shared.infra.messaging import Bus
     from shared.infra.model_store import ModelStore
 
     sha = await asyncio.to_thread(sha256_file, path)
-    artifact = await asyncio.to_thread(describe, path, name=name, sha256=sha, source=source)
     bus = await Bus.connect(nats_url, "nexus-cli", user=user, password=password)
     try:
         await bus.ensure_object_stores((MODEL_BUCKET,))
         store = ModelStore(bus.js)
         existing = await store.get(name)
         if existing is not None and existing.artifact.sha256 == sha:
-            return existing  # already there: importing again changes nothing
-        return await store.put(path, artifact, progress)
+            return existing, False  # already there: importing again changes nothing
+        artifact = await asyncio.to_thread(describe, path, name=name, sha256=sha, source=source)
+        return await store.put(path, artifact, progress), True
     finally:
         await bus.close()
+
+
+SHIPPED_MODEL = "gemma-3-270m"  # a dependency of the project: always there to import
+
+
+def shipped_models(local_model: str, local_model_available: bool) -> list[str]:
+    """What `nexus up` puts into the store: the Gemma model the project ships, and the
+    configured local model when it is another one and it is on this machine (or a
+    runtime here fetches it anyway)."""
+    from shared.infra.llama import LOCAL_MODELS
+
+    names = [SHIPPED_MODEL]
+    if local_model != SHIPPED_MODEL and local_model in LOCAL_MODELS and local_model_available:
+        names.append(local_model)
+    return names
+
+
+async def import_shipped(names: list[str], *, nats_url: str, user: str | None,
+                         password: str | None, say=print, locate=None) -> dict[str, bool]:
+    """Import each bundled model (assembled or fetched first if need be: `locate`, by
+    default `ensure_model`) unless the store holds it already with the same SHA-256:
+    model -> whether it was uploaded."""
+    from shared.infra.llama import LOCAL_MODELS, ensure_model
+
+    done = {}
+    for name in names:
+        path = await asyncio.to_thread(locate or ensure_model, say, name)
+        _, done[name] = await import_if_changed(
+            path, name, f"package {LOCAL_MODELS[name].source}", nats_url=nats_url, user=user,
+            password=password)
+    return done
 
 
 @click.group(help="The fleet's models: the store, what nodes hold, distribution.")

@@ -72,12 +72,15 @@ def explain(call_id: str, as_json: bool) -> None:
 @click.option("--since", default="24h", show_default=True, help="ISO time or a duration (24h, 30m, 7d).")
 @click.option("--until", default=None)
 @click.option("--execute", type=int, default=0, help="Re-run this many changed calls on the real models.")
+@click.option("--grader", default=None, help="A model that scores each re-run answer 0..10 (measured quality).")
 @click.option("--json", "as_json", is_flag=True)
-def replay(routing_file: Path | None, since: str, until: str | None, execute: int, as_json: bool) -> None:
+def replay(routing_file: Path | None, since: str, until: str | None, execute: int,
+           grader: str | None, as_json: bool) -> None:
     api, problem = _client()
     body = {k: v for k, v in (_load(routing_file) if routing_file else {}).items()
             if k in ("cost_weight", "performance_weight", "models")}
-    body.update(since=since, execute=execute, **({"until": until} if until else {}))
+    body.update(since=since, execute=execute, **({"until": until} if until else {}),
+                **({"grader": grader} if grader else {}))
     status, out = api("POST", "/v1/replays", body, timeout=300)
     if status != 200:
         raise problem(status, out)
@@ -97,4 +100,8 @@ def replay(routing_file: Path | None, since: str, until: str | None, execute: in
         click.echo(f"  executed {run['call_id']} on {run.get('model')}: " + (
             run["error"] if "error" in run else
             f"{run['cost_micro_usd']} micro-USD (recorded {run['recorded_cost_micro_usd']:.0f}), "
-            f"{run['latency_ms']:.0f} ms"))
+            f"{run['latency_ms']:.0f} ms, quality "
+            + (f"{run['quality']:.2f}" if run.get("quality") is not None else
+               run.get("quality_error", "not measured (no --grader)"))
+            + (f" (recorded feedback {run['recorded_feedback']})"
+               if run.get("recorded_feedback") is not None else "")))

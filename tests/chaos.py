@@ -44,6 +44,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,10 @@ KINDS = ("orchestrator", "provider", "node", "runtime", "nats", "postgres")
 SERVICES = ("orchestrator", "provider", "node")
 RESERVATION_TTL_S = 10.0  # the platform's NEXUS_RESERVATION_TTL_S in a chaos run
 TIGHT_BUDGET_TOKENS = 300  # one worker's session: exhausted during a run (402s then)
+DOWNLOAD_BYTES = 6 << 20  # the model pulled each round: ~3 s at the throttled rate
+DOWNLOAD_BPS = 2 << 20
+TOOL_DELAY_S = 0.4  # the side-effecting tool's endpoint is slow: kills land mid-call
+TERMINAL_RUN = ("RunFinished", "RunFailed", "RunCancelled")
 
 
 # -- the runtime stand-in -----------------------------------------------------------------
@@ -175,6 +180,13 @@ class ChaosPlatform:
             "NEXUS_BUDGET_SWEEP_S": "1",
             "NEXUS_PROJECTION_POLL_S": "0.5",
             "NEXUS_HEARTBEAT_INTERVAL_S": "1",
+            # agent runs taken over soon after their owner died; downloads slow enough to
+            # be in flight at a kill, failed as stalled soon after their node died
+            "NEXUS_RUN_LEASE_S": "3", "NEXUS_RUN_SCAN_S": "0.5",
+            "NEXUS_ORCHESTRATOR_LOST_AFTER_S": "3",
+            "NEXUS_FAKE_GPU_MEMORY_GIB": "8",
+            "NEXUS_MODEL_PULL_RATE_BPS": str(DOWNLOAD_BPS),
+            "NEXUS_MODEL_STALL_S": "6", "NEXUS_MODEL_PROGRESS_INTERVAL_S": "0.25",
             **env,
         }
         self.headers = {"Authorization": f"Bearer {self.admin_key}"}
@@ -202,6 +214,23 @@ class ChaosPlatform:
 
     def output(self) -> str:
         return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
+
+    def unhandled(self) -> list[str]:
+        """The services' 'unhandled error' log records (each a 500): trace id, path, the
+        exception's last line; [] when none."""
+        out = []
+        for log in sorted((self.data_dir / "logs").glob("*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                if '"unhandled error"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                exc = (record.get("exc") or "").strip()
+                out.append(f"{log.stem} {record.get('ts')} trace {record.get('trace_id')} "
+                           f"{record.get('path')}: {exc.splitlines()[-1] if exc else '?'}")
+        return out
 
     # where things are
     def state(self) -> dict:
@@ -266,17 +295,23 @@ class ChaosPlatform:
                 problems.append(f"orphan {pid}: {cmdline(pid)[:120]}")
         state = self.state()
         count = Counter()
+        runtimes: Counter = Counter()
         for pid in ours:
             line = cmdline(pid)
             for name in SERVICES:
                 if f"services.{name}.main" in line and not zombie(pid):
                     count[name] += 1
             if "tests.chaos runtime" in line and not zombie(pid):
-                count["runtime"] += 1
+                count["runtime"] += 1  # one per model the node serves (the bundled one,
+                alias = line.split("--alias ", 1)[-1].split(" ", 1)[0]  # and each installed)
+                runtimes[alias] += 1
         for kind in ("nats", "postgres"):
             pid = state["servers"].get(kind)
             count[kind] = 1 if pid in ours and pid_alive(pid) and not zombie(pid) else 0
+        if count["runtime"] and all(n == 1 for n in runtimes.values()):
+            count["runtime"] = 1
         problems += [f"{count[k]} {k} processes in the tree" for k in KINDS if count[k] != 1]
+        problems += [f"{n} runtimes for {alias}" for alias, n in runtimes.items() if n != 1]
         return problems
 
 
@@ -404,6 +439,272 @@ class Load:
         return status, call_id
 
 
+# -- agent runs, tool calls and downloads in flight ---------------------------------------
+
+
+class _Bumps(BaseHTTPRequestHandler):
+    """The side-effecting tool's endpoint: counts each execution per key, slowly."""
+
+    hits: Counter = Counter()
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        key = self.path.rsplit("/", 1)[-1].split("?")[0]
+        with _Bumps.lock:
+            _Bumps.hits[key] += 1
+        time.sleep(TOOL_DELAY_S)
+        body = json.dumps({"bumped": key}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@dataclass
+class AgenticOutcome:
+    runs: dict[str, str] = field(default_factory=dict)  # run id -> the bump key it uses
+    run_failures: Counter = field(default_factory=Counter)  # failed runs by error
+    approvals: Counter = field(default_factory=Counter)  # reason -> answered
+    invokes: Counter = field(default_factory=Counter)  # client outcomes of tool calls
+    invoked: list[str] = field(default_factory=list)  # keys of acknowledged tool calls
+    downloads: Counter = field(default_factory=Counter)  # task outcomes
+    twice: list[str] = field(default_factory=list)  # side-effecting keys that ran twice
+
+
+class AgenticLoad:
+    """Beside the chat load: agent runs (one side-effecting tool call each, then an
+    answer), plain calls of the same tool (`POST .../tools/{name}/invoke`, each with an
+    Idempotency-Key, retried with it after a failure, honouring Retry-After), and one
+    model download per round, all in flight when a process is killed.
+
+    The human in the loop answers approvals: yes to a tool that asks by definition, no to
+    a side-effecting call whose outcome a crash made unknown (so it never runs twice)."""
+
+    TOOL = "chaos-bump"
+
+    def __init__(self, platform: ChaosPlatform) -> None:
+        self.platform = platform
+        self.outcome = AgenticOutcome()
+        self.lock = threading.Lock()
+        self.running = threading.Event()
+        self.stopping = threading.Event()
+        self.idle = [threading.Event(), threading.Event()]
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Bumps)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        api, h = platform.api, platform.headers
+        port = self.server.server_address[1]
+        tool = httpx.post(f"{api}/v1/tools", headers=h, timeout=30, json={
+            "name": self.TOOL, "kind": "http", "effect": "side_effecting",
+            "parameters": {"type": "object", "required": ["key"],
+                           "properties": {"key": {"type": "string"}}},
+            "http": {"method": "POST", "url_template": f"http://127.0.0.1:{port}/bump/{{key}}"},
+            "limits": {"timeout_s": 20}})
+        assert tool.status_code == 201, tool.text
+        agent = ("---\nname: chaos-agent\ndescription: calls the side-effecting tool once\n"
+                 f"tools: [{self.TOOL}]\nmodel: default\n---\nUse the tool.\n")
+        made = httpx.post(f"{api}/v1/agents", headers=h, json={"markdown": agent}, timeout=30)
+        assert made.status_code == 201, made.text
+        session = httpx.post(f"{api}/v1/sessions", headers=h, timeout=30, json={
+            "policy_rules": {"tools_allow": ["*"]}, "budget": {"limit_usd": 1000}})
+        assert session.status_code == 201, session.text
+        self.session = session.json()["session_id"]
+        self.node_id = wait_until(lambda: next(iter(n["node_id"] for n in httpx.get(
+            f"{api}/v1/nodes", headers=h, timeout=10).json()["nodes"]), None), 60, 0.3, "a node")
+        self.model = import_model(platform)
+        self.tasks: list[str] = []
+        self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True)
+                        for i in range(2)]
+
+    def start(self) -> AgenticLoad:
+        self.running.set()
+        for t in self.threads:
+            t.start()
+        return self
+
+    def pause(self, timeout: float = 120) -> None:
+        self.running.clear()
+        for idle in self.idle:
+            assert idle.wait(timeout), "an agentic load worker did not finish its call"
+
+    def resume(self) -> None:
+        for idle in self.idle:
+            idle.clear()
+        self.running.set()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.running.set()
+        for t in self.threads:
+            t.join(60)
+        self.server.shutdown()
+
+    def _work(self, i: int) -> None:
+        client = httpx.Client(timeout=httpx.Timeout(30, connect=5), headers=self.platform.headers)
+        while not self.stopping.is_set():
+            if not self.running.is_set():
+                self.idle[i].set()
+                self.running.wait()
+                continue
+            try:
+                (self._start_run if i == 0 else self._invoke)(client)
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client.close()
+        self.idle[i].set()
+
+    def _start_run(self, client: httpx.Client) -> None:
+        """Start a run (retried with its Idempotency-Key); don't wait for it."""
+        key = uuid.uuid4().hex
+        script = json.dumps({"steps": [[{"name": self.TOOL, "arguments": {"key": key}}]],
+                             "answer": "bumped: {last_tool}"})
+        for _ in range(6):
+            try:
+                resp = client.post(f"{self.platform.api}/v1/sessions/{self.session}/runs",
+                                   headers={"Idempotency-Key": key},
+                                   json={"agent": "chaos-agent", "input": f"go FAKE_AGENT={script}"})
+            except httpx.HTTPError:
+                time.sleep(1)
+                continue
+            if resp.status_code == 202:
+                with self.lock:
+                    self.outcome.runs[resp.json()["run_id"]] = key
+                break
+            time.sleep(1)
+        time.sleep(1.5)  # a few runs per round, not hundreds
+
+    def _invoke(self, client: httpx.Client) -> None:
+        """One tool call: retried with the same Idempotency-Key until it has an answer."""
+        key = "inv-" + uuid.uuid4().hex
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            try:
+                resp = client.post(
+                    f"{self.platform.api}/v1/sessions/{self.session}/tools/{self.TOOL}/invoke",
+                    headers={"Idempotency-Key": key}, json={"arguments": {"key": key}})
+                status: int | str = resp.status_code
+            except httpx.HTTPError as exc:
+                resp, status = None, type(exc).__name__
+            with self.lock:
+                self.outcome.invokes[status] += 1
+                if status == 200:
+                    self.outcome.invoked.append(key)
+            if status in (200, 202, 400, 403, 404, 422):
+                break
+            wait = resp.headers.get("retry-after") if resp is not None else None
+            time.sleep(min(float(wait), 5) if wait and wait.isdigit() else 0.5)
+        time.sleep(0.3)
+
+    # per round
+    def pull(self) -> None:
+        """A download of the round's model onto the node (removed first if there)."""
+        api, h = self.platform.api, self.platform.headers
+        for _ in range(20):
+            try:
+                httpx.delete(f"{api}/v1/nodes/{self.node_id}/models/{self.model}", headers=h,
+                             timeout=30)
+                resp = httpx.post(f"{api}/v1/nodes/{self.node_id}/models/pull", headers=h,
+                                  timeout=30, json={"model": self.model})
+            except httpx.HTTPError:
+                time.sleep(1)
+                continue
+            if resp.status_code == 202:
+                self.tasks.append(resp.json()["task_id"])
+                return
+            time.sleep(1)
+        raise AssertionError(f"could not start a download: {resp.status_code} {resp.text}")
+
+    def settle(self, timeout: float = 90) -> dict:
+        """After the load paused: answer approvals until every run has ended, and every
+        download task has ended (completed, or failed with a reason, or cancelled)."""
+        api, h = self.platform.api, self.platform.headers
+        started = time.monotonic()
+        pending_runs = set(self.outcome.runs)
+        pending_tasks = set(self.tasks)
+        while pending_runs or pending_tasks:
+            assert time.monotonic() - started < timeout, (
+                f"still running after {timeout:.0f}s: runs {[self._run(r) for r in pending_runs][:3]}"
+                f", tasks {[self._task(t) for t in pending_tasks][:3]}")
+            for run_id in list(pending_runs):
+                run = self._run(run_id)
+                if run is None:
+                    continue
+                for pending in run["pending_approvals"]:
+                    yes = pending["reason"] == "needs_approval"
+                    answer = httpx.post(f"{api}/v1/runs/{run_id}/approvals", headers=h, timeout=30,
+                                        json={"tool_call_id": pending["tool_call_id"],
+                                              "decision": "approve" if yes else "reject"})
+                    if answer.status_code == 200:
+                        self.outcome.approvals[pending["reason"]] += 1
+                if run["status"] in ("finished", "failed", "cancelled"):
+                    pending_runs.discard(run_id)
+                    if run["status"] != "finished":
+                        self.outcome.run_failures[f"{run['status']}: {run.get('error')}"] += 1
+            for task_id in list(pending_tasks):
+                task = self._task(task_id)
+                if task and task["status"] in ("completed", "failed", "cancelled"):
+                    assert task["status"] != "failed" or task["error"], f"failed without a reason: {task}"
+                    self.outcome.downloads[task["status"] if task["status"] != "failed"
+                                           else f"failed: {task['error']}"] += 1
+                    pending_tasks.discard(task_id)
+            time.sleep(0.3)
+        self.tasks.clear()
+        return {"settled_s": time.monotonic() - started}
+
+    def _run(self, run_id: str) -> dict | None:
+        try:
+            resp = httpx.get(f"{self.platform.api}/v1/runs/{run_id}",
+                             headers=self.platform.headers, timeout=10)
+            return resp.json() if resp.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    def _task(self, task_id: str) -> dict | None:
+        try:
+            resp = httpx.get(f"{self.platform.api}/v1/tasks/{task_id}",
+                             headers=self.platform.headers, timeout=10)
+            return resp.json() if resp.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+
+def import_model(platform: ChaosPlatform) -> str:
+    """A tiny real GGUF put into the platform's model store (`nexus models import`)."""
+    from shared.infra.gguf import write_tiny
+
+    path = write_tiny(platform.data_dir / "chaos-tiny.gguf", payload_bytes=DOWNLOAD_BYTES)
+    done = subprocess.run([sys.executable, "-m", "ops.cli", "models", "import", str(path),
+                           "--name", "chaos-tiny"], cwd=REPO, env=platform.env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return "chaos-tiny"
+
+
+async def check_agentic(database_url: str, load: AgenticLoad) -> None:
+    """Every run ended exactly once; no side-effecting call ran twice without a yes."""
+    from shared.infra.eventstore.store import create_pool
+
+    pool = await create_pool(database_url, max_size=1)
+    try:
+        rows = await pool.fetch(
+            "SELECT data ->> 'run_id' AS run_id, count(*) AS n FROM events"
+            " WHERE type = ANY($1::text[]) AND data ->> 'run_id' = ANY($2::text[]) GROUP BY 1",
+            list(TERMINAL_RUN), list(load.outcome.runs))
+        ends = {r["run_id"]: r["n"] for r in rows}
+        wrong = {r: ends.get(r, 0) for r in load.outcome.runs if ends.get(r, 0) != 1}
+        assert not wrong, f"runs without exactly one terminal event: {list(wrong.items())[:5]}"
+    finally:
+        await pool.close()
+    with _Bumps.lock:  # the human never said yes to running one again
+        twice = [k for k, n in _Bumps.hits.items() if n > 1]
+    load.outcome.twice = twice
+    assert not twice, f"side-effecting calls ran twice without an approval: {twice}"
+
+
+
 # -- invariants ---------------------------------------------------------------------------
 
 
@@ -504,6 +805,9 @@ class Report:
     recovery_s: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     reservations_s: list[float] = field(default_factory=list)
     outcome: Outcome | None = None
+    agentic: AgenticOutcome | None = None
+    settled_s: list[float] = field(default_factory=list)
+    unhandled: list[str] = field(default_factory=list)  # the services' 500s, from their logs
 
     def lines(self) -> list[str]:
         o = self.outcome or Outcome()
@@ -516,6 +820,17 @@ class Report:
         if self.reservations_s:
             out.append(f"  open reservations closed after the load paused: max "
                        f"{max(self.reservations_s):.1f}s (TTL {RESERVATION_TTL_S:g}s)")
+        if (a := self.agentic) is not None:
+            out.append(f"  agent runs: {len(a.runs)} started, each ended exactly once "
+                       f"(not finished: {dict(a.run_failures) or 'none'}); approvals answered "
+                       f"{dict(a.approvals) or 'none'}; side-effecting calls run twice: "
+                       f"{len(a.twice)}")
+            out.append(f"  tool calls: {len(a.invoked)} acknowledged; client outcomes "
+                       f"{dict(a.invokes)}")
+            out.append(f"  downloads: {dict(a.downloads)}; runs and downloads ended after "
+                       f"the load paused within {max(self.settled_s, default=0):.1f}s")
+        out.append(f"  unhandled errors (500s) in the services' logs: {len(self.unhandled)}")
+        out += [f"    {line}" for line in self.unhandled[:10]]
         return out
 
 
@@ -524,9 +839,11 @@ def run_rounds(platform: ChaosPlatform, kinds: list[str], *, settle_s: float = 2
     """Kill each kind of `kinds` in order under load; check the invariants after each."""
     report = Report()
     load = Load(platform).start()
+    agentic = AgenticLoad(platform).start()
     try:
         for n, kind in enumerate(kinds, 1):
-            time.sleep(settle_s)  # calls in flight when the kill lands
+            agentic.pull()
+            time.sleep(settle_s)  # calls, runs, tool calls, a download in flight at the kill
             killed_at = time.monotonic()
             pid = platform.kill(kind)
             wait_until(platform.answers, recover_bound_s, 0.1, f"an answer after killing {kind}")
@@ -534,6 +851,9 @@ def run_rounds(platform: ChaosPlatform, kinds: list[str], *, settle_s: float = 2
             report.recovery_s[kind].append(recovered)
             time.sleep(settle_s)
             load.pause()
+            agentic.pause()
+            report.settled_s.append(agentic.settle()["settled_s"])
+            asyncio.run(check_agentic(platform.database_url(), agentic))
             figures = asyncio.run(check_store(platform.database_url(), list(load.outcome.acked),
                                               RESERVATION_TTL_S + 15))
             report.reservations_s.append(figures["reservations_closed_s"])
@@ -545,11 +865,18 @@ def run_rounds(platform: ChaosPlatform, kinds: list[str], *, settle_s: float = 2
             report.rounds = n
             report.outcome = load.outcome
             say(f"round {n}: killed {kind} ({pid}), answering again after {recovered:.1f}s; "
-                f"{len(load.outcome.acked)} acknowledged so far, none lost")
+                f"{len(load.outcome.acked)} acknowledged so far, none lost; "
+                f"{len(agentic.outcome.runs)} runs ended once, "
+                f"{len(agentic.outcome.invoked)} tool calls, downloads "
+                f"{dict(agentic.outcome.downloads)}")
             load.resume()
+            agentic.resume()
     finally:
         load.close()
+        agentic.close()
     report.outcome = load.outcome
+    report.agentic = agentic.outcome
+    report.unhandled = platform.unhandled()
     return report
 
 

@@ -9,7 +9,13 @@ raw ASGI app served by uvicorn (httptools + uvloop when installed) that speaks
 * Anthropic Messages ``POST /v1/messages`` (JSON and the real SSE event sequence) and
   ``GET /v1/models`` when an ``anthropic-version`` header is sent;
 * Ollama ``POST /api/chat`` (NDJSON stream by default, single JSON with ``"stream": false``),
-  ``GET /api/tags`` and ``GET /api/version``.
+  ``GET /api/tags`` and ``GET /api/version``; and its model management: ``POST /api/pull``
+  (NDJSON progress ``{status, digest, total, completed}`` per layer, bytes advancing at
+  ``pull_rate_bps``, then ``success``; the pulled model joins ``/api/tags``, ``/v1/models``
+  and is served) and ``DELETE /api/delete``. Pull names script the failures: ``missing*``
+  has no manifest (an ``{"error"}`` line), ``broken*`` fails half-way through its first
+  layer (digest mismatch), ``stall*`` stops sending after its first progress line. A pull
+  cut off half-way resumes from the bytes it had, as Ollama's blob parts do.
 
 Everything is deterministic so tests can check usage accounting exactly:
 
@@ -724,9 +730,12 @@ class _Config:
     first_byte_delay_ms: float
     strict_models: bool
     template_tokens: int = 0
+    pull_bytes: int = 3 * 1024 * 1024  # an Ollama pull's model layer (plus a 1 KiB params layer)
+    pull_rate_bps: float = 8 * 1024 * 1024
 
 
-_RUNTIME_CONFIG = ("reply_tokens", "token_delay_ms", "first_byte_delay_ms", "template_tokens")
+_RUNTIME_CONFIG = ("reply_tokens", "token_delay_ms", "first_byte_delay_ms", "template_tokens",
+                   "pull_bytes", "pull_rate_bps")
 
 
 class _App:
@@ -745,6 +754,8 @@ class _App:
             ("GET", "/v1/models"): self._models,
             ("GET", "/api/tags"): self._ollama_tags,
             ("GET", "/api/version"): self._ollama_version,
+            ("POST", "/api/pull"): self._ollama_pull,
+            ("DELETE", "/api/delete"): self._ollama_delete,
             ("GET", "/"): self._root,
             ("POST", "/_fake/script"): self._ctl_script,
             ("GET", "/_fake/stats"): self._ctl_stats,
@@ -753,6 +764,7 @@ class _App:
             ("POST", "/_fake/config"): self._ctl_config,
         }
         self._paths = {p for _, p in self.routes}
+        self._pulled: dict[str, int] = {}  # layer digest -> bytes an earlier pull got
 
     def abort_all(self) -> None:
         for watch in list(self.watches):
@@ -1044,6 +1056,98 @@ class _App:
                               body: bytes) -> None:
         await _send_json(send, 200, {"version": "0.6.0"})
 
+    # ---------------------------------------------------------- Ollama model management
+
+    @staticmethod
+    def _pull_name(body: bytes) -> str | None:
+        try:
+            req = _decode(body)
+        except (msgspec.DecodeError, ValueError):
+            return None
+        name = req.get("model") or req.get("name") if isinstance(req, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._/-]*(:[a-z0-9._-]+)?", name):
+            return None
+        return name.removesuffix(":latest")
+
+    async def _ollama_pull(self, scope: dict[str, Any], receive: Any, send: Any,
+                           body: bytes) -> None:
+        name = self._pull_name(body)
+        if name is None:
+            await _send_json(send, 400, {"error": "invalid model name"})
+            return
+        stream = _decode(body).get("stream", True) is not False
+        layers = [(f"sha256:{uuid.uuid5(uuid.NAMESPACE_URL, name + '/model').hex * 2}",
+                   max(1, self.config.pull_bytes - 1024)),
+                  (f"sha256:{uuid.uuid5(uuid.NAMESPACE_URL, name + '/params').hex * 2}", 1024)]
+        watch = _Watch(receive, self.watches)
+        lines: list[dict[str, Any]] = []
+        started = False
+
+        async def emit(obj: dict[str, Any]) -> None:
+            nonlocal started
+            if not stream:
+                lines.append(obj)
+                return
+            if not started:
+                await send({"type": "http.response.start", "status": 200, "headers": _NDJSON})
+                started = True
+            await send({"type": "http.response.body", "body": _encode(obj) + b"\n",
+                        "more_body": True})
+
+        async def fail(message: str) -> None:
+            if stream:
+                await emit({"error": message})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await _send_json(send, 500, {"error": message})
+
+        try:
+            await emit({"status": "pulling manifest"})
+            if name.startswith("missing"):
+                await fail("pull model manifest: file does not exist")
+                return
+            tick = 0.05
+            step = max(1, int(self.config.pull_rate_bps * tick))
+            for index, (digest, total) in enumerate(layers):
+                done = min(self._pulled.get(digest, 0), total)
+                status = f"pulling {digest[7:19]}"
+                await emit({"status": status, "digest": digest, "total": total, "completed": done})
+                if name.startswith("stall"):
+                    await watch.event.wait()
+                    return
+                while done < total:
+                    if await watch.sleep(tick):
+                        return  # the client went away: the bytes so far are kept
+                    done = min(total, done + step)
+                    self._pulled[digest] = done
+                    if index == 0 and name.startswith("broken") and done >= total // 2:
+                        self._pulled.pop(digest, None)
+                        await fail(f"digest mismatch, file must be downloaded again: {digest}")
+                        return
+                    await emit({"status": status, "digest": digest, "total": total,
+                                "completed": done})
+            for status in ("verifying sha256 digest", "writing manifest", "success"):
+                await emit({"status": status})
+            if name not in self.config.models:
+                self.config.models = (*self.config.models, name)
+            for digest, _ in layers:
+                self._pulled.pop(digest, None)
+            if stream:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await _send_json(send, 200, lines[-1])
+        finally:
+            watch.close()
+
+    async def _ollama_delete(self, scope: dict[str, Any], receive: Any, send: Any,
+                             body: bytes) -> None:
+        name = self._pull_name(body)
+        if name is None or name not in self.config.models:
+            await _send_json(send, 404, {"error": f"model '{name}' not found"})
+            return
+        self.config.models = tuple(m for m in self.config.models if m != name)
+        await _send_body(send, 200, b"", [])
+
     async def _root(self, scope: dict[str, Any], receive: Any, send: Any, body: bytes) -> None:
         await _send_body(send, 200, b"Ollama is running", [(b"content-type", b"text/plain")])
 
@@ -1096,7 +1200,8 @@ def _apply_config(config: _Config, changes: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{key} must be a non-negative number")
     for key, value in changes.items():
-        setattr(config, key, int(value) if key in ("reply_tokens", "template_tokens") else value)
+        setattr(config, key, int(value) if key in ("reply_tokens", "template_tokens", "pull_bytes")
+                else value)
 
 
 # ------------------------------------------------------------------ public API

@@ -368,6 +368,33 @@ async def test_chat_over_the_websocket(llm: LLMCluster) -> None:
                                                               ("assistant", reply_text(8))]
 
 
+async def test_a_websocket_is_closed_1008_when_its_key_is_revoked(llm: LLMCluster) -> None:
+    """A key revoked after the upgrade closes the socket (policy violation, with a
+    reason); a socket of another key of the tenant goes on."""
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    key, kept = llm.tenant_key(tenant), llm.tenant_key(tenant)
+    sid = llm.session(key)
+    key_id = key["Authorization"].split()[1].split("_")[1]
+    async with connect(ws_url(llm.api, sid), additional_headers=key) as ws, \
+            connect(ws_url(llm.api, sid), additional_headers=kept) as other:
+        await ws.send(json.dumps({"type": "ping"}))
+        assert (await receive(ws))["type"] == "pong"
+        revoked = httpx.delete(f"{llm.api}/v1/keys/{key_id}", headers=llm.admin)
+        assert revoked.status_code == 204, revoked.text
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            for _ in range(300):  # pings answered until the check sees the revocation
+                await ws.send(json.dumps({"type": "ping"}))
+                assert (await receive(ws))["type"] == "pong"
+                await asyncio.sleep(0.2)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert "revoked" in closed.value.rcvd.reason
+        await other.send(json.dumps({"type": "ping"}))
+        assert (await receive(other))["type"] == "pong"
+    with pytest.raises(websockets.exceptions.InvalidStatus):  # and it cannot come back
+        async with connect(ws_url(llm.api, sid), additional_headers=key):
+            pass
+
+
 async def test_websocket_auth_by_subprotocol_and_tenant_isolation(llm: LLMCluster) -> None:
     key, other = llm.tenant_key(), llm.tenant_key()
     sid = llm.session(key)

@@ -1,9 +1,12 @@
 """Chaos, bounded: `nexus up` under a steady load of chat calls (streamed and not, with
-Idempotency-Keys, in budgeted sessions); kill -9 each process kind once (orchestrator,
-provider, node, the runtime, NATS, Postgres) and let the supervisor restart it. After
-each kill: the platform answers again, every acknowledged call has its events, every
-projection equals its rebuild, no budget is overspent, no reservation stays open, no
-orphan process (tests/chaos.py). `make chaos` runs many rounds.
+Idempotency-Keys, in budgeted sessions), agent runs calling a side-effecting tool, plain
+calls of that tool and a model download per round; kill -9 each process kind once
+(orchestrator, provider, node, the runtime, NATS, Postgres) and let the supervisor
+restart it. After each kill: the platform answers again, every acknowledged call has its
+events, every run ends exactly once, no side-effecting call ran twice, every download
+ends (completed, or failed with a reason), every projection equals its rebuild, no
+budget is overspent, no reservation stays open, no orphan process (tests/chaos.py).
+`make chaos` runs many rounds.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ def test_kill_each_process_kind_under_load_loses_nothing(tmp_path) -> None:
     assert outcome is not None and outcome.acked and not outcome.twice
     assert outcome.statuses[402] > 0  # the tight budget ran out: denied, never overspent
     assert outcome.hung == 0, f"{outcome.hung} calls hung"
+    agentic = report.agentic
+    assert agentic is not None and agentic.runs and agentic.invoked and not agentic.twice
+    assert sum(agentic.downloads.values()) == len(KINDS)  # one per round, each ended
+    assert agentic.downloads["completed"] > 0
     out = platform.output()
     for kind in ("nats", "postgres"):
         assert f"{kind} exited unexpectedly; restarting it" in out

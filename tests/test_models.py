@@ -5,8 +5,10 @@ meet another test's orchestrator) and real GGUF files (tiny ones written with th
 built).
 
 Node A declares a 24 GiB GPU and serves installed models with llama-server; node B
-declares 4 GiB, downloads at a throttled 2 MiB/s (so a download can be watched,
-killed and cancelled mid-way) and serves nothing.
+declares 4 GiB of which 3 GiB are in use (what placement must count), downloads at a
+throttled 2 MiB/s (so a download can be watched, killed and cancelled mid-way) and
+serves nothing. A third node, started for its own test, fronts an Ollama (the fake
+upstream, speaking Ollama's real pull API over HTTP) and pulls through it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from shared.infra.gguf import write_tiny
 from shared.infra.llama import model_path, server_path
 from shared.infra.model_store import ModelStore
 from tests.conftest import new_database
+from tests.fake_upstream import FakeUpstream
 from tests.support import ServiceProc, free_port_str, service_env, wait_http_ok, wait_until
 
 MIB = 1024 * 1024
@@ -95,7 +98,7 @@ def fleet(infra, tmp_path_factory):
                       NEXUS_MODEL_PROGRESS_INTERVAL_S="0.25")
     envs = {"a": _node_env(env, tmp, "a", NEXUS_FAKE_GPU_MEMORY_GIB="24",
                            NEXUS_RUNTIME="installed" if CAN_SERVE else "none"),
-            "b": _node_env(env, tmp, "b", NEXUS_FAKE_GPU_MEMORY_GIB="4",
+            "b": _node_env(env, tmp, "b", NEXUS_FAKE_GPU_MEMORY_GIB="4/3",
                            NEXUS_MODEL_PULL_RATE_BPS=str(2 * MIB))}
     procs = {"orchestrator": ServiceProc("orchestrator", env, tmp / "orchestrator.log").start(),
              "provider": ServiceProc("provider", env, tmp / "provider.log").start()}
@@ -174,6 +177,11 @@ def test_installed_model_becomes_callable(fleet):
                               "messages": [{"role": "user", "content": "Hi"}]})
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] > 0
+    by_name = httpx.post(f"{fleet.api}/v1/chat/completions", headers=fleet.headers, timeout=120,
+                         json={"model": SMOLLM2, "max_tokens": 4,  # its own name: no route needed
+                               "messages": [{"role": "user", "content": "Hi"}]})
+    assert by_name.status_code == 200, by_name.text
+    assert by_name.json()["usage"]["completion_tokens"] > 0
 
 
 def test_too_big_is_409_naming_node_and_reason(fleet):
@@ -345,3 +353,165 @@ def test_cli_lists_models_and_tasks(fleet):
                            env=env, capture_output=True, text=True, timeout=60)
     assert tasks.returncode == 0, tasks.stderr
     assert "place-big" in tasks.stdout and "completed" in tasks.stdout
+
+
+def _put_mid_kv(fleet: Fleet) -> None:
+    # 32 layers x 32 KV heads x 128 dims at a 4096 context: 2 GiB of KV cache
+    fleet.put(fleet.make("tiny-mid-kv", 64 * 1024, layers=32, embedding=4096, heads=32,
+                         kv_heads=32, context=8192))
+
+
+def test_fit_counts_what_the_gpu_already_holds(fleet):
+    """Node B's GPU has 4 GiB, 3 of them in use: a model needing ~2.25 GiB would fit its
+    total but not what is free, and the 409 says so."""
+    _put_mid_kv(fleet)
+    b = fleet.node_ids["b"]
+    resp = fleet.post(f"/v1/nodes/{b}/models/pull", {"model": "tiny-mid-kv"})
+    assert resp.status_code == 409, resp.text
+    problem = resp.json()
+    assert problem["node"] == b and problem["reason"] == "does_not_fit"
+    assert "1.00 GiB free" in problem["detail"] and "3.00 GiB in use" in problem["detail"]
+    fits = {m["name"]: m["fit"] for m in fleet.get("/v1/models/available").json()["models"]}
+    by_node = {f["node_id"]: f for f in fits["tiny-mid-kv"]}
+    assert by_node[fleet.node_ids["a"]]["fits"]
+    assert not by_node[b]["fits"] and "in use" in by_node[b]["reason"]
+
+
+def _cli(fleet: Fleet, *args: str, timeout: float = 90):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NEXUS_HTTP_PORT": fleet.api.rsplit(":", 1)[1],
+           "NEXUS_HTTP_HOST": "127.0.0.1", "COLUMNS": "200",
+           "NEXUS_API_KEY": fleet.headers["Authorization"].split()[1],
+           "NEXUS_DATA_DIR": str(fleet.tmp / "cli")}
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], env=env, check=False,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_distribute_pull_rm_and_tasks(fleet):
+    """The real `nexus` CLI against the platform: its bars follow the tasks to the end,
+    `tasks` lists them, `rm` removes, and a refusal is the API's problem, exit code 1."""
+    a, b = fleet.node_ids["a"], fleet.node_ids["b"]
+    fleet.put(fleet.make("tiny-cli-pull", 1 * MIB))
+    fleet.put(fleet.make("tiny-cli-dist", 256 * 1024))
+    pulled = _cli(fleet, "models", "pull", b, "tiny-cli-pull")
+    assert pulled.returncode == 0, pulled.stderr
+    assert "tiny-cli-pull" in pulled.stdout and "completed" in pulled.stdout
+    dist = _cli(fleet, "models", "distribute", "tiny-cli-dist", "--target", "specific",
+                "--node", a)
+    assert dist.returncode == 0, dist.stderr
+    assert "completed" in dist.stdout
+    wait_until(lambda: "tiny-cli-pull" in {m["name"] for m in fleet.node("b")["installed"]},
+               30, 0.2, "node B to list tiny-cli-pull")
+
+    listed = _cli(fleet, "tasks", "--node", a, "--status", "completed")
+    assert listed.returncode == 0, listed.stderr
+    assert "tiny-cli-dist" in listed.stdout and "tiny-cli-pull" not in listed.stdout
+
+    wait_until(lambda: "tiny-cli-dist" in {m["name"] for m in fleet.node("a")["installed"]},
+               30, 0.2, "node A to list tiny-cli-dist")
+    removed = _cli(fleet, "models", "rm", a, "tiny-cli-dist")
+    assert removed.returncode == 0, removed.stderr
+    assert "tiny-cli-dist removed" in removed.stdout
+    assert "tiny-cli-dist" not in {m["name"] for m in fleet.node("a")["installed"]}
+    assert not (fleet.tmp / "node-a" / "models" / "tiny-cli-dist.gguf").exists()
+    again = _cli(fleet, "models", "rm", a, "tiny-cli-dist")
+    assert again.returncode != 0 and "404" in again.stderr + again.stdout
+
+    _put_mid_kv(fleet)
+    refused = _cli(fleet, "models", "pull", b, "tiny-mid-kv")  # 3 of its 4 GiB in use
+    assert refused.returncode == 1
+    assert "409" in refused.stderr and "GiB free" in refused.stderr, refused.stderr
+
+
+def test_ollama_node_pulls_through_ollama_and_serves_by_name(fleet):
+    """A node whose runtime is Ollama: a distribute becomes an Ollama `/api/pull` whose
+    NDJSON progress is the task's; the model is then installed (Ollama's list), served
+    and callable by its own name through /v1/chat/completions (no route names it), with
+    the session's policy still deciding; failures and removal go through Ollama too."""
+    fake = FakeUpstream(models=("ollama-base",), reply_tokens=3).start()
+    fake.configure(pull_bytes=3 * MIB, pull_rate_bps=1 * MIB)  # ~3 s: progress to watch
+    env = _node_env(fleet.envs["a"], fleet.tmp, "c", NEXUS_RUNTIME_URL=fake.openai_base_url,
+                    NEXUS_RUNTIME_KIND="ollama", NEXUS_FAKE_GPU_MEMORY_GIB="",
+                    NEXUS_RUNTIME="none")
+    env["NEXUS_NODE_LABELS"] = "fleet=ollama,which=c"
+    node = ServiceProc("node", env, fleet.tmp / "node-c.log").start()
+    try:
+        def online():
+            nodes = fleet.get("/v1/nodes", label="fleet=ollama", status="online").json()["nodes"]
+            return nodes[0] if nodes else None
+        c = wait_until(online, 60, 0.2, "the Ollama node online")
+        assert c["runtime"]["kind"] == "ollama"
+        c = c["node_id"]
+        model = "qwen-tiny:0.5b"  # not in the store: Ollama's name
+        resp = fleet.post("/v1/models/distribute", {"model": model, "target": "specific",
+                                                    "node_ids": [c]})
+        assert resp.status_code == 202, resp.text
+        [task_id] = resp.json()["task_ids"]
+        seen = []
+        with httpx.stream("GET", f"{fleet.api}/v1/tasks/{task_id}/stream", headers=fleet.headers,
+                          timeout=60) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(httpx.Response(200, content=line[6:]).json())
+        assert seen[-1]["status"] == "completed" and seen[-1]["progress"] == 1.0, seen[-1]
+        assert any(0 < s["progress"] < 1 for s in seen), "Ollama's progress became the task's"
+        assert seen[-1]["total_bytes"] == 3 * MIB
+        assert "qwen-tiny:0.5b" in fake.models
+        wait_until(lambda: model in {m["name"] for m in fleet.get(f"/v1/nodes/{c}/models").json()["installed"]},
+                   30, 0.2, "the Ollama node to list the model")
+
+        def listed():
+            return model in {m["id"] for m in fleet.get("/v1/models").json()["data"]} or None
+        wait_until(listed, 30, 0.2, "the pulled model among /v1/models")
+        answer = fleet.post("/v1/chat/completions", {
+            "model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
+        assert fake.stats.last_body["model"] == model
+        session = fleet.post("/v1/sessions", {"policy_rules": {"models_deny": ["qwen-*"]}}).json()
+        denied = httpx.post(f"{fleet.api}/v1/chat/completions", timeout=30,
+                            headers={**fleet.headers, "X-Nexus-Session": session["session_id"]},
+                            json={"model": model, "messages": [{"role": "user", "content": "Hi"}]})
+        assert denied.status_code == 403, denied.text
+
+        for name, error in (("missing-model", "not found"), ("broken-model", "digest mismatch")):
+            failed = fleet.post(f"/v1/nodes/{c}/models/pull", {"model": name})
+            assert failed.status_code == 202, failed.text
+            assert fleet.wait_task(failed.json()["task_id"], "failed")["error"] == error
+
+        assert fleet.delete(f"/v1/nodes/{c}/models/{model}").status_code == 204
+        assert model not in fake.models
+    finally:
+        node.stop()
+        fake.stop()
+
+
+def test_nexus_up_imports_the_shipped_gemma_once(fleet):
+    """`nexus up` puts the Gemma model the project ships into the store (and the configured
+    local model when it is another); a model already there with the same SHA-256 is not
+    uploaded again, a changed one is. (The import runs on a small GGUF standing in for the
+    250 MB file: the same code path, a fraction of the upload.)"""
+    from ops.models_cli import SHIPPED_MODEL, import_shipped, shipped_models
+
+    assert shipped_models("smollm2-135m-instruct", True) == [SHIPPED_MODEL, "smollm2-135m-instruct"]
+    assert shipped_models("smollm2-135m-instruct", False) == [SHIPPED_MODEL]
+    assert shipped_models(SHIPPED_MODEL, True) == [SHIPPED_MODEL]
+    stand_in = fleet.make("gemma-stand-in", 512 * 1024)
+
+    def run():
+        return asyncio.run(import_shipped([SHIPPED_MODEL], nats_url=fleet.nats_url, user=None,
+                                          password=None, say=lambda _m: None,
+                                          locate=lambda _say, _name: stand_in))
+
+    def stored():
+        return {m["name"]: m for m in fleet.get("/v1/models/available").json()["models"]}[SHIPPED_MODEL]
+    assert run() == {SHIPPED_MODEL: True}  # this test's NATS is its own: a first import
+    first = stored()
+    assert first["source"].startswith("package ") and first["size_bytes"] == stand_in.stat().st_size
+    assert run() == {SHIPPED_MODEL: False}  # the same digest is there: no upload
+    write_tiny(stand_in, payload_bytes=600 * 1024, seed=7)  # a new version of the file
+    assert run() == {SHIPPED_MODEL: True}
+    assert stored()["sha256"] != first["sha256"]

@@ -15,7 +15,7 @@ from services.orchestrator.read_models import PROJECTIONS
 from services.orchestrator.read_models.sessions import SessionsProjection
 from shared.contracts.events import RecordedEvent, SessionClosed, SessionStarted, session_stream
 from shared.infra.eventstore import EventStore, Projection, ProjectionRunner
-from shared.infra.eventstore.store import create_pool
+from shared.infra.eventstore.store import Notifier, create_pool
 from tests.support import ServiceProc, free_port_str, service_env, wait_http_ok
 
 
@@ -97,6 +97,34 @@ async def test_notify_wakes_an_idle_projection_without_polling(fresh_db: str) ->
     finally:
         await runner_pool.close()
         await writer_pool.close()
+
+
+async def test_notifications_name_their_types_and_wake_only_concerned_followers(
+        fresh_db: str) -> None:
+    """An append's notification names the types it wrote: a follower of other types is
+    not woken by it (issue 16: an append no longer wakes every follower), one of no
+    particular type sees every type, and a runner steps only the projections concerned."""
+    pool = await create_pool(fresh_db, max_size=4)
+    try:
+        store = EventStore(pool)
+        async with Notifier(pool, poll_s=3600, types=("SessionClosed",)) as closed_only, \
+                Notifier(pool, poll_s=3600) as everything:
+            sid = str(uuid.uuid4())
+            await store.append(session_stream(sid), [SessionStarted(session_id=sid, tenant="t")], 0)
+            await store.append(session_stream(sid), [SessionClosed(session_id=sid, reason="r")], 1)
+            # one connection gets notifications in commit order: once the second is in,
+            # the first was seen (and, being of another type, left out)
+            assert await asyncio.wait_for(closed_only.wait(), 20) == frozenset({"SessionClosed"})
+            seen: set[str] = set()
+            while "SessionClosed" not in seen:
+                seen |= await asyncio.wait_for(everything.wait(), 20) or {"?"}
+            assert seen == {"SessionStarted", "SessionClosed"}
+        runner = ProjectionRunner(store, PROJECTIONS)
+        concerned = {p.name for p in runner._concerned(frozenset({"MessageAppended"}))}
+        assert concerned == {"messages"}
+        assert len(runner._concerned(None)) == len(PROJECTIONS)
+    finally:
+        await pool.close()
 
 
 async def _until(read, target: int) -> None:

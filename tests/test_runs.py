@@ -63,6 +63,20 @@ class Agentic:
     def api(self) -> str:
         return self.cluster.apis[0]
 
+    def restart_node(self) -> None:
+        """SIGKILL the node and start it again (same id, same workspace); back once it runs
+        a tool call again."""
+        self.node.kill()
+        self.node.start()
+        key = self.cluster.tenant_key()
+        sid = new_session(self, key)
+
+        def serves() -> bool:
+            resp = httpx.post(f"{self.api}/v1/sessions/{sid}/tools/python/invoke", headers=key,
+                              json={"arguments": {"code": "print(1)"}}, timeout=30)
+            return resp.status_code == 200 and resp.json()["status"] == "finished"
+        wait_until(serves, 90, 0.5, "the restarted node to run tools")
+
     def kill_orchestrator(self, i: int = 0) -> None:
         """SIGKILL one orchestrator (a crash: no cleanup), start a fresh one at the end."""
         proc = self.cluster.orchestrators.pop(i)
@@ -299,11 +313,12 @@ def test_approval_pauses_survives_restarts_and_resumes(agentic, tenant) -> None:
     wrong = httpx.post(f"{agentic.api}/v1/runs/{run['run_id']}/approvals", headers=tenant,
                        json={"tool_call_id": "nope", "decision": "approve"})
     assert wrong.status_code == 409, wrong.text
-    # every orchestrator and the provider restart (kill -9): the pause is in the events
+    # every service restarts (kill -9): orchestrators, provider, node; the pause is in the events
     for _ in range(len(agentic.cluster.orchestrators)):
         agentic.kill_orchestrator(0)
     agentic.cluster.providers[0].kill()  # (kept in the list: the next one logs to its own file)
     agentic.cluster.start_provider()
+    agentic.restart_node()
     assert run_of(agentic, tenant, run["run_id"])["status"] == "awaiting_approval"
     ok = httpx.post(f"{agentic.api}/v1/runs/{run['run_id']}/approvals", headers=tenant,
                     json={"tool_call_id": pending["tool_call_id"], "decision": "approve",
@@ -360,6 +375,44 @@ def test_an_approval_never_given_expires_and_a_cancel_ends_a_run(agentic, tenant
         assert done["error"] == "approval_expired", done
     finally:
         quick.stop()
+
+
+def test_a_cancel_interrupts_the_answer_being_generated_and_releases_its_reservation(
+        agentic, tenant) -> None:
+    """A cancel stops the LLM call in flight at once (the upstream's stream is cut, far
+    from its end), through the call path: its reservation is released, not left open."""
+    define_agent(agentic, tenant, "rambler", ["python"])
+    sid = new_session(agentic, tenant)
+    words = [f"w{i}" for i in range(600)]
+    agentic.cluster.primary.configure(token_delay_ms=50)
+    try:
+        run = start(agentic, tenant, sid, "rambler", [], " ".join(words))
+        with httpx.stream("GET", f"{agentic.api}/v1/runs/{run['run_id']}/stream", headers=tenant,
+                          timeout=60) as resp:
+            lines = resp.iter_lines()
+            next(line for line in lines if line == "event: delta")  # being generated
+            cancel = httpx.post(f"{agentic.api}/v1/runs/{run['run_id']}/cancel", headers=tenant,
+                                json={"reason": "enough"}, timeout=30)
+            assert cancel.status_code == 200 and cancel.json()["status"] == "cancelled"
+            rest = [line[7:] for line in lines if line.startswith("event: ")]
+    finally:
+        agentic.cluster.primary.configure(token_delay_ms=0)
+    assert rest[-1] == "RunCancelled" and "RunModelAnswered" not in rest
+    stats = agentic.cluster.primary.wait_for(lambda st: st.in_flight == 0, 30, "the upstream call to end")
+    [outcome] = [o for o in stats.outcomes if o["stream"]]
+    assert outcome["outcome"] == "cancelled", outcome  # the client went away: cut, not finished
+    assert outcome["tokens_sent"] < len(words) // 2, outcome
+    [linked] = [e.event for e in run_events(agentic, sid) if e.type == "RunLLMCallLinked"]
+
+    def settled() -> list:
+        return [e.event for e in run_events(agentic, sid)
+                if e.type in ("BudgetReleased", "BudgetCommitted")
+                and e.event.call_id == linked.call_id]
+    ends = wait_until(settled, 30, 0.2, "the call's reservation to be settled")
+    assert all(getattr(e, "reason", "cancelled") == "cancelled" for e in ends), ends  # by the call path
+    budget = httpx.get(f"{agentic.api}/v1/sessions/{sid}/budget", headers=tenant).json()
+    assert budget["session"]["reserved_usd"] == 0
+    assert types_of(agentic, sid)[-1] == "RunCancelled"
 
 
 # -- crashes -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from shared.infra.eventstore import EventStore, ProjectionRunner
 from shared.infra.eventstore.store import create_pool
 from tests.conftest import new_database
 from tests.llm_cluster import LLMCluster, start_llm_cluster
+from tests.support import wait_until
 
 SMALL, LARGE = "primary/fake-small", "backup/fake-large"
 SKILL = {"name": "qa", "description": "Answering factual questions about history and science.",
@@ -158,13 +159,17 @@ def test_replay_reports_the_counterfactual_and_the_statistics_rebuild(llm: LLMCl
     assert best["summary"]["calls"] == 6
     assert {row["counterfactual"] for row in best["changed_calls"]} <= {LARGE}
     cheap = httpx.post(f"{llm.api}/v1/replays", headers=key, timeout=60, json={
-        "since": "1h", "cost_weight": 1.0, "performance_weight": 0.0, "execute": 1}).json()
+        "since": "1h", "cost_weight": 1.0, "performance_weight": 0.0, "execute": 1,
+        "grader": "default"}).json()
     assert {row["counterfactual"] for row in cheap["changed_calls"]} <= {SMALL}
     assert cheap["summary"]["projected_cost_micro_usd"] <= best["summary"]["projected_cost_micro_usd"]
     assert cheap["summary"]["projected_quality"] <= best["summary"]["projected_quality"]
     if cheap["changed_calls"]:
         [run] = cheap["executed"]
         assert run["model"] == SMALL and run["cost_micro_usd"] > 0, run
+        # the grader was asked (the fake answers "tok0 tok1 ...": no score, and it says so)
+        assert run["grader_call_id"] and "no score" in run["quality_error"], run
+        assert run["quality"] is None and cheap["summary"]["executed_quality"] is None
     assert httpx.post(f"{llm.api}/v1/replays", headers=key, json={"since": "yesterday"}
                       ).status_code == 400
 
@@ -174,7 +179,8 @@ def test_replay_reports_the_counterfactual_and_the_statistics_rebuild(llm: LLMCl
             runner = ProjectionRunner(EventStore(pool), PROJECTIONS)
             await runner.wait_for(await EventStore(pool).head(), names=("routing_stats",), timeout=20)
             query = ("SELECT tenant, cluster, model, round(alpha::numeric, 9), round(beta::numeric, 9),"
-                     " feedback_n, cost_n, round(cost_mean::numeric, 6), skill_counts FROM routing_stats"
+                     " feedback_n, cost_n, round(cost_mean::numeric, 6), skill_counts,"
+                     " round(sq::numeric, 9), round(cusum::numeric, 9), run_n, resets FROM routing_stats"
                      " ORDER BY 1, 2, 3")
             live = [tuple(r) for r in await pool.fetch(query)]
             calls_live = [tuple(r) for r in await pool.fetch("SELECT * FROM routed_calls ORDER BY 1")]
@@ -186,3 +192,63 @@ def test_replay_reports_the_counterfactual_and_the_statistics_rebuild(llm: LLMCl
             await pool.close()
 
     asyncio.run(rebuilt_equals_live())
+
+
+def test_the_plan_of_an_answered_call_rides_on_its_llm_call_started(llm: LLMCluster) -> None:
+    """No `CallPlanned` append on the hot path: the plan is in `LLMCallStarted`."""
+    key = llm.tenant_key()
+    sid = llm.session(key)
+    r = chat(llm, key, "default", "hello", sid)
+    assert r.status_code == 200, r.text
+    call_id = r.headers["X-Nexus-Call-Id"]
+    x = httpx.get(f"{llm.api}/v1/calls/{call_id}/explain", headers=key).json()
+    assert x["plan"]["targets"][0] == SMALL
+    types = [e.type for e in llm.events(sid) if getattr(e.event, "call_id", None) == call_id]
+    assert "LLMCallStarted" in types and "CallPlanned" not in types, types
+
+
+POET = """---
+name: poet
+description: Writes verse.
+skills: [poems]
+---
+You write short poems."""
+
+
+def test_a_run_naming_no_agent_gets_the_agent_whose_skills_fit(llm: LLMCluster) -> None:
+    key = llm.tenant_key()
+    assert httpx.post(f"{llm.api}/v1/skills", headers=key, json={
+        "name": "poems", "description": "Writing poems, haiku and verse.",
+        "examples": ["Write a haiku about the sea.", "Write a short poem about autumn."],
+        "llm_routing": {"preferred": SMALL}}).status_code == 201
+    bad = httpx.post(f"{llm.api}/v1/agents", headers=key,
+                     json={"markdown": POET.replace("[poems]", "['not a name!']")})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "skills", bad.text
+    made = httpx.post(f"{llm.api}/v1/agents", headers=key, json={"markdown": POET})
+    assert made.status_code == 201 and made.json()["skills"] == ["poems"], made.text
+    sid = llm.session(key)
+    picks = {}
+    for agent, task in ((None, "Write a haiku about the first snow."),
+                        ("auto", "Fix the failing unit test in my Python module and explain the bug.")):
+        resp = httpx.post(f"{llm.api}/v1/sessions/{sid}/runs", headers=key, timeout=60, json={
+            "input": task, **({"agent": agent} if agent else {})})
+        assert resp.status_code == 202, resp.text
+        picks[agent] = resp.json()
+    assert picks[None]["agent"] == "poet" and picks["auto"]["agent"] == "coder"  # system, `coding`
+    run_id = picks[None]["run_id"]
+
+    def linked() -> str | None:
+        return next((e.event.call_id for e in llm.events(sid) if e.type == "RunLLMCallLinked"
+                     and e.event.run_id == run_id), None)
+
+    call_id = wait_until(linked, 60, 0.2, "the run's LLM call")
+
+    def explained() -> dict | None:
+        x = httpx.get(f"{llm.api}/v1/calls/{call_id}/explain", headers=key)
+        return x.json() if x.status_code == 200 and x.json().get("run") else None
+
+    x = wait_until(explained, 60, 0.2, "the run's call to be explained")
+    sel = x["run"]["agent_selection"]
+    assert x["run"]["agent"] == "poet" and sel["skill"] == "poems" and sel["requested"] == ""
+    assert 0 < sel["confidence"] <= 1 and sel["candidates"][0]["agent"] == "poet"
+    assert {c["agent"] for c in sel["candidates"]} >= {"poet", "coder", "research", "data-analysis"}

@@ -25,11 +25,14 @@ class Gpus:
         self._nvml = None
         self._handles: list[object] = []
         self.info: tuple[GpuInfo, ...] = ()
+        self._fake_used: tuple[int, ...] | None = None
         if fake_memory_gib:  # test hook (NEXUS_FAKE_GPU_MEMORY_GIB): declared GPUs, no NVML
+            declared = [p.strip().partition("/") for p in fake_memory_gib.split(",") if p.strip()]
             self.info = tuple(
                 GpuInfo(index=i, name="Declared GPU (test hook)", uuid=f"GPU-fake-{i}",
-                        memory_total_bytes=int(float(gib) * 1024**3))
-                for i, gib in enumerate(p.strip() for p in fake_memory_gib.split(",") if p.strip()))
+                        memory_total_bytes=int(float(total) * 1024**3))
+                for i, (total, _, _) in enumerate(declared))
+            self._fake_used = tuple(int(float(used or 0) * 1024**3) for _, _, used in declared)
             log.info("GPUs declared by NEXUS_FAKE_GPU_MEMORY_GIB", extra={"gpus": len(self.info)})
             return
         try:
@@ -53,6 +56,9 @@ class Gpus:
             self.info = ()
 
     def sample(self) -> tuple[GpuLoad, ...]:
+        if self._fake_used is not None:  # declared GPUs: the declared memory in use
+            return tuple(GpuLoad(index=i, utilization_pct=0.0, memory_used_bytes=used)
+                         for i, used in enumerate(self._fake_used))
         if self._nvml is None:
             return ()
         loads = []

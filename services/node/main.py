@@ -11,6 +11,7 @@ import msgspec
 from services.node import hardware
 from services.node.daemon import NodeDaemon
 from services.node.models import Inventory, ModelRuntimes, Puller, compose
+from services.node.ollama import Ollama
 from services.node.runtime import ManagedLlama, Relay, probe
 from services.node.tools import tool_runner
 from shared.contracts import subjects
@@ -61,12 +62,29 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
             binary=settings.llama_server_bin, max_restarts=settings.runtime_max_restarts,
             backoff_s=settings.runtime_restart_backoff_s, context=settings.model_context,
             model_file=path, alias=name), recompose)
-    agent.installed_models = lambda: tuple(
+    # An Ollama runtime holds its own models (pulled through its API): they are the
+    # inventory; Ollama loads them on demand (what its GPUs hold is in the heartbeat).
+    ollama = Ollama(settings.runtime_url, stall_s=settings.model_stall_s) \
+        if settings.runtime_url and settings.runtime_kind == "ollama" else None
+    agent.installed_models = (lambda: ollama.models) if ollama is not None else lambda: tuple(
         msgspec.structs.replace(m, loaded=m.name in agent.runtime.models)
         for m in inventory.installed())
+    reprobes: set[asyncio.Task[None]] = set()
+
+    def ollama_changed() -> None:
+        """A model came or went: what the runtime serves now (the selector follows)."""
+        async def again() -> None:
+            info = await probe(settings.runtime_url or "", kind="ollama")
+            primary[0] = info
+            agent.set_runtime(info)
+        task = asyncio.create_task(again())
+        reprobes.add(task)
+        task.add_done_callback(reprobes.discard)
 
     if settings.runtime_url:
-        agent.runtime = await probe(settings.runtime_url)
+        if ollama is not None:
+            await ollama.refresh()
+        agent.runtime = await probe(settings.runtime_url, kind=settings.runtime_kind)
         if settings.runtime_model and agent.runtime.ready:
             agent.runtime = RuntimeInfo(kind=agent.runtime.kind, base_url=settings.runtime_url,
                                         models=(settings.runtime_model,), ready=True, state="ready")
@@ -86,7 +104,8 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
                     rate_bps=settings.model_pull_rate_bps,
                     progress_interval_s=settings.model_progress_interval_s,
                     stall_s=settings.model_stall_s,
-                    on_change=runtimes.sync if runtimes is not None else (lambda: None))
+                    on_change=runtimes.sync if runtimes is not None else
+                    ollama_changed if ollama is not None else (lambda: None), ollama=ollama)
     if runtimes is not None:
         runtimes.sync()
     await bus.subscribe(subjects.node_models(agent.node_id), ModelCommand, puller.on_command,

@@ -22,6 +22,11 @@ whose answer is lost is reconciled from the inventory every heartbeat carries), 
 own `ManagedLlama` (its own port, supervision and restarts), started when it is
 installed and stopped when it is removed; the node re-registers with the models that
 are ready, so the selector sends a model's calls only to nodes serving it.
+
+**Ollama.** A node whose runtime is Ollama gets tasks with `source="ollama"`: they take
+a slot like any download, but Ollama pulls (`services.node.ollama`), its NDJSON progress
+becomes the same `started` / `ModelProgress` / `completed` / `failed`, and what is
+installed is what Ollama lists (`/api/tags`), removed with `/api/delete`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 import msgspec
 from nats.aio.msg import Msg
 
+from services.node.ollama import Ollama, OllamaError, short
 from shared.contracts import subjects
 from shared.contracts.messages import (
     InstalledModel,
@@ -54,7 +60,7 @@ from shared.infra.model_store import ModelStore
 log = logging.getLogger("nexus.node.models")
 
 STATE_EVERY_BYTES = 1 << 20  # resume state written every MiB (a crash re-fetches at most that)
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-:")
 
 
 def safe_name(name: str) -> bool:
@@ -109,7 +115,8 @@ class Inventory:
 class Puller:
     def __init__(self, node_id: str, bus: Bus, store: ModelStore, inventory: Inventory, *,
                  max_downloads: int = 10, rate_bps: float = 0.0, progress_interval_s: float = 0.5,
-                 stall_s: float = 30.0, on_change: Callable[[], None] | None = None) -> None:
+                 stall_s: float = 30.0, on_change: Callable[[], None] | None = None,
+                 ollama: Ollama | None = None) -> None:
         self.node_id = node_id
         self.bus = bus
         self.store = store
@@ -119,6 +126,7 @@ class Puller:
         self.progress_interval_s = progress_interval_s
         self.stall_s = stall_s
         self.on_change = on_change or (lambda: None)
+        self.ollama = ollama
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.running: set[str] = set()
         self._reports: set[asyncio.Task[None]] = set()
@@ -136,14 +144,22 @@ class Puller:
         if cmd.op == "remove":
             if not safe_name(cmd.model):
                 return self.reply(False, "bad model name")
-            existed = self.inventory.remove(cmd.model)
+            if self.ollama is not None:
+                existed = await self.ollama.delete(cmd.model)
+                await self.ollama.refresh()
+            else:
+                existed = self.inventory.remove(cmd.model)
             self.on_change()
             return self.reply(existed, "removed" if existed else "not installed")
         return self.reply(True)
 
+    def installed(self) -> tuple[InstalledModel, ...]:
+        """What this node holds: Ollama's list, or the models directory."""
+        return self.ollama.models if self.ollama is not None else tuple(self.inventory.installed())
+
     def reply(self, accepted: bool, detail: str = "") -> ModelCommandReply:
         return ModelCommandReply(
-            accepted=accepted, detail=detail, installed=tuple(self.inventory.installed()),
+            accepted=accepted, detail=detail, installed=self.installed(),
             running=tuple(sorted(self.running)),
             queued=tuple(sorted(t for t in self.tasks if t not in self.running)))
 
@@ -160,6 +176,14 @@ class Puller:
     # -- one download -----------------------------------------------------------------
 
     async def _pull(self, cmd: ModelCommand) -> None:
+        if cmd.source == "ollama" or self.ollama is not None:
+            async with self.slots:
+                self.running.add(cmd.task_id)
+                try:
+                    await self._pull_ollama(cmd)
+                finally:
+                    self.running.discard(cmd.task_id)
+            return
         installed = self.inventory.get(cmd.model)
         if installed is not None and installed.sha256 == cmd.sha256:
             self._report(ModelTaskUpdate(node_id=self.node_id, task_id=cmd.task_id,
@@ -259,6 +283,39 @@ class Puller:
                                      model=cmd.model, bytes_done=total, total_bytes=total,
                                      resumed_from=resumed_from, fetched_bytes=fetched,
                                      sha256=cmd.sha256))
+
+    async def _pull_ollama(self, cmd: ModelCommand) -> None:
+        """One pull through Ollama's `/api/pull` (see `services.node.ollama`)."""
+        def update(state: str, **kw) -> None:
+            self._report(ModelTaskUpdate(node_id=self.node_id, task_id=cmd.task_id, state=state,
+                                         model=cmd.model, **kw))
+        if self.ollama is None:
+            update("failed", reason="no runtime", detail="this node's runtime is not Ollama")
+            return
+        seen = {"started": False, "at": time.monotonic(), "bytes": 0, "reported": 0.0}
+
+        async def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if not seen["started"]:  # Ollama resumes its own partial layers: from here
+                seen["started"] = True
+                update("started", bytes_done=done, total_bytes=total, resumed_from=done)
+                seen.update(at=now, bytes=done, first=done)
+            if now - seen["reported"] >= self.progress_interval_s or done >= total:
+                speed = (done - seen["bytes"]) / max(now - seen["at"], 1e-6)
+                seen.update(at=now, bytes=done, reported=now)
+                await self._progress(cmd.task_id, done, total, speed)
+
+        try:
+            first, total = await self.ollama.pull(cmd.model, progress)
+        except OllamaError as exc:
+            update("failed", reason=exc.reason, detail=exc.detail, bytes_done=seen["bytes"])
+            return
+        await self.ollama.refresh()
+        held = next((m for m in self.ollama.models if m.name == short(cmd.model)), None)
+        log.info("model pulled by Ollama", extra={"model": cmd.model, "bytes": total})
+        self.on_change()
+        update("completed", bytes_done=total, total_bytes=total, resumed_from=first,
+               fetched_bytes=total - first, sha256=held.sha256 if held else "")
 
     async def _progress(self, task_id: str, done: int, total: int, speed: float) -> None:
         with contextlib.suppress(Exception):

@@ -60,6 +60,9 @@ async def probe(base_url: str, kind: str = "openai") -> RuntimeInfo:
             resp = await http.get(f"{base_url.rstrip('/')}/models")
             resp.raise_for_status()
             models = tuple(m["id"] for m in resp.json().get("data", []))
+            if kind == "ollama":  # `qwen2:latest` is also callable as `qwen2`
+                models = tuple(dict.fromkeys(
+                    n for m in models for n in (m, m.removesuffix(":latest"))))
             if models:
                 return RuntimeInfo(kind=kind, base_url=base_url, models=models, ready=True,
                                    state="ready")

@@ -94,7 +94,8 @@ def agent_out(definition: AgentDefinition, markdown: str) -> AgentOut:
                     ignored_tools=list(definition.ignored_tools),
                     max_steps=definition.max_steps, max_cost_usd=definition.max_cost_usd,
                     approval=list(definition.approval), temperature=definition.temperature,
-                    system_prompt=definition.system_prompt, markdown=markdown)
+                    system_prompt=definition.system_prompt, markdown=markdown,
+                    skills=list(definition.skills))
 
 
 class AgentService:

@@ -61,8 +61,9 @@ from services.orchestrator.ws_api import session_socket
 from services.orchestrator.tools_api import SecretsController, ToolCallsController, ToolsController
 from services.orchestrator.explain import CallExplainer
 from services.orchestrator.replay import ReplayService
-from services.orchestrator.skills import SkillRouter, SkillService
+from services.orchestrator.skills import AgentSelector, SkillRouter, SkillService
 from services.orchestrator.skills_api import CallsController, ReplaysController, SkillsController
+from services.orchestrator import ui
 
 log = logging.getLogger("nexus.orchestrator")
 
@@ -215,6 +216,7 @@ def create_app(settings: Settings) -> Litestar:
             app.state.sessions, app.state.agents.resolve, instance=instance,
             lease_s=settings.run_lease_s, scan_s=settings.run_scan_s,
             approval_ttl_s=settings.run_approval_ttl_s)
+        app.state.runs.agent_selector = AgentSelector(app.state.calls.router, app.state.agents)
         await app.state.nodes.start()
         app.state.models = ModelService(  # model distribution: store, placement, tasks
             runtime.store, runtime.bus, app.state.nodes, context=settings.model_context,
@@ -222,6 +224,7 @@ def create_app(settings: Settings) -> Litestar:
             poll_s=settings.projection_poll_s)
         await app.state.models.start()
         _register_gauges(app.state.nodes, runner)
+        ui.start(app.state, settings)  # the dashboard at /ui: login, live hub
         tasks = [asyncio.create_task(runner.run(), name="projections"),
                  asyncio.create_task(app.state.runs.run_forever(), name="agent-runs"),
                  asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper"),
@@ -233,6 +236,7 @@ def create_app(settings: Settings) -> Litestar:
             yield
         finally:
             await app.state.runs.stop()  # in-flight runs handed on to another process
+            await ui.stop(app.state)
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -270,7 +274,7 @@ def create_app(settings: Settings) -> Litestar:
                         session_socket,
                         ModelsController, NodeModelsController, TasksController,
                         SkillsController, CallsController, ReplaysController,
-                        gateway.route()],
+                        gateway.route(), ui.router()],
         lifespan=[lifespan, gateway.lifespan],
         dependencies={"sessions": Provide(provide_sessions, sync_to_thread=False),
                       "nodes": Provide(provide_nodes, sync_to_thread=False),
@@ -287,7 +291,9 @@ def create_app(settings: Settings) -> Litestar:
                       "model_service": from_state("models"),
                       "agent_service": from_state("agents"),
                       "run_service": from_state("runs")},
-        middleware=[DefineMiddleware(BearerKeyMiddleware, exclude=[f"^{p}" for p in PUBLIC_PATHS])],
+        middleware=[DefineMiddleware(BearerKeyMiddleware,  # the dashboard logs in by cookie
+                                     exclude=[f"^{p}" for p in PUBLIC_PATHS] + [f"^{ui.PREFIX}"])],
+        template_config=ui.TEMPLATES,
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=reject_unstorable_text,  # NUL in any text: a 400 naming the field
         plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"]))],

@@ -68,7 +68,7 @@ from shared.contracts.messages import (
 )
 from shared.domain.budget import CANCELLED, FAILED, prompt_token_bound
 from shared.domain.policy import ChatRequestFacts, CompiledPolicy, Decision, redact_kinds
-from shared.domain.routing import Fleet, Plan, plan_call, route_of
+from shared.domain.routing import Fleet, Plan, installed_model_info, plan_call, route_of
 from shared.infra.eventstore import EventStore
 from shared.infra.messaging import Bus, MessagingError
 from shared.infra.metrics import ControlMetrics
@@ -80,7 +80,7 @@ from services.orchestrator.ratelimits import RateCounter, RateLimited
 from services.orchestrator.read_models.messages import MessagesReadModel
 from services.orchestrator.schemas import SessionCreate, SessionView
 from services.orchestrator.sessions import SessionService
-from services.orchestrator.skills import SkillRouter, planned_event, routed_model
+from services.orchestrator.skills import SkillRouter, plan_loads, planned_event, routed_model
 
 log = logging.getLogger("nexus.orchestrator.calls")
 
@@ -251,6 +251,7 @@ class CallLifecycle:
         self.messages = MessagesReadModel(store)
         self.request_timeout_s = request_timeout_s
         self._models: tuple[float, dict[str, ModelInfo]] = (0.0, {})
+        self._node_provider: tuple[str, int] = ("", 4096)  # who serves installed models
         self.router: SkillRouter | None = None  # skill routing (`auto`, `skill:<name>`)
 
     # -- the use case -----------------------------------------------------------------
@@ -275,18 +276,32 @@ class CallLifecycle:
     # -- models -----------------------------------------------------------------------
 
     async def models(self) -> dict[str, ModelInfo]:
+        """The provider's models and routes (cached), plus every model installed on an
+        online node that no route names (callable by its own name: `installed_model_info`)."""
         fetched_at, models = self._models
         if time.monotonic() - fetched_at > MODELS_TTL_S or not models:
             try:
                 reply = await self.bus.request(subjects.PROVIDER_MODELS, ModelsRequest(),
                                                ModelsReply, timeout=self.request_timeout_s)
             except MessagingError as exc:
-                if models:
-                    return models
-                raise ProviderUnavailable(f"no provider answered: {exc}") from None
-            models = {m.name: m for m in reply.models}
-            self._models = (time.monotonic(), models)
-        return models
+                if not models:
+                    raise ProviderUnavailable(f"no provider answered: {exc}") from None
+            else:
+                models = {m.name: m for m in reply.models}
+                self._models = (time.monotonic(), models)
+                self._node_provider = (reply.node_provider, reply.node_context)
+        provider, context = self._node_provider
+        served = getattr(self.fleet, "served_models", None)
+        if not provider or served is None:
+            return models
+        extra = {}
+        for m in served():
+            if m in models:
+                continue
+            configured = models.get(f"{provider}/{m}")  # a node model the provider prices
+            extra[m] = msgspec.structs.replace(configured, name=m) if configured else \
+                installed_model_info(m, provider, context)
+        return {**models, **extra} if extra else models
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -383,12 +398,13 @@ class CallLifecycle:
                                       scope=exc.scope, reason=str(exc)),
                              session, call_id, label, metadata, count=True)
         plan = plan_call(route, decision, self.fleet)
+        strategy, loads = plan_loads(plan, self.fleet)  # recorded by the provider's LLMCallStarted
         request = CompletionRequest(
             call_id=call_id, session_id=session.session_id, tenant=caller.tenant, model=model,
             messages=messages, max_tokens=max_tokens, temperature=call_input.temperature,
             top_p=call_input.top_p, stop=call_input.stop, tools=call_input.tools,
             tool_choice=call_input.tool_choice, redact=redact, nodes=plan.nodes,
-            targets=plan.targets)
+            targets=plan.targets, plan_strategy=strategy, plan_loads=loads)
         return Call(call_id, caller, session, info, request, charge, metadata,
                     call_input.user_text, rate_subjects, policy, label, plan,
                     record_conversation=call_input.record_conversation)
@@ -503,7 +519,6 @@ class CallLifecycle:
                     self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata)
                     if call.charge.streams else asyncio.sleep(0, []),
                     self.rates.add_tokens(call.rate_subjects, tokens),
-                    self._record_plan(call),
                     self._record_conversation(call, outcome)
                     if call.record_conversation and not call.output_denied
                     else asyncio.sleep(0))
@@ -527,8 +542,10 @@ class CallLifecycle:
                           extra={"call_id": call.call_id})
 
     async def _record_plan(self, call: Call) -> None:
-        """`CallPlanned`: the targets and nodes of the plan, each node's load as the
-        selector saw it (what `GET /v1/calls/{id}/explain` shows)."""
+        """`CallPlanned`, for a call that got no answer (an answered call's plan is in
+        its `LLMCallStarted`, appended by the provider anyway: no extra append on the
+        hot path): the targets and nodes of the plan, each node's load as the selector
+        saw it (what `GET /v1/calls/{id}/explain` shows)."""
         await self.store.append(llmcall_stream(call.call_id), [
             planned_event(call.call_id, call.plan, self.fleet)],
             expected_version=None, metadata=call.metadata)

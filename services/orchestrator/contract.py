@@ -183,13 +183,35 @@ LINKS: dict[tuple[str, str, str], list[tuple[str, str, dict[str, str]]]] = {
             ("get", "/v1/sessions/{session_id}/events"),
             ("get", "/v1/sessions/{session_id}/messages"),
             ("post", "/v1/sessions/{session_id}/messages"),
-            ("get", "/v1/sessions/{session_id}/budget"))],
+            ("get", "/v1/sessions/{session_id}/budget"),
+            ("get", "/v1/sessions/{session_id}/runs"), ("post", "/v1/sessions/{session_id}/runs"))],
     ("post", "/v1/keys", "201"): [("delete", "/v1/keys/{key_id}",
                                    {"key_id": "$response.body#/key_id"})],
     ("post", "/v1/chat/completions", "200"): [
         ("get", "/v1/sessions/{session_id}", {"session_id": "$response.header.X-Nexus-Session"}),
         ("get", "/v1/sessions/{session_id}/messages",
-         {"session_id": "$response.header.X-Nexus-Session"})],
+         {"session_id": "$response.header.X-Nexus-Session"}),
+        *[(m, p, {"call_id": "$response.header.X-Nexus-Call-Id"}) for m, p in (
+            ("get", "/v1/calls/{call_id}/explain"), ("post", "/v1/calls/{call_id}/feedback"))]],
+    # what a create made, read back by its name or id (the stateful phase chains these)
+    **{("post", f"/v1/{kind}", "201"): [("get", f"/v1/{kind}/{{name}}",
+                                        {"name": "$response.body#/name"})]
+       for kind in ("tools", "agents", "skills")},
+    ("put", "/v1/secrets/{name}", "200"): [("delete", "/v1/secrets/{name}",
+                                            {"name": "$response.body#/name"})],
+    ("post", "/v1/sessions/{session_id}/runs", "202"): [
+        *[(m, p, {"run_id": "$response.body#/run_id"}) for m, p in (
+            ("get", "/v1/runs/{run_id}"), ("get", "/v1/runs/{run_id}/stream"),
+            ("post", "/v1/runs/{run_id}/cancel"), ("post", "/v1/runs/{run_id}/approvals"))],
+        ("get", "/v1/sessions/{session_id}/runs", {"session_id": "$response.body#/session_id"})],
+    **{("post", "/v1/sessions/{session_id}/tools/{name}/invoke", status): [
+        (m, "/v1/sessions/{session_id}/tool-calls/{call_id}" + tail,
+         {"session_id": "$response.body#/session_id", "call_id": "$response.body#/tool_call_id"})
+        for m, tail in (("get", ""), ("post", "/approval"))] for status in ("200", "202")},
+    ("post", "/v1/nodes/{node_id}/models/pull", "202"): [
+        (m, p, {"task_id": "$response.body#/task_id"}) for m, p in (
+            ("get", "/v1/tasks/{task_id}"), ("get", "/v1/tasks/{task_id}/stream"),
+            ("delete", "/v1/tasks/{task_id}"))],
     ("post", "/v1/mcp-servers", "201"): [(m, "/v1/mcp-servers/{name}",
                                           {"name": "$response.body#/name"})
                                          for m in ("get", "delete")],
@@ -202,6 +224,10 @@ LINKS: dict[tuple[str, str, str], list[tuple[str, str, dict[str, str]]]] = {
             ("get", "/v1/tasks/{task_id}"), ("get", "/v1/tasks/{task_id}/stream"),
             ("delete", "/v1/tasks/{task_id}"))],
 }
+# values that pass the checks a schema cannot say (a system agent, the default route, a
+# builtin tool), so generated requests reach what exists and the links above fire
+EXAMPLES = {("RunIn", "agent"): "research", ("ChatCompletionIn", "model"): "default"}
+PATH_EXAMPLES = {("post", "/v1/sessions/{session_id}/tools/{name}/invoke", "name"): "python"}
 CHAT_COMPLETION = {"type": "object", "required": ["id", "object", "created", "model", "choices"],
                    "properties": {"id": {"type": "string"}, "object": {"type": "string"},
                                   "created": {"type": "integer"}, "model": {"type": "string"},
@@ -243,6 +269,9 @@ def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
         components["McpServerIn"]["properties"]["headers"].update(
             propertyNames={"pattern": schemas.HEADER_NAME}, maxProperties=32,
             additionalProperties={"type": "string", "pattern": schemas.SECRET_NAME})
+    for (schema, prop), value in EXAMPLES.items():
+        if prop in components.get(schema, {}).get("properties", {}):
+            components[schema]["properties"][prop]["examples"] = [value]
     rules_ref = {"$ref": "#/components/schemas/PolicyRules"}
     if "PolicyIn" in components:
         components["PolicyIn"]["properties"]["rules"] = rules_ref
@@ -259,6 +288,8 @@ def complete_openapi(doc: dict[str, Any]) -> dict[str, Any]:
             ALLOW.setdefault(path, ["OPTIONS"]).insert(-1, method.upper())
             for parameter in op.get("parameters", []):
                 _no_nul(parameter.get("schema"))
+                if (example := PATH_EXAMPLES.get((method, path, parameter.get("name")))):
+                    parameter.setdefault("schema", {})["examples"] = [example]
             if (method, path) in BODIES:
                 op["requestBody"] = BODIES[(method, path)]
             for status in sorted(statuses(method, path, op)):

@@ -31,7 +31,9 @@ from shared.contracts.events import (
     Metadata,
     ModelRouted,
     PolicyEvaluated,
+    RunStarted,
     llmcall_stream,
+    run_stream,
 )
 from shared.domain.budget import fold_budget_events
 from shared.infra.eventstore import EventStore, WrongExpectedVersion
@@ -73,12 +75,15 @@ class CallExplainer:
                     out["budget"].append({"budget_id": e.budget_id, "denied": True,
                                           "requested": _b(e.requested), "available": _b(e.available),
                                           "reason": e.reason})
-                case CallPlanned():
+                case CallPlanned():  # a call that got no answer, or one recorded before
                     out["plan"] = {"targets": list(e.targets), "nodes": _b(e.nodes),
                                    "strategy": e.strategy, "loads": _b(e.loads)}
                 case LLMCallStarted():
                     out["session_id"] = e.session_id
                     out["requested_model"] = e.model
+                    if out["plan"] is None:  # the plan of an answered call (no CallPlanned)
+                        out["plan"] = {"targets": list(e.targets), "nodes": _b(e.nodes),
+                                       "strategy": e.strategy, "loads": _b(e.loads)}
                 case LLMCallFailed():
                     out["attempts"].append({"target": e.target, "attempt": e.attempt,
                                             "error": e.error, "detail": e.detail,
@@ -98,15 +103,30 @@ class CallExplainer:
             out["outcome"] = {"status": "failed"}
         session_id = out["session_id"] or events[0].metadata.correlation_id
         if session_id:
-            out["budget"] += await self._budget(caller, call_id, session_id, events[0].position)
+            budget, run_id = await self._budget(caller, call_id, session_id, events[0].position)
+            out["budget"] += budget
+            if run_id:  # a run's call: the run, and how its agent was chosen
+                out["run"] = await self._run(caller, run_id, events[0].position)
         return out
 
+    async def _run(self, caller: Caller, run_id: str, before: int) -> dict[str, Any]:
+        events = await self.store.read_stream(run_stream(run_id), to_position=before)
+        started = events[0].event if events else None
+        if not isinstance(started, RunStarted) or started.tenant != caller.tenant:
+            return {"run_id": run_id}
+        return {"run_id": run_id, "agent": started.agent, "agent_version": started.agent_version,
+                "agent_selection": _b(started.selection)}
+
     async def _budget(self, caller: Caller, call_id: str, session_id: str,
-                      first: int) -> list[dict[str, Any]]:
+                      first: int) -> tuple[list[dict[str, Any]], str | None]:
+        """The call's budget entries, and the run whose step made the call (if any)."""
         found: dict[str, dict[str, Any]] = {}
+        run_id = None
         related = await self.store.events_of_correlation(session_id, tenant=caller.tenant,
                                                          after=max(0, first - 200), limit=2000)
         for rec in related:
+            if rec.type == "RunLLMCallLinked" and rec.data.get("call_id") == call_id:
+                run_id = rec.data.get("run_id")
             if rec.type not in ("BudgetReserved", "BudgetCommitted", "BudgetReleased"):
                 continue
             e = msgspec.convert(rec.data, AnyEvent)
@@ -129,7 +149,7 @@ class CallExplainer:
                 entry["committed_tokens"] = e.tokens
             else:
                 entry["released"] = e.reason
-        return list(found.values())
+        return list(found.values()), run_id
 
     async def feedback(self, caller: Caller, call_id: str, score: float, source: str = "api",
                        comment: str = "") -> dict[str, Any]:
@@ -157,6 +177,13 @@ class CallExplainer:
 def explain_text(x: dict[str, Any]) -> str:
     """The chain as text, for `nexus explain`."""
     lines = [f"call {x['call_id']} (session {x['session_id']})"]
+    run = x.get("run")
+    if run:
+        sel = run.get("agent_selection")
+        lines.append(f"run {run['run_id']}: agent {run.get('agent')}" + (
+            f", chosen by its skill {sel['skill']} (confidence {sel['confidence']:.2f}; "
+            + ", ".join(f"{c['agent']} {c['similarity']:.3f}" for c in sel["candidates"]) + ")"
+            if sel else ""))
     r = x.get("routing")
     if r:
         lines.append(f"skill: {r['skill']} ({r['matched_by']}, confidence {r['confidence']:.2f}) "

@@ -124,6 +124,24 @@ class KeyService:
         """The tenant's keys (revoked ones too), oldest first."""
         return await self.read_model.of_tenant(tenant)
 
+    async def still_active(self, key_id: str) -> Caller | None:
+        """The caller of an issued key that is still active (not revoked), by its id, or
+        None; "admin" is the bootstrap key when one is configured. For sessions derived
+        from a key (the dashboard's cookie): revoking the key ends them (same 5 s cache)."""
+        if key_id == "admin":
+            return Caller(tenant="default", key_id="admin", role="platform") if self._admin_hash else None
+        now = time.monotonic()
+        cached = self._cache.get(key_id)
+        if cached is None or now - cached[0] > CACHE_TTL_S:
+            row = await self.read_model.lookup(key_id)
+            cached = (now, (row.tenant, row.role, row.key_hash, row.revoked) if row else None)
+            if row is not None:
+                self._cache[key_id] = cached
+        entry = cached[1]
+        if entry is None or entry[3]:
+            return None
+        return Caller(tenant=entry[0], key_id=key_id, role=entry[1])
+
     async def authenticate(self, key: str, tenant_header: str | None = None) -> Caller | None:
         """The caller a presented key identifies, or None (constant-time comparisons)."""
         if self._admin_hash and hmac.compare_digest(hash_key(key), self._admin_hash):

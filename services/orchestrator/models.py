@@ -18,6 +18,13 @@ progress per task from the nodes' `ModelProgress` telemetry (never stored).
   carries is completed from there (its completion message was lost);
 - an orchestrator that restarts folds the task events again: nothing lives only in
   its memory but the progress, which the next telemetry message restores.
+
+**Ollama nodes** (a node whose runtime is `kind="ollama"`, `NEXUS_RUNTIME_KIND=ollama`)
+get their tasks with `source="ollama"`: they pull through Ollama's own `/api/pull`, not
+from the store. The model may then also be one the store does not hold (an Ollama
+library name such as `qwen2:0.5b`): its size is unknown until Ollama says, so its fit
+cannot be checked beforehand (a model in the store is checked as for any node), and the
+task completes when Ollama answers `success` (Ollama verifies its own layers' digests).
 """
 
 from __future__ import annotations
@@ -95,6 +102,8 @@ class ModelService:
         self.progress: dict[str, Progress] = {}
         self.started_at: dict[str, float] = {}  # task -> when it (re)entered in_progress here
         self.inventory: dict[str, tuple[InstalledModel, ...]] = {}
+        self.gpu_used: dict[str, tuple[int, ...]] = {}  # node -> bytes in use per GPU (heartbeat)
+        self.artifacts: dict[str, ModelArtifact] = {}  # the store's, as last read
         self.placed: dict[str, object] = {}
         self._checked: dict[str, float] = {}
         self._changed = asyncio.Event()
@@ -162,11 +171,27 @@ class ModelService:
     # -- catalogue and fit ------------------------------------------------------------
 
     def capacity(self, record: NodeRecord) -> NodeCapacity:
+        """What placement sees of a node: its memory, what its GPUs hold now (the last
+        heartbeat) and the models it has loaded (their estimated memory)."""
         reg = record.registration
+        loaded = tuple((m.name, self._estimate(m))
+                       for m in self.inventory.get(record.node_id, ()) if m.loaded)
         return NodeCapacity(node_id=record.node_id,
                             gpu_memory=tuple(g.memory_total_bytes for g in reg.gpus),
                             memory_total=reg.memory_total_bytes,
-                            online=record.status in (ONLINE, DRAINING))
+                            online=record.status in (ONLINE, DRAINING),
+                            gpu_used=self.gpu_used.get(record.node_id, ()), loaded=loaded)
+
+    def _estimate(self, model: InstalledModel) -> int:
+        artifact = self.artifacts.get(model.name)
+        if artifact is None or artifact.sha256 != model.sha256:  # not from the store: its size
+            artifact = ModelArtifact(name=model.name, sha256=model.sha256,
+                                     size_bytes=model.size_bytes)
+        return estimate_memory(artifact, self.context)
+
+    @staticmethod
+    def is_ollama(record: NodeRecord | None) -> bool:
+        return record is not None and record.registration.runtime.kind == "ollama"
 
     def live_nodes(self) -> list[NodeRecord]:
         return [r for r in self.nodes.records.values() if r.status == ONLINE]
@@ -176,15 +201,21 @@ class ModelService:
         else why not."""
         out = []
         for stored in await self.catalogue.list():
+            self.artifacts[stored.artifact.name] = stored.artifact
             fits = {r.node_id: fit(self.capacity(r), stored.artifact, self.context)
                     for r in self.live_nodes()}
             out.append((stored, estimate_memory(stored.artifact, self.context), fits))
         return out
 
-    async def _artifact(self, model: str) -> ModelArtifact:
+    async def _artifact(self, model: str, *, ollama_only: bool = False) -> ModelArtifact:
+        """The store's record of `model`; for Ollama nodes only, a model the store does
+        not hold is pulled by its Ollama name (size unknown: `size_bytes` 0)."""
         stored = await self.catalogue.get(model)
         if stored is None:
+            if ollama_only:
+                return ModelArtifact(name=model, sha256="", size_bytes=0, source="ollama")
             raise NotFound("model", model)
+        self.artifacts[model] = stored.artifact
         return stored.artifact
 
     def _check_node(self, node_id: str, artifact: ModelArtifact) -> NodeRecord:
@@ -194,6 +225,10 @@ class ModelService:
         if record.status != ONLINE:
             raise PlacementRefused(node_id, "node_offline",
                                    f"node {node_id} is {record.status}: it cannot pull {artifact.name} now")
+        if not artifact.sha256:  # an Ollama library model: its size is Ollama's to tell
+            if not self.is_ollama(record):
+                raise NotFound("model", artifact.name)
+            return record
         why = fit(self.capacity(record), artifact, self.context)
         if why is not None:
             raise PlacementRefused(node_id, "does_not_fit", f"node {node_id}: {why}")
@@ -202,17 +237,25 @@ class ModelService:
     # -- commands ---------------------------------------------------------------------
 
     async def pull(self, node_id: str, model: str, *, actor: str, reason: str = "manual") -> dl.DownloadTask:
-        artifact = await self._artifact(model)
+        artifact = await self._artifact(model, ollama_only=self.is_ollama(self.nodes.records.get(node_id)))
         self._check_node(node_id, artifact)
         return await self._request(node_id, artifact, actor=actor, reason=reason)
 
     async def distribute(self, model: str, target: str, node_ids: tuple[str, ...], *,
                          actor: str) -> list[dl.DownloadTask]:
-        artifact = await self._artifact(model)
+        if target == "specific":
+            ollama_only = bool(node_ids) and all(
+                self.is_ollama(self.nodes.records.get(n)) for n in node_ids)
+        else:
+            ollama_only = any(self.is_ollama(r) for r in self.live_nodes())
+        artifact = await self._artifact(model, ollama_only=ollama_only)
         if target == "specific":  # the listed nodes (none listed: no task)
             chosen = list(dict.fromkeys(node_ids))
             for node_id in chosen:  # all or nothing: refuse before creating any task
                 self._check_node(node_id, artifact)
+        elif not artifact.sha256:  # not in the store: the Ollama nodes pull it by name
+            chosen = [r.node_id for r in sorted(self.live_nodes(), key=lambda r: r.node_id)
+                      if self.is_ollama(r)]
         else:
             chosen = [r.node_id for r in sorted(self.live_nodes(), key=lambda r: r.node_id)
                       if target == "all" or fit(self.capacity(r), artifact, self.context) is None]
@@ -230,9 +273,11 @@ class ModelService:
         if existing is not None:
             return existing  # already on its way
         task_id = new_id()
+        source = "ollama" if self.is_ollama(self.nodes.records.get(node_id)) else "store"
         task = await self.transition(task_id, lambda _s: [ModelDownloadRequested(
             task_id=task_id, node_id=node_id, model=artifact.name, sha256=artifact.sha256,
-            size_bytes=artifact.size_bytes, reason=reason, actor=actor)], actor=actor)
+            size_bytes=artifact.size_bytes, reason=reason, source=source, actor=actor)],
+            actor=actor)
         assert task is not None
         await self._send_pull(task)
         return task
@@ -310,21 +355,25 @@ class ModelService:
                                          actor=f"node:{update.node_id}")
         elif update.state == "completed":
             self.progress[task.task_id] = Progress(update.total_bytes, update.total_bytes, 0.0)
-            task = await self._complete(task, fetched=update.fetched_bytes, reconciled=False)
+            task = await self._complete(task, fetched=update.fetched_bytes, reconciled=False,
+                                        total=update.total_bytes)
         else:
             task = await self.transition(task.task_id, lambda s: dl.decide_finished(
                 s, ok=False, reason=update.reason or "error", detail=update.detail,
                 bytes_done=update.bytes_done), actor=f"node:{update.node_id}")
         return ModelTaskAck(known=True, status=task.status if task else "")
 
-    async def _complete(self, task: dl.DownloadTask, *, fetched: int, reconciled: bool) -> dl.DownloadTask | None:
+    async def _complete(self, task: dl.DownloadTask, *, fetched: int, reconciled: bool,
+                        total: int = 0, sha256: str = "") -> dl.DownloadTask | None:
         before = self.tasks.get(task.task_id)
         done = await self.transition(task.task_id, lambda s: dl.decide_finished(
-            s, ok=True, fetched=fetched, reconciled=reconciled), actor=f"node:{task.node_id}")
+            s, ok=True, fetched=fetched, reconciled=reconciled, total=total),
+            actor=f"node:{task.node_id}")
         if done is not None and done.status == dl.COMPLETED and (before is None or before.status != dl.COMPLETED):
             await self.store.append(nodemodels_stream(task.node_id), [ModelInstalled(
-                node_id=task.node_id, model=task.model, sha256=task.sha256,
-                size_bytes=task.size_bytes, task_id=task.task_id)], expected_version=None,
+                node_id=task.node_id, model=task.model, sha256=task.sha256 or sha256,
+                size_bytes=done.bytes_done or task.size_bytes, task_id=task.task_id)],
+                expected_version=None,
                 metadata=Metadata(actor=f"node:{task.node_id}", correlation_id=task.task_id))
         return done
 
@@ -338,6 +387,8 @@ class ModelService:
 
     def on_heartbeat(self, hb: Heartbeat) -> None:
         self.inventory[hb.node_id] = hb.models
+        self.gpu_used[hb.node_id] = tuple(g.memory_used_bytes
+                                          for g in sorted(hb.gpus, key=lambda g: g.index))
 
     # -- never stuck ------------------------------------------------------------------
 
@@ -354,10 +405,16 @@ class ModelService:
         for task in list(self.tasks.values()):
             record = self.nodes.records.get(task.node_id)
             online = record is not None and record.status in (ONLINE, DRAINING)
-            installed = {(m.name, m.sha256) for m in self.inventory.get(task.node_id, ())}
+            held = {m.name: m for m in self.inventory.get(task.node_id, ())}
+            mine = held.get(task.model)
+            if task.source == "ollama" and mine is None:  # Ollama says `name`, not `name:latest`
+                mine = held.get(task.model.removesuffix(":latest"))
+            matches = mine is not None and (task.source == "ollama" or mine.sha256 == task.sha256)
             if (task.active or task.resumable or task.error == dl.STALLED) and \
-                    (task.model, task.sha256) in installed and task.status != dl.CANCELLED:
-                await self._complete(task, fetched=0, reconciled=True)  # lost completion
+                    matches and task.status != dl.CANCELLED:
+                assert mine is not None
+                await self._complete(task, fetched=0, reconciled=True,  # lost completion
+                                     total=mine.size_bytes, sha256=mine.sha256)
             elif task.active and not online:
                 detail = f"node {task.node_id} went {record.status if record else 'away'}"
                 await self.transition(task.task_id, lambda s, d=detail: dl.decide_finished(
@@ -369,7 +426,10 @@ class ModelService:
             elif task.status == dl.IN_PROGRESS:
                 seen = self.progress.get(task.task_id)
                 last = max(seen.at if seen else 0.0, self.started_at.get(task.task_id, now))
-                if now - last > self.stall_s:
+                load = self.nodes.view.nodes.get(task.node_id)
+                silent = load is not None and load.last_heartbeat is not None and \
+                    now - load.last_heartbeat > self.stall_s / 2
+                if now - last > self.stall_s and not silent:  # a silent node: `node offline`
                     done = seen.bytes_done if seen else 0
                     await self.transition(task.task_id, lambda s, b=done: dl.decide_finished(
                         s, ok=False, reason=dl.STALLED,

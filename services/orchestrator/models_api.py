@@ -34,17 +34,21 @@ from shared.domain import downloads as dl
 
 _enc = msgspec.json.Encoder()
 ModelPath = Annotated[str, Parameter(min_length=1, max_length=128,
-                                     pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
+                                     pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._:-]*$")]
 
 
 def task_out(task: dl.DownloadTask, models: ModelService) -> TaskOut:
     p = models.progress.get(task.task_id)
-    total = task.size_bytes
+    # an Ollama pull's size is known once Ollama says (its progress, then the completion)
+    total = task.size_bytes or (task.bytes_done if task.status == dl.COMPLETED else 0) or \
+        (p.total if p else 0)
     done = total if task.status == dl.COMPLETED else (p.bytes_done if p else task.bytes_done)
     if task.status == dl.PENDING and not p:
         done = task.resumed_from
     return TaskOut(task_id=task.task_id, node_id=task.node_id, model=task.model,
-                   status=task.status, progress=round(done / total, 4) if total else 1.0,
+                   status=task.status,
+                   progress=round(min(done / total, 1.0), 4) if total else
+                   (1.0 if task.status == dl.COMPLETED else 0.0),
                    bytes_done=done, total_bytes=total,
                    speed_bps=p.speed_bps if p and task.status == dl.IN_PROGRESS else 0.0,
                    error=task.error, detail=task.detail, attempt=task.attempt,

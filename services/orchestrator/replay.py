@@ -9,7 +9,12 @@ changes, recorded cost vs projected cost, projected quality of both choices with
 uncertainty (the Beta posterior's standard deviation, combined over the calls).
 `execute: N` sends the user message of N changed calls again to the new model (in
 the caller's default session, charged like any call) and reports measured cost and
-latency.
+latency; with `grader` (a model name) also the measured **quality**: the grader model
+is asked to score each re-run answer to its request 0..10 (`adaptive_routing.
+GRADER_PROMPT`; its first number / 10), the score is recorded as the re-run call's
+feedback (`CallFeedback`, source `grader`: learned like any feedback) and reported next
+to the recorded call's own feedback, if it had any. A grader reply without a number
+gives `quality: null` and says so.
 """
 
 from __future__ import annotations
@@ -43,13 +48,14 @@ class ReplayService:
     async def replay(self, caller: Caller, since: datetime, until: datetime, *,
                      cost_weight: float | None = None, performance_weight: float | None = None,
                      models: list[str] | None = None, execute: int = 0,
-                     limit: int = MAX_CALLS) -> dict[str, Any]:
+                     grader: str | None = None, limit: int = MAX_CALLS) -> dict[str, Any]:
         routed = await self.read.routed_between(caller.tenant, since, until, limit)
         arms = await self.read.all_arms(caller.tenant)
         pooled: dict[str, ar.ArmStats] = {}
         for (_, model), s in arms.items():
             p = pooled.setdefault(model, ar.ArmStats())
-            pooled[model] = ar.ArmStats(alpha=p.alpha + s.alpha, beta=p.beta + s.beta)
+            pooled[model] = ar.ArmStats(alpha=p.alpha + s.alpha, beta=p.beta + s.beta,
+                                        sq=p.sq + s.sq)
         allowed = set(models) if models else None
         rows, changed = [], []
         totals = {"recorded_cost": 0.0, "projected_cost": 0.0, "recorded_quality": 0.0,
@@ -86,7 +92,7 @@ class ReplayService:
                    "recorded_cost_micro_usd": recorded_cost,
                    "projected_cost_micro_usd": round(new.cost, 2),
                    "recorded_quality": round(old.quality, 4),
-                   "projected_quality": round(new.quality, 4)}
+                   "projected_quality": round(new.quality, 4), "recorded_feedback": call.feedback}
             rows.append(row)
             if new.pick != event.pick:
                 changed.append(row)
@@ -100,13 +106,16 @@ class ReplayService:
             "projected_quality": round(totals["projected_quality"] / n, 4) if n else None,
             "projected_quality_std": round(math.sqrt(totals["projected_var"]) / n, 4) if n else None,
         }
-        executed = [await self._execute(caller, row) for row in changed[:max(0, execute)]]
+        executed = [await self._execute(caller, row, grader) for row in changed[:max(0, execute)]]
+        graded = [e["quality"] for e in executed if e.get("quality") is not None]
+        summary["executed_quality"] = round(sum(graded) / len(graded), 4) if graded else None
         return {"since": since.isoformat(), "until": until.isoformat(),
                 "routing": {"cost_weight": cost_weight, "performance_weight": performance_weight,
-                            "models": models},
+                            "models": models, "grader": grader},
                 "summary": summary, "changed_calls": changed[:200], "executed": executed}
 
-    async def _execute(self, caller: Caller, row: dict[str, Any]) -> dict[str, Any]:
+    async def _execute(self, caller: Caller, row: dict[str, Any],
+                       grader: str | None = None) -> dict[str, Any]:
         from services.orchestrator.calls import CallInput  # the call path, as any client
 
         events = await self.store.read_stream(conversation_stream(row["session_id"]))
@@ -118,10 +127,34 @@ class ReplayService:
             opened = await self.calls.open(caller, CallInput(
                 session_id=None, model=row["counterfactual"],
                 messages=(ChatMessage(role="user", content=text),)))
-            done, _, _ = await opened.collect()
+            done, answer, _ = await opened.collect()
         except Exception as exc:  # a refusal or failure is a finding of the replay
             return {"call_id": row["call_id"], "model": row["counterfactual"], "error": str(exc)}
-        return {"call_id": row["call_id"], "model": row["counterfactual"],
-                "replay_call_id": opened.call_id, "cost_micro_usd": done.cost_micro_usd,
-                "latency_ms": done.latency_ms, "recorded_cost_micro_usd": row["recorded_cost_micro_usd"],
-                "quality": None}
+        out = {"call_id": row["call_id"], "model": row["counterfactual"],
+               "replay_call_id": opened.call_id, "cost_micro_usd": done.cost_micro_usd,
+               "latency_ms": done.latency_ms, "recorded_cost_micro_usd": row["recorded_cost_micro_usd"],
+               "recorded_feedback": row["recorded_feedback"], "quality": None}
+        if grader:
+            out.update(await self._grade(caller, grader, opened.call_id, text, answer))
+        return out
+
+    async def _grade(self, caller: Caller, grader: str, call_id: str, request: str,
+                     answer: str) -> dict[str, Any]:
+        """The grader's score of a re-run answer, recorded as that call's feedback."""
+        from services.orchestrator.calls import CallInput
+        from services.orchestrator.explain import CallExplainer
+
+        try:
+            opened = await self.calls.open(caller, CallInput(
+                session_id=None, model=grader, max_tokens=8, temperature=0.0,
+                messages=tuple(ChatMessage(role=r, content=t)
+                               for r, t in ar.grader_messages(request, answer))))
+            _, reply, _ = await opened.collect()
+        except Exception as exc:
+            return {"grader_call_id": None, "quality_error": f"the grader failed: {exc}"}
+        score = ar.parse_grade(reply)
+        if score is None:
+            return {"grader_call_id": opened.call_id,
+                    "quality_error": f"the grader's reply has no score 0..10: {reply[:200]!r}"}
+        await CallExplainer(self.store).feedback(caller, call_id, score, source="grader")
+        return {"grader_call_id": opened.call_id, "quality": score}

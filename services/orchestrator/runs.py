@@ -104,7 +104,7 @@ from shared.contracts.events import (
     toolcall_stream,
 )
 from shared.contracts.frames import Delta, Done, Failed
-from shared.contracts.messages import ChatMessage, RunLive
+from shared.contracts.messages import ChatMessage, RunInterrupt, RunLive
 from shared.domain import runs as R
 from shared.domain.budget import RUN, budget_stream_for_run, usd_to_micro
 from shared.domain.tools import ToolSpec
@@ -165,10 +165,21 @@ class _Run:
     tool_defs: list[dict[str, Any]] = field(default_factory=list)
     offered: list[str] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    inflight: asyncio.Future[Any] | None = None  # the effect under way: a cancel interrupts it
 
     @property
     def started(self) -> RunStarted:
         return self.state.started
+
+
+@dataclass(frozen=True)
+class _Next:
+    """What the loop does next; its opening records are appended already (the LLM call
+    of a `CallModel` is linked as `call_id`; the attempts of a `RunTools` started; a
+    `Finish`/`Fail` recorded)."""
+
+    action: R.Action
+    call_id: str | None = None
 
 
 def _content_of(view: ToolCallView) -> tuple[str, bool, str]:
@@ -266,15 +277,25 @@ class RunService:
         self.read_model = RunsReadModel(store)
         self.metrics = RunMetrics()
         self._tasks: dict[str, asyncio.Task] = {}
+        self._driving: dict[str, _Run] = {}  # the runs whose driver task is past its start
         self._stopping = False
+        self.agent_selector = None  # skills.AgentSelector: a run that names no agent (SKILLS)
 
     # -- use cases ------------------------------------------------------------------------
 
-    async def start(self, caller: Caller, session_id: str, agent: str, input: str,
+    async def start(self, caller: Caller, session_id: str, agent: str | None, input: str,
                     model: str | None = None) -> RunOut:
         session = await self.sessions.require(caller, session_id)
         if session.status != "open":
             raise SessionClosed(session_id)
+        selection = None  # no agent named: the session's, else (and for "auto") the best fit
+        if agent == "auto" or (agent is None and session.agent is None):
+            if self.agent_selector is None:
+                raise InvalidEntity("agent: required", [{"field": "agent", "message": "required"}],
+                                    "run.agent")
+            selection = await self.agent_selector.select(caller, input, agent or "")
+            agent = selection.agent
+        agent = agent or session.agent or ""
         pinned = session.agent == agent and session.agent_version is not None
         try:  # the session's own agent at the version it pinned at start; others as they are now
             definition = (await self.resolve_agent(caller, agent, session.agent_version,
@@ -304,7 +325,7 @@ class RunService:
             system_prompt=definition.system_prompt, tools=tuple(definition.tools),
             approval=approval, max_steps=definition.max_steps, max_cost_micro_usd=max_cost,
             temperature=definition.temperature, key_id=caller.key_id, role=caller.role,
-            owner=self.instance)
+            owner=self.instance, selection=selection)
         meta = Metadata(tenant=caller.tenant, actor=caller.actor, correlation_id=session_id,
                         causation_id=run_id)
         appends: list[tuple[str, list[Event], int | None]] = [(run_stream(run_id), [started], 0)]
@@ -348,6 +369,10 @@ class RunService:
             except WrongExpectedVersion:
                 continue
             await self.leases.wake(run_id)  # a parked run: whoever claims it drops the lease
+            self._interrupt(run_id)  # driven here: the LLM call or tool calls stop now
+            with contextlib.suppress(Exception):  # driven elsewhere: its driver is told
+                await self.bus.publish(subjects.RUN_INTERRUPT, RunInterrupt(run_id=run_id),
+                                       traced=False)
             await self._publish_event(state.started, state.version + 1)
             return await self.get(caller, run_id)
         raise Conflict(f"run {run_id!r} is too busy to cancel right now; retry")
@@ -429,10 +454,15 @@ class RunService:
     # -- background: leases, takeovers ----------------------------------------------------
 
     async def run_forever(self) -> None:
-        """Renew this process's leases; take over the runs whose lease lapsed."""
+        """Renew this process's leases; take over the runs whose lease lapsed; interrupt
+        the runs it drives that another process cancels."""
         last_renew = 0.0
+        interrupts = None
         while not self._stopping:
             try:
+                if interrupts is None:
+                    interrupts = await self.bus.subscribe(
+                        subjects.RUN_INTERRUPT, RunInterrupt, self._on_interrupt)
                 if time.monotonic() - last_renew >= self.lease_s / 4:
                     last_renew = time.monotonic()
                     await self.leases.renew_all()
@@ -448,6 +478,15 @@ class RunService:
             except Exception:
                 log.exception("run lease loop failed; trying again")
             await asyncio.sleep(self.scan_s)
+
+    async def _on_interrupt(self, message: RunInterrupt, _msg: Any) -> None:
+        self._interrupt(message.run_id)
+
+    def _interrupt(self, run_id: str) -> None:
+        """Cancel the effect in flight of a run this process drives (if any)."""
+        run = self._driving.get(run_id)
+        if run is not None and run.inflight is not None and not run.inflight.done():
+            run.inflight.cancel()
 
     async def stop(self) -> None:
         """Stop driving (SIGTERM): in-flight work is cancelled, leases handed on at once."""
@@ -480,6 +519,7 @@ class RunService:
             s = state.started
             caller = Caller(tenant=s.tenant, key_id=s.key_id, role=s.role)
             run = _Run(state=state, caller=caller, meta=self._meta(caller, state), epoch=epoch)
+            self._driving[run_id] = run
             with tracer().start_as_current_span(
                     f"invoke_agent {s.agent}", context=_parent_context(records[0]),
                     kind=SpanKind.INTERNAL, attributes={
@@ -504,6 +544,7 @@ class RunService:
         except Exception:
             log.exception("driving a run failed", extra={"run_id": run_id})
         finally:
+            self._driving.pop(run_id, None)
             if not keep_lease:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.leases.release(run_id, epoch))
@@ -530,45 +571,137 @@ class RunService:
                 "parameters": spec.parameters}})
 
     async def _loop(self, run: _Run) -> bool:
-        """Drive until the run ends or waits; True when the lease was dropped or parked."""
+        """Drive until the run ends or waits; True when the lease was dropped or parked.
+
+        One append per transition: the facts an effect produced (an answer, a tool's
+        result) are appended together with every record-only decision that follows them
+        and the opening records of the next effect (`_commit`), so a tool step costs two
+        appends: [answer, tool calls started] and [result, next step started, LLM call
+        linked]."""
+        nxt = await self._commit(run, [])
         while True:
-            action = R.decide_next(run.state, time.time(), self.approval_ttl_s)
-            match action:
+            match nxt.action:
                 case R.Nothing():
                     await self.leases.drop(run.state.run_id)
                     return True
-                case R.Finish(answer=answer):
-                    await self._end(run, RunFinished(run_id=run.state.run_id, answer=answer,
-                                                     steps=len(run.state.steps),
-                                                     cost_micro_usd=run.state.cost_micro_usd))
+                case R.Finish() | R.Fail():  # recorded by the commit
+                    await self.leases.drop(run.state.run_id)
+                    self._count_end(run.state)
                     return True
-                case R.Fail(reason=reason, detail=detail):
-                    await self._fail(run, reason, detail)
-                    return True
-                case R.CallModel():
-                    await self._call_model(run, action)
-                case R.FeedBack(results=results):
-                    for result in results:
-                        await self._record_result(run, result)
-                case R.MarkUnknown(slots=slots, step=step):
-                    await self._append(run, [RunToolOutcomeUnknown(
-                        run_id=run.state.run_id, step=step, index=s.index,
-                        tool_call_id=s.tool_call_id or "", tool=s.tool) for s in slots])
-                case R.AskApproval(requests=requests):
-                    await self._append(run, list(requests))
-                case R.RunTools(attempts=attempts):
-                    await asyncio.gather(*(self._run_tool(run, a) for a in attempts))
                 case R.Wait(until=until):
                     # no compute held: the lease is given up until an answer or the expiry
                     await self.leases.park(run.state.run_id, run.epoch, until)
+                    if await self.store.stream_version(run_stream(run.state.run_id)) != run.state.version:
+                        await self.leases.wake(run.state.run_id)  # answered meanwhile
                     return True
+                case R.CallModel():
+                    answered = await self._interruptible(run, self._call_model(
+                        run, nxt.action, nxt.call_id or ""))
+                    nxt = await self._commit(run, *(answered or ([], [])))
+                case R.RunTools(attempts=attempts):
+                    results = await self._interruptible(run, self._run_tools(run, attempts))
+                    nxt = await self._commit(run, results, [self._tool_message(run, r)
+                                                            for r in results])
+                case _:
+                    raise AssertionError(f"unexpected next action {nxt.action!r}")
 
-    async def _call_model(self, run: _Run, action: R.CallModel) -> None:
+    async def _interruptible(self, run: _Run, work: Awaitable[Any]) -> Any:
+        """Run an effect (an LLM call, tool calls) as a task a cancel can interrupt: the
+        call path's own cleanup settles it (the upstream stopped, the reservation
+        released); the driver then reads the cancel from the stream and stops."""
+        task = asyncio.ensure_future(work)
+        run.inflight = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                await self._catch_up(run)  # the cancel is in the stream: LeaseLost
+                raise RuntimeError("interrupted, but no cancel is recorded") from None
+            raise
+        finally:
+            run.inflight = None
+            if not task.done():
+                task.cancel()
+
+    def _opening(self, run: _Run, state: R.RunState,
+                 ) -> tuple[list[Event], list[MessageAppended], _Next]:
+        """The events every decision after `state` records up to (and including the
+        opening of) the next one with an effect, which is returned."""
+        events: list[Event] = []
+        messages: list[MessageAppended] = []
+        now = time.time()
+
+        def add(*new: Event) -> None:
+            nonlocal state
+            for e in new:
+                events.append(e)
+                state = R.evolve(state, e)  # type: ignore[assignment]
+
+        while True:
+            action = R.decide_next(state, now, self.approval_ttl_s)
+            match action:
+                case R.FeedBack(results=results):
+                    add(*results)
+                    messages.extend(self._tool_message(run, r) for r in results)
+                case R.MarkUnknown(slots=slots, step=step):
+                    add(*(RunToolOutcomeUnknown(run_id=state.run_id, step=step, index=s.index,
+                                                tool_call_id=s.tool_call_id or "", tool=s.tool)
+                          for s in slots))
+                case R.AskApproval(requests=requests):
+                    add(*requests)
+                case R.CallModel(step=step, new_step=new_step):
+                    call_id = str(uuid.uuid4())
+                    if new_step:
+                        add(RunStepStarted(run_id=state.run_id, step=step))
+                    add(RunLLMCallLinked(run_id=state.run_id, step=step, call_id=call_id))
+                    return events, messages, _Next(action, call_id)
+                case R.RunTools(attempts=attempts):
+                    for a in attempts:
+                        spec = run.specs.get(a.tool)
+                        add(RunToolCallStarted(
+                            run_id=state.run_id, step=a.step, index=a.index,
+                            model_call_id=a.model_call_id, tool_call_id=a.tool_call_id,
+                            tool=a.tool, effect=spec.effect if spec else "side_effecting",
+                            attempt=a.attempt))
+                    return events, messages, _Next(action)
+                case R.Finish(answer=answer):
+                    add(RunFinished(run_id=state.run_id, answer=answer, steps=len(state.steps),
+                                    cost_micro_usd=state.cost_micro_usd))
+                    return events, messages, _Next(action)
+                case R.Fail(reason=reason, detail=detail):
+                    add(RunFailed(run_id=state.run_id, reason=reason, detail=detail,
+                                  steps=len(state.steps), cost_micro_usd=state.cost_micro_usd))
+                    return events, messages, _Next(action)
+                case _:  # Wait, Nothing: nothing to record
+                    return events, messages, _Next(action)
+
+    async def _commit(self, run: _Run, facts: list[Event],
+                      conversation: list[MessageAppended] | None = None) -> _Next:
+        """Append `facts` with what follows from them (`_opening`) in one transaction at
+        the run's version; what to do next."""
+        async with run.lock:
+            for _ in range(20):
+                state = run.state
+                for e in facts:
+                    state = R.evolve(state, e)  # type: ignore[assignment]
+                more, said, nxt = self._opening(run, state)
+                events = [*facts, *more]
+                if not events:
+                    return nxt
+                try:
+                    await self._write(run, events, [*(conversation or ()), *said])
+                except WrongExpectedVersion:
+                    await self._catch_up(run)
+                    continue
+                return nxt
+            raise LeaseLost
+
+    async def _call_model(self, run: _Run, action: R.CallModel, call_id: str,
+                          ) -> tuple[list[Event], list[MessageAppended]] | None:
+        """The step's LLM call (linked already): the answer to record, or None to ask
+        again (no provider now)."""
         s = run.started
-        if action.new_step:
-            await self._append(run, [RunStepStarted(run_id=s.run_id, step=action.step)])
-        call_id = str(uuid.uuid4())
-        await self._append(run, [RunLLMCallLinked(run_id=s.run_id, step=action.step, call_id=call_id)])
         messages = tuple(msgspec.convert(m, ChatMessage) for m in R.conversation(run.state))
         call_input = CallInput(session_id=s.session_id, model=s.model, messages=messages,
                                temperature=s.temperature, tools=run.tool_defs or None,
@@ -610,7 +743,7 @@ class RunService:
             log.warning("no provider for a run's LLM call; retrying",
                         extra={"run_id": s.run_id, "attempt": attempts})
             await asyncio.sleep(min(8.0, 0.5 * 2 ** attempts))
-            return
+            return None
         except NexusError as exc:
             await self._fail(run, "llm_error", f"{type(exc).__name__}: {exc.detail}")
             raise _Stop from None
@@ -629,22 +762,38 @@ class RunService:
             input_tokens=done.usage.input_tokens, output_tokens=done.usage.output_tokens,
             cost_micro_usd=done.cost_micro_usd, finish_reason=done.finish_reason,
             tool_calls=tool_calls or None, run_id=s.run_id)
-        await self._append(run, [answered], conversation=[message])
+        return [answered], [message]
 
-    async def _run_tool(self, run: _Run, attempt: R.ToolAttempt, *, record_start: bool = True) -> None:
-        s = run.started
-        spec = run.specs.get(attempt.tool)
-        if record_start:
-            await self._append(run, [RunToolCallStarted(
-                run_id=s.run_id, step=attempt.step, index=attempt.index,
-                model_call_id=attempt.model_call_id, tool_call_id=attempt.tool_call_id,
-                tool=attempt.tool, effect=spec.effect if spec else "side_effecting",
-                attempt=attempt.attempt)])
+    async def _run_tools(self, run: _Run, attempts: tuple[R.ToolAttempt, ...],
+                         ) -> list[RunToolResult]:
+        """The tool calls (started already), in parallel: each result but the last is
+        recorded as it comes; the last ones are returned, to be committed with the step
+        that follows them."""
+        tasks = {asyncio.ensure_future(self._tool_result(run, a)) for a in attempts}
+        try:
+            while True:
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                results = [t.result() for t in done]
+                if not tasks:
+                    return results
+                await self._append(run, list(results),
+                                   conversation=[self._tool_message(run, r) for r in results])
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+
+    async def _tool_result(self, run: _Run, attempt: R.ToolAttempt) -> RunToolResult:
         content, is_error, status = await self._invoke(run, attempt)
-        await self._record_result(run, RunToolResult(
-            run_id=s.run_id, step=attempt.step, index=attempt.index,
+        return RunToolResult(
+            run_id=run.started.run_id, step=attempt.step, index=attempt.index,
             model_call_id=attempt.model_call_id, tool_call_id=attempt.tool_call_id,
-            tool=attempt.tool, content=content, is_error=is_error, status=status))
+            tool=attempt.tool, content=content, is_error=is_error, status=status)
+
+    async def _run_tool(self, run: _Run, attempt: R.ToolAttempt) -> None:
+        """One attempt that is recorded as started (a recovery): run it, record it."""
+        await self._record_result(run, await self._tool_result(run, attempt))
 
     async def _invoke(self, run: _Run, attempt: R.ToolAttempt) -> tuple[str, bool, str]:
         s = run.started
@@ -664,11 +813,14 @@ class RunService:
         except (NoNodeAvailable, NotFound, SessionClosed, Conflict) as exc:
             return f"the tool call failed: {exc.detail}", True, "failed"
 
-    async def _record_result(self, run: _Run, result: RunToolResult) -> None:
-        message = MessageAppended(
+    @staticmethod
+    def _tool_message(run: _Run, result: RunToolResult) -> MessageAppended:
+        return MessageAppended(
             session_id=run.started.session_id, message_id=str(uuid.uuid4()), role="tool",
             content=result.content, tool_call_id=result.model_call_id, run_id=run.started.run_id)
-        await self._append(run, [result], conversation=[message])
+
+    async def _record_result(self, run: _Run, result: RunToolResult) -> None:
+        await self._append(run, [result], conversation=[self._tool_message(run, result)])
 
     async def _recover(self, run: _Run) -> None:
         """After a takeover: attempts in flight that ended (or never began) on their own
@@ -691,7 +843,7 @@ class RunService:
                     model_call_id=slot.model_call_id, tool_call_id=slot.tool_call_id,
                     tool=slot.tool, content=content, is_error=is_error, status=status))
             elif not events or _pending_tool_approval(events):  # never reached the tool path: run it now, same id
-                rerun.append(self._run_tool(run, attempt, record_start=False))
+                rerun.append(self._run_tool(run, attempt))
             # else: it was running on a node when its driver died: decide_next says
         if rerun:
             await asyncio.gather(*rerun)
@@ -704,23 +856,28 @@ class RunService:
         (another owner, or the run ended: cancelled) raises `LeaseLost`."""
         async with run.lock:
             for _ in range(20):
-                appends: list[tuple[str, list[Event], int | None]] = [
-                    (run_stream(run.state.run_id), events, run.state.version)]
-                if conversation:
-                    appends.append((conversation_stream(run.started.session_id),
-                                    list(conversation), None))
                 try:
-                    await self.store.append_atomic(appends, run.meta)
+                    await self._write(run, events, conversation or [])
                 except WrongExpectedVersion:
                     await self._catch_up(run)
                     continue
-                state = run.state
-                for i, event in enumerate(events, start=1):
-                    state = R.evolve(state, event, run.state.version + i)  # type: ignore[assignment]
-                run.state = state
-                await self._publish_event(run.started, state.version)
                 return
             raise LeaseLost
+
+    async def _write(self, run: _Run, events: list[Event],
+                     conversation: list[MessageAppended]) -> None:
+        """One transaction: `events` at the run's version, the messages to the session's
+        conversation; then the state is evolved and viewers told (`run.lock` held)."""
+        appends: list[tuple[str, list[Event], int | None]] = [
+            (run_stream(run.state.run_id), events, run.state.version)]
+        if conversation:
+            appends.append((conversation_stream(run.started.session_id), list(conversation), None))
+        await self.store.append_atomic(appends, run.meta)
+        state = run.state
+        for i, event in enumerate(events, start=1):
+            state = R.evolve(state, event, run.state.version + i)  # type: ignore[assignment]
+        run.state = state
+        await self._publish_event(run.started, state.version)
 
     async def _catch_up(self, run: _Run) -> None:
         records = await self.store.read_stream(run_stream(run.state.run_id),

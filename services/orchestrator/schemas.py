@@ -549,6 +549,7 @@ class AgentOut(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float | None
     system_prompt: str
     markdown: str
+    skills: list[str] = []  # what it is good at: how a run that names no agent picks it
 
 
 class AgentList(msgspec.Struct, frozen=True, kw_only=True):
@@ -559,10 +560,11 @@ class AgentList(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RunIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """`POST /v1/sessions/{id}/runs`: the agent (its name) and the task."""
+    """`POST /v1/sessions/{id}/runs`: the agent (its name) and the task. No `agent`: the
+    session's agent, else (and for `"auto"`) the agent whose skills fit the task best."""
 
-    agent: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     input: Annotated[str, msgspec.Meta(min_length=1, max_length=1_000_000)]
+    agent: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
 
@@ -633,8 +635,8 @@ class RunList(msgspec.Struct, frozen=True, kw_only=True):
 
 # -- model distribution (issue 14) ------------------------------------------------------
 
-ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
-                                        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=128,  # `:` for Ollama tags
+                                        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._:-]*$")]
 NodeIdIn = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 

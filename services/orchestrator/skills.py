@@ -25,6 +25,8 @@ from services.orchestrator.keys import Caller
 from services.orchestrator.read_models.routing import RoutingReadModel
 from shared.contracts.errors import Conflict, InvalidEntity, InvalidRequest, NotFound
 from shared.contracts.events import (
+    AgentCandidate,
+    AgentSelection,
     CallPlanned,
     Metadata,
     ModelRouted,
@@ -46,7 +48,7 @@ from shared.domain.skills import (
     parse_skill,
     validate_skill,
 )
-from shared.infra.embeddings import Embedder
+from shared.infra.embeddings import Embedder, EmbedderUnavailable
 from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
 
 log = logging.getLogger("nexus.orchestrator.skills")
@@ -222,9 +224,16 @@ class SkillRouter:
         prompt_tokens = sum(len(m.text) for m in messages) // 4 + 4 * len(messages)
         session_id, call_id = session.session_id, ""
         text = next((m.text for m in reversed(messages) if m.role == "user"), messages[-1].text)
-        vector = await self.embedder.aembed(text)
-        cluster = await self.cluster_of(caller.tenant, vector)
-        if requested == AUTO:
+        unembedded = ""
+        try:
+            vector: tuple[float, ...] | None = await self.embedder.aembed(text)
+        except EmbedderUnavailable as exc:  # no AVX2/FMA: the skill's preferred model
+            vector, unembedded = None, str(exc)
+        cluster = await self.cluster_of(caller.tenant, vector) if vector is not None else ""
+        if vector is None:
+            name, confidence, matched_by = (DEFAULT_SKILL, 0.0, "default") if requested == AUTO \
+                else (requested[len(SKILL_PREFIX):], 1.0, "explicit")
+        elif requested == AUTO:
             skills = [s for s in await self.skills.list(caller)]
             _, _, traffic = await self.read.arms(caller.tenant, cluster, [])
             pairs = [(s.name, await self._vectors(caller.tenant, s)) for s in skills]
@@ -255,7 +264,10 @@ class SkillRouter:
                 model=model, quality=ar.posterior(stats, prior, pooled.get(model)),
                 quality_n=stats.weight if stats else 0.0, cost=cost,
                 cost_n=stats.cost_n if stats else 0, excluded=excluded))
-        decision = ar.decide(candidates, routing.performance_weight, routing.cost_weight, self.rng)
+        decision = ar.decide(candidates, routing.performance_weight, routing.cost_weight, self.rng) \
+            if vector is not None else ar.preferred_decision(
+                candidates, (routing.preferred, *routing.fallback), routing.performance_weight,
+                routing.cost_weight, f"no embedding: {unembedded}")
         if decision.pick is None:
             raise InvalidRequest(
                 f"model: no model of skill {name!r} is both served and allowed by the policy",
@@ -267,7 +279,8 @@ class SkillRouter:
         event = ModelRouted(
             call_id=call_id, session_id=session_id, requested=requested, skill=name,
             skill_version=skill.version, matched_by=matched_by, confidence=round(confidence, 4),
-            cluster=cluster, embedder=self.embedder.name,
+            cluster=cluster,
+            embedder=self.embedder.name if vector is not None else "unavailable",
             cost_weight=routing.cost_weight, performance_weight=routing.performance_weight,
             candidates=tuple(RoutingCandidate(
                 model=s.model, quality=round(s.quality, 4), quality_sample=round(s.quality_sample, 4),
@@ -278,8 +291,54 @@ class SkillRouter:
         return Routed(decision.pick, merged_info(decision.pick, fallback, models), event)
 
 
+class AgentSelector:
+    """Pipeline step 4: a run that names no agent (or `auto`) gets the agent whose
+    skills fit its task best (`adaptive_routing.select_agent`): the task embedded as
+    the router embeds a request, each visible agent's `skills` (the tenant's own
+    skills or the system's; a name that is no skill is left out) by their description
+    and examples. No agent listing a skill, or no embedding model on this CPU: a 422
+    naming `agent` (name one)."""
+
+    def __init__(self, router: SkillRouter, agents) -> None:
+        self.router = router
+        self.agents = agents  # AgentService: list(caller)
+
+    async def select(self, caller: Caller, task: str, requested: str = "") -> AgentSelection:
+        try:
+            vector = await self.router.embedder.aembed(task)
+        except EmbedderUnavailable as exc:
+            raise InvalidEntity(f"agent: no agent named and none can be chosen here ({exc})",
+                                [{"field": "agent", "message": "name the agent to run"}],
+                                "run.agent") from None
+        pairs = []
+        for out in await self.agents.list(caller):
+            skills = []
+            for name in out.skills:
+                skill = await self.router.skills.resolve(caller.tenant, name)
+                if skill is not None:
+                    skills.append((name, await self.router._vectors(caller.tenant, skill)))
+            pairs.append((out.name, skills))
+        best, confidence, fits = ar.select_agent(vector, pairs)
+        if best is None:
+            raise InvalidEntity("agent: no agent named, and no agent lists skills to choose by",
+                                [{"field": "agent", "message": "name the agent to run, or give "
+                                  "agents `skills` in their front matter"}], "run.agent")
+        return AgentSelection(
+            requested=requested, agent=best.agent, skill=best.skill,
+            confidence=round(confidence, 4), embedder=self.router.embedder.name,
+            candidates=tuple(AgentCandidate(agent=f.agent, skill=f.skill, similarity=f.similarity)
+                             for f in fits[:20]))
+
+
 def planned_event(call_id: str, plan, fleet) -> CallPlanned:
     """A call's plan as an event, with each planned node's load from the selector's view."""
+    strategy, loads = plan_loads(plan, fleet)
+    return CallPlanned(call_id=call_id, targets=tuple(t.name for t in plan.targets),
+                       nodes=dict(plan.nodes), strategy=strategy, loads=loads)
+
+
+def plan_loads(plan, fleet) -> tuple[str, tuple[dict, ...]]:
+    """The node strategy and each planned node's load from the selector's view."""
     selector = getattr(fleet, "selector", None)
     view = getattr(selector, "view", None)
     loads = []
@@ -288,6 +347,4 @@ def planned_event(call_id: str, plan, fleet) -> CallPlanned:
         loads.append({"node": node_id, **({k: getattr(node, k, None) for k in (
             "active_requests", "queue_depth", "cpu_pct", "memory_pct", "gpu_util_pct")}
             if node is not None else {})})
-    return CallPlanned(call_id=call_id, targets=tuple(t.name for t in plan.targets),
-                       nodes=dict(plan.nodes), strategy=str(getattr(selector, "strategy", "") or ""),
-                       loads=tuple(loads))
+    return str(getattr(selector, "strategy", "") or ""), tuple(loads)

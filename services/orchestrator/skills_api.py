@@ -67,6 +67,8 @@ class ReplayIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     models: Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=200)]],
                       msgspec.Meta(min_length=1, max_length=64)] | None = None
     execute: Annotated[int, msgspec.Meta(ge=0, le=50)] = 0
+    # a model that scores each re-run answer 0..10: the measured quality of `execute`
+    grader: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
 
 _DURATION = re.compile(r"^(\d{1,6})([smhd])$")
@@ -141,4 +143,5 @@ class ReplaysController(Controller):
         until = moment(data.until, "until", now) if data.until else now
         return await replay_service.replay(
             caller, since, until, cost_weight=data.cost_weight,
-            performance_weight=data.performance_weight, models=data.models, execute=data.execute)
+            performance_weight=data.performance_weight, models=data.models, execute=data.execute,
+            grader=data.grader)

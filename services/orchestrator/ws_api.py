@@ -7,7 +7,11 @@ request, or, from a browser (which cannot set headers on a WebSocket), the subpr
 The server accepts with `nexus.v1` (never echoing the key). No `?token=`: URLs reach
 access logs and trace attributes. A missing or bad key refuses the upgrade (403); a
 session that is not the caller's tenant's (or does not exist) is accepted and closed at
-once with code 4404 (and a reason), the WebSocket's 404.
+once with code 4404 (and a reason), the WebSocket's 404. The key is checked again
+every `KEY_RECHECK_S` while the socket lives: revoked (or no longer valid) after the
+upgrade, the socket is closed with code 1008 (policy violation) and a reason, within
+that time plus the key cache's (`keys.CACHE_TTL_S`; at once on the orchestrator that
+revoked it).
 
 **Frames** (JSON text, one object each):
 
@@ -43,6 +47,7 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import HTTPException, WebSocketDisconnect
 
+from services.orchestrator.auth import TENANT_HEADER, bearer_key
 from services.orchestrator.calls import CallInput, CallLifecycle
 from services.orchestrator.problems import TYPE_BASE, Problem, problem_for
 from services.orchestrator.schemas import MaxTokens
@@ -56,6 +61,8 @@ log = logging.getLogger("nexus.orchestrator.ws")
 
 SUBPROTOCOL = "nexus.v1"
 CLOSE_NOT_FOUND = 4404
+CLOSE_POLICY_VIOLATION = 1008  # the key was revoked after the upgrade
+KEY_RECHECK_S = 1.0
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _FIELD = re.compile(r"field `([^`]+)`")
 
@@ -201,6 +208,21 @@ class SessionSocket:
                 await self.send(_error(500, "internal", "internal error; see logs by trace_id"))
 
 
+async def key_revoked(socket: WebSocket) -> str:
+    """Returns (a reason) once the key the socket was opened with stops authenticating."""
+    keys = socket.app.state.key_service
+    key, tenant = bearer_key(socket), socket.headers.get(TENANT_HEADER)
+    while True:
+        await asyncio.sleep(KEY_RECHECK_S)
+        try:
+            caller = await keys.authenticate(key, tenant)
+        except Exception:  # the database is away: judge again at the next check
+            log.warning("could not check a websocket's key", exc_info=True)
+            continue
+        if caller is None:
+            return "the API key was revoked"
+
+
 @websocket("/v1/ws/sessions/{session_id:str}")
 async def session_socket(socket: WebSocket, session_id: str) -> None:
     """Chat in a session over a WebSocket (see the module's docstring)."""
@@ -219,11 +241,23 @@ async def session_socket(socket: WebSocket, session_id: str) -> None:
     runs = getattr(state, "runs", None)
     if runs is not None:  # the session's runs, live, beside the chat
         tasks.append(asyncio.create_task(conn.forward_runs(runs)))
+    receiving = asyncio.create_task(conn.receive_loop())
+    revoked = asyncio.create_task(key_revoked(socket))
+    tasks.append(revoked)
     try:
-        await conn.receive_loop()
-    except WebSocketDisconnect:
-        pass
+        await asyncio.wait((receiving, revoked), return_when=asyncio.FIRST_COMPLETED)
+        if revoked.done() and not revoked.cancelled() and revoked.exception() is None:
+            receiving.cancel()
+            with contextlib.suppress(BaseException):
+                await receiving
+            with contextlib.suppress(Exception):
+                await socket.close(code=CLOSE_POLICY_VIOLATION, reason=revoked.result())
+        else:
+            with contextlib.suppress(WebSocketDisconnect):
+                await receiving
     finally:
+        if not receiving.done():
+            tasks.append(receiving)
         if conn.answering is not None:
             tasks.append(conn.answering)
         for task in tasks:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from nats.aio.msg import Msg
@@ -10,7 +9,7 @@ from nats.aio.msg import Msg
 from shared.contracts import subjects
 from shared.contracts.messages import CompletionRequest, ModelsReply, ModelsRequest
 from shared.infra.messaging import HandlerError
-from shared.infra.service import ServiceRuntime
+from shared.infra.service import ServiceRuntime, run_service
 from shared.infra.settings import get_settings
 from shared.contracts.frames import Failed
 from shared.infra.streaming import ConsumerLost, StreamSender
@@ -34,7 +33,8 @@ class ProviderService:
                             queue=subjects.QUEUE_PROVIDER)
 
     async def on_models(self, request: ModelsRequest, msg: Msg) -> ModelsReply:
-        return ModelsReply(models=self.router.models())
+        return ModelsReply(models=self.router.models(), node_provider=self.router.node_provider,
+                           node_context=self.router.installed_context)
 
     async def on_complete(self, request: CompletionRequest, msg: Msg) -> None:
         if not msg.reply:
@@ -62,7 +62,8 @@ async def run(runtime: ServiceRuntime) -> None:
     await runtime.start(database=True)
     from shared.domain.policy import redact_kinds
 
-    router = Router(config, runtime.store, redactor=redact_kinds, bus=runtime.bus)
+    router = Router(config, runtime.store, redactor=redact_kinds, bus=runtime.bus,
+                    installed_context=runtime.settings.model_context)
     service = ProviderService(runtime, router)
     await service.start()
     log.info("provider ready", extra={"targets": sorted(router.targets), "routes": sorted(router.routes)})
@@ -76,7 +77,7 @@ async def run(runtime: ServiceRuntime) -> None:
 def main() -> None:
     runtime = ServiceRuntime("provider", get_settings())
     runtime.setup_process()
-    asyncio.run(run(runtime))
+    run_service(run(runtime))
 
 
 if __name__ == "__main__":

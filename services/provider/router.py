@@ -8,6 +8,13 @@ connection errors, timeouts, 429 and 5xx with exponential backoff and jitter
 (`Retry-After` honoured); then fall back to the next target. Fallback works for
 streams too, as long as no token has reached the client; after the first token a
 failure ends the stream with a `Failed(after_first_token=True)` frame.
+
+**Installed models.** A model installed on nodes (the model store, or an Ollama node's
+pull) is callable by its own name without being configured: the orchestrator plans it as
+the target `<node provider>/<model>` (the first provider of kind `node`, else an implicit
+one named `node`, announced in `ModelsReply.node_provider`), and the router serves such a
+target through the node adapter like a configured one (local: no price; the context is
+`NEXUS_MODEL_CONTEXT`, the one nodes run installed models with).
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ class AttemptResult:
 
 class Router:
     def __init__(self, config: ProvidersConfig, store: EventStore | None,
-                 redactor=None, bus=None) -> None:
+                 redactor=None, bus=None, installed_context: int = 4096) -> None:
         self.config = config
         self.store = store
         self.redactor = redactor  # callable(text, kinds) -> text, for hosted targets
@@ -120,6 +127,17 @@ class Router:
                 self.targets[name] = Target(name, p.name, m.name, m, adapter, limiter, p.hosted,
                                             p.kind == "node")
         self.routes = {r.model: r.targets for r in config.routes}
+        # installed models (see the module doc): served through a node provider
+        self.installed_context = installed_context
+        self.installed: dict[str, Target] = {}
+        self.node_provider = next((p.name for p in config.providers if p.kind == "node"), "")
+        if not self.node_provider and all(p.name != "node" for p in config.providers):
+            self.node_provider = "node"
+        if self.node_provider:
+            nodes = next((t for t in self.targets.values() if t.provider == self.node_provider), None)
+            self._node_adapter = nodes.adapter if nodes else NodeAdapter(
+                "node", bus, first_frame_timeout_s=5.0)
+            self._node_limiter = nodes.limiter if nodes else Limiter("node", 8, 64)
         self._starting: dict[str, asyncio.Future] = {}
         self.metrics = LLMMetrics()
         for provider in {t.provider for t in self.targets.values()}:  # series exist from the start
@@ -130,6 +148,22 @@ class Router:
     async def close(self) -> None:
         for adapter in {id(t.adapter): t.adapter for t in self.targets.values()}.values():
             await adapter.close()
+
+    def target(self, name: str) -> Target | None:
+        """A configured target, or a node provider's installed model (`node/<model>`)."""
+        found = self.targets.get(name)
+        if found is not None or not self.node_provider:
+            return found
+        provider, _, model = name.partition("/")
+        if provider != self.node_provider or not model:
+            return None
+        if name not in self.installed:
+            if len(self.installed) > 10_000:  # bounded: names come from the fleet's models
+                self.installed.clear()
+            self.installed[name] = Target(
+                name, provider, model, ModelPrice(name=model, context=self.installed_context),
+                self._node_adapter, self._node_limiter, hosted=False, on_node=True)
+        return self.installed[name]
 
     def chain(self, model: str) -> tuple[str, ...] | None:
         if model in self.routes:
@@ -202,7 +236,7 @@ class Router:
 
     async def run(self, request: CompletionRequest, sender: StreamSender) -> Done | Failed:
         if request.targets:  # the orchestrator's plan: executed as it is, in its order
-            chain = tuple(t.name for t in request.targets if t.name in self.targets)
+            chain = tuple(t.name for t in request.targets if self.target(t.name) is not None)
             if not chain:
                 return Failed(error="NoAllowedTarget", status=503,
                               detail=f"none of the targets the policy allows for "
@@ -217,7 +251,8 @@ class Router:
         # failure) event waits for it, so the stream's order is kept.
         started_event = asyncio.ensure_future(self._event(request, LLMCallStarted(
             call_id=request.call_id, session_id=request.session_id, model=request.model,
-            targets=chain)))
+            targets=chain, nodes=dict(request.nodes), strategy=request.plan_strategy,
+            loads=request.plan_loads)))
         self._starting[request.call_id] = started_event
         try:
             return await self._run(request, sender, chain, started)
@@ -233,7 +268,8 @@ class Router:
         fallbacks: list[str] = []
         last: UpstreamError | None = None
         for index, name in enumerate(chain):
-            target = self.targets[name]
+            target = self.target(name)
+            assert target is not None
             for attempt in range(1, retry.max_attempts + 1):
                 attempts += 1
                 result = AttemptResult()

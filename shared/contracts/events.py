@@ -273,6 +273,11 @@ class LLMCallStarted(Event, frozen=True):
     session_id: str
     model: str  # as the client asked
     targets: tuple[str, ...]  # the fallback chain, "provider/model"
+    # the orchestrator's plan (what `CallPlanned` recorded in a separate append before):
+    # per node-served model the nodes picked by `strategy`, each candidate's load then
+    nodes: dict[str, tuple[str, ...]] = {}
+    strategy: str = ""
+    loads: tuple[dict[str, object], ...] = ()
 
 
 class LLMCallFailed(Event, frozen=True):
@@ -455,6 +460,8 @@ class RunStarted(Event, frozen=True):
     key_id: str = ""
     role: str = "member"
     owner: str = ""  # the orchestrator process that took the first lease
+    # the agent selector's choice when the run named no agent (SKILLS section below)
+    selection: AgentSelection | None = None
 
 
 class RunResumed(Event, frozen=True):
@@ -697,6 +704,25 @@ class RoutingCandidate(msgspec.Struct, frozen=True, kw_only=True):
     excluded: str | None = None
 
 
+class AgentCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    agent: str
+    skill: str  # the agent's skill nearest the task
+    similarity: float
+
+
+class AgentSelection(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a run that named no agent (or `auto`) runs this one (`RunStarted.selection`):
+    the agent whose skills fit the task best, with its confidence (softmax share) and
+    every agent weighed."""
+
+    requested: str  # "auto", or "" (omitted)
+    agent: str
+    skill: str
+    confidence: float
+    embedder: str
+    candidates: tuple[AgentCandidate, ...] = ()
+
+
 class ModelRouted(Event, frozen=True):
     """The router's decision for a call asked of `auto` or `skill:<name>`."""
 
@@ -739,7 +765,9 @@ class CallFeedback(Event, frozen=True):
 
 class CallPlanned(Event, frozen=True):
     """Where an admitted call was planned: the targets in order and, per node-served
-    model, the nodes picked by the strategy with each candidate's load at that moment."""
+    model, the nodes picked by the strategy with each candidate's load at that moment.
+    Recorded only for a call that got no answer (an answered call's `LLMCallStarted`
+    carries its plan: no extra append on the hot path)."""
 
     call_id: str
     targets: tuple[str, ...] = ()

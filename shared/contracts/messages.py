@@ -188,6 +188,10 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     redact: tuple[str, ...] = ()  # kinds to redact before text leaves for a hosted provider
     nodes: dict[str, tuple[str, ...]] = {}  # runtime model -> the plan's nodes, best first
     targets: tuple[PlannedTarget, ...] = ()  # the plan: the targets to try, in order; empty: all
+    # for the record (`LLMCallStarted`, what explain shows): the node strategy, and the
+    # load of each planned node as the orchestrator's selector saw it
+    plan_strategy: str = ""
+    plan_loads: tuple[dict[str, Any], ...] = ()
 
 
 class TargetInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -216,6 +220,10 @@ class ModelsRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 class ModelsReply(msgspec.Struct, frozen=True, kw_only=True):
     models: tuple[ModelInfo, ...]
+    # installed models (model distribution): the provider that serves a model installed on
+    # nodes by its own name ("" none), and the context nodes run installed models with
+    node_provider: str = ""
+    node_context: int = 4096
 
 
 # -- tools ----------------------------------------------------------------------------
@@ -324,3 +332,10 @@ class RunLive(msgspec.Struct, frozen=True, kw_only=True):
     step: int = 0
     version: int = 0
     text: str = ""
+
+
+class RunInterrupt(msgspec.Struct, frozen=True, kw_only=True):
+    """On `subjects.RUN_INTERRUPT`: the run's stream ends with a `RunCancelled` now;
+    whoever drives it stops what it has in flight."""
+
+    run_id: str

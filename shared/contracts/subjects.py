@@ -226,3 +226,9 @@ def run_live(session_id: str, run_id: str) -> str:
 
 def session_runs_live(session_id: str) -> str:
     return f"{RUN_LIVE_PREFIX}.{session_id}.*"
+
+
+# A cancel recorded (`RunCancelled`) by any orchestrator: `RunInterrupt` broadcast to
+# every orchestrator (no queue group); the one driving the run interrupts its LLM call or
+# tool calls in flight at once (through the call path, so reservations are released).
+RUN_INTERRUPT = f"{PREFIX}.runs.interrupt"

@@ -13,6 +13,7 @@ An agent is a markdown file with YAML front matter; the body is the system promp
     max_cost_usd: 0.50
     approval: [http_fetch]    # tools whose every call waits for a human yes
     temperature: 0.2
+    skills: [general]         # what it is good at: picks it for a run that names no agent
     ---
     You are a careful researcher. ...
 
@@ -36,6 +37,10 @@ An agent is a markdown file with YAML front matter; the body is the system promp
   coding agents' own client-side tools with no Nexus counterpart (`TodoWrite`, `Task`,
   `WebSearch`, ...: `CODING_AGENT_ONLY`) are left out and listed in
   `AgentDefinition.ignored_tools`. No `tools` at all means the agent calls no tool.
+- `skills`: names of skills (`skills/*.toml`, a tenant's own) the agent is good at,
+  the same list form; a run that names no agent (or `auto`) gets the agent whose
+  skills fit the task best (`adaptive_routing.select_agent`). A name that is no skill
+  is left out when choosing.
 - front matter keys the coding agents know and Nexus does not use (`color`,
   `permissionMode`, ...: `IGNORED_KEYS`) are ignored; any other unknown key is a 422
   naming it (a typo such as `max_step` never passes silently).
@@ -97,8 +102,8 @@ CODING_AGENT_ONLY = frozenset({"TodoWrite", "Task", "WebSearch", "NotebookRead",
                                "ExitPlanMode", "BashOutput", "KillBash", "KillShell",
                                "SlashCommand", "Skill", "AskUserQuestion"})
 KNOWN_KEYS = ("name", "description", "model", "tools", "max_steps", "max_cost_usd",
-              "approval", "temperature")
-IGNORED_KEYS = frozenset({"color", "permissionMode", "skills", "hooks", "mcpServers",
+              "approval", "temperature", "skills")
+IGNORED_KEYS = frozenset({"color", "permissionMode", "hooks", "mcpServers",
                           "disallowedTools", "argument-hint", "allowed-tools", "version",
                           "author", "tags"})
 
@@ -117,6 +122,7 @@ class AgentDefinition(msgspec.Struct, frozen=True, kw_only=True):
     - `max_steps` (1..1000, default 20), `max_cost_usd` (None: only the session's
       budget bounds it), `approval` (a subset of `tools`: each of their calls waits for a
       human), `temperature` (0..2, None: the model's default);
+    - `skills`: the skills it is good at (how a run that names no agent picks it);
     - `version` (the stream version of its `AgentDefined`, >= 1 once recorded) and
       `source` (`tenant`: the tenant's own; `system`: shipped in `agents/`, visible to
       every tenant unless the tenant defines its own of that name).
@@ -135,6 +141,7 @@ class AgentDefinition(msgspec.Struct, frozen=True, kw_only=True):
     system_prompt: str = ""
     version: int = 0
     source: str = "tenant"
+    skills: tuple[str, ...] = ()
 
     def effective_model(self, requested: str | None = None, default: str = "default") -> str:
         """The model/route a run's LLM call names: the agent's own, else what the run
@@ -393,6 +400,11 @@ def parse_agent_markdown(markdown: str | bytes) -> tuple[AgentDefinition, dict[s
         if tool not in tools:
             errors.append({"field": "approval", "line": at("approval"),
                            "message": f"{tool!r} is not one of the agent's tools"})
+    skills = list(dict.fromkeys(_names(values.get("skills"), "skills", at("skills"), errors)))
+    for skill in skills:
+        if not _SKILL.match(f"skill:{skill}"):
+            errors.append({"field": "skills", "line": at("skills"),
+                           "message": f"{skill!r} is not a skill name"})
     max_steps = DEFAULT_MAX_STEPS
     if values.get("max_steps") is not None:
         max_steps = _number(values["max_steps"], "max_steps", at("max_steps"), errors,
@@ -420,6 +432,6 @@ def parse_agent_markdown(markdown: str | bytes) -> tuple[AgentDefinition, dict[s
         max_cost_usd=float(max_cost) if max_cost is not None else None,
         approval=tuple(approval),
         temperature=float(temperature) if temperature is not None else None,
-        system_prompt=prompt)
+        system_prompt=prompt, skills=tuple(skills))
     lines.setdefault("system_prompt", body_line)
     return definition, lines

@@ -100,8 +100,10 @@ def decide_started(task: DownloadTask | None, resumed_from: int) -> list[Event]:
 
 
 def decide_finished(task: DownloadTask | None, *, ok: bool, reason: str = "", detail: str = "",
-                    bytes_done: int = 0, fetched: int = 0, reconciled: bool = False) -> list[Event]:
-    """A completion (or failure) the node reported, or its inventory showed."""
+                    bytes_done: int = 0, fetched: int = 0, reconciled: bool = False,
+                    total: int = 0) -> list[Event]:
+    """A completion (or failure) the node reported, or its inventory showed (`total`:
+    the size the node found, for a task whose size was unknown: an Ollama pull)."""
     if task is None or task.status in (COMPLETED, CANCELLED):
         return []
     if ok:
@@ -109,7 +111,8 @@ def decide_finished(task: DownloadTask | None, *, ok: bool, reason: str = "", de
             return []  # failed here first (stalled): a late "completed" from the node is
             # reconciled from its inventory instead, with the installed event
         return [ModelDownloadCompleted(task_id=task.task_id, node_id=task.node_id,
-                                       bytes_total=task.size_bytes, fetched_bytes=fetched,
+                                       bytes_total=task.size_bytes or total,
+                                       fetched_bytes=fetched,
                                        reconciled=reconciled)]
     if task.status == FAILED:
         return []

@@ -9,6 +9,13 @@ node fits a model when one of its GPUs has that much memory in total (models are
 split across GPUs); a CPU-only node when 80 % of its RAM does (the rest is the OS's and
 other processes'). Placement never sends a model where it does not fit.
 
+**What is already loaded counts.** A GPU's room is its total minus what it holds: the
+memory in use that the node's last heartbeat reported for it (NVML's `used`: loaded
+models and anything else), or, before any heartbeat, the estimated memory of the models
+the node has loaded (on its largest GPU). A CPU-only node's room is 80 % of its RAM
+minus the estimated memory of its loaded models. The model being placed never counts
+against itself (pulling a model a node already serves again is not refused).
+
 **Rules.** `NEXUS_MODEL_PLACEMENT`, e.g. `16:big-model,8:mid-model,4.5:small-model,cpu:tiny`:
 a node gets the model of the highest tier whose minimum (GiB of its largest GPU) it
 meets; a node without GPUs gets the `cpu` model. Applied when a node registers and
@@ -57,22 +64,55 @@ class NodeCapacity:
     gpu_memory: tuple[int, ...]  # total bytes per GPU
     memory_total: int
     online: bool = True
+    gpu_used: tuple[int, ...] = ()  # bytes in use per GPU, from the last heartbeat (() unknown)
+    loaded: tuple[tuple[str, int], ...] = ()  # (model, estimated bytes) of the models it serves
 
 
-def capacity_of(node: NodeCapacity) -> int:
+def _loaded_bytes(node: NodeCapacity, model: str) -> tuple[int, tuple[str, ...]]:
+    others = [(name, need) for name, need in node.loaded if name != model]
+    return sum(need for _, need in others), tuple(name for name, _ in others)
+
+
+def gpu_room(node: NodeCapacity, model: str = "") -> list[tuple[int, int, int]]:
+    """Per GPU: (total, in use, free) bytes, as placement sees them for `model`."""
+    own = dict(node.loaded).get(model, 0) if model else 0
+    if node.gpu_used and len(node.gpu_used) == len(node.gpu_memory):  # the heartbeat's figures
+        used = list(node.gpu_used)
+        if own:  # the model itself is loaded (on the busiest GPU, say): its room is its own
+            i = max(range(len(used)), key=used.__getitem__)
+            used[i] = max(0, used[i] - own)
+    else:  # no heartbeat yet: the loaded models' estimates, on the largest GPU
+        loaded, _ = _loaded_bytes(node, model)
+        largest = max(range(len(node.gpu_memory)), key=lambda j: node.gpu_memory[j])
+        used = [loaded if j == largest else 0 for j in range(len(node.gpu_memory))]
+    return [(total, u, max(0, total - u)) for total, u in zip(node.gpu_memory, used, strict=True)]
+
+
+def capacity_of(node: NodeCapacity, model: str = "") -> int:
+    """The most memory `model` could have on `node` (one GPU, or the RAM share)."""
     if node.gpu_memory:
-        return max(node.gpu_memory)
-    return int(node.memory_total * CPU_RAM_SHARE)
+        return max(free for _, _, free in gpu_room(node, model))
+    loaded, _ = _loaded_bytes(node, model)
+    return max(0, int(node.memory_total * CPU_RAM_SHARE) - loaded)
 
 
 def fit(node: NodeCapacity, model: ModelArtifact, context: int = DEFAULT_CONTEXT) -> str | None:
     """None if `model` fits `node`; else why not, in words (the 409's and task's reason)."""
     need = estimate_memory(model, context)
-    have = capacity_of(node)
+    have = capacity_of(node, model.name)
     if need <= have:
         return None
-    where = f"its largest GPU has {have / GIB:.2f} GiB" if node.gpu_memory else \
-        f"it has no GPU and {CPU_RAM_SHARE:.0%} of its RAM is {have / GIB:.2f} GiB"
+    _, names = _loaded_bytes(node, model.name)
+    held = f" (loaded: {', '.join(names)})" if names else ""
+    if node.gpu_memory:
+        total, used, free = max(gpu_room(node, model.name), key=lambda r: r[2])
+        where = (f"its roomiest GPU has {free / GIB:.2f} GiB free "
+                 f"({total / GIB:.2f} GiB, {used / GIB:.2f} GiB in use{held})") if used else \
+            f"its largest GPU has {total / GIB:.2f} GiB"
+    else:
+        share = int(node.memory_total * CPU_RAM_SHARE)
+        where = f"it has no GPU and {CPU_RAM_SHARE:.0%} of its RAM is {share / GIB:.2f} GiB" + (
+            f", {have / GIB:.2f} GiB of it free{held}" if have < share else "")
     return f"{model.name} needs {need / GIB:.2f} GiB; {where}"
 
 

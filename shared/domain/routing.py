@@ -23,9 +23,9 @@ from typing import Protocol
 
 import msgspec
 
-from shared.contracts.messages import ModelInfo, PlannedTarget
+from shared.contracts.messages import ModelInfo, PlannedTarget, TargetInfo
 from shared.domain.policy import Decision, TargetDecision, TargetFacts
-from shared.domain.selection import NoEligibleNode, NodeSelector
+from shared.domain.selection import NodeSelector, NoEligibleNode
 
 
 class RouteTarget(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,6 +99,17 @@ def plan_call(route: Sequence[RouteTarget], decision: Decision | None, fleet: Fl
     return Plan(targets=tuple(planned), dropped=tuple(dropped))
 
 
+def installed_model_info(model: str, provider: str, context: int) -> ModelInfo:
+    """A model nodes serve (installed from the store or pulled by Ollama) that no route
+    names: callable by its own name, as the one local target `<provider>/<model>` (no
+    price: it runs on the fleet's own hardware; policies and token budgets still apply)."""
+    name = f"{provider}/{model}"
+    return ModelInfo(name=model, targets=(name,), target_info=(TargetInfo(
+        name=name, provider=provider, model=model, hosted=False, on_node=True),),
+        input_usd_per_mtok=0.0, output_usd_per_mtok=0.0, context=context,
+        node_models=(model,))
+
+
 class SelectorFleet:
     """The orchestrator's fleet: the selector's pick for a model, then a spare (another
     node) the provider tries when the first is busy. Each pick records a dispatch."""
@@ -106,6 +117,11 @@ class SelectorFleet:
     def __init__(self, selector: NodeSelector, per_model: int = 2) -> None:
         self.selector = selector
         self.per_model = per_model
+
+    def served_models(self) -> frozenset[str]:
+        """Every model an online, non-draining node serves now."""
+        return frozenset(m for n in self.selector.view.nodes.values() if n.eligible
+                         for m in n.models)
 
     def nodes_for(self, model: str) -> tuple[str, ...]:
         picks: list[str] = []

@@ -54,6 +54,19 @@ def bound_malloc() -> bool:
         return False
 
 
+def run_service(main) -> None:
+    """Run a service's main coroutine on uvloop (libuv: cheaper sockets and timers than
+    asyncio's selector loop, measured in docs/performance.md), or asyncio's loop where
+    uvloop is not installed."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def setup_process(service: str, settings: Settings) -> None:
     """Logging, tracing and metrics (`/metrics` on `NEXUS_METRICS_PORT`) for a service
     process, and bounded malloc; call once, at start."""

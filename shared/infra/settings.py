@@ -48,6 +48,12 @@ def setting(env: str, default: Any = None, *, doc: str, parse: Callable[[str], A
     return field(default=default, metadata=meta)
 
 
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{value!r}: expected one of {', '.join(allowed)}")
+    return value
+
+
 def parse_labels(raw: str) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
@@ -183,6 +189,11 @@ class Settings:
         "NEXUS_LOCAL_MODEL", "smollm2-135m-instruct", shown="",
         doc="the bundled model that llama-server serves: `smollm2-135m-instruct` (default) "
             "or `gemma-3-270m` (a base model).")
+    runtime_kind: str = setting(
+        "NEXUS_RUNTIME_KIND", "openai", parse=lambda v: _one_of(v, ("openai", "ollama")),
+        doc="what `NEXUS_RUNTIME_URL` is: `openai` (any OpenAI-compatible server) or "
+            "`ollama` (its `/v1` API; models are then pulled through Ollama's own "
+            "`/api/pull` and removed with `/api/delete`).")
     runtime_model: str | None = setting(
         "NEXUS_RUNTIME_MODEL",
         doc="the model name a configured runtime serves (default: what it reports).")
@@ -245,8 +256,20 @@ class Settings:
         doc="how often a node reports a running download's progress.")
     fake_gpu_memory_gib: str = setting(
         "NEXUS_FAKE_GPU_MEMORY_GIB", "", shown="",
-        doc="test hook: the node reports GPUs of these sizes in GiB (`24` or `24,8`) "
-            "instead of what NVML finds.")
+        doc="test hook: the node reports GPUs of these sizes in GiB (`24` or `24,8`; "
+            "`24/20`: 20 GiB of it in use) instead of what NVML finds.")
+    # -- the dashboard (issue 15) --
+    grafana_url: str = setting(
+        "NEXUS_GRAFANA_URL", "", shown="",
+        doc="Grafana's base URL (e.g. `http://localhost:3000`): the dashboard's trace ids "
+            "link to its trace view (Explore, the Tempo data source); empty: no links.")
+    grafana_tempo_datasource: str = setting(
+        "NEXUS_GRAFANA_TEMPO_DATASOURCE", "tempo",
+        doc="the uid of Grafana's Tempo data source the trace links open.")
+    ui_session_ttl_s: float = setting(
+        "NEXUS_UI_SESSION_TTL_S", 43200.0,
+        doc="how long a dashboard login lasts (its cookie), seconds; revoking the key ends "
+            "it sooner.")
     # -- skills and adaptive routing (issue 13) --
     routing_cluster_threshold: float = setting(
         "NEXUS_ROUTING_CLUSTER_THRESHOLD", 0.82,

@@ -23,6 +23,7 @@ from shared.domain.adaptive_routing import ArmStats, fold_cost, fold_feedback
 from shared.infra.eventstore import EventStore, Projection
 
 _enc = msgspec.json.Encoder()
+_ARM = ArmStats.__struct_fields__  # routing_stats' columns of the folded statistics
 
 
 class SkillsProjection(Projection):
@@ -78,18 +79,16 @@ class RoutingStatsProjection(Projection):
     @staticmethod
     async def _fold(conn: asyncpg.Connection, row: Any, fold) -> None:
         cur = await conn.fetchrow(
-            "SELECT alpha, beta, feedback_n, cost_n, cost_mean FROM routing_stats"
+            f"SELECT {', '.join(_ARM)} FROM routing_stats"
             " WHERE tenant = $1 AND cluster = $2 AND model = $3 FOR UPDATE",
             row["tenant"], row["cluster"], row["pick"])
         stats = fold(ArmStats(**dict(cur)) if cur is not None else ArmStats())
         await conn.execute(
-            "INSERT INTO routing_stats (tenant, cluster, model, alpha, beta, feedback_n, cost_n,"
-            " cost_mean) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant, cluster, model)"
-            " DO UPDATE SET alpha = EXCLUDED.alpha, beta = EXCLUDED.beta,"
-            " feedback_n = EXCLUDED.feedback_n, cost_n = EXCLUDED.cost_n,"
-            " cost_mean = EXCLUDED.cost_mean",
-            row["tenant"], row["cluster"], row["pick"], stats.alpha, stats.beta,
-            stats.feedback_n, stats.cost_n, stats.cost_mean)
+            f"INSERT INTO routing_stats (tenant, cluster, model, {', '.join(_ARM)}) VALUES"
+            f" ($1, $2, $3, {', '.join(f'${i + 4}' for i in range(len(_ARM)))})"
+            " ON CONFLICT (tenant, cluster, model) DO UPDATE SET "
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in _ARM),
+            row["tenant"], row["cluster"], row["pick"], *(getattr(stats, c) for c in _ARM))
 
 
 class RoutedCall(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,14 +124,13 @@ class RoutingReadModel:
         """Per model: this cluster's stats, the stats over all the tenant's clusters, and
         the cluster's explicit skill traffic (skill -> calls)."""
         rows = await self.store.pool.fetch(
-            "SELECT cluster, model, alpha, beta, feedback_n, cost_n, cost_mean, skill_counts"
+            f"SELECT cluster, model, {', '.join(_ARM)}, skill_counts"
             " FROM routing_stats WHERE tenant = $1 AND model = ANY($2::text[])", tenant, models)
         own: dict[str, ArmStats] = {}
         pooled: dict[str, ArmStats] = {}
         traffic: dict[str, int] = {}
         for r in rows:
-            stats = ArmStats(alpha=r["alpha"], beta=r["beta"], feedback_n=r["feedback_n"],
-                             cost_n=r["cost_n"], cost_mean=r["cost_mean"])
+            stats = ArmStats(**{c: r[c] for c in _ARM})
             if r["cluster"] == cluster:
                 own[r["model"]] = stats
                 for skill, n in msgspec.json.decode(r["skill_counts"]).items():
@@ -141,18 +139,15 @@ class RoutingReadModel:
             p = pooled.setdefault(r["model"], ArmStats())
             n = p.cost_n + stats.cost_n
             pooled[r["model"]] = ArmStats(
-                alpha=p.alpha + stats.alpha, beta=p.beta + stats.beta,
+                alpha=p.alpha + stats.alpha, beta=p.beta + stats.beta, sq=p.sq + stats.sq,
                 feedback_n=p.feedback_n + stats.feedback_n, cost_n=n,
                 cost_mean=(p.cost_mean * p.cost_n + stats.cost_mean * stats.cost_n) / n if n else 0.0)
         return own, pooled, traffic
 
     async def all_arms(self, tenant: str) -> dict[tuple[str, str], ArmStats]:
         rows = await self.store.pool.fetch(
-            "SELECT cluster, model, alpha, beta, feedback_n, cost_n, cost_mean FROM routing_stats"
-            " WHERE tenant = $1", tenant)
-        return {(r["cluster"], r["model"]): ArmStats(
-            alpha=r["alpha"], beta=r["beta"], feedback_n=r["feedback_n"], cost_n=r["cost_n"],
-            cost_mean=r["cost_mean"]) for r in rows}
+            f"SELECT cluster, model, {', '.join(_ARM)} FROM routing_stats WHERE tenant = $1", tenant)
+        return {(r["cluster"], r["model"]): ArmStats(**{c: r[c] for c in _ARM}) for r in rows}
 
     async def routed_between(self, tenant: str, since: datetime, until: datetime,
                              limit: int) -> list[RoutedCall]:

@@ -89,6 +89,11 @@ class RunsReadModel:
             "SELECT status, count(*) AS n FROM runs WHERE tenant = $1 GROUP BY status", tenant)
         return {r["status"]: r["n"] for r in rows}
 
+    async def count_all_by_status(self) -> dict[str, int]:
+        """Runs by status across every tenant (the platform's dashboard)."""
+        rows = await self.pool.fetch("SELECT status, count(*) AS n FROM runs GROUP BY status")
+        return {r["status"]: r["n"] for r in rows}
+
     async def rows_of_tenant(self, tenant: str) -> list[tuple]:
         """Every run row of a tenant (for comparing the projection with its rebuild)."""
         rows = await self.pool.fetch(

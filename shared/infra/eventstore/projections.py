@@ -57,6 +57,7 @@ class ProjectionRunner:
         self.batch_size = batch_size
         self.poll_s = poll_s
         self.lag_s: dict[str, float] = {}  # append-to-applied lag of the last event applied
+        self._registered: set[str] = set()  # projections whose checkpoint row exists
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -97,15 +98,25 @@ class ProjectionRunner:
             projection.name, sorted(projection.handles)))
 
     async def _step(self, conn: asyncpg.Connection, projection: Projection) -> int:
-        await conn.execute(
-            "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+        if projection.name not in self._registered:  # its checkpoint row exists from here on
+            await conn.execute(
+                "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+                projection.name,
+            )
+        # the row lock and the head in one round trip. The head may be older than the
+        # lock (taken before a wait for it), never newer than what `read_all` sees next:
+        # every position up to it had committed, so the checkpoint never passes an
+        # event left unread; a stale head only means less progress this step
+        row = await conn.fetchrow(
+            "SELECT position, (SELECT coalesce(max(position), 0) FROM events) AS head"
+            " FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
             projection.name,
         )
-        position = await conn.fetchval(
-            "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
-            projection.name,
-        )
-        head = await self.store.head(conn)
+        if row is None:  # the row went (a test emptied the table): register it again
+            self._registered.discard(projection.name)
+            return await self._step(conn, projection)
+        self._registered.add(projection.name)
+        position, head = row["position"], row["head"]
         if head <= position:
             return 0
         types = sorted(projection.handles) if projection.handles is not None else None
@@ -180,20 +191,47 @@ class ProjectionRunner:
         log.info("projection rebuilt", extra={"projection": name, "events": applied})
         return applied
 
+    def _concerned(self, types: frozenset[str] | None) -> list[Projection]:
+        """The projections that handle any of `types` (all of them when None)."""
+        if types is None:
+            return list(self.projections.values())
+        return [p for p in self.projections.values()
+                if p.handles is None or not p.handles.isdisjoint(types)]
+
     async def run(self) -> None:
-        """Follow the store forever: wake on NOTIFY (or the poll), apply, repeat."""
-        async with Notifier(self.pool, self.poll_s) as notifier:
+        """Follow the store forever: wake on NOTIFY (or the poll), apply, repeat.
+
+        A notification names the types appended: only the projections handling one of
+        them are stepped (an append costs the others nothing); the poll, and any doubt
+        (a payload without types, a listener re-opened), steps them all."""
+        handled: set[str] | None = set()
+        for projection in self.projections.values():
+            if projection.handles is None:
+                handled = None
+                break
+            handled |= projection.handles
+        async with Notifier(self.pool, self.poll_s, types=handled) as notifier:
+            types: frozenset[str] | None = None
+            full_at = 0.0
             while True:
+                if time.monotonic() - full_at >= self.poll_s:
+                    types = None  # at least one full pass per poll interval, even when busy
+                if types is None:
+                    full_at = time.monotonic()
                 try:
-                    await self.catch_up()
+                    for projection in self._concerned(types):
+                        while await self.step(projection) >= self.batch_size:
+                            pass
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     log.warning("projection runner: database unavailable, retrying: %s", exc)
                     await asyncio.sleep(self.poll_s)
+                    types = None
                     continue
                 except Exception:
                     # A projection bug or an event it cannot fold: its transaction rolled
                     # back, the checkpoint stays before the event; retry after a pause.
                     log.exception("projection failed; will retry")
                     await asyncio.sleep(self.poll_s)
+                    types = None
                     continue
-                await notifier.wait()
+                types = await notifier.wait()

@@ -123,6 +123,23 @@ class _Append:
     future: asyncio.Future[AppendResult] | None = None
 
 
+def _request(stream_id: str, events: Sequence[Event], expected_version: int | None,
+             metadata: Metadata | None, event_ids: Sequence[uuid.UUID] | None) -> _Append:
+    if not events:
+        raise ValueError("append needs at least one event")
+    ids = list(event_ids) if event_ids is not None else [uuid.uuid4() for _ in events]
+    if len(ids) != len(events):
+        raise ValueError("event_ids must match events one to one")
+    if len(set(ids)) != len(ids):
+        raise ValueError("event_ids must be distinct within one append")
+    return _Append(
+        stream_id=stream_id, expected_version=expected_version, event_ids=ids,
+        types=[type(e).__name__ for e in events],
+        data=[encode_event(e).decode() for e in events],
+        metadata=encode_metadata(_with_trace(metadata)).decode(),
+    )
+
+
 _APPEND_SQL = (
     "SELECT idx, status, first_position, last_position, last_version, actual"
     " FROM nexus_append_batch($1, $2, $3, $4, $5, $6, $7)"
@@ -163,19 +180,7 @@ class EventStore:
         `conn`: append inside the caller's transaction (no coalescing; note that the
         append lock is then held until the caller commits).
         """
-        if not events:
-            raise ValueError("append needs at least one event")
-        ids = list(event_ids) if event_ids is not None else [uuid.uuid4() for _ in events]
-        if len(ids) != len(events):
-            raise ValueError("event_ids must match events one to one")
-        if len(set(ids)) != len(ids):
-            raise ValueError("event_ids must be distinct within one append")
-        request = _Append(
-            stream_id=stream_id, expected_version=expected_version, event_ids=ids,
-            types=[type(e).__name__ for e in events],
-            data=[encode_event(e).decode() for e in events],
-            metadata=encode_metadata(_with_trace(metadata)).decode(),
-        )
+        request = _request(stream_id, events, expected_version, metadata, event_ids)
         if conn is not None:
             [outcome] = await self._execute(conn, [request])
             if isinstance(outcome, Exception):
@@ -201,16 +206,18 @@ class EventStore:
         commit with these events or not at all, e.g. taking rate-limit slots); what it
         raises rolls everything back and propagates.
         """
+        requests = [_request(item[0], item[1], item[2], metadata,
+                             item[3] if len(item) > 3 else None)  # type: ignore[misc]
+                    for item in appends]
         async with self.pool.acquire() as conn, conn.transaction():
             if before is not None:
                 await before(conn)
-            results = []
-            for item in appends:
-                stream_id, events, expected = item[0], item[1], item[2]
-                event_ids = item[3] if len(item) > 3 else None  # type: ignore[misc]
-                results.append(await self.append(stream_id, events, expected, metadata,
-                                                 event_ids=event_ids, conn=conn))
-            return results
+            # every stream in one statement (one round trip); any refusal rolls back all
+            outcomes = await self._execute(conn, requests) if requests else []
+            for outcome in outcomes:
+                if isinstance(outcome, Exception):
+                    raise outcome
+            return outcomes  # type: ignore[return-value]
 
     async def _write_loop(self) -> None:
         while self._queue:
@@ -333,7 +340,7 @@ class EventStore:
                      types: Sequence[str] | None = None) -> AsyncIterator[RecordedEvent]:
         """Every event after `after` (of `types`, if given), then new ones as they
         commit; never ends. Safe to follow: positions commit in order (see above)."""
-        async with Notifier(self.pool, poll_s) as notifier:
+        async with Notifier(self.pool, poll_s, types=types) as notifier:
             position = after
             while True:
                 head = await self.head()
@@ -349,18 +356,36 @@ class EventStore:
 class Notifier:
     """Wakes followers when events commit: LISTEN/NOTIFY, with a poll as safety net.
 
-    NOTIFY is sent by `nexus_append` inside the appending transaction, so it arrives
-    only after commit. A lost notification (connection dropped) costs at most one
-    poll interval; the listener connection is re-opened on the next wait.
+    NOTIFY is sent by `nexus_append_batch` inside the appending transaction, so it
+    arrives only after commit. Its payload names the types the append wrote
+    (`"<position> <Type>,<Type>"`): a notifier given `types` wakes only for those (an
+    append of other types costs its follower nothing), and `wait` returns the types
+    seen since the last wait (None: unknown, i.e. anything may have changed: the poll
+    or a payload without types). A lost notification (connection dropped) costs at
+    most one poll interval; the listener connection is re-opened on the next wait.
     """
 
-    def __init__(self, pool: asyncpg.Pool, poll_s: float = 1.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, poll_s: float = 1.0,
+                 types: Sequence[str] | frozenset[str] | None = None) -> None:
         self.pool = pool
         self.poll_s = poll_s
+        self.types = frozenset(types) if types is not None else None
         self._event = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
+        self._seen: set[str] | None = set()  # types notified since the last wait; None: any
+        self._listened = False
 
-    def _on_notify(self, *_: Any) -> None:
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        _, _, names = payload.partition(" ")
+        if not names:  # no types named: anything may have been appended
+            self._seen = None
+            self._event.set()
+            return
+        notified = names.split(",")
+        if self.types is not None and self.types.isdisjoint(notified):
+            return
+        if self._seen is not None:
+            self._seen.update(notified)
         self._event.set()
 
     def _listening(self) -> bool:
@@ -372,10 +397,13 @@ class Notifier:
     async def _listen(self) -> None:
         if self._listening():
             return
-        await self._release()  # a dead connection: give it back, take a new one
+        if self._listened:  # a dead connection: notifications may have been missed
+            self._seen = None
+        await self._release()  # give it back, take a new one
         try:
             self._conn = await self.pool.acquire()
             await self._conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            self._listened = True
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("cannot LISTEN for events, polling only: %s", exc)
             await self._release()
@@ -392,14 +420,17 @@ class Notifier:
             except Exception:
                 pass
 
-    async def wait(self, timeout: float | None = None) -> None:
-        """Return when an event may have been appended (or after the poll interval)."""
+    async def wait(self, timeout: float | None = None) -> frozenset[str] | None:
+        """Return when an event (of `types`) may have been appended, or after the poll
+        interval: the types notified meanwhile, or None when it may be any (the poll)."""
         await self._listen()
         try:
             await asyncio.wait_for(self._event.wait(), timeout or self.poll_s)
         except TimeoutError:
-            pass
+            self._seen = None
         self._event.clear()
+        seen, self._seen = self._seen, set()
+        return frozenset(seen) if seen is not None else None
 
     async def __aenter__(self) -> Notifier:
         await self._listen()
