@@ -206,11 +206,17 @@ targets = ["fake/fake-small"]
 
 
 class Platform:
-    """NATS, Postgres, the fake upstream (own process), one provider, one orchestrator."""
+    """NATS, Postgres, the fake upstream (own process), `replicas` providers and
+    orchestrators (one of each by default; `port` is the first orchestrator's, `ports`
+    all of them)."""
 
     def __init__(self, tmp: Path, *, delay_ms: float = 0.0, reply_tokens: int = REPLY_TOKENS,
-                 max_concurrency: int = 128, max_queue: int = 1024, **env: str) -> None:
+                 max_concurrency: int = 128, max_queue: int = 1024, replicas: int = 1,
+                 **env: str) -> None:
         self.tmp = tmp
+        self.replicas = replicas
+        self.extra: list[ServiceProc] = []  # the second and further replicas
+        self.ports: list[int] = []
         self.delay_ms = delay_ms
         self.reply_tokens = reply_tokens
         self.max_concurrency = max_concurrency
@@ -254,7 +260,19 @@ class Platform:
         self.orchestrator = ServiceProc("orchestrator",
                                         {**env, "NEXUS_INSTANCE_ID": "bench-orchestrator"},
                                         self.tmp / "orchestrator.log").start()
-        wait_http_ok(f"{self.api}/health", proc=self.orchestrator)
+        self.ports = [self.port]
+        for i in range(2, self.replicas + 1):
+            port = free_port()
+            self.extra.append(ServiceProc(
+                "provider", {**env, "NEXUS_INSTANCE_ID": f"bench-provider-{i}"},
+                self.tmp / f"provider-{i}.log").start())
+            self.extra.append(ServiceProc(
+                "orchestrator", {**env, "NEXUS_INSTANCE_ID": f"bench-orchestrator-{i}",
+                                 "NEXUS_HTTP_PORT": str(port)},
+                self.tmp / f"orchestrator-{i}.log").start())
+            self.ports.append(port)
+        for port in self.ports:  # a busy machine: services start slowly
+            wait_http_ok(f"http://127.0.0.1:{port}/health", 180)
 
         def models_ready() -> bool:
             if self.provider is not None and self.provider.proc.poll() is not None:
@@ -288,14 +306,18 @@ class Platform:
             proc = psutil.Process(pid)
             return lambda: [proc, *proc.children(recursive=True)]
 
+        def of(kind: str, first: ServiceProc) -> Callable[[], list[psutil.Process]]:
+            procs = [psutil.Process(p.proc.pid) for p in (first, *self.extra) if p.name == kind]
+            return lambda: procs
+
         assert self.orchestrator and self.provider and self.nats and self.pg and self.fake
-        return {"orchestrator": one(self.orchestrator.proc.pid),
-                "provider": one(self.provider.proc.pid),
+        return {"orchestrator": of("orchestrator", self.orchestrator),
+                "provider": of("provider", self.provider),
                 "postgres": tree(self.pg.proc.pid), "nats": one(self.nats.proc.pid),
                 "upstream": one(self.fake.proc.pid), "client": one(os.getpid())}
 
     def stop(self) -> None:
-        for proc in (self.orchestrator, self.provider):
+        for proc in (self.orchestrator, self.provider, *self.extra):
             if proc is not None and proc.proc is not None and proc.proc.poll() is None:
                 try:
                     proc.stop()
@@ -357,6 +379,10 @@ class Target:
     port: int
     model: str
     heads: list[bytes]  # one per client (the Nexus side: its own session)
+    ports: tuple[int, ...] = ()  # several orchestrators: client w talks to ports[w % n]
+
+    def port_of(self, w: int) -> int:
+        return self.ports[w % len(self.ports)] if self.ports else self.port
 
     def body(self, stream: bool) -> bytes:
         return json.dumps({"model": self.model, "stream": stream, "max_tokens": MAX_TOKENS,
@@ -435,7 +461,7 @@ async def closed_loop(target: Target, clients: int, seconds: float, stream: bool
     body = target.body(stream)
 
     async def client(w: int) -> None:
-        conn = HttpConn(target.host, target.port)
+        conn = HttpConn(target.host, target.port_of(w))
         head = target.heads[w % len(target.heads)]
         try:
             while not state["stop"] and state["n"] < MAX_PER_WINDOW:
@@ -554,8 +580,8 @@ async def session_rate(platform: Platform, key: str, clients: int, seconds: floa
     sample = Sample()
     state = {"measuring": False, "stop": False}
 
-    async def client() -> None:
-        conn = HttpConn("127.0.0.1", platform.port)
+    async def client(w: int) -> None:
+        conn = HttpConn("127.0.0.1", platform.ports[w % len(platform.ports)])
         try:
             while not state["stop"]:
                 try:
@@ -574,7 +600,7 @@ async def session_rate(platform: Platform, key: str, clients: int, seconds: floa
         finally:
             conn.close()
 
-    tasks = [asyncio.create_task(client()) for _ in range(clients)]
+    tasks = [asyncio.create_task(client(w)) for w in range(clients)]
     await asyncio.sleep(WARMUP_S)
     state["measuring"] = True
     meter.start()
@@ -611,7 +637,8 @@ async def run(platform: Platform, seconds: float, count: int) -> None:
     assert platform.fake is not None
     nexus = Target("nexus", "127.0.0.1", platform.port, "default",
                    [f"Authorization: Bearer {key}\r\nX-Nexus-Session: {s}\r\n"
-                    "Content-Type: application/json\r\n".encode() for s in sessions])
+                    "Content-Type: application/json\r\n".encode() for s in sessions],
+                   ports=tuple(platform.ports))
     direct = Target("direct", "127.0.0.1", platform.fake.port, "fake-small",
                     [f"Authorization: Bearer {UPSTREAM_KEY}\r\n"
                      "Content-Type: application/json\r\n".encode()])
@@ -635,6 +662,8 @@ async def run(platform: Platform, seconds: float, count: int) -> None:
     w = sys.stdout.write
     w("\ngateway benchmark: Nexus path (HTTP -> orchestrator -> NATS -> provider -> upstream) "
       "vs the same request straight to the upstream\n")
+    w(f"{platform.replicas} orchestrator(s) and {platform.replicas} provider(s)"
+      " (concurrent clients spread over the orchestrators; sequential calls use the first)\n")
     w(f"upstream: fake OpenAI-compatible server, own process, 0 ms token delay, "
       f"{REPLY_TOKENS}-token reply; Nexus sessions with a budget and an inline policy; "
       f"{os.cpu_count()} CPUs shared by client, orchestrator, provider, NATS, Postgres, upstream\n")
@@ -729,10 +758,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=6, help="per concurrent case")
     parser.add_argument("--sequential", type=int, default=200, help="calls per sequential case")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="orchestrators and providers (clients spread over the orchestrators)")
     args = parser.parse_args()
     raise_fd_limit()
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-gateway-"))
-    platform = Platform(tmp)
+    platform = Platform(tmp, replicas=args.replicas)
     try:
         t = time.perf_counter()
         platform.start()

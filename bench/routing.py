@@ -26,9 +26,9 @@ consecutive affected calls up to the end of the run, `medium` is picked at most 
 type) from the drift to that one. Also printed: how many affected calls still went to
 `medium`, and how many changes the detector raised.
 
-`--real-model N`: the node's real llama-server (the bundled SmolLM2-135M, built by
-`nexus runtime prepare`) answers N prompts as `small` over the OpenAI wire protocol
-(real HTTP); each answer is scored by the declared checker below (`grade`), its cost
+`--real-model N` (`--only-real`: just that): the node's real llama-server (the bundled
+SmolLM2-135M, built by `nexus runtime prepare`, 2 threads) answers N prompts as `small`
+over the OpenAI wire protocol (real HTTP, `--real-max-tokens`, default 48); each answer is scored by the declared checker below (`grade`), its cost
 is its measured tokens at `small`'s price; printed: the measured quality per task, cost
 and latency, then the router learning online on those N prompts with `small` being the
 real model (its feedback: the checker's score of the real answer).
@@ -179,12 +179,16 @@ def main() -> None:
                         help="cache the prompts' embeddings in this file (reused when the prompts match)")
     parser.add_argument("--real-model", type=int, default=0, metavar="N",
                         help="also run N prompts with the real local model as `small`")
-    parser.add_argument("--real-max-tokens", type=int, default=96)
+    parser.add_argument("--real-max-tokens", type=int, default=48)
+    parser.add_argument("--only-real", action="store_true", help="skip the declared-model runs")
     args = parser.parse_args()
     data = prompts(args.n, args.seed)
     vectors, name, per, cached = embed_all(data, args.vectors)
     print(f"{len(data)} prompts, {len(TASKS)} task types, embedder {name}: "
           f"{per:.1f} ms per embedding (one thread{', cached' if cached else ''})")
+    if args.only_real:
+        real_model(data[:args.real_model], vectors[:args.real_model], args.real_max_tokens, args.seed)
+        return
     seeds = [args.seed + 100 * k for k in range(args.seeds)]
     cheapest = min(PRICE, key=lambda m: PRICE[m][1])
     best = max(QUALITY, key=lambda m: sum(QUALITY[m].values()))
@@ -293,12 +297,12 @@ def real_model(data, vectors, max_tokens: int, seed: int) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = tempfile.TemporaryFile()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (the server's output, closed with it)
     proc = subprocess.Popen([str(binary), *server_args(model, model_path()), "--host", "127.0.0.1",
                              "--port", str(port), "-c", "2048", "-t", "2"], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(timeout=300) as client:
+        with httpx.Client(timeout=600) as client:
             deadline = time.monotonic() + 120
             while True:
                 try:
@@ -318,6 +322,8 @@ def real_model(data, vectors, max_tokens: int, seed: int) -> None:
                     reply = client.post(f"{url}/v1/chat/completions", json={
                         "model": model.name, "max_tokens": max_tokens, "temperature": 0,
                         "messages": [{"role": "user", "content": text}]}).json()
+                    print(f"  real model {i + 1}/{len(data)} ({task}): "
+                          f"{(time.perf_counter() - t0):.1f} s", flush=True)
                     latency = (time.perf_counter() - t0) * 1000
                     usage = reply["usage"]
                     pin, pout = PRICE["small"]
@@ -332,6 +338,7 @@ def real_model(data, vectors, max_tokens: int, seed: int) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+        log.close()
     per_task = {t: [measured[i][0] for i, (task, _) in enumerate(data) if task == t] for t in TASKS}
     print(f"real model {model.name} as `small` ({len(data)} prompts, max_tokens {max_tokens}, "
           f"llama-server on this CPU): quality by the checker " + ", ".join(

@@ -229,7 +229,7 @@ class ChaosPlatform:
                     continue
                 exc = (record.get("exc") or "").strip()
                 out.append(f"{log.stem} {record.get('ts')} trace {record.get('trace_id')} "
-                           f"{record.get('path')}: {exc.splitlines()[-1] if exc else '?'}")
+                           f"{record.get('path')}: {exc or '?'}")
         return out
 
     # where things are
@@ -473,6 +473,7 @@ class AgenticOutcome:
     invoked: list[str] = field(default_factory=list)  # keys of acknowledged tool calls
     downloads: Counter = field(default_factory=Counter)  # task outcomes
     twice: list[str] = field(default_factory=list)  # side-effecting keys that ran twice
+    failure_example: str = ""  # the last run that did not finish: why
 
 
 class AgenticLoad:
@@ -516,6 +517,7 @@ class AgenticLoad:
             f"{api}/v1/nodes", headers=h, timeout=10).json()["nodes"]), None), 60, 0.3, "a node")
         self.model = import_model(platform)
         self.tasks: list[str] = []
+        self.ended: set[str] = set()
         self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True)
                         for i in range(2)]
 
@@ -622,7 +624,7 @@ class AgenticLoad:
         download task has ended (completed, or failed with a reason, or cancelled)."""
         api, h = self.platform.api, self.platform.headers
         started = time.monotonic()
-        pending_runs = set(self.outcome.runs)
+        pending_runs = set(self.outcome.runs) - self.ended
         pending_tasks = set(self.tasks)
         while pending_runs or pending_tasks:
             assert time.monotonic() - started < timeout, (
@@ -631,6 +633,9 @@ class AgenticLoad:
             for run_id in list(pending_runs):
                 run = self._run(run_id)
                 if run is None:
+                    continue
+                if run_id in self.ended:
+                    pending_runs.discard(run_id)
                     continue
                 for pending in run["pending_approvals"]:
                     yes = pending["reason"] == "needs_approval"
@@ -641,8 +646,10 @@ class AgenticLoad:
                         self.outcome.approvals[pending["reason"]] += 1
                 if run["status"] in ("finished", "failed", "cancelled"):
                     pending_runs.discard(run_id)
+                    self.ended.add(run_id)
                     if run["status"] != "finished":
                         self.outcome.run_failures[f"{run['status']}: {run.get('error')}"] += 1
+                        self.outcome.failure_example = f"{run.get('error')}: {run.get('detail')}"
             for task_id in list(pending_tasks):
                 task = self._task(task_id)
                 if task and task["status"] in ("completed", "failed", "cancelled"):
@@ -824,13 +831,15 @@ class Report:
             out.append(f"  agent runs: {len(a.runs)} started, each ended exactly once "
                        f"(not finished: {dict(a.run_failures) or 'none'}); approvals answered "
                        f"{dict(a.approvals) or 'none'}; side-effecting calls run twice: "
-                       f"{len(a.twice)}")
+                       f"{len(a.twice)}" + (f"; e.g. {a.failure_example[:300]}"
+                                            if a.failure_example else ""))
             out.append(f"  tool calls: {len(a.invoked)} acknowledged; client outcomes "
                        f"{dict(a.invokes)}")
             out.append(f"  downloads: {dict(a.downloads)}; runs and downloads ended after "
                        f"the load paused within {max(self.settled_s, default=0):.1f}s")
         out.append(f"  unhandled errors (500s) in the services' logs: {len(self.unhandled)}")
-        out += [f"    {line}" for line in self.unhandled[:10]]
+        out += [f"    {line.splitlines()[0]} ... {line.splitlines()[-1]}" for line in self.unhandled[:10]]
+        out += [f"  the first in full:\n{self.unhandled[0]}"] if self.unhandled else []
         return out
 
 

@@ -379,7 +379,8 @@ async def test_a_websocket_is_closed_1008_when_its_key_is_revoked(llm: LLMCluste
             connect(ws_url(llm.api, sid), additional_headers=kept) as other:
         await ws.send(json.dumps({"type": "ping"}))
         assert (await receive(ws))["type"] == "pong"
-        revoked = httpx.delete(f"{llm.api}/v1/keys/{key_id}", headers=llm.admin)
+        revoked = await asyncio.to_thread(httpx.delete, f"{llm.api}/v1/keys/{key_id}",
+                                          headers=llm.admin)
         assert revoked.status_code == 204, revoked.text
         with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
             for _ in range(300):  # pings answered until the check sees the revocation

@@ -296,7 +296,9 @@ def create_app(settings: Settings) -> Litestar:
         template_config=ui.TEMPLATES,
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=reject_unstorable_text,  # NUL in any text: a 400 naming the field
-        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(exclude=["/health", "/metrics"]))],
+        # the request's server span, not one span per ASGI message (per SSE chunk)
+        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(
+            exclude=["/health", "/metrics"], exclude_spans=["receive", "send"]))],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Nexus orchestrator", version=__version__, path="/schema"),
         debug=False,

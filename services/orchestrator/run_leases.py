@@ -52,11 +52,14 @@ class RunLeases:
             " WHERE run_id = $1 AND expires_at < now() RETURNING epoch",
             run_id, self.owner, self.lease_s)
 
-    async def renew_all(self) -> int:
-        """Extend every active lease this process holds; how many."""
+    async def renew_all(self, run_ids: list[str]) -> int:
+        """Extend the active leases this process holds of the runs it is driving; how
+        many. A lease whose run nobody here drives any more (its task failed and could
+        not hand it on, e.g. while Postgres was away) is left to lapse: taken over then."""
         status = await self.pool.execute(
             "UPDATE run_leases SET expires_at = now() + make_interval(secs => $2)"
-            " WHERE owner = $1 AND state = 'active'", self.owner, self.lease_s)
+            " WHERE owner = $1 AND state = 'active' AND run_id = ANY($3::text[])",
+            self.owner, self.lease_s, run_ids)
         return int(status.split()[-1])
 
     async def holds(self, run_id: str, epoch: int) -> bool:

@@ -18,7 +18,13 @@ session's and the run's own budget, routing, node choice; the agent's tools as O
 errors, policy denials and rejections are fed back to the model as the tool's result.
 The run's messages (the input, the assistant's answers with their tool calls, the tool
 results) are appended to the session's conversation in the same transaction as the
-run event that records them.
+run event that records them. One append per transition (`_commit`): an effect's facts go
+with the decisions that follow them and the opening records of the next effect.
+
+**Cancel.** `cancel` appends `RunCancelled` and broadcasts `RunInterrupt`; the process
+driving the run cancels the effect in flight (`_interruptible`: the LLM call's stream is
+closed through the call path, which releases its reservation; tool calls end
+`cancelled`), reads the cancel and stops.
 
 **Durability.** A run is driven by the orchestrator process holding its lease
 (`run_leases.py`), renewed every lease/4. Each orchestrator looks for lapsed leases
@@ -465,7 +471,7 @@ class RunService:
                         subjects.RUN_INTERRUPT, RunInterrupt, self._on_interrupt)
                 if time.monotonic() - last_renew >= self.lease_s / 4:
                     last_renew = time.monotonic()
-                    await self.leases.renew_all()
+                    await self.leases.renew_all(list(self._tasks))
                 for run_id in await self.leases.due():
                     if run_id in self._tasks:
                         continue

@@ -46,7 +46,7 @@ class NodeAdapter:
         last: UpstreamError | None = None
         for node_id in candidates:
             node_request = msgspec.structs.replace(request, model=model, messages=messages,
-                                                   nodes={}, targets=())
+                                                   nodes={}, targets=(), plan_loads=())
             sent = False
             try:
                 async with StreamReceiver(self.bus, subjects.node_infer(node_id), node_request,

@@ -111,13 +111,14 @@ def fold_feedback(stats: ArmStats, score: float) -> ArmStats:
         run_n, run_sum, run_sq = stats.run_n + 1, stats.run_sum + score, stats.run_sq + score * score
     else:
         run_n, run_sum, run_sq = 0, 0.0, 0.0
-    common = dict(feedback_n=stats.feedback_n + 1, cost_n=stats.cost_n, cost_mean=stats.cost_mean)
+    n, cost_n, cost_mean = stats.feedback_n + 1, stats.cost_n, stats.cost_mean
     if cusum > DRIFT_H:  # the model changed: what came before the run no longer holds
         return ArmStats(alpha=run_sum, beta=run_n - run_sum, sq=run_sq, resets=stats.resets + 1,
-                        **common)
+                        feedback_n=n, cost_n=cost_n, cost_mean=cost_mean)
     return ArmStats(alpha=stats.alpha * DISCOUNT + score, beta=stats.beta * DISCOUNT + 1 - score,
                     sq=stats.sq * DISCOUNT + score * score, cusum=cusum, run_n=run_n,
-                    run_sum=run_sum, run_sq=run_sq, resets=stats.resets, **common)
+                    run_sum=run_sum, run_sq=run_sq, resets=stats.resets, feedback_n=n,
+                    cost_n=cost_n, cost_mean=cost_mean)
 
 
 def fold_cost(stats: ArmStats, micro_usd: float) -> ArmStats:

@@ -84,6 +84,14 @@ class RunsReadModel:
             tenant, session_id, limit)
         return [dict(r) for r in rows]
 
+    async def of_tenant(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The tenant's latest runs, newest first (the dashboard's Runs page)."""
+        rows = await self.pool.fetch(
+            "SELECT run_id, session_id, agent, agent_version, status, steps, cost_micro_usd,"
+            " answer, error, detail, created_at, updated_at FROM runs"
+            " WHERE tenant = $1 ORDER BY created_at DESC, run_id LIMIT $2", tenant, limit)
+        return [dict(r) for r in rows]
+
     async def count_by_status(self, tenant: str) -> dict[str, int]:
         rows = await self.pool.fetch(
             "SELECT status, count(*) AS n FROM runs WHERE tenant = $1 GROUP BY status", tenant)

@@ -51,6 +51,9 @@ from litestar.template.config import TemplateConfig
 from shared.contracts import errors
 from services.orchestrator.ui.auth import UiAuth
 from services.orchestrator.ui.live import LiveHub
+from services.orchestrator.ui.pages_catalog import CatalogPages
+from services.orchestrator.ui.pages_runs import RunPages
+from services.orchestrator.ui.pages_sessions import SessionPages
 from services.orchestrator.ui.pages import (
     LoginController,
     LoginRequired,
@@ -84,7 +87,8 @@ def router() -> Router:
     """Every dashboard route: outside the OpenAPI document, its own login (not the
     bearer middleware), its own error pages."""
     return Router(
-        path="/", route_handlers=[LoginController, PagesController], include_in_schema=False,
+        path="/", route_handlers=[LoginController, PagesController, SessionPages, RunPages,
+                                  CatalogPages], include_in_schema=False,
         dependencies={"viewer": Provide(provide_viewer), "hub": Provide(provide_hub)},
         exception_handlers={LoginRequired: login_required, PageError: page_error,
                             errors.NotFound: not_found})

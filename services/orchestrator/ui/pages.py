@@ -252,13 +252,7 @@ class PagesController(Controller):
                 hub.unsubscribe(sub)
         return Stream(feed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @get("/sessions/{session_id:str}")
-    async def session(self, request: Request, session_id: str, state: State, viewer: Viewer) -> Template:
-        """One session (its status and budget); another tenant's is a 404, as in the API."""
-        view = await state.sessions.get(viewer.caller, session_id)
-        if view is None:
-            raise PageError(404, f"session {session_id!r} not found")
-        return page("session", viewer, request, s=view)
+    # one session's page: pages_sessions.py (SessionPages)
 
 
 def login_required(request: Request, _: LoginRequired) -> Response:
