@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -103,8 +104,10 @@ def main() -> None:
             return "go FAKE_AGENT=" + json.dumps(
                 {"steps": [[{"name": "ping", "arguments": {"k": "x"}}]] * n, "answer": "done"})
 
+        last_sid = [""]
+
         def run_once(n: int, api_url: str = api) -> tuple[float, str]:
-            sid = session()
+            sid = last_sid[0] = session()
             t0 = time.perf_counter()
             run = client.post(f"{api_url}/v1/sessions/{sid}/runs",
                               json={"agent": "bench", "input": script(n)}).json()
@@ -142,9 +145,16 @@ def main() -> None:
             runs.append(elapsed)
             directs.append(direct_once(args.steps))
         added = (p50(runs) - p50(directs)) / args.steps * 1000
+        paired = p50([r - d for r, d in zip(runs, directs)]) / args.steps * 1000
+        # appends (transactions) of the run's own stream: one recorded_at per transaction
+        appends = len({e.recorded_at for e in cluster.events(last_sid[0])
+                       if e.stream_id.startswith("run-")})
+        load = os.getloadavg()
         print(f"(a) {args.steps}-step run p50 {p50(runs) * 1000:.0f} ms vs the same calls made "
               f"directly p50 {p50(directs) * 1000:.0f} ms: ratio {p50(runs) / p50(directs):.2f}x, "
-              f"{added:.1f} ms added per step (goal <= 5 ms)")
+              f"{added:.1f} ms added per step (median of paired differences {paired:.1f} ms; "
+              f"goal <= 5 ms); {appends} appends to the run's stream for {args.steps} steps; "
+              f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
         # (b) takeover after kill -9 of the owner
         cluster.primary.configure(first_byte_delay_ms=4000)

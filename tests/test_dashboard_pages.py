@@ -243,3 +243,37 @@ def test_edit_an_agent_apply_it_and_a_bad_one_shows_its_field_and_line(browser, 
         assert page.goto(f"{ui.api}{path}").status == 200
         assert page.locator(marker).count() >= 1, path
     ctx.close()
+
+
+def test_drain_a_node_on_the_nodes_page_then_resume_it(browser, ui):
+    """The operator's drain: the API's rules (404, 403), the button, no new work goes to
+    the node while it drains (a tool call finds no node), and Resume brings it back."""
+    admin = ui.cluster.admin
+    [node] = httpx.get(f"{ui.api}/v1/nodes", headers=admin).json()["nodes"]
+    nid = node["node_id"]
+    _, h = ui.tenant()
+    sid = ui.session(h)
+    assert httpx.post(f"{ui.api}/v1/nodes/missing-node/drain", headers=admin).status_code == 404
+    assert httpx.post(f"{ui.api}/v1/nodes/{nid}/drain", headers=h).status_code == 403
+    ctx, page = login(browser, ui, ui.cluster.admin_key)
+    page.goto(f"{ui.api}/ui/nodes")
+    row = page.locator(f"tr[data-node='{nid}']")
+    row.get_by_role("button", name="Drain").click()
+    page.get_by_role("status").filter(has_text=f"node {nid} draining").wait_for()
+    row.locator(".status").filter(has_text="draining").wait_for()  # live
+    shot(page, "nodes-draining")
+    wait_until(lambda: httpx.get(f"{ui.api}/v1/nodes/{nid}", headers=admin).json()["load"]["draining"],
+               15, 0.2, "the node's heartbeats to say draining")
+    invoke = f"{ui.api}/v1/sessions/{sid}/tools/python/invoke"
+    resp = httpx.post(invoke, headers=h, timeout=30, json={"arguments": {"code": "print(1)"}})
+    assert resp.status_code == 503, resp.text  # no new work for a draining node
+    again = httpx.post(f"{ui.api}/v1/nodes/{nid}/drain", headers=admin)
+    assert again.status_code == 200 and again.json()["status"] == "draining"  # harmless
+    row.get_by_role("button", name="Resume").click()
+    page.get_by_role("status").filter(has_text=f"node {nid} resumed").wait_for()
+    row.locator(".status").filter(has_text="online").wait_for()
+    wait_until(lambda: not httpx.get(f"{ui.api}/v1/nodes/{nid}", headers=admin).json()["load"]["draining"],
+               15, 0.2, "the node's heartbeats to say it takes work")
+    resp = httpx.post(invoke, headers=h, timeout=30, json={"arguments": {"code": "print(1)"}})
+    assert resp.status_code == 200 and resp.json()["status"] == "finished", resp.text
+    ctx.close()

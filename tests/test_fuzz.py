@@ -35,7 +35,10 @@ pytestmark = pytest.mark.slow
 
 ST = Path(sys.executable).with_name("schemathesis")
 EXAMPLES = int(os.environ.get("NEXUS_FUZZ_EXAMPLES", "2"))
-NOT_GATED = {"ST202"}  # positive_data_acceptance: printed, see the docstring
+# printed, not gated: positive_data_acceptance (see the docstring), and ST112 (an answer
+# slower than 10 s): a wall-clock check, which a shared 2-core machine cannot hold to
+# (docs/reliability.md: the slow answers seen, open); a hang still fails (request timeout)
+NOT_GATED = {"ST202", "ST112"}
 PROBLEM = "application/problem+json"
 FULL = os.environ.get("NEXUS_FUZZ_FULL") == "1"
 REPORTS = os.environ.get("NEXUS_FUZZ_REPORTS", "json")  # e.g. `json,vcr`: every request, timed
@@ -61,10 +64,6 @@ def schemathesis(api: str, key: str, report_dir: Path, phases: str) -> dict:
         [str(ST), "run", f"{api}/schema/openapi.json", "-H", f"Authorization: Bearer {key}",
          "--checks", "all", "--phases", phases,
          "--max-examples", str(EXAMPLES), "--workers", "2", "--request-timeout", "30",
-         # `all` includes ST112 (an answer slower than 10 s): a wall-clock check that a
-         # busy shared machine fails (a 400 took 15-18 s at load average 8-18); a hang is
-         # still one (up to the request timeout)
-         "--max-response-time", "30",
          "--no-color", "--report", REPORTS, "--report-dir", str(report_dir)],
         capture_output=True, text=True, timeout=3500 if FULL else 900)
     report = json.loads(next(report_dir.glob("json-*.json")).read_text())
@@ -109,6 +108,7 @@ def _without_tool_bugs(errors: list[dict], output: str) -> list[dict]:
     return errors
 
 
+@pytest.mark.timeout(3600 if FULL else 960)  # 59 operations: ~3-6 min on a busy 2-core machine
 @pytest.mark.parametrize("who", ["platform-admin", "tenant-admin"])
 def test_schemathesis_finds_no_contract_violation(llm: LLMCluster, who: str,
                                                   tmp_path: Path) -> None:

@@ -161,6 +161,28 @@ def test_another_tenants_session_is_not_found_on_the_dashboard(world) -> None:
         assert ui.get("/ui/sessions/no-such-session").status_code == 404
         assert ui.get("/ui/models").status_code == 403
         assert ui.get("/ui/").status_code == 200
+        # the tenant pages (DASH-PAGES): B's session, run and LLM call are 404 pages, and a
+        # `?tenant=` naming B is ignored for a tenant's key (only the platform admin picks)
+        ids = world["ids_b"]
+        for path in (f"/ui/sessions/{ids['session_id']}/budget?stop=0",
+                     f"/ui/live/sessions/{ids['session_id']}", f"/ui/runs/{ids['run_id']}",
+                     f"/ui/live/runs/{ids['run_id']}", f"/ui/live/runs/{ids['run_id']}/stream",
+                     f"/ui/calls/{world['llm_call_b']}",
+                     f"/ui/runs/{ids['run_id']}?tenant={world['b']}",
+                     f"/ui/sessions/{ids['session_id']}?tenant={world['b']}"):
+            resp = ui.get(path)
+            assert resp.status_code == 404, (path, resp.status_code)
+            assert world["b"] not in resp.text, path
+        for path in (f"/ui/runs?tenant={world['b']}", f"/ui/sessions?tenant={world['b']}",
+                     f"/ui/agents?tenant={world['b']}"):
+            resp = ui.get(path)
+            assert resp.status_code == 200 and ids["run_id"] not in resp.text, path
+            assert ids["session_id"] not in resp.text and "bthing" not in resp.text, path
+        assert ui.get("/ui/agents/bthing").status_code == 404  # B's agent, by name
+        csrf = re.search(r'name="csrf" value="([^"]+)"', ui.get("/ui/sessions").text).group(1)
+        assert ui.post(f"/ui/runs/{ids['run_id']}/approvals", data={
+            "csrf": csrf, "tool_call_id": "x", "decision": "approve"}).status_code == 404
+        assert ui.post("/ui/nodes/nope/drain", data={"csrf": csrf}).status_code == 403
 
 
 def test_another_tenants_session_is_not_found_on_the_websocket_and_mcp_gateway(world) -> None:
@@ -226,6 +248,9 @@ def test_platform_only_routes_refuse_a_tenant_whatever_the_tenant(world) -> None
                          json={"limit_usd": 1})
         assert resp.status_code == 403, resp.text
     assert httpx.delete(f"{platform.api}/v1/nodes/nope", headers=admin_a).status_code == 403
+    for action in ("drain", "undrain"):  # the operator's drain (DASH-PAGES)
+        assert httpx.post(f"{platform.api}/v1/nodes/nope/{action}",
+                          headers=admin_a).status_code == 403
     # model distribution: the fleet is the platform's, whatever ids a tenant names
     for method, path, body in (
             ("get", "/v1/models/available", None),

@@ -15,7 +15,15 @@ import time
 
 from shared import __version__
 from shared.contracts import subjects
-from shared.contracts.messages import Heartbeat, NodeRegistration, NodeStatusChange, RegistrationAck, RuntimeInfo
+from shared.contracts.messages import (
+    Heartbeat,
+    NodeDrainAck,
+    NodeDrainCommand,
+    NodeRegistration,
+    NodeStatusChange,
+    RegistrationAck,
+    RuntimeInfo,
+)
 from shared.infra.messaging import Bus, MessagingError
 from services.node import hardware
 
@@ -131,6 +139,16 @@ class NodeDaemon:
             except Exception as exc:  # NATS down: keep beating, it reconnects
                 log.warning("heartbeat not sent: %s", exc)
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def on_drain(self, command: NodeDrainCommand, _msg: object) -> NodeDrainAck:
+        """The operator drains the node (or resumes it): no new work is routed here while
+        the heartbeats say `draining`; what runs finishes. A restart resumes."""
+        self.draining = command.drain
+        log.info("drain requested" if command.drain else "resumed",
+                 extra={"node_id": self.node_id, "reason": command.reason,
+                        "active_requests": self.active_requests})
+        return NodeDrainAck(node_id=self.node_id, draining=self.draining,
+                            active_requests=self.active_requests)
 
     async def drain_and_leave(self, bus: Bus, deadline_s: float) -> None:
         """Announce draining, wait for in-flight work (up to the deadline), announce leaving."""

@@ -15,7 +15,13 @@ from services.node.ollama import Ollama
 from services.node.runtime import ManagedLlama, Relay, probe
 from services.node.tools import tool_runner
 from shared.contracts import subjects
-from shared.contracts.messages import CompletionRequest, ModelCommand, RuntimeInfo, ToolExecRequest
+from shared.contracts.messages import (
+    CompletionRequest,
+    ModelCommand,
+    NodeDrainCommand,
+    RuntimeInfo,
+    ToolExecRequest,
+)
 from shared.domain.nodes import load_or_create_node_id
 from shared.infra.model_store import ModelStore
 from shared.infra.nats_auth import node_inbox_prefix
@@ -112,6 +118,7 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
                         concurrent=True)
     await bus.subscribe(subjects.node_infer(agent.node_id), CompletionRequest, relay.on_infer,
                         concurrent=True)
+    await bus.subscribe(subjects.node_drain(agent.node_id), NodeDrainCommand, agent.on_drain)
     tools = tool_runner(agent.node_id, bus, settings)
     await bus.subscribe(subjects.node_tool(agent.node_id), ToolExecRequest, tools.on_tool,
                         concurrent=True)

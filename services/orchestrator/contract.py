@@ -126,6 +126,8 @@ EXTRA: dict[tuple[str, str], set[int]] = {
     ("delete", "/v1/keys/{key_id}"): {403},
     ("post", "/v1/policies"): {403, 409, 422},
     ("delete", "/v1/nodes/{node_id}"): {403},
+    ("post", "/v1/nodes/{node_id}/drain"): {403, 409},  # operator drain (issue 15)
+    ("post", "/v1/nodes/{node_id}/undrain"): {403, 409},
     ("put", "/v1/tenants/{tenant}/budget"): {403, 409, 422},
     ("post", "/v1/sessions"): {422},
     ("post", "/v1/sessions/{session_id}/close"): {409},

@@ -35,14 +35,17 @@ from shared.contracts.events import (
     node_stream,
 )
 from shared.infra.eventstore import EventStore, WrongExpectedVersion
+from shared.contracts.errors import Conflict, NotFound
 from shared.contracts.messages import (
     Heartbeat,
+    NodeDrainAck,
+    NodeDrainCommand,
     NodeRegistration,
     NodeStatusChange,
     RegistrationAck,
     RuntimeInfo,
 )
-from shared.infra.messaging import Bus, HandlerError, stop_listening
+from shared.infra.messaging import Bus, HandlerError, MessagingError, stop_listening
 from shared.domain.nodes import (
     DEREGISTERED,
     DRAINING,
@@ -97,6 +100,21 @@ def decide_offline(state: NodeRecord | None, last_heartbeat_at: float | None,
         return []
     return [NodeWentOffline(node_id=state.node_id, last_heartbeat_at=last_heartbeat_at,
                             timeout_s=timeout_s)]
+
+
+def decide_operator_drain(state: NodeRecord | None, node_id: str, drain: bool,
+                          actor: str) -> list[Event]:
+    """The operator drains a node (or resumes a drained one). Unknown or deregistered:
+    `NotFound`; offline or left: `Conflict` (nothing there to drain or resume). Draining
+    twice, or resuming an online node, changes nothing."""
+    if state is None or state.status == DEREGISTERED:
+        raise NotFound("node", node_id)
+    if state.status in (OFFLINE, LEFT):
+        raise Conflict(f"node {state.node_id!r} is {state.status}: only an online node drains")
+    if drain:
+        return [] if state.status == DRAINING else [
+            NodeDraining(node_id=state.node_id, reason=f"drain requested by {actor}")]
+    return [NodeCameBack(node_id=state.node_id, via="undrain")] if state.status == DRAINING else []
 
 
 def decide_came_back(state: NodeRecord | None) -> list[Event]:
@@ -282,6 +300,24 @@ class NodeService:
         existed = node_id in self.records and self.records[node_id].status != DEREGISTERED
         await self.transition(node_id, decide, actor=actor)
         return existed
+
+    async def drain(self, node_id: str, drain: bool, actor: str) -> NodeRecord:
+        """The operator's drain (or resume): recorded (`NodeDraining` / `NodeCameBack`
+        via "undrain"; the selector skips a draining node from then on), then the node is
+        told over NATS so its heartbeats agree; an unreachable node is drained all the
+        same (it gets no work), and a restart resumes it."""
+        if node_id not in self.records:
+            raise NotFound("node", node_id)
+        record = await self.transition(node_id, lambda s: decide_operator_drain(s, node_id, drain, actor),
+                                       actor=actor)
+        assert record is not None
+        try:
+            await self.bus.request(subjects.node_drain(node_id), NodeDrainCommand(
+                node_id=node_id, drain=drain, reason=f"by {actor}"), NodeDrainAck, timeout=2.0)
+        except MessagingError as exc:
+            log.warning("drain not acknowledged by the node", extra={"node_id": node_id,
+                                                                     "error": str(exc)})
+        return record
 
     async def history(self, node_id: str, limit: int = 150) -> list[Heartbeat]:
         """The node's recent heartbeats from the bounded JetStream stream."""

@@ -6,14 +6,15 @@ import time
 from typing import Annotated, Literal
 
 import msgspec
-from litestar import Controller, delete, get
+from litestar import Controller, delete, get, post
 from litestar.params import Parameter
 
 from shared.domain.nodes import STATUSES, NodeLoad
 from services.orchestrator.auth import require_platform
 from services.orchestrator.keys import Caller
 from services.orchestrator.fleet import NodeService
-from services.orchestrator.problems import Problem
+from services.orchestrator.problems import Problem, problem_for
+from shared.contracts.errors import NexusError
 from services.orchestrator.read_models.node_registry import RegisteredNode
 from services.orchestrator.schemas import LoadSample, NodeDetail, NodeList, NodeLoadOut, NodeOut
 
@@ -91,3 +92,27 @@ class NodesController(Controller):
         require_platform(caller)
         if not await nodes.deregister(node_id, actor=caller.actor):
             raise Problem(404, "not-found", f"node {node_id!r} not found")
+
+    @post("/{node_id:str}/drain", status_code=200)
+    async def drain_node(self, node_id: str, nodes: NodeService, caller: Caller) -> NodeOut:
+        """Drain a node (platform): no new work goes to it, what runs finishes; the node
+        is told over NATS. Unknown: 404; offline or left: 409. Draining twice is harmless."""
+        return await _drain(nodes, caller, node_id, True)
+
+    @post("/{node_id:str}/undrain", status_code=200)
+    async def undrain_node(self, node_id: str, nodes: NodeService, caller: Caller) -> NodeOut:
+        """Resume a drained node (platform): it takes work again. Unknown: 404; offline or
+        left: 409."""
+        return await _drain(nodes, caller, node_id, False)
+
+
+async def _drain(nodes: NodeService, caller: Caller, node_id: str, drain: bool) -> NodeOut:
+    require_platform(caller)
+    try:
+        record = await nodes.drain(node_id, drain, actor=caller.actor)
+    except NexusError as exc:
+        raise problem_for(exc) from None
+    node = await nodes.registered(node_id)
+    if node is None:  # the registry projection has not seen the node yet
+        raise Problem(409, "conflict", f"node {node_id!r} is still registering; retry")
+    return NodeOut(**{**_node_out(node, nodes), "status": record.status})

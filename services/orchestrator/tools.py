@@ -232,8 +232,16 @@ class ToolService:
 
     async def invoke(self, caller: Caller, session_id: str, name: str,
                      arguments: dict[str, Any], *, run_id: str | None = None,
-                     call_id: str | None = None) -> ToolCallView:
-        # `call_id`: the id an agent run derived for this attempt (else a new one)
+                     call_id: str | None = None, retry: bool = False) -> ToolCallView:
+        # `call_id`: the id an agent run derived for this attempt (else a new one);
+        # `retry`: it was derived from the request's Idempotency-Key, so a call already
+        # there is an earlier attempt of this same request (never run twice)
+        if retry and call_id is not None:
+            earlier = await self.store.read_stream(toolcall_stream(call_id))
+            if any(isinstance(r.event, ToolCallStarted) for r in earlier):
+                return await self._earlier_attempt(caller, session_id, call_id, earlier)
+            if earlier:  # refused before it ran (no node, a rate limit): a new call
+                call_id = None
         # the session and the tool are independent reads: one round trip's wait, not two
         # (the session's answer comes first: another tenant's is a 404, a closed one 409)
         tool = asyncio.ensure_future(self.resolve(caller.tenant, name))
@@ -296,6 +304,32 @@ class ToolService:
             self.metrics.count(label, "no_node")
             raise NoNodeAvailable("no online node can run tools now; retry shortly")
         return await self._execute(caller, spec, requested, node, 3, meta, view)
+
+    async def _earlier_attempt(self, caller: Caller, session_id: str, call_id: str,
+                               records: list) -> ToolCallView:
+        """The answer to a retried request whose call an earlier attempt made (the same
+        Idempotency-Key, after that attempt's answer was lost: the orchestrator or
+        Postgres went away). Ended, or waiting for approval: as it stands. Started and
+        never ended: its outcome is unknown (it may have run), so it ends now as
+        `outcome_unknown`, for a human to judge, instead of running a second time."""
+        first = records[0]
+        if (first.metadata.tenant != caller.tenant or not isinstance(first.event, ToolCallRequested)
+                or first.event.session_id != session_id):
+            raise NotFound("tool call", call_id)
+        if self._fold([r.event for r in records])["status"] in ("running", "approved"):
+            meta = Metadata(tenant=caller.tenant, actor=caller.actor, correlation_id=session_id,
+                            causation_id=first.event.run_id or call_id)
+            try:
+                await self._append(call_id, [self._failed(
+                    first.event, "outcome_unknown", "an earlier attempt of this request (same "
+                    "Idempotency-Key) started the call and was interrupted before its outcome "
+                    "was recorded; it is not run again")], records[-1].stream_version, meta)
+            except WrongExpectedVersion:
+                pass  # it ended meanwhile: that is its answer
+        head = await self.store.stream_head(toolcall_stream(call_id))
+        if head is not None:  # the read model as of the call's last event
+            await self.runner.wait_for(head, names=("tool_calls",))
+        return await self.call(caller, session_id, call_id)
 
     async def answer_approval(self, caller: Caller, session_id: str, call_id: str, *,
                               approve: bool, reason: str = "") -> ToolCallView:

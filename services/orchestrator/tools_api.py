@@ -105,9 +105,14 @@ class ToolCallsController(Controller):
                           idempotency: idem.IdempotencyStore,
                           idempotency_key: idem.KeyHeader = None) -> Response[ToolCallView]:
         """Call a tool in the session: its outcome, or 202 while it waits for approval."""
+        key = idem.validate_key(idempotency_key)  # a retry finds its earlier attempt's call
+        call_id = str(idem.derived_id(caller.tenant, key, f"tool-call {session_id} {name}")) \
+            if key else None
+
         async def run() -> idem.Recorded:
             return _call_answer(await tool_service.invoke(caller, session_id, name, data.arguments,
-                                                   run_id=data.run_id))
+                                                   run_id=data.run_id, call_id=call_id,
+                                                   retry=call_id is not None))
 
         return await idem.run_once(request, caller.tenant, idempotency,  # type: ignore[return-value]
                                    lambda: _edge(run()))

@@ -407,7 +407,8 @@ class ToolCallFailed(Event, frozen=True):
     tool_call_id: str
     tool: str
     # "invalid_arguments", "denied", "rejected", "approval_expired", "timeout", "memory",
-    # "cpu", "node_lost", "no_node", "sandbox_error", "upstream_error", "cancelled"
+    # "cpu", "node_lost", "no_node", "sandbox_error", "upstream_error", "cancelled",
+    # "outcome_unknown" (a retried request found its earlier attempt's call started, never ended)
     reason: str
     detail: str
     node: str | None = None

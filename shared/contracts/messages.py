@@ -339,3 +339,22 @@ class RunInterrupt(msgspec.Struct, frozen=True, kw_only=True):
     whoever drives it stops what it has in flight."""
 
     run_id: str
+
+
+# -- operator drain (issue 15: DASH-PAGES) -------------------------------------------------
+
+
+class NodeDrainCommand(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`nexus.node.<id>.drain` (request/reply, orchestrator -> node): the operator asks
+    the node to drain (`drain`: take no new work, finish what it has; its heartbeats
+    then say `draining`) or to take work again (`drain` false)."""
+
+    node_id: NodeId
+    drain: bool
+    reason: str = ""
+
+
+class NodeDrainAck(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    draining: bool
+    active_requests: int = 0

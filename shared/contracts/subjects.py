@@ -62,6 +62,12 @@ def node_status(node_id: str) -> str:
     return f"{NODE_PREFIX}.{node_id}.status"
 
 
+def node_drain(node_id: str) -> str:
+    """The operator's drain / resume of one node: a `NodeDrainCommand`, a `NodeDrainAck`
+    reply (issue 15: DASH-PAGES)."""
+    return f"{NODE_PREFIX}.{node_id}.drain"
+
+
 def node_infer(node_id: str) -> str:
     """Inference on one node: a `CompletionRequest` with a frame-stream reply."""
     return f"{NODE_PREFIX}.{node_id}.infer"

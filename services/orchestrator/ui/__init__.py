@@ -52,6 +52,7 @@ from shared.contracts import errors
 from services.orchestrator.ui.auth import UiAuth
 from services.orchestrator.ui.live import LiveHub
 from services.orchestrator.ui.pages_catalog import CatalogPages
+from services.orchestrator.ui.pages_drain import DrainPages
 from services.orchestrator.ui.pages_runs import RunPages
 from services.orchestrator.ui.pages_sessions import SessionPages
 from services.orchestrator.ui.pages import (
@@ -88,7 +89,7 @@ def router() -> Router:
     bearer middleware), its own error pages."""
     return Router(
         path="/", route_handlers=[LoginController, PagesController, SessionPages, RunPages,
-                                  CatalogPages], include_in_schema=False,
+                                  CatalogPages, DrainPages], include_in_schema=False,
         dependencies={"viewer": Provide(provide_viewer), "hub": Provide(provide_hub)},
         exception_handlers={LoginRequired: login_required, PageError: page_error,
                             errors.NotFound: not_found})

@@ -27,12 +27,16 @@ from shared.domain.budget import (
 )
 from services.orchestrator.keys import Caller
 from services.orchestrator.read_models.runs import RunsReadModel
-from services.orchestrator.ui.views import usd
 
 ENDED_CALL = {"LLMCallCompleted"}
 ENDED_TOOL = {"ToolCallFinished", "ToolCallFailed"}
 _ENDED: OrderedDict[str, list[Event]] = OrderedDict()  # streams of ended calls never change
 _ENDED_MAX = 4000
+
+
+def usd(micro: int) -> str:
+    """Dollars to the micro-dollar: a call's cost is often under a hundredth of a cent."""
+    return f"${micro / 1_000_000:,.6f}"
 
 
 def scoped(caller: Caller, tenant: str | None) -> Caller:
