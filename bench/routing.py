@@ -214,6 +214,10 @@ def main() -> None:
         if (pw, cw) == GOAL_WEIGHTING:
             goal = (min(qs) / always_best[0], max(cs) / always_best[1])
     at = min(500, len(data) // 2)
+    print(f"drift: at call {at} {DRIFT_MODEL}'s quality on {'/'.join(DRIFT_TASKS)} drops to "
+          f"{DRIFT_QUALITY}; \"shifted within N calls\": N calls (all task types) from the drop to the "
+          f"first {'/'.join(DRIFT_TASKS)} call after which every window of 10 such calls, to the end, "
+          f"picks {DRIFT_MODEL} at most twice")
     shifts = []
     for s in seeds:
         picks, _, resets = run(data, vectors, 0.7, 0.3, s, drift_at=at)

@@ -59,6 +59,34 @@ async def import_model(path: Path, name: str, source: str, *, nats_url: str, use
     return stored
 
 
+async def _off_loop(fn, *args, **kwargs):
+    """`fn` in a daemon thread of its own (not the loop's executor, which the interpreter
+    waits for at exit): a cancelled import never holds `nexus up` open while it hashes or
+    reads a GGUF header."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value) -> None:
+        if not future.done():
+            (future.set_result if ok else future.set_exception)(value)
+
+    def run() -> None:
+        try:
+            result = (True, fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            result = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *result)
+        except RuntimeError:  # the loop is gone: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name=f"import-{getattr(fn, '__name__', 'work')}",
+                     daemon=True).start()
+    return await future
+
+
 async def import_if_changed(path: Path, name: str, source: str, *, nats_url: str,
                             user: str | None, password: str | None,
                             progress=None) -> tuple[object, bool]:
@@ -69,7 +97,7 @@ async def import_if_changed(path: Path, name: str, source: str, *, nats_url: str
     from shared.infra.messaging import Bus
     from shared.infra.model_store import ModelStore
 
-    sha = await asyncio.to_thread(sha256_file, path)
+    sha = await _off_loop(sha256_file, path)
     bus = await Bus.connect(nats_url, "nexus-cli", user=user, password=password)
     try:
         await bus.ensure_object_stores((MODEL_BUCKET,))
@@ -77,7 +105,7 @@ async def import_if_changed(path: Path, name: str, source: str, *, nats_url: str
         existing = await store.get(name)
         if existing is not None and existing.artifact.sha256 == sha:
             return existing, False  # already there: importing again changes nothing
-        artifact = await asyncio.to_thread(describe, path, name=name, sha256=sha, source=source)
+        artifact = await _off_loop(describe, path, name=name, sha256=sha, source=source)
         return await store.put(path, artifact, progress), True
     finally:
         await bus.close()
@@ -107,7 +135,7 @@ async def import_shipped(names: list[str], *, nats_url: str, user: str | None,
 
     done = {}
     for name in names:
-        path = await asyncio.to_thread(locate or ensure_model, say, name)
+        path = await _off_loop(locate or ensure_model, say, name)
         _, done[name] = await import_if_changed(
             path, name, f"package {LOCAL_MODELS[name].source}", nats_url=nats_url, user=user,
             password=password)

@@ -24,6 +24,7 @@ never holds a password.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -281,18 +282,38 @@ class Supervisor:
         fetched_anyway = not self.settings.runtime_url and self.settings.runtime == "llama"
         names = shipped_models(name, fetched_anyway or model_path(name).exists())
 
+        async def run() -> dict[str, bool]:
+            task = asyncio.current_task()
+            assert task is not None
+            self._import = (asyncio.get_running_loop(), task)  # `shutdown` cancels it
+            return await import_shipped(
+                names, nats_url=nats_url, user=user.name if user else self.settings.nats_user,
+                password=user.password if user else self.settings.nats_password, say=self._say)
+
         def work() -> None:
             try:
-                done = asyncio.run(import_shipped(
-                    names, nats_url=nats_url, user=user.name if user else self.settings.nats_user,
-                    password=user.password if user else self.settings.nats_password, say=self._say))
+                done = asyncio.run(run())
                 for model, uploaded in done.items():
                     if uploaded:
                         self._say(f"model store: {model} imported")
+            except asyncio.CancelledError:
+                pass  # stopped with Nexus: the next start imports it (nothing half-written)
             except Exception as exc:  # noqa: BLE001 - the platform works without it
                 self._say(f"could not import {', '.join(names)} into the model store: {exc}")
 
-        threading.Thread(target=work, name="model-import", daemon=True).start()
+        self._import_thread = threading.Thread(target=work, name="model-import", daemon=True)
+        self._import_thread.start()
+
+    def stop_import(self, timeout: float = 10.0) -> None:
+        """Cancel a model import still running (before NATS stops under it)."""
+        running = getattr(self, "_import", None)
+        if running is not None:
+            loop, task = running
+            with contextlib.suppress(RuntimeError):  # its loop already closed: it is done
+                loop.call_soon_threadsafe(task.cancel)
+        thread = getattr(self, "_import_thread", None)
+        if thread is not None:
+            thread.join(timeout)
 
     def watch_runtime(self, poll_s: float = 1.0) -> None:
         """Say what the node reports about its runtime (crashed, failed, ready) as it
@@ -401,6 +422,7 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self._stopping = True
+        self.stop_import()
         stop_processes([svc.proc for svc in self.services], timeout=20)  # they drain meanwhile
         for server in reversed(self.servers):
             server.stop()

@@ -495,6 +495,7 @@ class AgenticLoad:
         self.stopping = threading.Event()
         self.idle = [threading.Event(), threading.Event()]
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Bumps)
+        self.server.handle_error = lambda *_: None  # a caller killed mid-call: not news
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         api, h = platform.api, platform.headers
         port = self.server.server_address[1]

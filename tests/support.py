@@ -74,7 +74,7 @@ def service_env(nats_url: str, database_url: str, **extra: str) -> dict[str, str
     return env
 
 
-def wait_http_ok(url: str, timeout: float = 30.0, proc: ServiceProc | None = None) -> httpx.Response:
+def wait_http_ok(url: str, timeout: float = 90.0, proc: ServiceProc | None = None) -> httpx.Response:
     def ok() -> httpx.Response | None:
         if proc is not None and proc.proc is not None and proc.proc.poll() is not None:
             raise AssertionError(f"{proc.name} exited ({proc.proc.returncode}):\n{proc.log()[-3000:]}")

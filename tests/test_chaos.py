@@ -37,6 +37,7 @@ def test_kill_each_process_kind_under_load_loses_nothing(tmp_path) -> None:
     assert outcome is not None and outcome.acked and not outcome.twice
     assert outcome.statuses[402] > 0  # the tight budget ran out: denied, never overspent
     assert outcome.hung == 0, f"{outcome.hung} calls hung"
+    assert not report.unhandled, f"500s in the services' logs: {report.unhandled[0]}"
     agentic = report.agentic
     assert agentic is not None and agentic.runs and agentic.invoked and not agentic.twice
     assert sum(agentic.downloads.values()) == len(KINDS)  # one per round, each ended

@@ -63,3 +63,24 @@ def test_a_model_never_counts_against_itself():
     assert fit(gpu, MID) is None  # 1 GiB of others + itself: re-pulling it is fine
     cpu = NodeCapacity("n", gpu_memory=(), memory_total=4 * GIB, loaded=(("mid", own),))
     assert fit(cpu, MID) is None
+
+
+def test_gguf_header_reader_agrees_with_gguf_and_refuses_other_files(tmp_path):
+    """Fit's inputs come from the header (shared.infra.gguf, arrays skipped): the same
+    figures as llama.cpp's own `gguf` reader; a file that is not GGUF is a ValueError."""
+    import gguf
+    import pytest
+
+    from shared.infra.gguf import describe, write_tiny
+
+    path = write_tiny(tmp_path / "t.gguf", layers=5, context=2048, payload_bytes=8192,
+                      embedding=128, heads=8, kv_heads=4)
+    got = describe(path, name="t", sha256="x")
+    ref = gguf.GGUFReader(path)
+    assert got.parameters == sum(int(t.n_elements) for t in ref.tensors) == 2048
+    assert (got.architecture, got.layers, got.context_length, got.kv_heads, got.head_dim,
+            got.quantization) == ("llama", 5, 2048, 4, 16, "ALL_F32")
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 8)  # truncated
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        describe(bad, name="bad", sha256="x")

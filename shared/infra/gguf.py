@@ -1,5 +1,6 @@
-"""What a GGUF file says about its model: read from its header with the `gguf` package
-(llama.cpp's own reader), never by loading the weights.
+"""What a GGUF file says about its model: read from its header (a small reader of the
+GGUF format that skips arrays; the `gguf` package, llama.cpp's own, writes test files
+and names the file types), never by loading the weights.
 
 `describe(path, name=..., sha256=...)` -> a `ModelArtifact` (architecture, parameter
 count, quantisation, trained context, the layer and attention shape the KV-cache
@@ -36,13 +37,84 @@ def _value(reader, key: str, default=None):
         return default
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Field:
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def contents(self):
+        return self.value
+
+
+class _Header:
+    """The GGUF header read straight from the file: scalar metadata and tensor shapes.
+    Arrays (a tokenizer's 262k-token vocabulary) are skipped, never built: `gguf`'s own
+    reader materialises them and takes minutes on a busy machine for Gemma 3."""
+
+    def __init__(self, path: Path) -> None:
+        import struct
+
+        self.fields: dict[str, _Field] = {}
+        self.n_elements = 0
+        with open(path, "rb") as f:
+            def read(fmt: str):
+                size = struct.calcsize(fmt)
+                data = f.read(size)
+                if len(data) != size:
+                    raise ValueError("truncated header")
+                return struct.unpack(fmt, data)[0]
+
+            def string() -> str:
+                return f.read(read("<Q")).decode("utf-8", errors="replace")
+
+            def skip(kind: int, count: int) -> None:
+                if kind == _STRING:
+                    for _ in range(count):
+                        f.seek(read("<Q"), 1)
+                elif kind == _ARRAY:
+                    for _ in range(count):
+                        skip(read("<I"), read("<Q"))
+                elif kind in _SCALARS:
+                    f.seek(struct.calcsize(_SCALARS[kind]) * count, 1)
+                else:
+                    raise ValueError(f"unknown GGUF value type {kind}")
+
+            if f.read(4) != b"GGUF":
+                raise ValueError("no GGUF magic")
+            if read("<I") not in (2, 3):
+                raise ValueError("unsupported GGUF version")
+            tensors, kvs = read("<Q"), read("<Q")
+            for _ in range(kvs):
+                key, kind = string(), read("<I")
+                if kind == _STRING:
+                    self.fields[key] = _Field(string())
+                elif kind == _ARRAY:
+                    skip(read("<I"), read("<Q"))
+                elif kind in _SCALARS:
+                    self.fields[key] = _Field(read(_SCALARS[kind]))
+                else:
+                    raise ValueError(f"unknown GGUF value type {kind}")
+            for _ in range(tensors):
+                string()
+                count = 1
+                for _ in range(read("<I")):
+                    count *= read("<Q")
+                read("<I")
+                read("<Q")
+                self.n_elements += count
+
+
 def describe(path: Path, *, name: str, sha256: str, source: str = "") -> ModelArtifact:
     import gguf
 
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/struct errors
+        reader = _Header(path)
+    except (OSError, ValueError, OverflowError, MemoryError) as exc:
         raise ValueError(f"{path.name} is not a readable GGUF file: {exc}") from None
     arch = str(_value(reader, "general.architecture", "") or "")
     heads = int(_value(reader, f"{arch}.attention.head_count", 0) or 0)
@@ -59,7 +131,7 @@ def describe(path: Path, *, name: str, sha256: str, source: str = "") -> ModelAr
             quant = f"type {file_type}"
     return ModelArtifact(
         name=name, sha256=sha256, size_bytes=path.stat().st_size, architecture=arch,
-        parameters=sum(int(t.n_elements) for t in reader.tensors), quantization=quant,
+        parameters=reader.n_elements, quantization=quant,
         context_length=int(_value(reader, f"{arch}.context_length", 0) or 0),
         layers=int(_value(reader, f"{arch}.block_count", 0) or 0), kv_heads=kv_heads,
         head_dim=head_dim, source=source)

@@ -10,11 +10,12 @@ from litestar.response import Redirect, Template
 
 from shared.contracts import errors
 from services.orchestrator.problems import Problem
+from services.orchestrator.schemas import AGENT_MARKDOWN_MAX
 from services.orchestrator.ui import tenant_views as tv
 from services.orchestrator.ui.pages import Form, PageError, Viewer, page
 from services.orchestrator.ui.pages_sessions import TenantQuery, back_to, problem_page, tq
 
-MAX_MARKDOWN = 256 * 1024
+MAX_MARKDOWN = AGENT_MARKDOWN_MAX  # as the API's POST /v1/agents
 
 
 class CatalogPages(Controller):

@@ -470,7 +470,15 @@ def database_unavailable(exc: BaseException) -> bool:
             return True
         if isinstance(err, (OSError, TimeoutError)) and _raised_in_asyncpg(err):
             return True  # refused ("Connect call failed"), unreachable, connect timeout
+        if isinstance(err, asyncpg.exceptions.InternalClientError) and _MID_ERROR in str(err):
+            # a pooled connection Postgres dropped while it was reading an error (state 2,
+            # ERROR_CONSUME), handed out again before the pool saw it was dead: seen as a
+            # 500 under kill -9 of Postgres (docs/reliability.md, "Chaos")
+            return True
     return False
+
+
+_MID_ERROR = "another operation (2) is in progress"
 
 
 def _raised_in_asyncpg(exc: BaseException) -> bool:
