@@ -47,6 +47,7 @@ from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 
@@ -445,7 +446,7 @@ class Load:
 class _Bumps(BaseHTTPRequestHandler):
     """The side-effecting tool's endpoint: counts each execution per key, slowly."""
 
-    hits: Counter = Counter()
+    hits: ClassVar[Counter] = Counter()
     lock = threading.Lock()
 
     def do_POST(self) -> None:
@@ -686,7 +687,7 @@ def import_model(platform: ChaosPlatform) -> str:
     path = write_tiny(platform.data_dir / "chaos-tiny.gguf", payload_bytes=DOWNLOAD_BYTES)
     done = subprocess.run([sys.executable, "-m", "ops.cli", "models", "import", str(path),
                            "--name", "chaos-tiny"], cwd=REPO, env=platform.env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return "chaos-tiny"
 

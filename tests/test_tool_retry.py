@@ -21,7 +21,8 @@ from shared.contracts.events import (Metadata, ToolCallDecided, ToolCallRequeste
                                      ToolCallStarted, toolcall_stream)
 from shared.infra.eventstore import EventStore
 from shared.infra.eventstore.store import create_pool
-from tests.test_tools import call_events, invoke, session, tenant  # noqa: F401 (fixture)
+from tests.test_tenants import tenant_admin
+from tests.test_tools import call_events, invoke, session
 
 
 def leave_an_interrupted_attempt(database_url: str, tenant_name: str, sid: str, call_id: str,
@@ -44,8 +45,9 @@ def leave_an_interrupted_attempt(database_url: str, tenant_name: str, sid: str, 
     asyncio.run(append())
 
 
-def test_a_retry_never_runs_a_started_call_again(platform, infra, tenant) -> None:
-    name, headers = tenant
+def test_a_retry_never_runs_a_started_call_again(platform, infra) -> None:
+    name = f"tr{uuid.uuid4().hex[:8]}"
+    headers = tenant_admin(platform, name)
     sid = session(platform, headers)
     # the ordinary case: a retry of a completed call replays its answer
     key = {"Idempotency-Key": uuid.uuid4().hex}
