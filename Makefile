@@ -41,7 +41,7 @@ fuzz: $(VENV)/.installed-dev
 browser:
 	@command -v chromium >/dev/null 2>&1 || { echo 'installing chromium (apt-get)'; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y chromium || { $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }; }
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; }
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
