@@ -108,7 +108,7 @@ def _without_tool_bugs(errors: list[dict], output: str) -> list[dict]:
     return errors
 
 
-@pytest.mark.timeout(3600 if FULL else 960)  # 59 operations: ~3-6 min on a busy 2-core machine
+@pytest.mark.timeout(3600 if FULL else 960)  # 60-odd operations: 2-6 min on a busy 2-core machine
 @pytest.mark.parametrize("who", ["platform-admin", "tenant-admin"])
 def test_schemathesis_finds_no_contract_violation(llm: LLMCluster, who: str,
                                                   tmp_path: Path) -> None:
