@@ -146,14 +146,19 @@ def main() -> None:
             directs.append(direct_once(args.steps))
         added = (p50(runs) - p50(directs)) / args.steps * 1000
         paired = p50([r - d for r, d in zip(runs, directs)]) / args.steps * 1000
-        # appends (transactions) of the run's own stream: one recorded_at per transaction
-        appends = len({e.recorded_at for e in cluster.events(last_sid[0])
-                       if e.stream_id.startswith("run-")})
+        # transactions with the run's events (one recorded_at per transaction), and those
+        # of them the call path does not make anyway (no LLM call, tool call or budget event)
+        events = cluster.events(last_sid[0])
+        appends = len({e.recorded_at for e in events if e.stream_id.startswith("run-")})
+        own = len({e.recorded_at for e in events if e.stream_id.startswith("run-")}
+                  - {e.recorded_at for e in events
+                     if e.stream_id.startswith(("llmcall-", "toolcall-", "budget-"))})
         load = os.getloadavg()
         print(f"(a) {args.steps}-step run p50 {p50(runs) * 1000:.0f} ms vs the same calls made "
               f"directly p50 {p50(directs) * 1000:.0f} ms: ratio {p50(runs) / p50(directs):.2f}x, "
               f"{added:.1f} ms added per step (median of paired differences {paired:.1f} ms; "
-              f"goal <= 5 ms); {appends} appends to the run's stream for {args.steps} steps; "
+              f"goal <= 5 ms); {appends} appends to the run's stream for {args.steps} steps, {own} "
+              f"of them transactions of the run's own; "
               f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
 
         # (b) takeover after kill -9 of the owner

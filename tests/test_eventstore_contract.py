@@ -253,3 +253,28 @@ async def test_atomic_append_to_several_streams_is_all_or_nothing(store: EventSt
     results = await store.append_atomic([(a, [started(sid_a)], 0),
                                          (b, [SessionClosed(session_id=sid_b)], 1)])
     assert [r.next_expected_version for r in results] == [1, 2]
+
+
+async def test_atomic_append_refusals_name_their_stream_and_a_retry_is_a_duplicate(
+        store: EventStore) -> None:
+    """One statement, no explicit transaction (issue 16): a refusal of any stream still
+    writes nothing, names the refused stream, and a retry with the same ids replays."""
+    (sid_a, a), (sid_b, b), (sid_c, c) = new_stream(), new_stream(), new_stream()
+    ids_a, ids_b = [uuid.uuid4()], [uuid.uuid4()]
+    first = await store.append_atomic([(a, [started(sid_a)], 0, ids_a),
+                                       (b, [started(sid_b)], 0, ids_b)])
+    again = await store.append_atomic([(a, [started(sid_a)], 0, ids_a),
+                                       (b, [started(sid_b)], 0, ids_b)])
+    assert [r.duplicate for r in again] == [True, True]
+    assert [r.last_position for r in again] == [r.last_position for r in first]
+    with pytest.raises(WrongExpectedVersion) as refused:  # the second stream is at 1, not 5
+        await store.append_atomic([(a, [SessionClosed(session_id=sid_a)], 1),
+                                   (b, [SessionClosed(session_id=sid_b)], 5)])
+    assert (refused.value.stream_id, refused.value.expected, refused.value.actual) == (b, 5, 1)
+    assert await store.stream_version(a) == 1  # the first stream's append rolled back
+    with pytest.raises(EventIdConflict):  # b's event ids sent again to another stream
+        await store.append_atomic([(c, [started(sid_c)], 0),
+                                   (a, [SessionClosed(session_id=sid_a)], 1, ids_b)])
+    assert await store.stream_version(c) == 0
+    assert await store.stream_version(a) == 1
+    assert store._atomic_fn  # the one-statement form ran (its migration is applied)

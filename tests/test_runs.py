@@ -202,6 +202,10 @@ def test_two_step_run_tool_then_answer_and_the_whole_story_is_kept(agentic, tena
         "RunToolCallStarted", "RunToolResult", "RunStepStarted", "RunLLMCallLinked",
         "RunModelAnswered", "RunFinished"]
     tool_call = done["tool_calls"][0]["tool_call_id"]
+    # the tool path recorded the result with the call's end, in one transaction (joint.py)
+    at = {(e.type, e.stream_id): e.recorded_at for e in run_events(agentic, sid)}
+    assert at[("RunToolResult", f"run-{run['run_id']}")] == \
+        at[("ToolCallFinished", f"toolcall-{tool_call}")]
     assert httpx.get(f"{agentic.api}/v1/sessions/{sid}/tool-calls/{tool_call}",
                      headers=tenant).json()["run_id"] == run["run_id"]
     messages = httpx.get(f"{agentic.api}/v1/sessions/{sid}/messages", headers=tenant).json()["messages"]
@@ -283,6 +287,11 @@ def test_the_runs_budget_stops_it_mid_run_and_nothing_is_overspent(agentic, tena
     budget = [e.event for e in run_events(agentic, sid)
               if e.type == "BudgetExceeded"]
     assert budget and budget[-1].budget_id == f"budget-run-{run['run_id']}"
+    # each answer was recorded in the transaction that committed its cost (joint.py)
+    recorded = {(e.type, getattr(e.event, "call_id", None)): e.recorded_at
+                for e in run_events(agentic, sid)}
+    assert all(recorded[("RunModelAnswered", a.call_id)] == recorded[("BudgetCommitted", a.call_id)]
+               for a in answers)
 
 
 def test_a_policy_denied_tool_is_fed_back_and_the_run_goes_on(agentic, tenant) -> None:

@@ -25,6 +25,7 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from shared.domain.budget import (
     TENANT,
@@ -53,6 +54,7 @@ from shared.contracts.events import (
 )
 from shared.contracts.errors import BudgetDenied
 from shared.infra.eventstore import EventStore, WrongExpectedVersion
+from services.orchestrator.joint import Rider, append_joint
 from services.orchestrator.read_models.budgets import BudgetsReadModel
 
 log = logging.getLogger("nexus.orchestrator.budget")
@@ -287,7 +289,9 @@ class BudgetManager:
                 await _backoff(attempt)  # another process moved a budget: catch up, decide again
         raise BudgetDenied("contention", "budget is too contended right now; retry")
 
-    async def _settle(self, charge: Charge, decide, metadata: Metadata) -> list[Event]:
+    async def _settle(self, charge: Charge, decide, metadata: Metadata,
+                      rider: Rider | None = None, outcome: Any = None) -> list[Event]:
+        """`decide` on each budget; `rider`'s events (joint.py) go with the last one's."""
         settled: list[Event] = []
         for stream in charge.streams:
             async with self._locks[stream]:
@@ -296,9 +300,11 @@ class BudgetManager:
                     events = decide(state)
                     if not events:
                         break
+                    joint = rider if stream == charge.streams[-1] else None
                     try:
-                        await self.store.append(stream, events, expected_version=state.version,
-                                                metadata=metadata)
+                        await append_joint(self.store, [(stream, events, state.version)],
+                                           metadata, joint, outcome)
+                        rider = None if joint is not None else rider  # recorded, or refused
                         self._remember(stream, state, events)
                         settled += events
                         break
@@ -307,13 +313,18 @@ class BudgetManager:
                 else:
                     log.error("could not settle a reservation; the sweeper will release it",
                               extra={"call_id": charge.call_id, "budget": stream})
+        if rider is not None:  # nothing to append on the last budget: the rider's alone
+            await append_joint(self.store, [], metadata, rider, outcome)
         return settled
 
     async def commit(self, charge: Charge, micro_usd: int, tokens: int,
-                     metadata: Metadata) -> list[BudgetCommitted]:
-        """Commit the actual cost on every budget; the commits appended (overruns on them)."""
+                     metadata: Metadata, rider: Rider | None = None,
+                     outcome: Any = None) -> list[BudgetCommitted]:
+        """Commit the actual cost on every budget; the commits appended (overruns on them).
+        `rider`'s events for `outcome` (an agent run's answer) commit with the last one."""
         events = await self._settle(
-            charge, lambda s: decide_commit(s, charge.call_id, micro_usd, tokens), metadata)
+            charge, lambda s: decide_commit(s, charge.call_id, micro_usd, tokens), metadata,
+            rider, outcome)
         return [e for e in events if isinstance(e, BudgetCommitted)]
 
     async def release(self, charge: Charge, reason: str, metadata: Metadata) -> None:

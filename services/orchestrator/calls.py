@@ -74,6 +74,7 @@ from shared.infra.messaging import Bus, MessagingError
 from shared.infra.metrics import ControlMetrics
 from shared.infra.streaming import StreamReceiver
 from services.orchestrator.budget_manager import BudgetManager, Charge
+from services.orchestrator.joint import Rider, append_joint
 from services.orchestrator.keys import Caller
 from services.orchestrator.policies import PolicyService
 from services.orchestrator.ratelimits import RateCounter, RateLimited
@@ -170,6 +171,7 @@ class Call:
     output: list[str] = field(default_factory=list)
     output_denied: bool = False
     record_conversation: bool = True
+    rider: Rider | None = None  # an agent run's events for the answer, settled with it
 
 
 def failure_error(failed: Failed) -> NexusError:
@@ -256,10 +258,13 @@ class CallLifecycle:
 
     # -- the use case -----------------------------------------------------------------
 
-    async def open(self, caller: Caller, call_input: CallInput) -> OpenCall:
+    async def open(self, caller: Caller, call_input: CallInput,
+                   rider: Rider | None = None) -> OpenCall:
         """Admit the call, send it and wait for its first frame; raises a domain error
-        for a refusal or a failure before the first token."""
+        for a refusal or a failure before the first token. `rider`: an agent run's events
+        for the answer, appended in the settle's transaction (joint.py)."""
         call = await self.admit(caller, call_input)
+        call.rider = rider
         frames = self.execute(call)
         try:
             first = await anext(frames)
@@ -515,13 +520,16 @@ class CallLifecycle:
                 if call.charge.streams:
                     self.metrics.budget_committed.add(outcome.cost_micro_usd / 1e6)
                 # independent writes: commit, token counters and the conversation together
+                # a run's events for the answer (`rider`) commit with the cost (joint.py)
+                rider = call.rider if not call.output_denied else None
+                answer = (outcome, "".join(call.output))
                 commits, *_ = await asyncio.gather(
-                    self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata)
+                    self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata,
+                                        rider, answer)
                     if call.charge.streams else asyncio.sleep(0, []),
                     self.rates.add_tokens(call.rate_subjects, tokens),
-                    self._record_conversation(call, outcome)
-                    if call.record_conversation and not call.output_denied
-                    else asyncio.sleep(0))
+                    self._record_answer(call, outcome, None if call.charge.streams else rider)
+                    if not call.output_denied else asyncio.sleep(0))
                 for commit in commits:
                     if commit.overrun_micro_usd or commit.overrun_tokens:
                         scope = "session" if commit.budget_id.startswith("budget-session-") else "tenant"
@@ -550,8 +558,14 @@ class CallLifecycle:
             planned_event(call.call_id, call.plan, self.fleet)],
             expected_version=None, metadata=call.metadata)
 
-    async def _record_conversation(self, call: Call, outcome: Done) -> None:
-        await self.store.append(conversation_stream(call.session.session_id), [
+    async def _record_answer(self, call: Call, outcome: Done, rider: Rider | None) -> None:
+        """The conversation (unless the run records it) and `rider`'s events, at once."""
+        own = [self._conversation(call, outcome)] if call.record_conversation else []
+        await append_joint(self.store, own, call.metadata, rider, (outcome, "".join(call.output)))
+
+    @staticmethod
+    def _conversation(call: Call, outcome: Done) -> tuple[str, list, None]:
+        return (conversation_stream(call.session.session_id), [
             MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
                             role="user", content=call.new_user_text, call_id=call.call_id),
             MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
@@ -562,4 +576,4 @@ class CallLifecycle:
                             output_tokens=outcome.usage.output_tokens,
                             cost_micro_usd=outcome.cost_micro_usd,
                             finish_reason=outcome.finish_reason),
-        ], expected_version=None, metadata=call.metadata)
+        ], None)

@@ -19,7 +19,9 @@ errors, policy denials and rejections are fed back to the model as the tool's re
 The run's messages (the input, the assistant's answers with their tool calls, the tool
 results) are appended to the session's conversation in the same transaction as the
 run event that records them. One append per transition (`_commit`): an effect's facts go
-with the decisions that follow them and the opening records of the next effect.
+with the decisions that follow them and the opening records of the next effect; and that
+append rides in the call path's own transaction (a `_Joint`, `joint.py`: with the tool
+call's end, with the LLM call's cost commit), falling back to `_commit` when refused.
 
 **Cancel.** `cancel` appends `RunCancelled` and broadcasts `RunInterrupt`; the process
 driving the run cancels the effect in flight (`_interruptible`: the LLM call's stream is
@@ -186,6 +188,63 @@ class _Next:
 
     action: R.Action
     call_id: str | None = None
+
+
+class _Joint:
+    """A rider (joint.py): the run's events for an effect's outcome, appended by the call
+    path in the transaction that records the call's own end. `facts(outcome)` are the
+    run's events and conversation messages for it; when `opening()` says so (the last
+    result of a step, an answer), what follows them up to the next effect goes too
+    (`_opening`), and `nxt` is the driver's next action. The run's lock is held from
+    `appends` to `recorded`; `done` says whether the events were recorded."""
+
+    def __init__(self, service: RunService, run: _Run,
+                 facts: Callable[[Any], tuple[list[Event], list[MessageAppended]]],
+                 opening: Callable[[], bool] = lambda: True,
+                 on_recorded: Callable[[], None] | None = None) -> None:
+        self.service = service
+        self.run = run
+        self.facts = facts
+        self.opening = opening
+        self.on_recorded = on_recorded
+        self.done = False
+        self.nxt: _Next | None = None
+        self._events: list[Event] = []
+        self._base = -1
+        self._locked = False
+
+    async def appends(self, outcome: Any) -> list[tuple[str, list[Event], int | None]]:
+        run = self.run
+        await run.lock.acquire()
+        self._locked = True
+        events, messages = self.facts(outcome)
+        if self.opening():
+            state = run.state
+            for e in events:
+                state = R.evolve(state, e)  # type: ignore[assignment]
+            more, said, self.nxt = self.service._opening(run, state)
+            events, messages = [*events, *more], [*messages, *said]
+        self._events, self._base = events, run.state.version
+        appends: list[tuple[str, list[Event], int | None]] = [
+            (run_stream(run.state.run_id), events, run.state.version)]
+        if messages:
+            appends.append((conversation_stream(run.started.session_id), list(messages), None))
+        return appends
+
+    async def recorded(self, ok: bool) -> None:
+        try:
+            if ok and self.run.state.version == self._base:  # else caught up meanwhile
+                await self.service._applied(self.run, self._events)
+            if ok:
+                self.done = True
+                if self.on_recorded is not None:
+                    self.on_recorded()
+            else:
+                self.nxt = None
+        finally:
+            if self._locked:
+                self._locked = False
+                self.run.lock.release()
 
 
 def _content_of(view: ToolCallView) -> tuple[str, bool, str]:
@@ -603,11 +662,12 @@ class RunService:
                 case R.CallModel():
                     answered = await self._interruptible(run, self._call_model(
                         run, nxt.action, nxt.call_id or ""))
-                    nxt = await self._commit(run, *(answered or ([], [])))
+                    nxt = (answered if isinstance(answered, _Next)
+                           else await self._commit(run, *(answered or ([], []))))
                 case R.RunTools(attempts=attempts):
-                    results = await self._interruptible(run, self._run_tools(run, attempts))
-                    nxt = await self._commit(run, results, [self._tool_message(run, r)
-                                                            for r in results])
+                    results, recorded = await self._interruptible(run, self._run_tools(run, attempts))
+                    nxt = recorded or await self._commit(run, results, [
+                        self._tool_message(run, r) for r in results])
                 case _:
                     raise AssertionError(f"unexpected next action {nxt.action!r}")
 
@@ -704,9 +764,10 @@ class RunService:
             raise LeaseLost
 
     async def _call_model(self, run: _Run, action: R.CallModel, call_id: str,
-                          ) -> tuple[list[Event], list[MessageAppended]] | None:
-        """The step's LLM call (linked already): the answer to record, or None to ask
-        again (no provider now)."""
+                          ) -> tuple[list[Event], list[MessageAppended]] | _Next | None:
+        """The step's LLM call (linked already): the next action when the call path
+        recorded the answer (with what follows it, in its settle's transaction: a
+        `_Joint`), else the answer to record, or None to ask again (no provider now)."""
         s = run.started
         messages = tuple(msgspec.convert(m, ChatMessage) for m in R.conversation(run.state))
         call_input = CallInput(session_id=s.session_id, model=s.model, messages=messages,
@@ -715,8 +776,10 @@ class RunService:
                                tool_names=tuple(run.offered))
         tool_deltas: list[dict[str, Any]] = []
         done: Done | None = None
+        joint = _Joint(self, run, lambda o: self._answered(run, action.step, call_id, o[0], o[1],
+                                                           tool_deltas))
         try:
-            call = await self.calls.open(run.caller, call_input)
+            call = await self.calls.open(run.caller, call_input, rider=joint)
             try:
                 async for frame in call.frames():
                     if isinstance(frame, Delta):
@@ -756,9 +819,20 @@ class RunService:
         if done is None:
             await self._fail(run, "llm_error", "the provider ended the call without an answer")
             raise _Stop
+        if joint.done:
+            assert joint.nxt is not None
+            return joint.nxt
+        return self._answered(run, action.step, call_id, done, text, tool_deltas)
+
+    @staticmethod
+    def _answered(run: _Run, step: int, call_id: str, done: Done, text: str,
+                  tool_deltas: list[dict[str, Any]],
+                  ) -> tuple[list[Event], list[MessageAppended]]:
+        """The model's answer: the run's event and the conversation's message."""
+        s = run.started
         tool_calls = R.merge_tool_call_deltas(tool_deltas)
         answered = RunModelAnswered(
-            run_id=s.run_id, step=action.step, call_id=call_id, content=text,
+            run_id=s.run_id, step=step, call_id=call_id, content=text,
             tool_calls=tool_calls, finish_reason=done.finish_reason,
             input_tokens=done.usage.input_tokens, output_tokens=done.usage.output_tokens,
             cost_micro_usd=done.cost_micro_usd, model=done.model)
@@ -771,27 +845,52 @@ class RunService:
         return [answered], [message]
 
     async def _run_tools(self, run: _Run, attempts: tuple[R.ToolAttempt, ...],
-                         ) -> list[RunToolResult]:
-        """The tool calls (started already), in parallel: each result but the last is
-        recorded as it comes; the last ones are returned, to be committed with the step
-        that follows them."""
-        tasks = {asyncio.ensure_future(self._tool_result(run, a)) for a in attempts}
+                         ) -> tuple[list[RunToolResult], _Next | None]:
+        """The tool calls (started already), in parallel. The tool path records each result
+        with the call's end (a `_Joint`), the step's last one with what follows it (then
+        its next action is returned). A result it could not record (the run's stream moved
+        on) is appended here as it comes, or, the last, returned to be committed with
+        what follows it."""
+        batch = {a.tool_call_id for a in attempts}  # the attempts whose result is not recorded
+        tasks = {asyncio.ensure_future(self._tool_result(run, a, batch)) for a in attempts}
         try:
             while True:
                 done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                results = [t.result() for t in done]
+                outcomes = [t.result() for t in done]
+                results = [r for r, joint in outcomes if joint is None]
                 if not tasks:
-                    return results
-                await self._append(run, list(results),
-                                   conversation=[self._tool_message(run, r) for r in results])
+                    recorded = next((j.nxt for _, j in outcomes if j is not None and j.nxt), None)
+                    return results, recorded
+                if results:
+                    await self._append(run, list(results),
+                                       conversation=[self._tool_message(run, r) for r in results])
+                    batch.difference_update(r.tool_call_id for r in results)
         finally:
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks)
 
-    async def _tool_result(self, run: _Run, attempt: R.ToolAttempt) -> RunToolResult:
-        content, is_error, status = await self._invoke(run, attempt)
+    async def _tool_result(self, run: _Run, attempt: R.ToolAttempt, batch: set[str] | None = None,
+                           ) -> tuple[RunToolResult, _Joint | None]:
+        """The attempt's result, and the joint that recorded it (None: not recorded). With
+        `batch`, the tool path records it; the last of the batch with what follows."""
+        joint = None
+        if batch is not None:
+            def facts(view: ToolCallView) -> tuple[list[Event], list[MessageAppended]]:
+                result = self._result(run, attempt, *_content_of(view))
+                return [result], [self._tool_message(run, result)]
+
+            joint = _Joint(
+                self, run, facts, opening=lambda: batch == {attempt.tool_call_id},
+                on_recorded=lambda: batch.discard(attempt.tool_call_id))
+        content, is_error, status = await self._invoke(run, attempt, joint)
+        result = self._result(run, attempt, content, is_error, status)
+        return result, (joint if joint is not None and joint.done else None)
+
+    @staticmethod
+    def _result(run: _Run, attempt: R.ToolAttempt, content: str, is_error: bool,
+                status: str) -> RunToolResult:
         return RunToolResult(
             run_id=run.started.run_id, step=attempt.step, index=attempt.index,
             model_call_id=attempt.model_call_id, tool_call_id=attempt.tool_call_id,
@@ -799,18 +898,20 @@ class RunService:
 
     async def _run_tool(self, run: _Run, attempt: R.ToolAttempt) -> None:
         """One attempt that is recorded as started (a recovery): run it, record it."""
-        await self._record_result(run, await self._tool_result(run, attempt))
+        await self._record_result(run, (await self._tool_result(run, attempt))[0])
 
-    async def _invoke(self, run: _Run, attempt: R.ToolAttempt) -> tuple[str, bool, str]:
+    async def _invoke(self, run: _Run, attempt: R.ToolAttempt,
+                      joint: _Joint | None = None) -> tuple[str, bool, str]:
         s = run.started
         try:
             view = await self.tools.invoke(run.caller, s.session_id, attempt.tool,
                                            dict(attempt.arguments), run_id=s.run_id,
-                                           call_id=attempt.tool_call_id)
+                                           call_id=attempt.tool_call_id, rider=joint)
             if view.status == "pending_approval":  # the run asked its human already
                 view = await self.tools.answer_approval(
                     run.caller, s.session_id, attempt.tool_call_id, approve=True,
-                    reason=f"approved in run {s.run_id} by {attempt.approved_by or 'the run'}")
+                    reason=f"approved in run {s.run_id} by {attempt.approved_by or 'the run'}",
+                    rider=joint)
             return _content_of(view)
         except PolicyDenied as exc:
             return f"denied by policy ({exc.rule}): {exc.detail}", True, "denied"
@@ -879,6 +980,10 @@ class RunService:
         if conversation:
             appends.append((conversation_stream(run.started.session_id), list(conversation), None))
         await self.store.append_atomic(appends, run.meta)
+        await self._applied(run, events)
+
+    async def _applied(self, run: _Run, events: list[Event]) -> None:
+        """`events` were appended at the run's version: evolve the state, tell viewers."""
         state = run.state
         for i, event in enumerate(events, start=1):
             state = R.evolve(state, event, run.state.version + i)  # type: ignore[assignment]
@@ -889,6 +994,8 @@ class RunService:
         records = await self.store.read_stream(run_stream(run.state.run_id),
                                                from_version=run.state.version + 1)
         for rec in records:
+            if rec.stream_version <= run.state.version:
+                continue  # applied meanwhile (a joint append recorded it)
             if isinstance(rec.event, RunResumed) and rec.event.epoch != run.epoch:
                 raise LeaseLost
             run.state = R.evolve(run.state, rec.event, rec.stream_version)  # type: ignore[assignment]

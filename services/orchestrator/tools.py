@@ -81,6 +81,7 @@ from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedV
 from shared.infra.messaging import Bus, MessagingError, NoResponders, RequestTimeout
 from shared.infra.streaming import KEEPALIVE_S, RemoteStreamError, StreamReceiver
 from shared.infra.tracing import tracer
+from services.orchestrator.joint import Rider, append_joint
 from services.orchestrator.keys import Caller
 from services.orchestrator.policies import PolicyService
 from services.orchestrator.ratelimits import RateCounter, RateLimited
@@ -232,8 +233,10 @@ class ToolService:
 
     async def invoke(self, caller: Caller, session_id: str, name: str,
                      arguments: dict[str, Any], *, run_id: str | None = None,
-                     call_id: str | None = None, retry: bool = False) -> ToolCallView:
+                     call_id: str | None = None, retry: bool = False,
+                     rider: Rider | None = None) -> ToolCallView:
         # `call_id`: the id an agent run derived for this attempt (else a new one);
+        # `rider`: an agent run's events for the outcome, recorded with it (joint.py);
         # `retry`: it was derived from the request's Idempotency-Key, so a call already
         # there is an earlier attempt of this same request (never run twice)
         if retry and call_id is not None:
@@ -303,7 +306,7 @@ class ToolService:
         if node is None:
             self.metrics.count(label, "no_node")
             raise NoNodeAvailable("no online node can run tools now; retry shortly")
-        return await self._execute(caller, spec, requested, node, 3, meta, view)
+        return await self._execute(caller, spec, requested, node, 3, meta, view, rider)
 
     async def _earlier_attempt(self, caller: Caller, session_id: str, call_id: str,
                                records: list) -> ToolCallView:
@@ -332,7 +335,8 @@ class ToolService:
         return await self.call(caller, session_id, call_id)
 
     async def answer_approval(self, caller: Caller, session_id: str, call_id: str, *,
-                              approve: bool, reason: str = "") -> ToolCallView:
+                              approve: bool, reason: str = "",
+                              rider: Rider | None = None) -> ToolCallView:
         """A human's answer to a pending call: approved, it runs now (the answer is its
         outcome); rejected, it ends `ToolCallFailed(rejected)`."""
         records = await self._records(caller, session_id, call_id)
@@ -365,7 +369,7 @@ class ToolService:
                                            detail=events[1].detail)
         if node is None:
             raise NoNodeAvailable("no online node can run tools now")
-        return await self._execute(caller, spec, requested, node, version + 2, meta, view)
+        return await self._execute(caller, spec, requested, node, version + 2, meta, view, rider)
 
     async def call(self, caller: Caller, session_id: str, call_id: str) -> ToolCallView:
         """A tool call of the caller's session (another tenant's is not found)."""
@@ -419,8 +423,10 @@ class ToolService:
         return request, secrets
 
     async def _execute(self, caller: Caller, spec: ToolSpec, requested: ToolCallRequested,
-                       node: str, version: int, meta: Metadata, view: ToolCallView) -> ToolCallView:
-        """Run the call on `node` (its ToolCallStarted is at `version`) and record the end."""
+                       node: str, version: int, meta: Metadata, view: ToolCallView,
+                       rider: Rider | None = None) -> ToolCallView:
+        """Run the call on `node` (its ToolCallStarted is at `version`) and record the end
+        (with `rider`'s events for the answer, in the same transaction: joint.py)."""
         label = metric_label(spec)
         started = time.monotonic()
         with tracer().start_as_current_span(f"execute_tool {spec.name}", kind=SpanKind.CLIENT,
@@ -478,7 +484,11 @@ class ToolService:
                 result_label = reason
                 span.set_status(Status(StatusCode.ERROR, reason))
                 span.set_attribute("error.type", reason)
-            await asyncio.shield(self._append(requested.tool_call_id, [event], version, meta))
+            if isinstance(outcome, Failed) and outcome.error in _RETRY_ELSEWHERE:
+                rider = None  # not the answer: the caller is told NoNodeAvailable
+            await asyncio.shield(append_joint(
+                self.store, [(toolcall_stream(requested.tool_call_id), [event], version)], meta,
+                rider, answer))
         self.metrics.count(label, result_label)
         self.metrics.took(label, result_label, elapsed)
         if isinstance(outcome, Failed) and outcome.error in _RETRY_ELSEWHERE:

@@ -144,6 +144,26 @@ _APPEND_SQL = (
     "SELECT idx, status, first_position, last_position, last_version, actual"
     " FROM nexus_append_batch($1, $2, $3, $4, $5, $6, $7)"
 )
+# all or nothing in one statement: the first refusal raises REFUSED (migration
+# 20261201171500_append_atomic.sql), rolling back the statement's every insert
+_APPEND_ATOMIC_SQL = _APPEND_SQL.replace("nexus_append_batch", "nexus_append_atomic")
+REFUSED = "NX409"
+
+
+def _outcome(request: _Append, row: Any) -> AppendResult | Exception:
+    """One stream's outcome from its `nexus_append_batch` row (or a refusal's detail)."""
+    status = row["status"]
+    if status in ("ok", "duplicate"):
+        return AppendResult(
+            stream_id=request.stream_id, first_position=row["first_position"],
+            last_position=row["last_position"], next_expected_version=row["last_version"],
+            duplicate=status == "duplicate")
+    if status == "version":
+        return WrongExpectedVersion(request.stream_id, request.expected_version, row["actual"])
+    return EventIdConflict(
+        f"event ids already used: {row['actual']} of {len(request.event_ids)} events "
+        f"in this append to stream {request.stream_id!r} were stored before "
+        "(a retry must resend the same events to the same stream)")
 
 
 class EventStore:
@@ -160,6 +180,7 @@ class EventStore:
         self.max_batch = max_batch
         self._queue: list[_Append] = []
         self._writer: asyncio.Task[None] | None = None
+        self._atomic_fn = True  # nexus_append_atomic exists (False: an older schema)
 
     async def append(
         self,
@@ -209,6 +230,19 @@ class EventStore:
         requests = [_request(item[0], item[1], item[2], metadata,
                              item[3] if len(item) > 3 else None)  # type: ignore[misc]
                     for item in appends]
+        if before is None and requests and self._atomic_fn:
+            # one statement, its own transaction: one round trip, and the append lock is
+            # released at its commit rather than held across a COMMIT round trip
+            async with self.pool.acquire() as conn:
+                try:
+                    return await self._execute(conn, requests, _APPEND_ATOMIC_SQL)  # type: ignore[return-value]
+                except asyncpg.UndefinedFunctionError:
+                    self._atomic_fn = False  # migrations not applied yet: the transaction below
+                except asyncpg.PostgresError as exc:
+                    if getattr(exc, "sqlstate", None) != REFUSED:
+                        raise
+                    refused = msgspec.json.decode(exc.detail or "{}")
+                    raise _outcome(requests[refused["idx"] - 1], refused) from None
         async with self.pool.acquire() as conn, conn.transaction():
             if before is not None:
                 await before(conn)
@@ -238,10 +272,10 @@ class EventStore:
                 else:
                     request.future.set_result(outcome)
 
-    async def _execute(self, conn: asyncpg.Connection,
-                       batch: list[_Append]) -> list[AppendResult | Exception]:
+    async def _execute(self, conn: asyncpg.Connection, batch: list[_Append],
+                       sql: str = _APPEND_SQL) -> list[AppendResult | Exception]:
         rows = await conn.fetch(
-            _APPEND_SQL,
+            sql,
             [r.stream_id for r in batch],
             [r.expected_version for r in batch],
             [len(r.event_ids) for r in batch],
@@ -250,23 +284,8 @@ class EventStore:
             [d for r in batch for d in r.data],
             [r.metadata for r in batch for _ in r.event_ids],
         )
-        outcomes: list[AppendResult | Exception] = []
-        for request, row in zip(batch, sorted(rows, key=lambda r: r["idx"]), strict=True):
-            status = row["status"]
-            if status in ("ok", "duplicate"):
-                outcomes.append(AppendResult(
-                    stream_id=request.stream_id, first_position=row["first_position"],
-                    last_position=row["last_position"], next_expected_version=row["last_version"],
-                    duplicate=status == "duplicate"))
-            elif status == "version":
-                outcomes.append(WrongExpectedVersion(request.stream_id, request.expected_version,
-                                                     row["actual"]))
-            else:
-                outcomes.append(EventIdConflict(
-                    f"event ids already used: {row['actual']} of {len(request.event_ids)} events "
-                    f"in this append to stream {request.stream_id!r} were stored before "
-                    "(a retry must resend the same events to the same stream)"))
-        return outcomes
+        return [_outcome(request, row)
+                for request, row in zip(batch, sorted(rows, key=lambda r: r["idx"]), strict=True)]
 
     async def read_stream(self, stream_id: str, *, from_version: int = 1,
                           to_position: int | None = None) -> list[RecordedEvent]:
