@@ -33,12 +33,15 @@ class Rider:
 
 
 async def streams(store: EventStore, *expected: int) -> tuple[str, str]:
-    """Two new streams holding `expected` events each."""
+    """Two new streams holding `expected` events each: the shared test database's
+    projections read them too, so each is a session of its own, started once."""
     out = []
     for n in expected:
-        stream = session_stream(str(uuid.uuid4()))
+        sid = str(uuid.uuid4())
+        stream = session_stream(sid)
         if n:
-            await store.append(stream, [SessionStarted(session_id="s", tenant="t-joint")] * n,
+            filler = [SessionClosed(session_id=sid, reason="filler")] * (n - 1)
+            await store.append(stream, [SessionStarted(session_id=sid, tenant="t-joint"), *filler],
                                expected_version=0, metadata=META)
         out.append(stream)
     return out[0], out[1]
