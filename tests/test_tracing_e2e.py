@@ -41,25 +41,3 @@ def test_one_trace_spans_orchestrator_provider_and_node(platform, otlp) -> None:
         assert parent.service == "nexus-orchestrator" and parent.name == f"{subject} publish"
         assert root[0] in list(ancestors(process))
 
-
-def test_background_client_spans_start_no_trace_but_a_request_keeps_its_own() -> None:
-    """A query with no request around it (a projection runner's, a follower's) is not
-    traced (issue 16: one span per background round trip was a tenth of the
-    orchestrator's CPU); the same query inside a request's trace is, as is every
-    other kind of root (server, consumer, producer)."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.sampling import ParentBased
-
-    from shared.infra.tracing import RequestRoots
-
-    tracer = TracerProvider(sampler=ParentBased(root=RequestRoots())).get_tracer("test")
-    with tracer.start_as_current_span("SELECT", kind=trace.SpanKind.CLIENT) as background:
-        assert not background.is_recording()
-    for kind in (trace.SpanKind.SERVER, trace.SpanKind.CONSUMER, trace.SpanKind.PRODUCER,
-                 trace.SpanKind.INTERNAL):
-        with tracer.start_as_current_span("root", kind=kind) as root:
-            assert root.is_recording()
-            with tracer.start_as_current_span("SELECT", kind=trace.SpanKind.CLIENT) as query:
-                assert query.is_recording()
-                assert query.get_span_context().trace_id == root.get_span_context().trace_id

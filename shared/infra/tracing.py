@@ -17,37 +17,10 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_ON,
-    Decision,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-)
-from opentelemetry.trace import SpanKind
 
 from shared import __version__
 
 _provider: TracerProvider | None = None
-
-
-class RequestRoots(Sampler):
-    """Which spans start a trace: every root but a client span with nothing around it.
-
-    Such a span is a background loop's own query or call (projection runners, event
-    followers, sweeps, health probes): no request to trace, and on the hot path one
-    span per Postgres round trip of those loops cost a tenth of the orchestrator's CPU
-    (docs/performance.md). Spans inside a trace follow their parent (`ParentBased`)."""
-
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None,
-                      links=None, trace_state=None) -> SamplingResult:
-        if kind == SpanKind.CLIENT:
-            return SamplingResult(Decision.DROP, None, trace_state)
-        return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes,
-                                       links, trace_state)
-
-    def get_description(self) -> str:
-        return "RequestRoots"
 
 
 def setup_tracing(service_name: str, instance_id: str | None = None) -> TracerProvider:
@@ -61,7 +34,7 @@ def setup_tracing(service_name: str, instance_id: str | None = None) -> TracerPr
             "service.instance.id": instance_id or f"{socket.gethostname()}-{os.getpid()}",
         }
     )
-    provider = TracerProvider(resource=resource, sampler=ParentBased(root=RequestRoots()))
+    provider = TracerProvider(resource=resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):
