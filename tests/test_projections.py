@@ -127,6 +127,114 @@ async def test_notifications_name_their_types_and_wake_only_concerned_followers(
         await pool.close()
 
 
+class SeenOf(SeenPositions):
+    """`SeenPositions` for some event types, in a table of its own."""
+
+    def __init__(self, name: str, handles: frozenset[str], fail: bool = False) -> None:
+        super().__init__()
+        self.name, self.handles, self.tables, self.fail = name, handles, (name,), fail
+
+    async def apply(self, conn: asyncpg.Connection, event: RecordedEvent) -> None:
+        if self.fail:
+            raise ValueError("an event this projection cannot fold")
+        await conn.execute(f"INSERT INTO {self.name} (position) VALUES ($1)", event.position)
+        self.order.append(event.position)
+
+
+async def test_a_group_step_feeds_each_projection_its_events_once_in_order(fresh_db: str) -> None:
+    """Woken for the types appended, the runner steps the projections concerned as one
+    group (one transaction, one read for all of them, issue 16). With writers stalling
+    their transactions and batches of 7, each projection still sees exactly its own
+    events, every one once, in global order, and all checkpoints reach the head."""
+    pool = await create_pool(fresh_db, max_size=30)
+    try:
+        started = SeenOf("test_started", frozenset({"SessionStarted"}))
+        closed = SeenOf("test_closed", frozenset({"SessionClosed"}))
+        both = SeenOf("test_both", frozenset({"SessionStarted", "SessionClosed"}))
+        for p in (started, closed, both):
+            await pool.execute(f"CREATE TABLE {p.name} (position bigint PRIMARY KEY)")
+        store = EventStore(pool)
+        # polled once an hour: after the first pass every step is a notified group step
+        runner = ProjectionRunner(store, [started, closed, both], batch_size=7, poll_s=3600)
+        follower = asyncio.create_task(runner.run())
+        rng = random.Random(11)
+
+        async def writer(w: int) -> None:
+            for i in range(10):
+                sid = f"{w}-{i}-{uuid.uuid4()}"
+                events = [SessionStarted(session_id=sid, tenant="t")]
+                if i % 3 == 0:
+                    events.append(SessionClosed(session_id=sid, reason="r"))
+                async with pool.acquire() as conn, conn.transaction():
+                    await asyncio.sleep(rng.random() * 0.01)
+                    await store.append(session_stream(sid), events, expected_version=0, conn=conn)
+                    await asyncio.sleep(rng.random() * 0.03)
+
+        await asyncio.gather(*(writer(w) for w in range(15)))
+        head = await store.head()
+        for p in (started, closed, both):
+            await asyncio.wait_for(_until(lambda p=p: runner.checkpoint(p.name), head), 30)
+        follower.cancel()
+
+        async def positions(types: tuple[str, ...]) -> list[int]:
+            return [r["position"] for r in await pool.fetch(
+                "SELECT position FROM events WHERE type = ANY($1::text[]) ORDER BY 1", list(types))]
+
+        assert started.order == await positions(("SessionStarted",))
+        assert closed.order == await positions(("SessionClosed",))
+        assert both.order == await positions(("SessionStarted", "SessionClosed"))
+        assert len(started.order) == 150 and len(closed.order) == 60
+    finally:
+        await pool.close()
+
+
+async def test_a_failing_projection_does_not_hold_up_its_group(fresh_db: str) -> None:
+    """A projection that cannot fold an event rolls back the group step; the others of
+    the group are then stepped alone and go on, while the failing one stays before it."""
+    pool = await create_pool(fresh_db, max_size=6)
+    try:
+        good = SeenOf("test_good", frozenset({"SessionStarted"}))
+        bad = SeenOf("test_bad", frozenset({"SessionStarted"}), fail=True)
+        for p in (good, bad):
+            await pool.execute(f"CREATE TABLE {p.name} (position bigint PRIMARY KEY)")
+        store = EventStore(pool)
+        runner = ProjectionRunner(store, [bad, good], poll_s=3600)
+        sid = str(uuid.uuid4())
+        result = await store.append(session_stream(sid), [SessionStarted(session_id=sid, tenant="t")], 0)
+        with pytest.raises(ValueError, match="cannot fold"):
+            await runner.step_group([bad, good])
+        assert await runner.checkpoint("test_good") == result.last_position
+        assert good.order == [result.last_position]
+        assert await runner.checkpoint("test_bad") == 0
+    finally:
+        await pool.close()
+
+
+async def test_a_sessions_history_includes_the_answer_just_given(fresh_db: str) -> None:
+    """The history sent with a session's next message is read from its conversation
+    stream: an exchange whose events have committed is in it even while no projection
+    has applied them yet (a client that sends its next message at once loses nothing)."""
+    from services.orchestrator.read_models.messages import MessagesReadModel
+    from shared.contracts.events import MessageAppended, conversation_stream
+
+    pool = await create_pool(fresh_db, max_size=2)
+    try:
+        store = EventStore(pool)
+        sid = str(uuid.uuid4())
+        await store.append(conversation_stream(sid), [
+            MessageAppended(session_id=sid, message_id="m1", role="user", content="hello"),
+            MessageAppended(session_id=sid, message_id="m2", role="assistant", content="",
+                            tool_calls=({"id": "c1", "type": "function",
+                                         "function": {"name": "f", "arguments": "{}"}},)),
+        ], expected_version=0)
+        history = await MessagesReadModel(store).history(sid)  # no runner is running
+        assert [(m.role, m.content) for m in history] == [("user", "hello"), ("assistant", "")]
+        assert history[1].tool_calls == [{"id": "c1", "type": "function",
+                                          "function": {"name": "f", "arguments": "{}"}}]
+    finally:
+        await pool.close()
+
+
 async def _until(read, target: int) -> None:
     while await read() < target:
         await asyncio.sleep(0.02)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import msgspec
 
-from shared.contracts.events import MessageAppended, RecordedEvent
+from shared.contracts.events import MessageAppended, RecordedEvent, conversation_stream
 from shared.contracts.messages import ChatMessage
 from shared.domain.budget import micro_to_usd
 from shared.infra.eventstore import EventStore, Projection
@@ -37,17 +37,21 @@ class MessagesProjection(Projection):
 
 class MessagesReadModel:
     def __init__(self, store: EventStore) -> None:
+        self.store = store
         self.pool = store.pool
 
     async def history(self, session_id: str) -> tuple[ChatMessage, ...]:
-        """The session's conversation as chat messages (sent along with its next call)."""
-        rows = await self.pool.fetch(
-            "SELECT role, content, tool_calls::text AS tool_calls, tool_call_id FROM messages"
-            " WHERE session_id = $1 ORDER BY position", session_id)
-        return tuple(ChatMessage(role=r["role"], content=r["content"],
-                                 tool_calls=msgspec.json.decode(r["tool_calls"])
-                                 if r["tool_calls"] else None,
-                                 tool_call_id=r["tool_call_id"]) for r in rows)
+        """The session's conversation as chat messages (sent along with its next call).
+
+        Read from the conversation's own stream, not from the table: the answer a client
+        has just received is in it (its events commit before the answer's last byte),
+        whereas the projection may still be applying them."""
+        return tuple(ChatMessage(role=e.role, content=e.content,
+                                 tool_calls=list(e.tool_calls) if e.tool_calls is not None else None,
+                                 tool_call_id=e.tool_call_id)
+                     for e in (r.event for r in await self.store.read_stream(
+                         conversation_stream(session_id)))
+                     if isinstance(e, MessageAppended))
 
     async def conversation(self, session_id: str) -> tuple[MessageOut, ...]:
         """Both sides of the session's conversation with model, provider, tokens and cost."""

@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 
 import asyncpg
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from shared.contracts.events import RecordedEvent
 from shared.infra.eventstore.store import EventStore, Notifier
@@ -136,6 +137,84 @@ class ProjectionRunner:
             self.lag_s[projection.name] = time.time() - events[-1].recorded_at.timestamp()
         return len(events)
 
+    async def step_group(self, projections: Sequence[Projection]) -> int:
+        """One batch for one or several projections in one transaction; returns how many
+        events were read (a full batch: call again).
+
+        For a wake-up that names the types appended: the projections handling them have
+        work, so no "any work?" query is asked, and their rows are locked (in name
+        order, as every runner does), the events of all their types read once, each
+        event applied to every projection of the group that handles it and has not
+        applied it yet, and their checkpoints moved in one statement. A failure rolls
+        the whole group back; each projection is then stepped alone, so one projection's
+        bad event never holds up the others."""
+        if not projections:
+            return 0
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                return await self._step_group(conn, sorted(projections, key=lambda p: p.name))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            raise
+        except Exception:
+            log.warning("a grouped projection step failed; stepping each alone", exc_info=True)
+            read, failure = 0, None
+            for projection in projections:
+                try:
+                    read = max(read, await self.step(projection))
+                except Exception as exc:  # the others still go on; the failure is raised after
+                    failure = failure or exc
+            if failure is not None:
+                raise failure
+            return read
+
+    async def _step_group(self, conn: asyncpg.Connection, group: list[Projection]) -> int:
+        names = [p.name for p in group]
+        if not self._registered.issuperset(names):
+            await conn.execute(
+                "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[])"
+                " ON CONFLICT (name) DO NOTHING", names)
+        rows = await conn.fetch(  # the locks, in name order, and the head: one round trip
+            "SELECT name, position, (SELECT coalesce(max(position), 0) FROM events) AS head"
+            " FROM projection_checkpoints WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE",
+            names)
+        if len(rows) < len(names):  # rows went (a test emptied the table): register again
+            self._registered.difference_update(names)
+            return await self._step_group(conn, group)
+        self._registered.update(names)
+        positions = {r["name"]: r["position"] for r in rows}
+        head = rows[0]["head"]
+        start = min(positions.values())
+        if head <= start:
+            return 0
+        types: set[str] | None = set()
+        for projection in group:
+            if projection.handles is None or types is None:
+                types = None
+            else:
+                types |= projection.handles
+        events = await self.store.read_all(start, self.batch_size,
+                                           types=sorted(types) if types is not None else None,
+                                           conn=conn)
+        events = [e for e in events if e.position <= head]
+        applied: dict[str, RecordedEvent] = {}
+        for event in events:
+            for projection in group:
+                if event.position > positions[projection.name] and (
+                        projection.handles is None or event.type in projection.handles):
+                    await projection.apply(conn, event)
+                    applied[projection.name] = event
+        full = len(events) == self.batch_size
+        new_position = events[-1].position if full else head
+        moved = [n for n in names if positions[n] < new_position]
+        if moved:  # every projection of the group has read (and applied) up to here
+            await conn.execute(
+                "UPDATE projection_checkpoints AS c SET position = $2, updated_at = now()"
+                " FROM unnest($1::text[]) AS n(name) WHERE c.name = n.name", moved, new_position)
+        now = time.time()
+        for name, event in applied.items():
+            self.lag_s[name] = now - event.recorded_at.timestamp()
+        return len(events)
+
     async def catch_up(self, name: str | None = None) -> None:
         """Apply everything committed so far (to one projection, or all)."""
         targets = [self.projections[name]] if name else list(self.projections.values())
@@ -210,6 +289,10 @@ class ProjectionRunner:
                 handled = None
                 break
             handled |= projection.handles
+        with suppress_instrumentation():  # background work: no span per query
+            await self._follow(handled)
+
+    async def _follow(self, handled: set[str] | None) -> None:
         async with Notifier(self.pool, self.poll_s, types=handled) as notifier:
             types: frozenset[str] | None = None
             full_at = 0.0
@@ -219,8 +302,12 @@ class ProjectionRunner:
                 if types is None:
                     full_at = time.monotonic()
                 try:
-                    for projection in self._concerned(types):
-                        while await self.step(projection) >= self.batch_size:
+                    if types is None:
+                        for projection in self._concerned(None):
+                            while await self.step(projection) >= self.batch_size:
+                                pass
+                    else:  # notified of these types: the projections handling them, at once
+                        while await self.step_group(self._concerned(types)) >= self.batch_size:
                             pass
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     log.warning("projection runner: database unavailable, retrying: %s", exc)
