@@ -277,4 +277,37 @@ async def test_atomic_append_refusals_name_their_stream_and_a_retry_is_a_duplica
                                    (a, [SessionClosed(session_id=sid_a)], 1, ids_b)])
     assert await store.stream_version(c) == 0
     assert await store.stream_version(a) == 1
-    assert store._atomic_fn  # the one-statement form ran (its migration is applied)
+    assert store._groups_fn  # the group-commit form ran (its migration is applied)
+
+
+async def test_atomic_appends_overlapping_in_time_share_a_commit_and_fail_alone(
+        store: EventStore) -> None:
+    """Group commit for atomic appends (issue 16): atomic appends to several streams made
+    at the same moment go to Postgres in one statement and one commit, yet each is still
+    all or nothing on its own: a refused one writes none of its streams and the others
+    are written."""
+    pairs = [(new_stream(), new_stream()) for _ in range(12)]
+    for i, (_, (sid_b, b)) in enumerate(pairs):
+        if i % 3 == 0:  # these will be refused: their second stream is not new
+            await store.append(b, [started(sid_b)], expected_version=0)
+
+    async def atomic(i: int) -> str:
+        (sid_a, a), (sid_b, b) = pairs[i]
+        try:
+            await store.append_atomic([(a, [started(sid_a)], 0), (b, [started(sid_b)], 0)])
+            return "ok"
+        except WrongExpectedVersion as exc:
+            assert exc.stream_id == b
+            return "refused"
+
+    outcomes = await asyncio.gather(*(atomic(i) for i in range(12)))
+    assert outcomes == ["refused" if i % 3 == 0 else "ok" for i in range(12)]
+    for i, ((_, a), (_, b)) in enumerate(pairs):
+        assert await store.stream_version(a) == (0 if i % 3 == 0 else 1)
+        assert await store.stream_version(b) == 1
+    written = [a for i, ((_, a), _) in enumerate(pairs) if i % 3]
+    # one statement stamps all its events with the moment it started (subtransactions
+    # give each group its own xmin, so that cannot tell)
+    statements = await store.pool.fetchval(
+        "SELECT count(DISTINCT recorded_at) FROM events WHERE stream_id = ANY($1::text[])", written)
+    assert statements < len(written)  # they shared statements (one, unless the writer was mid-batch)

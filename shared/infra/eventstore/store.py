@@ -148,6 +148,22 @@ _APPEND_SQL = (
 # 20261201171500_append_atomic.sql), rolling back the statement's every insert
 _APPEND_ATOMIC_SQL = _APPEND_SQL.replace("nexus_append_batch", "nexus_append_atomic")
 REFUSED = "NX409"
+# the group-commit writer's statement: single appends and atomic groups of several
+# streams together (migration 20261201193000_append_groups.sql)
+_APPEND_GROUPS_SQL = (
+    "SELECT idx, status, first_position, last_position, last_version, actual"
+    " FROM nexus_append_groups($1, $2, $3, $4, $5, $6, $7, $8)"
+)
+
+
+@dataclass(eq=False)
+class _Group:
+    """What one caller waits for in the writer's queue: a single append, or an atomic
+    append to several streams (all written or none)."""
+
+    requests: list[_Append]
+    atomic: bool
+    future: asyncio.Future[Any]
 
 
 def _outcome(request: _Append, row: Any) -> AppendResult | Exception:
@@ -166,21 +182,36 @@ def _outcome(request: _Append, row: Any) -> AppendResult | Exception:
         "(a retry must resend the same events to the same stream)")
 
 
+def _group_outcome(group: _Group, rows: list[Any]) -> Any:
+    """A queued group's outcome from its rows: a single append's result or refusal; an
+    atomic group's results, or the refusal of its first refused stream (its other
+    streams, rolled back, say 'aborted')."""
+    results = [_outcome(request, row) if row["status"] != "aborted" else None
+               for request, row in zip(group.requests, rows, strict=True)]
+    if not group.atomic:
+        return results[0]
+    refused = next((r for r in results if isinstance(r, Exception)), None)
+    return refused if refused is not None else results
+
+
 class EventStore:
     """Append and read events. Concurrent appends of one process share commits.
 
-    `append` calls that overlap in time are coalesced by one writer task into a single
-    `nexus_append_batch` statement and a single commit (group commit): each append is
-    still checked and reported on its own, so a conflict fails only its caller. A lone
-    append is a batch of one. `max_batch` bounds a group.
+    `append` and `append_atomic` calls that overlap in time are coalesced by one writer
+    task into a single `nexus_append_groups` statement and a single commit (group
+    commit): each append is still checked and reported on its own, so a conflict fails
+    only its caller, and an atomic append to several streams is all or nothing within
+    the batch (a subtransaction). A lone append is a batch of one. `max_batch` bounds
+    a batch (in callers).
     """
 
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 128) -> None:
         self.pool = pool
         self.max_batch = max_batch
-        self._queue: list[_Append] = []
+        self._queue: list[_Group] = []
         self._writer: asyncio.Task[None] | None = None
         self._atomic_fn = True  # nexus_append_atomic exists (False: an older schema)
+        self._groups_fn = True  # nexus_append_groups exists (False: an older schema)
 
     async def append(
         self,
@@ -207,11 +238,15 @@ class EventStore:
             if isinstance(outcome, Exception):
                 raise outcome
             return outcome
-        request.future = asyncio.get_running_loop().create_future()
-        self._queue.append(request)
+        return await self._enqueue([request], atomic=False)
+
+    def _enqueue(self, requests: list[_Append], *, atomic: bool) -> asyncio.Future[Any]:
+        """Queue appends for the group-commit writer; the future gets the outcome."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Group(requests, atomic, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_loop(), name="eventstore-writer")
-        return await request.future
+        return future
 
     async def append_atomic(
         self, appends: Sequence[tuple[str, Sequence[Event], int | None]
@@ -230,6 +265,10 @@ class EventStore:
         requests = [_request(item[0], item[1], item[2], metadata,
                              item[3] if len(item) > 3 else None)  # type: ignore[misc]
                     for item in appends]
+        if before is None and requests and self._groups_fn:
+            # group commit: one statement with the other appends of the moment, the
+            # group all or nothing in it (a subtransaction)
+            return await self._enqueue(requests, atomic=True)
         if before is None and requests and self._atomic_fn:
             # one statement, its own transaction: one round trip, and the append lock is
             # released at its commit rather than held across a COMMIT round trip
@@ -258,24 +297,60 @@ class EventStore:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             try:
                 async with self.pool.acquire() as conn:
-                    outcomes = await self._execute(conn, batch)
-            except Exception as exc:  # the whole group failed (connection lost, ...)
+                    outcomes = await self._write_groups(conn, batch)
+            except Exception as exc:  # the whole batch failed (connection lost, ...)
                 error = exc if isinstance(exc, EventStoreError) else EventStoreError(
                     f"append failed: {exc}")
                 outcomes = [error] * len(batch)
-            for request, outcome in zip(batch, outcomes, strict=True):
-                assert request.future is not None
-                if request.future.done():  # the caller was cancelled
+            for group, outcome in zip(batch, outcomes, strict=True):
+                if group.future.done():  # the caller was cancelled
                     continue
                 if isinstance(outcome, Exception):
-                    request.future.set_exception(outcome)
+                    group.future.set_exception(outcome)
                 else:
-                    request.future.set_result(outcome)
+                    group.future.set_result(outcome)
+
+    async def _write_groups(self, conn: asyncpg.Connection, batch: list[_Group]) -> list[Any]:
+        """One statement for the batch; each group's outcome: a single append's result
+        (or its refusal), an atomic group's results (or its first refusal)."""
+        if self._groups_fn:
+            requests = [r for g in batch for r in g.requests]
+            try:
+                rows = await self._rows(conn, requests, _APPEND_GROUPS_SQL,
+                                        [n for n, g in enumerate(batch) for _ in g.requests])
+            except asyncpg.UndefinedFunctionError:
+                self._groups_fn = False  # migrations not applied yet: the statements below
+            else:
+                outcomes, i = [], 0
+                for group in batch:
+                    n = len(group.requests)
+                    outcomes.append(_group_outcome(group, rows[i:i + n]))
+                    i += n
+                return outcomes
+        outcomes = []  # an older schema: each group on its own
+        for group in batch:
+            try:
+                async with conn.transaction():
+                    results = await self._execute(conn, group.requests)
+                    refused = next((r for r in results if isinstance(r, Exception)), None)
+                    if group.atomic and refused is not None:
+                        raise refused
+                outcomes.append(results if group.atomic else results[0])
+            except EventStoreError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def _execute(self, conn: asyncpg.Connection, batch: list[_Append],
                        sql: str = _APPEND_SQL) -> list[AppendResult | Exception]:
+        rows = await self._rows(conn, batch, sql)
+        return [_outcome(request, row) for request, row in zip(batch, rows, strict=True)]
+
+    @staticmethod
+    async def _rows(conn: asyncpg.Connection, batch: list[_Append], sql: str,
+                    groups: list[int] | None = None) -> list[Any]:
+        """The append function's rows for `batch`, in request order."""
         rows = await conn.fetch(
-            sql,
+            sql, *([groups] if groups is not None else []),
             [r.stream_id for r in batch],
             [r.expected_version for r in batch],
             [len(r.event_ids) for r in batch],
@@ -284,8 +359,7 @@ class EventStore:
             [d for r in batch for d in r.data],
             [r.metadata for r in batch for _ in r.event_ids],
         )
-        return [_outcome(request, row)
-                for request, row in zip(batch, sorted(rows, key=lambda r: r["idx"]), strict=True)]
+        return sorted(rows, key=lambda r: r["idx"])
 
     async def read_stream(self, stream_id: str, *, from_version: int = 1,
                           to_position: int | None = None) -> list[RecordedEvent]:
