@@ -235,6 +235,49 @@ async def test_a_sessions_history_includes_the_answer_just_given(fresh_db: str) 
         await pool.close()
 
 
+async def test_the_notifiers_of_a_process_share_one_listen_connection(fresh_db: str) -> None:
+    """However many followers a process runs, one Postgres backend listens for them
+    (a NOTIFY wakes one backend per process, issue 16); each follower still gets its
+    types, and when that connection is killed every follower re-listens and is told
+    that it may have missed something (None: catch up on everything)."""
+    pool = await create_pool(fresh_db, max_size=6)
+    other = await create_pool(fresh_db, max_size=2)
+    try:
+        store = EventStore(other)
+
+        async def listening() -> list[int]:
+            return [r["pid"] for r in await other.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()")]
+
+        async with Notifier(pool, poll_s=3600, types=("SessionClosed",)) as closed, \
+                Notifier(pool, poll_s=3600, types=("SessionStarted",)) as started_n, \
+                Notifier(pool, poll_s=3600) as everything:
+            assert len(await listening()) == 1
+            sid = str(uuid.uuid4())
+            await store.append(session_stream(sid), [SessionStarted(session_id=sid, tenant="t")], 0)
+            await store.append(session_stream(sid), [SessionClosed(session_id=sid, reason="r")], 1)
+            assert await asyncio.wait_for(closed.wait(), 20) == frozenset({"SessionClosed"})
+            assert await asyncio.wait_for(started_n.wait(), 20) == frozenset({"SessionStarted"})
+            seen: set[str] = set()
+            while "SessionClosed" not in seen:
+                seen |= await asyncio.wait_for(everything.wait(), 20) or {"?"}
+            [pid] = await listening()
+            await other.execute("SELECT pg_terminate_backend($1)", pid)
+            await asyncio.sleep(0.5)  # the client sees its connection gone
+            waits = [asyncio.create_task(n.wait()) for n in (closed, started_n, everything)]
+            await asyncio.sleep(0.5)  # they listen again, on a new connection
+            sid = str(uuid.uuid4())
+            await store.append(session_stream(sid), [SessionStarted(session_id=sid, tenant="t"),
+                                                     SessionClosed(session_id=sid, reason="r")], 0)
+            # woken by the append, each is told it may have missed others: None, not a type
+            assert await asyncio.wait_for(asyncio.gather(*waits), 20) == [None, None, None]
+            assert len(await listening()) == 1 and (await listening())[0] != pid
+        assert await listening() == []  # the last one out gives the connection back
+    finally:
+        await pool.close()
+        await other.close()
+
+
 async def _until(read, target: int) -> None:
     while await read() < target:
         await asyncio.sleep(0.02)

@@ -9,6 +9,7 @@ committed event below N, so `read_all(after=N)` can be followed without skipping
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -446,16 +447,93 @@ class EventStore:
                     await notifier.wait()
 
 
+class _Listener:
+    """The one LISTEN connection of a pool, shared by every `Notifier` on it: a NOTIFY
+    wakes one Postgres backend and sends one message per process, however many
+    followers the process runs (the projection runner, the fleet's, the models' and the
+    sessions' followers, the dashboard's tail). `generation` counts the connections
+    opened: a notifier that saw another generation may have missed notifications."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.notifiers: set[Notifier] = set()
+        self.generation = 0
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    def _dispatch(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        for notifier in list(self.notifiers):
+            notifier._on_notify(conn, pid, channel, payload)
+
+    def listening(self) -> bool:
+        try:
+            return self._conn is not None and not self._conn.is_closed()
+        except asyncpg.InterfaceError:  # the pool took it back: its server went away
+            return False
+
+    async def ensure(self) -> None:
+        """Listening from here on, unless the database cannot be reached (then polling)."""
+        if self.listening():
+            return
+        async with self._lock:
+            if self.listening():
+                return
+            await self._close()  # give a dead one back, take a new one
+            conn = None
+            try:
+                conn = await self.pool.acquire()
+                await conn.add_listener(NOTIFY_CHANNEL, self._dispatch)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("cannot LISTEN for events, polling only: %s", exc)
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self.pool.release(conn)
+                return
+            self._conn = conn  # listening from here: seen as such only now
+            self.generation += 1
+
+    async def leave(self, notifier: Notifier) -> None:
+        self.notifiers.discard(notifier)
+        if not self.notifiers:
+            async with self._lock:
+                if not self.notifiers:
+                    await self._close()
+                    if _listeners.get(id(self.pool)) is self:
+                        del _listeners[id(self.pool)]
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await conn.remove_listener(NOTIFY_CHANNEL, self._dispatch)
+        except Exception:
+            pass
+        try:
+            await self.pool.release(conn)
+        except Exception:
+            pass
+
+
+_listeners: dict[int, _Listener] = {}  # by id() of the pool (asyncpg pools take no weakrefs)
+
+
+def _listener_of(pool: asyncpg.Pool) -> _Listener | None:
+    listener = _listeners.get(id(pool))
+    return listener if listener is not None and listener.pool is pool else None
+
+
 class Notifier:
     """Wakes followers when events commit: LISTEN/NOTIFY, with a poll as safety net.
 
-    NOTIFY is sent by `nexus_append_batch` inside the appending transaction, so it
+    NOTIFY is sent by the append functions inside the appending transaction, so it
     arrives only after commit. Its payload names the types the append wrote
     (`"<position> <Type>,<Type>"`): a notifier given `types` wakes only for those (an
     append of other types costs its follower nothing), and `wait` returns the types
     seen since the last wait (None: unknown, i.e. anything may have changed: the poll
-    or a payload without types). A lost notification (connection dropped) costs at
-    most one poll interval; the listener connection is re-opened on the next wait.
+    or a payload without types). The notifiers of one pool share one LISTEN connection
+    (`_Listener`). A lost notification (connection dropped) costs at most one poll
+    interval; the listener connection is re-opened on the next wait.
     """
 
     def __init__(self, pool: asyncpg.Pool, poll_s: float = 1.0,
@@ -464,9 +542,8 @@ class Notifier:
         self.poll_s = poll_s
         self.types = frozenset(types) if types is not None else None
         self._event = asyncio.Event()
-        self._conn: asyncpg.Connection | None = None
         self._seen: set[str] | None = set()  # types notified since the last wait; None: any
-        self._listened = False
+        self._generation: int | None = None  # the listener connection this one heard on
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         _, _, names = payload.partition(" ")
@@ -481,37 +558,15 @@ class Notifier:
             self._seen.update(notified)
         self._event.set()
 
-    def _listening(self) -> bool:
-        try:
-            return self._conn is not None and not self._conn.is_closed()
-        except asyncpg.InterfaceError:  # the pool took it back: its server went away
-            return False
-
     async def _listen(self) -> None:
-        if self._listening():
-            return
-        if self._listened:  # a dead connection: notifications may have been missed
-            self._seen = None
-        await self._release()  # give it back, take a new one
-        try:
-            self._conn = await self.pool.acquire()
-            await self._conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            self._listened = True
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("cannot LISTEN for events, polling only: %s", exc)
-            await self._release()
-
-    async def _release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
-            except Exception:
-                pass
-            try:
-                await self.pool.release(conn)
-            except Exception:
-                pass
+        listener = _listener_of(self.pool)
+        if listener is None:  # the first notifier of this pool (or one whose id was reused)
+            listener = _listeners[id(self.pool)] = _Listener(self.pool)
+        listener.notifiers.add(self)
+        await listener.ensure()
+        if self._generation is not None and listener.generation != self._generation:
+            self._seen = None  # another connection since: notifications may have been missed
+        self._generation = listener.generation
 
     async def wait(self, timeout: float | None = None) -> frozenset[str] | None:
         """Return when an event (of `types`) may have been appended, or after the poll
@@ -530,7 +585,9 @@ class Notifier:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._release()
+        listener = _listener_of(self.pool)
+        if listener is not None:
+            await listener.leave(self)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
