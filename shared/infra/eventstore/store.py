@@ -300,8 +300,10 @@ class EventStore:
                 async with self.pool.acquire() as conn:
                     outcomes = await self._write_groups(conn, batch)
             except Exception as exc:  # the whole batch failed (connection lost, ...)
-                error = exc if isinstance(exc, EventStoreError) else EventStoreError(
-                    f"append failed: {exc}")
+                error = exc
+                if not isinstance(exc, EventStoreError):
+                    error = EventStoreError(f"append failed: {exc}")
+                    error.__cause__ = exc  # database_unavailable() sees why
                 outcomes = [error] * len(batch)
             for group, outcome in zip(batch, outcomes, strict=True):
                 if group.future.done():  # the caller was cancelled
