@@ -278,6 +278,54 @@ async def test_the_notifiers_of_a_process_share_one_listen_connection(fresh_db: 
         await other.close()
 
 
+class CountingSteps(ProjectionRunner):
+    """A runner that counts the steps taken outside its own loop (by `wait_for`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiter_steps = 0
+
+    async def step(self, projection: Projection) -> int:
+        if asyncio.current_task() is not self.loop_task:
+            self.waiter_steps += 1
+        return await super().step(projection)
+
+
+async def test_read_your_writes_waits_share_the_running_runners_step(fresh_db: str) -> None:
+    """`wait_for` (a request's read-your-writes) leaves the work to the running runner,
+    which the append's notification wakes: 20 requests waiting at once for their own
+    appends take no step of their own (they used to take one each, queueing on the
+    checkpoint's row lock). Without a running runner, `wait_for` steps by itself."""
+    pool = await create_pool(fresh_db, max_size=10)
+    try:
+        store = EventStore(pool)
+        runner = CountingSteps(store, [SessionsProjection()], poll_s=3600)
+        runner.runner_wait_s = 30.0  # never falls back to stepping, however slow the machine
+        runner.loop_task = asyncio.create_task(runner.run())
+        await asyncio.sleep(0.3)
+
+        async def create_and_read(i: int) -> bool:
+            sid = str(uuid.uuid4())
+            result = await store.append(session_stream(sid),
+                                        [SessionStarted(session_id=sid, tenant=f"ryw-{i}")], 0)
+            await runner.wait_for(result.last_position, names=("sessions",))
+            return await pool.fetchval("SELECT EXISTS (SELECT 1 FROM sessions WHERE session_id = $1)", sid)
+
+        assert all(await asyncio.wait_for(asyncio.gather(*(create_and_read(i) for i in range(20))), 60))
+        assert runner.waiter_steps == 0
+        runner.loop_task.cancel()
+
+        idle = CountingSteps(store, [SessionsProjection()], poll_s=3600)  # not running
+        idle.loop_task = None
+        sid = str(uuid.uuid4())
+        result = await store.append(session_stream(sid), [SessionStarted(session_id=sid, tenant="ryw")], 0)
+        await idle.wait_for(result.last_position, names=("sessions",))
+        assert idle.waiter_steps >= 1
+        assert await pool.fetchval("SELECT EXISTS (SELECT 1 FROM sessions WHERE session_id = $1)", sid)
+    finally:
+        await pool.close()
+
+
 async def _until(read, target: int) -> None:
     while await read() < target:
         await asyncio.sleep(0.02)

@@ -30,6 +30,9 @@ from shared.infra.eventstore.store import EventStore, Notifier
 
 log = logging.getLogger("nexus.projections")
 
+RUNNER_WAIT_S = 0.25
+"""How long `wait_for` leaves the work to the running runner before stepping itself."""
+
 
 class Projection:
     """Base class: subclass, set `name`, `handles`, `tables`, implement `apply`."""
@@ -59,6 +62,12 @@ class ProjectionRunner:
         self.poll_s = poll_s
         self.lag_s: dict[str, float] = {}  # append-to-applied lag of the last event applied
         self._registered: set[str] = set()  # projections whose checkpoint row exists
+        # what this process's running runner knows each checkpoint reached (committed),
+        # and an event set after each of its steps: `wait_for` waits on these
+        self._reached: dict[str, int] = {}
+        self._progress = asyncio.Event()
+        self._running = False
+        self.runner_wait_s = RUNNER_WAIT_S
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -150,9 +159,13 @@ class ProjectionRunner:
         bad event never holds up the others."""
         if not projections:
             return 0
+        reached: dict[str, int] = {}
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                return await self._step_group(conn, sorted(projections, key=lambda p: p.name))
+                read = await self._step_group(conn, sorted(projections, key=lambda p: p.name),
+                                              reached)
+            self._advance(reached)  # committed
+            return read
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             raise
         except Exception:
@@ -167,7 +180,16 @@ class ProjectionRunner:
                 raise failure
             return read
 
-    async def _step_group(self, conn: asyncpg.Connection, group: list[Projection]) -> int:
+    def _advance(self, reached: dict[str, int]) -> None:
+        """Checkpoints known to have reached these positions: wake `wait_for`s."""
+        for name, position in reached.items():
+            if position > self._reached.get(name, 0):
+                self._reached[name] = position
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def _step_group(self, conn: asyncpg.Connection, group: list[Projection],
+                          reached: dict[str, int]) -> int:
         names = [p.name for p in group]
         if not self._registered.issuperset(names):
             await conn.execute(
@@ -179,11 +201,12 @@ class ProjectionRunner:
             names)
         if len(rows) < len(names):  # rows went (a test emptied the table): register again
             self._registered.difference_update(names)
-            return await self._step_group(conn, group)
+            return await self._step_group(conn, group, reached)
         self._registered.update(names)
         positions = {r["name"]: r["position"] for r in rows}
         head = rows[0]["head"]
         start = min(positions.values())
+        reached.update(positions)
         if head <= start:
             return 0
         types: set[str] | None = set()
@@ -210,6 +233,7 @@ class ProjectionRunner:
             await conn.execute(
                 "UPDATE projection_checkpoints AS c SET position = $2, updated_at = now()"
                 " FROM unnest($1::text[]) AS n(name) WHERE c.name = n.name", moved, new_position)
+            reached.update(dict.fromkeys(moved, new_position))
         now = time.time()
         for name, event in applied.items():
             self.lag_s[name] = now - event.recorded_at.timestamp()
@@ -231,7 +255,26 @@ class ProjectionRunner:
             while await self._pending_until(projection, position):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"projection {projection.name!r} did not reach {position}")
-                await self.step(projection)
+                # the running runner is woken by the append's notification and applies it
+                # for every waiter at once; step here only when it does not come soon (it
+                # is not running, or busy, or the wait is for events of another process)
+                if not await self._runner_reaches(projection.name, position, self.runner_wait_s):
+                    await self.step(projection)
+
+    async def _runner_reaches(self, name: str, position: int, timeout: float) -> bool:
+        """Whether this process's running runner applies up to `position` within `timeout`."""
+        if not self._running:
+            return False
+        end = time.monotonic() + timeout
+        while self._reached.get(name, 0) < position:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
 
     async def _pending_until(self, projection: Projection, position: int) -> bool:
         types = sorted(projection.handles) if projection.handles is not None else None
@@ -289,8 +332,12 @@ class ProjectionRunner:
                 handled = None
                 break
             handled |= projection.handles
-        with suppress_instrumentation():  # background work: no span per query
-            await self._follow(handled)
+        self._running = True
+        try:
+            with suppress_instrumentation():  # background work: no span per query
+                await self._follow(handled)
+        finally:
+            self._running = False
 
     async def _follow(self, handled: set[str] | None) -> None:
         async with Notifier(self.pool, self.poll_s, types=handled) as notifier:
