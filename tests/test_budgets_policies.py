@@ -449,3 +449,29 @@ def test_an_overrun_is_committed_shown_and_blocks_until_the_limit_is_raised(two:
     assert chat(two, key, sid).status_code == 200
     raised = httpx.get(f"{two.api}/v1/sessions/{sid}/budget", headers=key).json()["tenant"]
     assert (raised["limit_tokens"], raised["committed_tokens"]) == (used + 1000, used + USED_PER_CALL)
+
+
+def test_a_session_closed_on_one_orchestrator_refuses_calls_on_every_other(two: LLMCluster) -> None:
+    """Once a close has answered through one orchestrator, a call through any other is
+    refused (409; another tenant's id stays a 404): however each one knows its sessions,
+    none may serve a session that is closed."""
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    key = two.tenant_key(tenant)
+    other_key = two.tenant_key(f"t{uuid.uuid4().hex[:8]}")
+    sid = two.session(key, budget={"limit_usd": 5})
+
+    def call(api: str, headers: dict[str, str]) -> httpx.Response:
+        return httpx.post(f"{api}/v1/chat/completions", headers={**headers, "X-Nexus-Session": sid},
+                          json={"model": "default", "messages": PROMPT, "max_tokens": 4})
+
+    first, second = two.apis
+    for _ in range(2):  # each orchestrator has the open session in memory now
+        assert call(first, key).status_code == 200 and call(second, key).status_code == 200
+    assert call(second, other_key).status_code == 404  # another tenant's, cached or not
+    closed = httpx.post(f"{first}/v1/sessions/{sid}/close", headers=key, json={})
+    assert closed.status_code == 200 and closed.json()["status"] == "closed"
+    for api in (second, first):
+        refused = call(api, key)
+        assert refused.status_code == 409 and refused.json()["type"].endswith("session-closed"), \
+            refused.text
+        assert call(api, other_key).status_code == 404

@@ -326,6 +326,46 @@ async def test_read_your_writes_waits_share_the_running_runners_step(fresh_db: s
         await pool.close()
 
 
+class CountingGroups(ProjectionRunner):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.group_steps = 0
+
+    async def step_group(self, projections) -> int:
+        self.group_steps += 1
+        return await super().step_group(projections)
+
+
+async def test_appends_close_together_are_applied_in_one_step_unless_a_request_waits(
+        fresh_db: str) -> None:
+    """With a coalescing window, the appends that follow a wake-up within it are applied
+    in the same step (issue 16: fewer, larger steps); a request waiting for its own
+    write (read-your-writes) does not wait for the window."""
+    pool = await create_pool(fresh_db, max_size=6)
+    try:
+        store = EventStore(pool)
+        runner = CountingGroups(store, [SessionsProjection()], poll_s=3600, coalesce_s=3.0)
+        task = asyncio.create_task(runner.run())
+        await asyncio.sleep(0.3)
+        for _ in range(5):
+            sid = str(uuid.uuid4())
+            last = await store.append(session_stream(sid),
+                                      [SessionStarted(session_id=sid, tenant="coalesce")], 0)
+        await asyncio.wait_for(_until(lambda: runner.checkpoint("sessions"), last.last_position), 30)
+        assert runner.group_steps == 1
+
+        runner.coalesce_s = 30.0  # a window longer than the wait below allows
+        runner.runner_wait_s = 25.0  # and no stepping of its own: only the runner applies
+        sid = str(uuid.uuid4())
+        last = await store.append(session_stream(sid),
+                                  [SessionStarted(session_id=sid, tenant="coalesce")], 0)
+        await asyncio.wait_for(runner.wait_for(last.last_position, names=("sessions",),
+                                                timeout=20), 20)
+        task.cancel()
+    finally:
+        await pool.close()
+
+
 async def _until(read, target: int) -> None:
     while await read() < target:
         await asyncio.sleep(0.02)

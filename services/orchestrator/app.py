@@ -166,7 +166,8 @@ def create_app(settings: Settings) -> Litestar:
         await runtime.start(database=True)
         assert runtime.store is not None
         runner = ProjectionRunner(runtime.store, PROJECTIONS, poll_s=settings.projection_poll_s,
-                                  batch_size=settings.projection_batch_size)
+                                  batch_size=settings.projection_batch_size,
+                                  coalesce_s=settings.projection_coalesce_s)
         app.state.runtime = runtime
         app.state.runner = runner
         app.state.policies = PolicyService(runtime.store, runner)

@@ -54,7 +54,7 @@ from shared.contracts.events import (
 )
 from shared.contracts.errors import BudgetDenied
 from shared.infra.eventstore import EventStore, WrongExpectedVersion
-from services.orchestrator.joint import Rider, append_joint
+from services.orchestrator.joint import Append, Rider, append_joint
 from services.orchestrator.read_models.budgets import BudgetsReadModel
 
 log = logging.getLogger("nexus.orchestrator.budget")
@@ -290,9 +290,14 @@ class BudgetManager:
         raise BudgetDenied("contention", "budget is too contended right now; retry")
 
     async def _settle(self, charge: Charge, decide, metadata: Metadata,
-                      rider: Rider | None = None, outcome: Any = None) -> list[Event]:
-        """`decide` on each budget; `rider`'s events (joint.py) go with the last one's."""
+                      rider: Rider | None = None, outcome: Any = None,
+                      with_events: list[Append] | None = None) -> list[Event]:
+        """`decide` on each budget; `with_events` (appends that must be recorded: the
+        call's conversation) and `rider`'s events (joint.py) go with the last one's, in
+        its transaction. A commit refused (the budget moved on) is decided again with them
+        still attached: they commit exactly once, alone if no budget append takes them."""
         settled: list[Event] = []
+        riders = list(with_events or ())
         for stream in charge.streams:
             async with self._locks[stream]:
                 for attempt in range(MAX_RETRIES):
@@ -300,11 +305,14 @@ class BudgetManager:
                     events = decide(state)
                     if not events:
                         break
-                    joint = rider if stream == charge.streams[-1] else None
+                    last = stream == charge.streams[-1]
+                    joint = rider if last else None
                     try:
-                        await append_joint(self.store, [(stream, events, state.version)],
+                        await append_joint(self.store, [(stream, events, state.version),
+                                                        *(riders if last else ())],
                                            metadata, joint, outcome)
                         rider = None if joint is not None else rider  # recorded, or refused
+                        riders = [] if last else riders
                         self._remember(stream, state, events)
                         settled += events
                         break
@@ -313,18 +321,20 @@ class BudgetManager:
                 else:
                     log.error("could not settle a reservation; the sweeper will release it",
                               extra={"call_id": charge.call_id, "budget": stream})
-        if rider is not None:  # nothing to append on the last budget: the rider's alone
-            await append_joint(self.store, [], metadata, rider, outcome)
+        if rider is not None or riders:  # nothing appended on the last budget: theirs alone
+            await append_joint(self.store, riders, metadata, rider, outcome)
         return settled
 
     async def commit(self, charge: Charge, micro_usd: int, tokens: int,
                      metadata: Metadata, rider: Rider | None = None,
-                     outcome: Any = None) -> list[BudgetCommitted]:
+                     outcome: Any = None,
+                     with_events: list[Append] | None = None) -> list[BudgetCommitted]:
         """Commit the actual cost on every budget; the commits appended (overruns on them).
-        `rider`'s events for `outcome` (an agent run's answer) commit with the last one."""
+        `with_events` (the conversation) and `rider`'s events for `outcome` (an agent
+        run's answer) commit with the last one, in its transaction."""
         events = await self._settle(
             charge, lambda s: decide_commit(s, charge.call_id, micro_usd, tokens), metadata,
-            rider, outcome)
+            rider, outcome, with_events)
         return [e for e in events if isinstance(e, BudgetCommitted)]
 
     async def release(self, charge: Charge, reason: str, metadata: Metadata) -> None:

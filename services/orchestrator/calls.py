@@ -19,8 +19,8 @@ maps them to problem+json in one place (`problems.py`).
 - The **plan** (`shared.domain.routing.plan_call`): the allowed targets, in order, with
   their redaction and nodes; the provider executes it.
 - **Execution** streams frames from a provider over NATS; however the stream ends, the
-  actual cost is committed (or the reservation released), tokens are counted and the
-  conversation appended (`MessageAppended`).
+  actual cost is committed (or the reservation released) and tokens are counted; an
+  answer's conversation (`MessageAppended`) commits in the cost's transaction.
 """
 
 from __future__ import annotations
@@ -519,17 +519,20 @@ class CallLifecycle:
                 tokens = outcome.usage.input_tokens + outcome.usage.output_tokens
                 if call.charge.streams:
                     self.metrics.budget_committed.add(outcome.cost_micro_usd / 1e6)
-                # independent writes: commit, token counters and the conversation together
-                # a run's events for the answer (`rider`) commit with the cost (joint.py)
+                # one transaction: the cost committed with the conversation and a run's
+                # events for the answer (`rider`, joint.py) on the last budget; without a
+                # budget, the conversation and the rider's events alone. Token counters:
+                # an independent write, meanwhile.
                 rider = call.rider if not call.output_denied else None
                 answer = (outcome, "".join(call.output))
-                commits, *_ = await asyncio.gather(
+                conversation = ([self._conversation(call, outcome)]
+                                if call.record_conversation and not call.output_denied else [])
+                commits, _ = await asyncio.gather(
                     self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata,
-                                        rider, answer)
-                    if call.charge.streams else asyncio.sleep(0, []),
-                    self.rates.add_tokens(call.rate_subjects, tokens),
-                    self._record_answer(call, outcome, None if call.charge.streams else rider)
-                    if not call.output_denied else asyncio.sleep(0))
+                                        rider, answer, with_events=conversation)
+                    if call.charge.streams else
+                    self._record_answer(call, conversation, rider, answer),
+                    self.rates.add_tokens(call.rate_subjects, tokens))
                 for commit in commits:
                     if commit.overrun_micro_usd or commit.overrun_tokens:
                         scope = "session" if commit.budget_id.startswith("budget-session-") else "tenant"
@@ -558,10 +561,11 @@ class CallLifecycle:
             planned_event(call.call_id, call.plan, self.fleet)],
             expected_version=None, metadata=call.metadata)
 
-    async def _record_answer(self, call: Call, outcome: Done, rider: Rider | None) -> None:
-        """The conversation (unless the run records it) and `rider`'s events, at once."""
-        own = [self._conversation(call, outcome)] if call.record_conversation else []
-        await append_joint(self.store, own, call.metadata, rider, (outcome, "".join(call.output)))
+    async def _record_answer(self, call: Call, conversation: list, rider: Rider | None,
+                             answer: tuple[Done, str]) -> list:
+        """A call without a budget: the conversation and `rider`'s events, at once."""
+        await append_joint(self.store, conversation, call.metadata, rider, answer)
+        return []
 
     @staticmethod
     def _conversation(call: Call, outcome: Done) -> tuple[str, list, None]:

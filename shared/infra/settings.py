@@ -106,6 +106,10 @@ class Settings:
         doc="safety-net poll of projection runners; LISTEN/NOTIFY wakes them first.")
     projection_batch_size: int = setting(
         "NEXUS_PROJECTION_BATCH_SIZE", 500, doc="events a projection applies per transaction.")
+    projection_coalesce_s: float = setting(
+        "NEXUS_PROJECTION_COALESCE_S", 0.01,
+        doc="after a wake-up, a projection runner takes the appends of this long into the "
+            "same step (fewer, larger steps); a request waiting for its own write cuts it short.")
     max_body_bytes: int = setting(
         "NEXUS_MAX_BODY_BYTES", 1_048_576, shown="1 MiB",
         doc="largest HTTP request body accepted, 413 above it.")

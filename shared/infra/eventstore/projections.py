@@ -52,7 +52,7 @@ class Projection:
 
 class ProjectionRunner:
     def __init__(self, store: EventStore, projections: Sequence[Projection], *,
-                 batch_size: int = 500, poll_s: float = 1.0) -> None:
+                 batch_size: int = 500, poll_s: float = 1.0, coalesce_s: float = 0.0) -> None:
         names = [p.name for p in projections]
         if len(set(names)) != len(names) or not all(names):
             raise ValueError(f"projection names must be unique and non-empty: {names}")
@@ -68,6 +68,11 @@ class ProjectionRunner:
         self._progress = asyncio.Event()
         self._running = False
         self.runner_wait_s = RUNNER_WAIT_S
+        # after a wake-up, appends of the next `coalesce_s` are applied in the same step
+        # (fewer, larger steps), unless a request waits for them (`wait_for` pokes)
+        self.coalesce_s = coalesce_s
+        self._waiting = 0
+        self._poke = asyncio.Event()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -258,7 +263,14 @@ class ProjectionRunner:
                 # the running runner is woken by the append's notification and applies it
                 # for every waiter at once; step here only when it does not come soon (it
                 # is not running, or busy, or the wait is for events of another process)
-                if not await self._runner_reaches(projection.name, position, self.runner_wait_s):
+                self._waiting += 1
+                self._poke.set()  # no coalescing while a request waits
+                try:
+                    reached = await self._runner_reaches(projection.name, position,
+                                                         self.runner_wait_s)
+                finally:
+                    self._waiting -= 1
+                if not reached:
                     await self.step(projection)
 
     async def _runner_reaches(self, name: str, position: int, timeout: float) -> bool:
@@ -369,3 +381,11 @@ class ProjectionRunner:
                     types = None
                     continue
                 types = await notifier.wait()
+                if self.coalesce_s > 0 and types is not None and not self._waiting:
+                    self._poke.clear()
+                    try:
+                        await asyncio.wait_for(self._poke.wait(), self.coalesce_s)
+                    except TimeoutError:
+                        pass
+                    more = notifier.take()
+                    types = types | more if more is not None else None

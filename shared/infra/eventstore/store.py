@@ -582,6 +582,14 @@ class Notifier:
         seen, self._seen = self._seen, set()
         return frozenset(seen) if seen is not None else None
 
+    def take(self) -> frozenset[str] | None:
+        """The types notified since the last wait or take, without waiting (empty: none)."""
+        if not self._event.is_set():
+            return frozenset()
+        self._event.clear()
+        seen, self._seen = self._seen, set()
+        return frozenset(seen) if seen is not None else None
+
     async def __aenter__(self) -> Notifier:
         await self._listen()
         return self
