@@ -7,12 +7,14 @@ processes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
 import openai
 import pytest
 
+from shared.infra.eventstore.store import create_pool
 from tests.conftest import new_database
 from tests.fake_upstream import reply_text
 from tests.llm_cluster import LLMCluster, start_llm_cluster
@@ -313,3 +315,36 @@ def test_two_providers_share_the_queue_and_a_killed_one_fails_cleanly(llm: LLMCl
     finally:
         llm.primary.configure(token_delay_ms=0)
         llm.providers.remove(second)
+
+
+def call_transactions(llm: LLMCluster, session_id: str) -> list[tuple[str, str]]:
+    """(type, inserting transaction id) of the session's LLMCall* events, in order."""
+    async def read() -> list[tuple[str, str]]:
+        pool = await create_pool(llm.database_url, max_size=1)
+        try:
+            rows = await pool.fetch(
+                "SELECT type, xmin::text AS tx FROM events WHERE metadata ->> 'correlation_id' = $1"
+                " AND type LIKE 'LLMCall%' ORDER BY position", session_id)
+            return [(r["type"], r["tx"]) for r in rows]
+        finally:
+            await pool.close()
+
+    return asyncio.run(read())
+
+
+def test_a_quick_call_records_start_and_completion_in_one_transaction(llm: LLMCluster,
+                                                                      key) -> None:
+    """`LLMCallStarted` waits (up to the router's grace) to share the call's next append;
+    a call still waiting for its first token after the grace has it recorded alone, first."""
+    sid = llm.session(key)
+    client(llm, key, sid).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    [(started, tx1), (completed, tx2)] = call_transactions(llm, sid)
+    assert (started, completed) == ("LLMCallStarted", "LLMCallCompleted") and tx1 == tx2
+
+    slow = llm.session(key)
+    llm.primary.script({"slow_first_byte_ms": 1500})  # three times the grace
+    client(llm, key, slow).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    [(started, tx1), (completed, tx2)] = call_transactions(llm, slow)
+    assert (started, completed) == ("LLMCallStarted", "LLMCallCompleted") and tx1 != tx2

@@ -5,6 +5,7 @@ their own, as the provider and the orchestrator are."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -14,7 +15,7 @@ import pytest
 from shared.contracts.messages import Ping
 from shared.infra.messaging import Bus
 from shared.contracts.frames import Delta, Done, Usage
-from shared.infra.streaming import ConsumerLost, StreamReceiver, StreamSender
+from shared.infra.streaming import KEEPALIVE_S, ConsumerLost, StreamReceiver, StreamSender
 
 WINDOW = 8
 
@@ -143,3 +144,73 @@ async def test_a_cancelling_consumer_stops_the_producer(buses) -> None:
     outcome = await asyncio.wait_for(ended, 20)
     assert isinstance(outcome, ConsumerLost) and "cancelled" in str(outcome)
     assert len(produced) < 10_000
+
+
+async def test_streams_sharing_a_connection_are_cancelled_one_by_one(buses) -> None:
+    """The senders of one connection share its control subscription: a cancel reaches
+    its own stream only, and each stream gets every credit meant for it."""
+    producer, consumer = buses
+    outcomes: dict[str, object] = {}
+
+    async def on_request(msg) -> None:
+        if msg.data == PROBE:
+            await msg.respond(b"ok")
+            return
+
+        async def run() -> None:
+            name = json.loads(msg.data)["sender"]
+            try:
+                async with StreamSender(producer, msg.reply, window=WINDOW) as sender:
+                    for i in range(100 if name.startswith("keeps") else 10_000):
+                        await sender.delta(content=str(i))
+                    await sender.done(done())
+                outcomes[name] = None
+            except ConsumerLost as exc:
+                outcomes[name] = exc
+
+        asyncio.ensure_future(run())
+
+    subject = f"test.stream.{uuid.uuid4().hex[:8]}"
+    await producer.nc.subscribe(subject, cb=on_request)
+    await producer.nc.flush()
+    await reachable(consumer, subject)
+
+    async def keeps(name: str) -> list[str]:
+        async with StreamReceiver(consumer, subject, Ping(sender=name), first_frame_timeout_s=10,
+                                  window=WINDOW) as stream:
+            return [f.content async for f in stream.frames() if isinstance(f, Delta)]
+
+    async def leaves() -> None:
+        async with StreamReceiver(consumer, subject, Ping(sender="leaves"),
+                                  first_frame_timeout_s=10, window=WINDOW) as stream:
+            async for frame in stream.frames():
+                if isinstance(frame, Delta) and frame.seq == 3:
+                    break  # leaving the block sends Cancel
+
+    kept = await asyncio.gather(keeps("keeps-1"), leaves(), keeps("keeps-2"))
+    assert kept[0] == kept[2] == [str(i) for i in range(100)]  # a window at a time, all of it
+    for _ in range(100):
+        if len(outcomes) == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert outcomes["keeps-1"] is None and outcomes["keeps-2"] is None
+    assert isinstance(outcomes["leaves"], ConsumerLost)
+
+
+async def test_a_silent_sender_keeps_its_receiver_waiting(buses) -> None:
+    """A sender with nothing to say (a slow first token) sends keepalives, so a receiver
+    whose idle timeout is shorter than the silence keeps waiting, then gets the answer."""
+    producer, consumer = buses
+
+    async def produce(sender: StreamSender) -> None:
+        await asyncio.sleep(2.5 * KEEPALIVE_S)
+        await sender.delta(content="late")
+        await sender.done(done())
+
+    subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
+    async with StreamReceiver(consumer, subject, Ping(sender="patient"), first_frame_timeout_s=10,
+                              idle_timeout_s=1.5 * KEEPALIVE_S, window=WINDOW) as stream:
+        frames = [frame async for frame in stream.frames()]
+    assert [type(f) for f in frames] == [Delta, Done] and frames[0].content == "late"
+    assert await asyncio.wait_for(ended, 10) is None

@@ -15,6 +15,14 @@ the target `<node provider>/<model>` (the first provider of kind `node`, else an
 one named `node`, announced in `ModelsReply.node_provider`), and the router serves such a
 target through the node adapter like a configured one (local: no price; the context is
 `NEXUS_MODEL_CONTEXT`, the one nodes run installed models with).
+
+**The call's events** (`llmcall-{id}`): `LLMCallStarted` is held back for up to
+`STARTED_GRACE_S` and appended with the call's next event (a failed attempt, the
+completion) in one append: one transaction for a call that answers within it, instead
+of two (issue 16). A call still going after the grace has it appended alone then, so a
+long call is on record while it runs. Every event of a call is durable before its
+`Done` or `Failed` frame goes out, as before; no reader needs `LLMCallStarted` while the
+call runs (a call that gets no answer is recorded by the orchestrator's `CallPlanned`).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from services.provider.config import ModelPrice, ProvidersConfig
 
 log = logging.getLogger("nexus.provider")
 
+STARTED_GRACE_S = 0.5  # how long LLMCallStarted may wait to share its call's next append
+
 
 def trace_use(span):
     from opentelemetry import trace
@@ -73,7 +83,7 @@ class Limiter:
 
     @contextlib.asynccontextmanager
     async def slot(self):
-        if self._sem.locked() and self.waiting >= self._queue:
+        if self.waiting >= self._queue and self._sem.locked():
             raise Overloaded(self.name)
         self.waiting += 1
         try:
@@ -111,6 +121,53 @@ class AttemptResult:
     output: list[str] = field(default_factory=list)
 
 
+class CallRecord:
+    """The events of one call, appended in order; `LLMCallStarted` waits (module doc)."""
+
+    def __init__(self, store: EventStore | None, request: CompletionRequest,
+                 started: LLMCallStarted) -> None:
+        self.store = store
+        self.metadata = Metadata(tenant=request.tenant, correlation_id=request.session_id,
+                                 causation_id=request.call_id, actor="provider")
+        self.stream = llmcall_stream(request.call_id)
+        self._held: list = [started]
+        self._writing: asyncio.Future | None = None  # the held events' own append
+        self._timer = (asyncio.get_running_loop().call_later(STARTED_GRACE_S, self._flush_held)
+                       if store is not None else None)
+
+    def _flush_held(self) -> None:
+        held, self._held = self._held, []
+        if held:
+            self._writing = asyncio.ensure_future(self._append(held))
+
+    async def _append(self, events: list) -> None:
+        assert self.store is not None
+        await self.store.append(self.stream, events, expected_version=None,
+                                metadata=self.metadata)
+
+    async def append(self, event) -> None:
+        """`event` after those before it (the held ones in the same append)."""
+        if self.store is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._writing is not None:
+            await self._writing
+        events, self._held = [*self._held, event], []
+        await self._append(events)
+
+    async def close(self) -> None:
+        """Whatever is still held or being written is durable when this returns."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.store is None:
+            return
+        if self._held:
+            self._flush_held()
+        if self._writing is not None:
+            await self._writing
+
+
 class Router:
     def __init__(self, config: ProvidersConfig, store: EventStore | None,
                  redactor=None, bus=None, installed_context: int = 4096) -> None:
@@ -138,7 +195,6 @@ class Router:
             self._node_adapter = nodes.adapter if nodes else NodeAdapter(
                 "node", bus, first_frame_timeout_s=5.0)
             self._node_limiter = nodes.limiter if nodes else Limiter("node", 8, 64)
-        self._starting: dict[str, asyncio.Future] = {}
         self.metrics = LLMMetrics()
         for provider in {t.provider for t in self.targets.values()}:  # series exist from the start
             self.metrics.failures.add(0, {"gen_ai.provider.name": provider})
@@ -188,12 +244,6 @@ class Router:
                 node_models=tuple(self.targets[t].model for t in chain if self.targets[t].on_node)))
         return tuple(out)
 
-    async def _started_first(self, request: CompletionRequest) -> None:
-        """Events of a call after its LLMCallStarted: wait for that one to be written."""
-        task = self._starting.get(request.call_id)
-        if task is not None:
-            await task
-
     def scrub(self, text: str) -> str:
         """Error text from upstreams may echo credentials: never let them travel on."""
         for provider in self.config.providers:
@@ -203,16 +253,6 @@ class Router:
         if self.redactor is not None:
             text = self.redactor(text, ("api_key",))
         return text
-
-    async def _event(self, request: CompletionRequest, event) -> None:
-        if self.store is None:
-            return
-        if not isinstance(event, LLMCallStarted):
-            await self._started_first(request)
-        await self.store.append(
-            llmcall_stream(request.call_id), [event], expected_version=None,
-            metadata=Metadata(tenant=request.tenant, correlation_id=request.session_id,
-                              causation_id=request.call_id, actor="provider"))
 
     @staticmethod
     def _redaction_for(target: Target, request: CompletionRequest) -> tuple[str, ...]:
@@ -247,22 +287,17 @@ class Router:
                 return Failed(error="UnknownModel", status=404,
                               detail=f"no model or route named {request.model!r}")
         started = time.monotonic()
-        # Recorded while the upstream call starts, not before it: the completion (or
-        # failure) event waits for it, so the stream's order is kept.
-        started_event = asyncio.ensure_future(self._event(request, LLMCallStarted(
+        record = CallRecord(self.store, request, LLMCallStarted(
             call_id=request.call_id, session_id=request.session_id, model=request.model,
             targets=chain, nodes=dict(request.nodes), strategy=request.plan_strategy,
-            loads=request.plan_loads)))
-        self._starting[request.call_id] = started_event
+            loads=request.plan_loads))
         try:
-            return await self._run(request, sender, chain, started)
+            return await self._run(request, sender, chain, started, record)
         finally:
-            self._starting.pop(request.call_id, None)
-            if not started_event.done():
-                await started_event
+            await record.close()
 
     async def _run(self, request: CompletionRequest, sender: StreamSender, chain: tuple[str, ...],
-                   started: float) -> Done | Failed:
+                   started: float, record: CallRecord) -> Done | Failed:
         retry = self.config.retry
         attempts = 0
         fallbacks: list[str] = []
@@ -289,7 +324,7 @@ class Router:
                     span.end()
                     failed = Failed(error="Cancelled", detail=str(exc), status=499,
                                     after_first_token=result.sent_any)
-                    await self._event(request, LLMCallFailed(
+                    await record.append(LLMCallFailed(
                         call_id=request.call_id, session_id=request.session_id, target=name,
                         attempt=attempt, error="Cancelled", detail=str(exc), final=True,
                         after_first_token=result.sent_any))
@@ -306,7 +341,7 @@ class Router:
                     next_target = chain[index + 1] if index + 1 < len(chain) else None
                     give_up = result.sent_any or (not more_here and next_target is None)
                     delay = self._backoff(attempt, exc.retry_after_s) if more_here else None
-                    await self._event(request, LLMCallFailed(
+                    await record.append(LLMCallFailed(
                         call_id=request.call_id, session_id=request.session_id, target=name,
                         attempt=attempt, error=exc.kind, detail=exc.detail[:500], status=exc.status,
                         fallback=None if more_here or give_up else next_target,
@@ -335,7 +370,7 @@ class Router:
                     output_tokens=usage.output_tokens, seconds=done.latency_ms / 1000,
                     ttft_s=done.ttft_ms / 1000 if done.ttft_ms is not None else None,
                     cost_usd=done.cost_micro_usd / 1e6)
-                await self._event(request, LLMCallCompleted(
+                await record.append(LLMCallCompleted(
                     call_id=request.call_id, session_id=request.session_id, model=done.model,
                     provider=target.provider, target=name, node=done.node,
                     latency_ms=done.latency_ms, ttft_ms=done.ttft_ms,
@@ -359,7 +394,8 @@ class Router:
         if isinstance(end, Done):
             return msgspec.structs.replace(end, **extra, cost_micro_usd=cost_micro_usd(
                 target.price, end.usage.input_tokens, end.usage.output_tokens))
-        usage = usage_of(end, messages_text(request.messages), "".join(result.output))
+        usage = usage_of(end, messages_text(request.messages) if end.input_tokens is None else "",
+                         "".join(result.output) if end.output_tokens is None else "")
         ttft_ms = ((result.first_token_at - started) * 1000
                    if result.first_token_at is not None else None)
         return Done(finish_reason=end.finish_reason, usage=usage, model=end.model or target.model,
@@ -399,9 +435,9 @@ class Router:
         try:
             while True:
                 try:
-                    if first:
-                        piece = await asyncio.wait_for(
-                            anext(stream), self.config.retry.first_token_timeout_s)
+                    if first:  # a timeout scope, not wait_for's task per call
+                        async with asyncio.timeout(self.config.retry.first_token_timeout_s):
+                            piece = await anext(stream)
                     else:
                         piece = await anext(stream)
                 except StopAsyncIteration:

@@ -19,13 +19,19 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
 - **Liveness**: the sender publishes a `Keepalive` every `KEEPALIVE_S` while it has
   nothing else to say (retries, backoff, a slow first token), so a receiver whose sender
   died (a killed provider) notices within `idle_timeout_s` instead of waiting forever.
+- **Per connection, not per stream**: the senders of one connection share one control
+  subscription (`<inbox>.*`, each stream's control subject one token under it) and one
+  keepalive ticker (`_Controls`): a stream costs no SUB/UNSUB, no subscription task and
+  no keepalive task of its own (issue 16).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -62,6 +68,53 @@ class ConsumerLost(Exception):
     """The receiver stopped acknowledging: stop producing."""
 
 
+class _Controls:
+    """The control subscription and keepalive ticker one connection's senders share."""
+
+    def __init__(self, nc: Any) -> None:
+        self.nc = nc
+        self.prefix = nc.new_inbox()
+        self.senders: dict[str, StreamSender] = {}
+        self._ids = itertools.count(1)
+        self._sub: asyncio.Future[Any] | None = None  # one subscribe, however many wait
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def open(self, sender: StreamSender) -> str:
+        if self._sub is None or (self._sub.done() and (self._sub.cancelled()
+                                                       or self._sub.exception() is not None)):
+            self._sub = asyncio.ensure_future(
+                self.nc.subscribe(f"{self.prefix}.*", cb=self._on_control))
+        if not self._sub.done():
+            await asyncio.shield(self._sub)
+        self._sub.result()
+        control = f"{self.prefix}.{next(self._ids)}"
+        self.senders[control] = sender
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._keep_alive())
+        return control
+
+    def close(self, control: str) -> None:
+        self.senders.pop(control, None)
+
+    async def _on_control(self, msg: Msg) -> None:
+        sender = self.senders.get(msg.subject)
+        if sender is not None:  # else: a stream already over
+            sender.on_control(msg)
+
+    async def _keep_alive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.senders:  # ends when idle; the next stream starts it again
+            await asyncio.sleep(KEEPALIVE_S / 2)
+            now = loop.time()
+            for sender in list(self.senders.values()):
+                if now - sender._last_sent >= KEEPALIVE_S:
+                    with contextlib.suppress(Exception):
+                        await sender._publish(Keepalive())
+
+
+_controls: weakref.WeakKeyDictionary[Any, _Controls] = weakref.WeakKeyDictionary()
+
+
 class StreamSender:
     """The producing side, inside a request handler."""
 
@@ -74,33 +127,29 @@ class StreamSender:
         self.acked = 0
         self.cancelled = asyncio.Event()
         self._credit = asyncio.Event()
-        self._sub = None
-        self._keepalive: asyncio.Task[None] | None = None
+        self._controls: _Controls | None = None
+        self._control = ""
         self._last_sent = 0.0
 
     async def __aenter__(self) -> StreamSender:
-        control = self.bus.nc.new_inbox()
-        self._sub = await self.bus.nc.subscribe(control, cb=self._on_control)
-        await self._publish(Started(control=control))
-        self._keepalive = asyncio.create_task(self._keep_alive())
+        nc = self.bus.nc
+        controls = _controls.get(nc)
+        if controls is None:
+            controls = _controls[nc] = _Controls(nc)
+        self._control = await controls.open(self)
+        self._controls = controls
+        try:
+            await self._publish(Started(control=self._control))
+        except BaseException:
+            controls.close(self._control)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        if self._controls is not None:
+            self._controls.close(self._control)
 
-    async def _keep_alive(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(KEEPALIVE_S / 2)
-            if loop.time() - self._last_sent >= KEEPALIVE_S:
-                with contextlib.suppress(Exception):
-                    await self._publish(Keepalive())
-
-    async def _on_control(self, msg: Msg) -> None:
+    def on_control(self, msg: Msg) -> None:
         try:
             control = _control_dec.decode(msg.data)
         except msgspec.DecodeError:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from shared.contracts.messages import ChatMessage, CompletionRequest
-from shared.infra.upstreams.base import Adapter, End, Piece, Text, UpstreamError
+from shared.infra.upstreams.base import Adapter, End, Piece, Text, UpstreamError, decode_json
 
 
 class AnthropicAdapter(Adapter):
@@ -30,12 +29,12 @@ class AnthropicAdapter(Adapter):
         input_tokens = output_tokens = None
         stop, seen_model, event = None, None, None
         async for line in self._lines("POST", "/v1/messages", body, headers):
-            if line.startswith("event:"):
-                event = line[6:].strip()
+            if line.startswith(b"event:"):
+                event = line[6:].strip().decode("utf-8", errors="replace")
                 continue
-            if not line.startswith("data:"):
+            if not line.startswith(b"data:"):
                 continue
-            data = json.loads(line[5:].strip() or "{}")
+            data = decode_json(line[5:].strip() or b"{}")
             if event == "message_start":
                 msg = data.get("message", {})
                 seen_model = msg.get("model")

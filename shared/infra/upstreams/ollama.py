@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from shared.contracts.messages import ChatMessage, CompletionRequest
-from shared.infra.upstreams.base import Adapter, End, Piece, Text, UpstreamError
+from shared.infra.upstreams.base import Adapter, End, Piece, Text, UpstreamError, decode_json
 
 
 class OllamaAdapter(Adapter):
@@ -26,7 +25,7 @@ class OllamaAdapter(Adapter):
         async for line in self._lines("POST", "/api/chat", body, {}):
             if not line.strip():
                 continue
-            data = json.loads(line)
+            data = decode_json(line)
             if "error" in data:
                 raise UpstreamError("UpstreamError", f"{self.config.name}: {data['error']}"[:300])
             text = (data.get("message") or {}).get("content")

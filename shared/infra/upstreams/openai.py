@@ -3,14 +3,21 @@ llama-server, vLLM, LM Studio, Ollama's `/v1` and hosted OpenAI all speak it."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 
 from shared.contracts.messages import ChatMessage, CompletionRequest
-from shared.infra.upstreams.base import Adapter, End, Piece, Text, ToolCalls, UpstreamError
+from shared.infra.upstreams.base import (
+    Adapter,
+    End,
+    Piece,
+    Text,
+    ToolCalls,
+    UpstreamError,
+    decode_json,
+)
 
 
 class OpenAIAdapter(Adapter):
@@ -32,14 +39,14 @@ class OpenAIAdapter(Adapter):
         async for line in self._lines("POST", "/chat/completions", body, headers):
             # read to the end even after [DONE]: a response read whole returns its
             # connection to the pool (no new TCP/TLS handshake for the next call)
-            if done or not line.startswith("data:"):
+            if done or not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 done = True
                 continue
             try:
-                chunk = json.loads(data)
+                chunk = decode_json(data)
             except ValueError:
                 raise UpstreamError("BadResponse", f"{self.config.name}: undecodable chunk") from None
             if "error" in chunk:

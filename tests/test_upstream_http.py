@@ -1,0 +1,124 @@
+"""The upstream adapters' HTTP (shared.infra.upstreams.base): the line reader under the
+wire protocols, the HTTP client span each request makes, and the trace context it sends
+to the upstream (the fake upstream over real HTTP)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+
+from shared.contracts.messages import ChatMessage, CompletionRequest
+from shared.infra.tracing import setup_tracing, tracer
+from shared.infra.upstreams import End, Text, UpstreamConfig, UpstreamError, adapter_for
+from shared.infra.upstreams.base import MAX_LINE, _split_lines
+from tests.fake_upstream import FakeUpstream, reply_text
+
+
+class Chunks:
+    """What aiohttp's StreamReader.iter_any yields: the body as the socket delivered it."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = chunks
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+
+
+async def lines(*chunks: bytes) -> list[bytes]:
+    return [line async for line in _split_lines(Chunks(*chunks), "up")]  # type: ignore[arg-type]
+
+
+async def test_lines_are_split_wherever_the_chunks_end() -> None:
+    body = b'data: {"a": 1}\r\n\r\ndata: {"b": "x\xc3\xa9"}\n\nevent: end\ndata: [DONE]\n\nlast'
+    expected = [b'data: {"a": 1}', b"", b'data: {"b": "x\xc3\xa9"}', b"", b"event: end",
+                b"data: [DONE]", b"", b"last"]
+    assert await lines(body) == expected
+    for size in (1, 2, 3, 7):  # every split, a byte at a time included
+        assert await lines(*(body[i:i + size] for i in range(0, len(body), size))) == expected
+    assert await lines(b"a\r", b"\nb\n") == [b"a", b"b"]  # a CRLF cut between two chunks
+    assert await lines() == []
+
+
+async def test_a_line_longer_than_the_limit_is_a_bad_response() -> None:
+    piece = b"x" * (64 * 1024)
+    with pytest.raises(UpstreamError) as caught:
+        await lines(b"ok\n", *([piece] * (MAX_LINE // len(piece) + 1)), b"\n")
+    assert caught.value.kind == "BadResponse" and not caught.value.retryable
+    # a line just under the limit is read whole
+    assert await lines(b"ok\n", *([piece] * (MAX_LINE // len(piece) - 1)), b"\n") == [
+        b"ok", piece * (MAX_LINE // len(piece) - 1)]
+
+
+class Collect(SpanProcessor):
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans.append(span)
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[Collect]:
+    collect = Collect()
+    setup_tracing("nexus-test").add_span_processor(collect)
+    yield collect
+    collect.spans = []
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    with FakeUpstream(reply_tokens=4, models=("m",), api_key="sk-test-0123456789") as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
+async def test_each_request_has_a_client_span_and_sends_its_trace_context(
+        kind: str, fake: FakeUpstream, spans: Collect, monkeypatch) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-test-0123456789")
+    base = fake.url + "/v1" if kind == "openai" else fake.url
+    adapter = adapter_for(UpstreamConfig(name=kind, kind=kind, base_url=base,
+                                         api_key_env="TEST_UPSTREAM_KEY"))
+    request = CompletionRequest(call_id="c", session_id="s", tenant="t", model="m",
+                                messages=(ChatMessage(role="user", content="héllo"),),
+                                max_tokens=4)
+    try:
+        with tracer("test").start_as_current_span(f"parent {kind}") as parent:
+            pieces = [p async for p in adapter.stream("m", request, request.messages)]
+    finally:
+        await adapter.close()
+    assert "".join(p.content for p in pieces if isinstance(p, Text)) == reply_text(4)
+    assert isinstance(pieces[-1], End) and pieces[-1].output_tokens == 4
+    [http] = [s for s in spans.spans if s.parent is not None
+              and s.parent.span_id == parent.get_span_context().span_id]
+    assert http.name == "POST" and http.kind.name == "CLIENT"
+    assert http.attributes["http.method"] == "POST"
+    assert http.attributes["http.status_code"] == 200
+    assert str(http.attributes["http.url"]).startswith(fake.url)
+    # the upstream continues the trace under the HTTP span
+    traceparent = fake.stats.last_headers["traceparent"]
+    assert traceparent.startswith(f"00-{http.context.trace_id:032x}-{http.context.span_id:016x}-")
+    # and aiohttp's own instrumentation adds no second span for the same request
+    assert len([s for s in spans.spans if s.context.trace_id == http.context.trace_id]) == 2
+
+
+async def test_an_error_status_marks_the_span(fake: FakeUpstream, spans: Collect,
+                                              monkeypatch) -> None:
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-test-0123456789")
+    fake.script({"status": 400})
+    adapter = adapter_for(UpstreamConfig(name="up", kind="openai", base_url=fake.url + "/v1",
+                                         api_key_env="TEST_UPSTREAM_KEY"))
+    request = CompletionRequest(call_id="c", session_id="s", tenant="t", model="m",
+                                messages=(ChatMessage(role="user", content="hi"),))
+    try:
+        with tracer("test").start_as_current_span("parent error") as parent, \
+                pytest.raises(UpstreamError) as caught:
+            [p async for p in adapter.stream("m", request, request.messages)]
+    finally:
+        await adapter.close()
+    assert caught.value.kind == "HTTP400" and not caught.value.retryable
+    [http] = [s for s in spans.spans if s.parent is not None
+              and s.parent.span_id == parent.get_span_context().span_id]
+    assert http.attributes["http.status_code"] == 400 and http.status.status_code.name == "ERROR"
