@@ -14,6 +14,7 @@ import pytest
 
 from shared.domain.budget import fold_budget, prompt_token_bound
 from shared.infra.eventstore import EventStore
+from shared.contracts.events import SessionClosed, session_stream
 from shared.contracts.messages import ChatMessage
 from shared.infra.eventstore.store import create_pool
 from tests.conftest import new_database
@@ -475,3 +476,36 @@ def test_a_session_closed_on_one_orchestrator_refuses_calls_on_every_other(two: 
         assert refused.status_code == 409 and refused.json()["type"].endswith("session-closed"), \
             refused.text
         assert call(api, other_key).status_code == 404
+
+
+def test_a_close_committed_anywhere_refuses_the_next_call_however_the_session_was_known(
+        two: LLMCluster) -> None:
+    """The call path serves a session it has seen open from memory, so its admission
+    requires the session stream unchanged: a close committed by any writer (here straight
+    into the event store: no orchestrator is told) refuses the next call on every
+    orchestrator, whether the admission reserves a budget or only records a policy
+    decision (no call slips through)."""
+    key = two.tenant_key(f"t{uuid.uuid4().hex[:8]}")
+    for body in ({"budget": {"limit_usd": 5}}, {"policy_rules": {"max_tokens_per_call": 64}}):
+        sid = two.session(key, **body)
+
+        def call(api: str) -> httpx.Response:
+            return httpx.post(f"{api}/v1/chat/completions", headers={**key, "X-Nexus-Session": sid},
+                              json={"model": "default", "messages": PROMPT, "max_tokens": 4})
+
+        for api in two.apis:
+            assert call(api).status_code == 200  # each has seen it open now
+
+        async def close() -> None:
+            pool = await create_pool(two.database_url, max_size=1)
+            try:
+                await EventStore(pool).append(session_stream(sid), [SessionClosed(
+                    session_id=sid, reason="closed elsewhere")], expected_version=1)
+            finally:
+                await pool.close()
+
+        asyncio.run(close())
+        for api in two.apis:
+            refused = call(api)
+            assert refused.status_code == 409 and refused.json()["type"].endswith("session-closed"), \
+                refused.text

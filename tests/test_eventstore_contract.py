@@ -311,3 +311,28 @@ async def test_atomic_appends_overlapping_in_time_share_a_commit_and_fail_alone(
     statements = await store.pool.fetchval(
         "SELECT count(DISTINCT recorded_at) FROM events WHERE stream_id = ANY($1::text[])", written)
     assert statements < len(written)  # they shared statements (one, unless the writer was mid-batch)
+
+
+async def test_an_atomic_append_can_require_another_stream_unchanged(store: EventStore) -> None:
+    """`require`: a stream that must still be at a version when the appends commit (the
+    call path's "the session is still open"), nothing appended to it. Moved, it refuses
+    the whole append, group-committed or in a transaction with `before`."""
+    (sid_s, session), (sid_a, a), (sid_b, b) = new_stream(), new_stream(), new_stream()
+    await store.append(session, [started(sid_s)], expected_version=0)
+
+    async def nothing_before(conn) -> None:
+        return None
+
+    for before in (None, nothing_before):
+        (sid_x, x) = new_stream()
+        results = await store.append_atomic([(x, [started(sid_x)], 0)], before=before,
+                                             require=[(session, 1)])
+        assert [r.stream_id for r in results] == [x]
+        assert await store.stream_version(x) == 1 and await store.stream_version(session) == 1
+    await store.append(session, [SessionClosed(session_id=sid_s)], expected_version=1)
+    for before, (sid, stream) in ((None, (sid_a, a)), (nothing_before, (sid_b, b))):
+        with pytest.raises(WrongExpectedVersion) as refused:
+            await store.append_atomic([(stream, [started(sid)], 0)], before=before,
+                                      require=[(session, 1)])
+        assert (refused.value.stream_id, refused.value.expected, refused.value.actual) == (session, 1, 2)
+        assert await store.stream_version(stream) == 0  # nothing written

@@ -228,7 +228,7 @@ class BudgetManager:
     async def reserve(self, charge: Charge, micro_usd: int, tokens: int,
                       metadata: Metadata,
                       with_events: tuple[tuple[str, list[Event]], ...] = (),
-                      before=None) -> None:
+                      before=None, require: tuple[tuple[str, int], ...] = ()) -> None:
         """Reserve on every budget of the charge atomically, or raise `BudgetDenied`.
 
         `before(conn)` runs in the reservation's transaction, only when the budgets
@@ -237,6 +237,9 @@ class BudgetManager:
 
         `with_events` (stream, events) are appended in the same transaction, whatever the
         verdict (e.g. the call's `PolicyEvaluated`): one commit instead of two.
+
+        `require` (stream, version): streams that must be unchanged at commit (the call's
+        session still open); one that moved raises `WrongExpectedVersion` for it, at once.
         """
         locks = []
         for stream in sorted(charge.streams):  # taken one by one: a held lock is never evicted
@@ -244,13 +247,14 @@ class BudgetManager:
             await lock.acquire()
             locks.append(lock)
         try:
-            await self._reserve(charge, micro_usd, tokens, metadata, with_events, before)
+            await self._reserve(charge, micro_usd, tokens, metadata, with_events, before, require)
         finally:
             for lock in reversed(locks):
                 lock.release()
 
     async def _reserve(self, charge: Charge, micro_usd: int, tokens: int, metadata: Metadata,
-                       with_events: tuple[tuple[str, list[Event]], ...], before=None) -> None:
+                       with_events: tuple[tuple[str, list[Event]], ...], before=None,
+                       require: tuple[tuple[str, int], ...] = ()) -> None:
         extra = [(stream, events, None) for stream, events in with_events]
         for attempt in range(MAX_RETRIES):
             now = time.time()
@@ -274,18 +278,21 @@ class BudgetManager:
                 if denial is not None:
                     await self.store.append_atomic(
                         [*appends, *extra, (llmcall_stream(charge.call_id), [denial], None)],
-                        metadata)
+                        metadata, require=require)
                     for stream, events, _ in appends:
                         self._remember(stream, states[stream], events)
                     scope = ("session" if denial.budget_id.startswith("budget-session-") else
                              "run" if denial.budget_id.startswith("budget-run-") else "tenant")
                     raise BudgetDenied(scope, denial.reason)
                 if appends or extra or before is not None:
-                    await self.store.append_atomic([*appends, *extra], metadata, before=before)
+                    await self.store.append_atomic([*appends, *extra], metadata, before=before,
+                                                   require=require)
                     for stream, events, _ in appends:
                         self._remember(stream, states[stream], events)
                 return
-            except WrongExpectedVersion:
+            except WrongExpectedVersion as exc:
+                if exc.stream_id not in charge.streams:
+                    raise  # a required stream moved (the session closed): not contention
                 await _backoff(attempt)  # another process moved a budget: catch up, decide again
         raise BudgetDenied("contention", "budget is too contended right now; retry")
 

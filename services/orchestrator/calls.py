@@ -56,6 +56,7 @@ from shared.contracts.events import (
     PolicyEvaluated,
     conversation_stream,
     llmcall_stream,
+    session_stream,
 )
 from shared.contracts.frames import Delta, Done, Failed
 from shared.contracts.messages import (
@@ -69,7 +70,7 @@ from shared.contracts.messages import (
 from shared.domain.budget import CANCELLED, FAILED, prompt_token_bound
 from shared.domain.policy import ChatRequestFacts, CompiledPolicy, Decision, redact_kinds
 from shared.domain.routing import Fleet, Plan, installed_model_info, plan_call, route_of
-from shared.infra.eventstore import EventStore
+from shared.infra.eventstore import EventStore, WrongExpectedVersion
 from shared.infra.messaging import Bus, MessagingError
 from shared.infra.metrics import ControlMetrics
 from shared.infra.streaming import StreamReceiver
@@ -119,6 +120,14 @@ def reserved_prompt_tokens(messages: tuple[ChatMessage, ...], tools: list[dict] 
                          if isinstance(m.content, str) else m for m in messages)
         bound = max(bound, prompt_token_bound(redacted, tools))
     return bound
+
+
+class _SessionMoved(Exception):
+    """The session stream moved after the call read the session (admit again)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id)
+        self.session_id = session_id
 
 
 class CallInput(msgspec.Struct, frozen=True, kw_only=True):
@@ -310,21 +319,35 @@ class CallLifecycle:
 
     # -- sessions ---------------------------------------------------------------------
 
-    async def session_for(self, caller: Caller, session_id: str | None) -> SessionView:
-        """The named session (open, of this tenant), or the caller key's default session."""
+    async def session_for(self, caller: Caller, session_id: str | None,
+                          cached: bool = False) -> SessionView:
+        """The named session (open, of this tenant), or the caller key's default session.
+        `cached`: as this process last saw it open, if it did (the caller then fences its
+        admission on the session stream's version: `admit`)."""
         if session_id is None:
-            return await self.sessions.start(
-                caller, SessionCreate(metadata={"default_for_key": caller.key_id}),
-                idempotency_key=f"default-session:{caller.key_id}", request_hash=None)
+            return await self.sessions.default_session(caller, cached=cached)
+        if cached and (view := self.sessions.cached_open(caller, session_id)) is not None:
+            return view
         view = await self.sessions.require(caller, session_id)
         if view.status != "open":
             raise SessionClosed(session_id)
+        self.sessions.remember_open(view)
         return view
 
-    # -- admission --------------------------------------------------------------------
-
     async def admit(self, caller: Caller, call_input: CallInput) -> Call:
-        session = await self.session_for(caller, call_input.session_id)
+        """Admit the call (or raise the refusal). The session comes from memory when this
+        process has seen it open; the admission's append then requires the session
+        stream unchanged (a close anywhere moves it), and a refused fence admits again
+        on the session as read now (closed: `SessionClosed`)."""
+        for attempt in range(3):
+            try:
+                return await self._admit(caller, call_input, cached=attempt == 0)
+            except _SessionMoved as moved:
+                session_id = moved.session_id
+        raise SessionClosed(session_id)  # its stream only moves when it closes
+
+    async def _admit(self, caller: Caller, call_input: CallInput, *, cached: bool) -> Call:
+        session = await self.session_for(caller, call_input.session_id, cached=cached)
         messages = call_input.messages
         if call_input.with_history:
             messages = (*await self.messages.history(session.session_id), *messages)
@@ -385,15 +408,25 @@ class CallLifecycle:
         charge = await self.budgets.charge_for(call_id, caller.tenant, session.session_id,
                                                run_id=call_input.run_id)
         take = functools.partial(self.rates.take, slots=slots) if slots else None
+        # the session as read: still open when the admission commits (a close moves it)
+        fence = ((session_stream(session.session_id), session.version),)
         try:  # the verdict, the reservations and the rate slots commit together, or nothing
             if charge.streams:
                 await self.budgets.reserve(
                     charge, math.ceil(prompt_bound * info.input_usd_per_mtok
                                       + max_tokens * info.output_usd_per_mtok),
-                    prompt_bound + max_tokens, metadata, with_events=policy_events, before=take)
+                    prompt_bound + max_tokens, metadata, with_events=policy_events, before=take,
+                    require=fence)
             elif policy_events:
                 await self.store.append_atomic([(s, e, None) for s, e in policy_events],
-                                               metadata, before=take)
+                                               metadata, before=take, require=fence)
+            elif cached:  # nothing appended at admission fences a remembered view: read it
+                await self.session_for(caller, session.session_id)
+        except WrongExpectedVersion as exc:  # the session moved (closed) since it was read
+            if exc.stream_id != fence[0][0]:
+                raise
+            self.sessions.forget(session.session_id)
+            raise _SessionMoved(session.session_id) from None
         except BudgetDenied as exc:
             self.metrics.budget_denials.add(1, {"budget": exc.budget})
             raise

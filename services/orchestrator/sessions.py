@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -32,6 +33,7 @@ from services.orchestrator.schemas import (
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+OPEN_SESSIONS_KEPT = 10_000  # open sessions' views a process keeps for the call path
 
 
 def _audit_event(e: StoredEvent) -> AuditEvent:
@@ -60,6 +62,42 @@ class SessionService:
         self.read_model = SessionsReadModel(store)
         # AgentService (set by the app): `start` pins the version of the agent it names
         self.agents: Any = None
+        # open sessions this process has served, least recently used out: the call path
+        # takes them from here and fences its admission on the session stream's version
+        # (calls.py), so a session closed by any process is never served from here
+        self._open: OrderedDict[str, SessionView] = OrderedDict()
+
+    def cached_open(self, caller: Caller, session_id: str) -> SessionView | None:
+        """An open session of the caller's tenant as this process last saw it, or None.
+        Only for a use that checks it is still at `view.version` when it commits."""
+        view = self._open.get(session_id)
+        if view is None or view.tenant != caller.tenant:
+            return None
+        self._open.move_to_end(session_id)
+        return view
+
+    def remember_open(self, view: SessionView) -> None:
+        if view.status != "open":
+            return
+        self._open[view.session_id] = view
+        self._open.move_to_end(view.session_id)
+        while len(self._open) > OPEN_SESSIONS_KEPT:
+            self._open.popitem(last=False)
+
+    def forget(self, session_id: str) -> None:
+        self._open.pop(session_id, None)
+
+    async def default_session(self, caller: Caller, cached: bool = False) -> SessionView:
+        """The caller key's default session (created on its first call); `cached`: as
+        this process last saw it open, if it did (see `cached_open`)."""
+        key = f"default-session:{caller.key_id}"
+        if cached and (view := self.cached_open(
+                caller, str(idempotency.derived_id(caller.tenant, key, "session")))) is not None:
+            return view
+        view = await self.start(caller, SessionCreate(metadata={"default_for_key": caller.key_id}),
+                                idempotency_key=key, request_hash=None)
+        self.remember_open(view)
+        return view
 
     async def start(self, caller: Caller, request: SessionCreate, *, idempotency_key: str | None = None,
                     request_hash: str | None = None) -> SessionView:
@@ -176,6 +214,7 @@ class SessionService:
                 continue
         else:
             raise Problem(409, "conflict", f"session {session_id!r} is changing too fast; retry")
+        self.forget(session_id)
         await self.runner.wait_for(result.last_position, names=("sessions",))
         return await self.require(caller, session_id)
 

@@ -254,6 +254,7 @@ class EventStore:
                                 | tuple[str, Sequence[Event], int | None, Sequence[uuid.UUID] | None]],
         metadata: Metadata | None = None,
         before: Any = None,
+        require: Sequence[tuple[str, int]] = (),
     ) -> list[AppendResult]:
         """Append to several streams in one transaction: all or nothing.
 
@@ -262,15 +263,23 @@ class EventStore:
         `before(conn)`, if given, runs first in the same transaction (a write that must
         commit with these events or not at all, e.g. taking rate-limit slots); what it
         raises rolls everything back and propagates.
+        `require`: `(stream_id, version)` pairs, streams that must be at that version when
+        the appends commit, nothing being appended to them (e.g. "the session is still
+        open"); one that is not raises `WrongExpectedVersion` for it and nothing is written.
+        The results are those of `appends`.
         """
         requests = [_request(item[0], item[1], item[2], metadata,
                              item[3] if len(item) > 3 else None)  # type: ignore[misc]
                     for item in appends]
+        checks = [_Append(stream_id=stream, expected_version=version, event_ids=[], types=[],
+                          data=[], metadata="{}") for stream, version in require]
         if before is None and requests and self._groups_fn:
             # group commit: one statement with the other appends of the moment, the
-            # group all or nothing in it (a subtransaction)
-            return await self._enqueue(requests, atomic=True)
-        if before is None and requests and self._atomic_fn:
+            # group all or nothing in it (a subtransaction); a check is a stream of no
+            # events at its expected version
+            results = await self._enqueue(requests + checks, atomic=True)
+            return results[:len(requests)]
+        if before is None and requests and self._atomic_fn and not checks:
             # one statement, its own transaction: one round trip, and the append lock is
             # released at its commit rather than held across a COMMIT round trip
             async with self.pool.acquire() as conn:
@@ -291,6 +300,13 @@ class EventStore:
             for outcome in outcomes:
                 if isinstance(outcome, Exception):
                     raise outcome
+            if checks:  # under the append lock (taken by the append), so nothing moves them
+                if not requests:
+                    await conn.execute("SELECT pg_advisory_xact_lock(7400001)")
+                for check in checks:
+                    version = await self.stream_version(check.stream_id, conn=conn)
+                    if version != check.expected_version:
+                        raise WrongExpectedVersion(check.stream_id, check.expected_version, version)
             return outcomes  # type: ignore[return-value]
 
     async def _write_loop(self) -> None:
@@ -374,8 +390,8 @@ class EventStore:
         )
         return [_to_recorded(r) for r in rows]
 
-    async def stream_version(self, stream_id: str) -> int:
-        return await self.pool.fetchval(
+    async def stream_version(self, stream_id: str, conn: asyncpg.Connection | None = None) -> int:
+        return await (conn or self.pool).fetchval(
             "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1", stream_id
         )
 
