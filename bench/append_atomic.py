@@ -1,4 +1,4 @@
-"""`EventStore.append_atomic` in its two forms: `.venv/bin/python bench/append_atomic.py [--rounds 3]`.
+"""`EventStore.append_atomic` in its three forms: `.venv/bin/python bench/append_atomic.py [--rounds 3]`.
 
 The admission of every chat call (policy verdict + budget reservation) and every session
 creation (session + budget streams) is an `append_atomic`. Measured, in one process
@@ -8,7 +8,11 @@ against one embedded Postgres (fsync on, as in production), interleaved round by
   append lock held across the `COMMIT` round trip): the form every call took before, and
   the one `append_atomic(..., before=...)` still takes (rate slots);
 - `one statement`: `nexus_append_atomic` in its implicit transaction (one round trip,
-  the lock released at that commit): what `append_atomic` without `before` does now.
+  the lock released at that commit): what `append_atomic` without `before` did before
+  group commit took it over;
+- `group commit`: the group-commit writer's `nexus_append_groups`, every atomic append
+  of the moment in one statement and one commit, each all or nothing in a
+  subtransaction: what `append_atomic` without `before` does now.
 
 Each append writes two new streams of one event. Printed: sequential latency p50/p99
 and appends per second with 64 concurrent writers, medians over the rounds, and the
@@ -57,7 +61,8 @@ async def run(rounds: int) -> None:
         store = EventStore(pool)
         meta = Metadata(tenant="bench", actor="bench")
 
-        async def one(before) -> None:
+        async def one(form) -> None:
+            before, store._groups_fn = form
             a, b = str(uuid.uuid4()), str(uuid.uuid4())
             await store.append_atomic(
                 [(session_stream(a), [SessionStarted(session_id=a, tenant="bench")], 0),
@@ -83,7 +88,8 @@ async def run(rounds: int) -> None:
             await asyncio.gather(*(writer() for _ in range(CLIENTS)))
             return done[0] / SECONDS
 
-        forms = {"transaction": _in_transaction, "one statement": None}
+        forms = {"transaction": (_in_transaction, False), "one statement": (None, False),
+                 "group commit": (None, True)}
         for before in forms.values():  # warm-up: connections, prepared statements
             for _ in range(50):
                 await one(before)
@@ -101,9 +107,11 @@ async def run(rounds: int) -> None:
               f"({SEQUENTIAL} sequential, {CLIENTS} writers for {SECONDS:g} s):")
         for form, (p50, p99, rate) in med.items():
             print(f"  {form:<14} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  {rate:6.0f} appends/s")
-        t, o = med["transaction"], med["one statement"]
-        print(f"  one statement / transaction: p50 x{o[0] / t[0]:.2f}, p99 x{o[1] / t[1]:.2f}, "
-              f"throughput x{o[2] / t[2]:.2f}")
+        t = med["transaction"]
+        for form in ("one statement", "group commit"):
+            o = med[form]
+            print(f"  {form} / transaction: p50 x{o[0] / t[0]:.2f}, p99 x{o[1] / t[1]:.2f}, "
+                  f"throughput x{o[2] / t[2]:.2f}")
         print(f"load average (1 min) {load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end "
               f"({os.cpu_count()} CPUs, shared with other work)")
         await pool.close()
