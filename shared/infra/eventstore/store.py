@@ -213,6 +213,7 @@ class EventStore:
         self._writer: asyncio.Task[None] | None = None
         self._atomic_fn = True  # nexus_append_atomic exists (False: an older schema)
         self._groups_fn = True  # nexus_append_groups exists (False: an older schema)
+        self._direct = 0  # atomic appends sent on their own, in flight (others batch meanwhile)
 
     async def append(
         self,
@@ -273,25 +274,32 @@ class EventStore:
                     for item in appends]
         checks = [_Append(stream_id=stream, expected_version=version, event_ids=[], types=[],
                           data=[], metadata="{}") for stream, version in require]
-        if before is None and requests and self._groups_fn:
+        alone = (not self._queue and not self._direct and self._atomic_fn and not checks
+                 and (self._writer is None or self._writer.done()))
+        if before is None and requests and self._groups_fn and not alone:
             # group commit: one statement with the other appends of the moment, the
             # group all or nothing in it (a subtransaction); a check is a stream of no
             # events at its expected version
             results = await self._enqueue(requests + checks, atomic=True)
             return results[:len(requests)]
+        # alone at this moment (and no check): the one-statement form below, no hop to the
+        # writer task and no subtransaction; appends arriving meanwhile batch in the writer
         if before is None and requests and self._atomic_fn and not checks:
             # one statement, its own transaction: one round trip, and the append lock is
             # released at its commit rather than held across a COMMIT round trip
-            async with self.pool.acquire() as conn:
-                try:
+            self._direct += 1
+            try:
+                async with self.pool.acquire() as conn:
                     return await self._execute(conn, requests, _APPEND_ATOMIC_SQL)  # type: ignore[return-value]
-                except asyncpg.UndefinedFunctionError:
-                    self._atomic_fn = False  # migrations not applied yet: the transaction below
-                except asyncpg.PostgresError as exc:
-                    if getattr(exc, "sqlstate", None) != REFUSED:
-                        raise
-                    refused = msgspec.json.decode(exc.detail or "{}")
-                    raise _outcome(requests[refused["idx"] - 1], refused) from None
+            except asyncpg.UndefinedFunctionError:
+                self._atomic_fn = False  # migrations not applied yet: the transaction below
+            except asyncpg.PostgresError as exc:
+                if getattr(exc, "sqlstate", None) != REFUSED:
+                    raise
+                refused = msgspec.json.decode(exc.detail or "{}")
+                raise _outcome(requests[refused["idx"] - 1], refused) from None
+            finally:
+                self._direct -= 1
         async with self.pool.acquire() as conn, conn.transaction():
             if before is not None:
                 await before(conn)
