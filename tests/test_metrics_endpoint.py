@@ -73,6 +73,32 @@ def test_the_orchestrator_serves_metrics_without_tracing_or_documenting_them(pla
     assert 'http_route="/metrics"' not in text and 'http_target="/metrics"' not in text
 
 
+def test_http_durations_are_recorded_by_route_template_not_by_path(platform) -> None:
+    """`http_server_duration_milliseconds` (the dashboards' request rate, errors and
+    latency) has one series per route template, method and status: two sessions read are
+    one series, and no session id becomes a label (a series per session otherwise)."""
+    ids = []
+    for _ in range(2):
+        created = httpx.post(f"{platform.api}/v1/sessions", headers=platform.admin, json={},
+                             timeout=10)
+        assert created.status_code == 201, created.text
+        ids.append(created.json()["session_id"])
+        assert httpx.get(f"{platform.api}/v1/sessions/{ids[-1]}", headers=platform.admin,
+                         timeout=10).status_code == 200
+
+    def series() -> list[dict[str, str]] | None:
+        text = httpx.get(f"{platform.api}/metrics", timeout=5).text
+        found = [s.labels for f in text_string_to_metric_families(text) for s in f.samples
+                 if s.name == "http_server_duration_milliseconds_count"]
+        reads = [labels for labels in found
+                 if (labels.get("http_route"), labels.get("http_method"),
+                     labels.get("http_status_code")) == ("/v1/sessions/{session_id}", "GET", "200")]
+        return found if len(reads) == 1 else None
+
+    found = wait_until(series, 20, 0.3, "one duration series for the session reads")
+    assert not any(i in labels.get("http_route", "") for labels in found for i in ids)
+
+
 def test_a_metrics_port_that_is_taken_is_logged_not_fatal(caplog) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

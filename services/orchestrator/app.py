@@ -14,7 +14,6 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.middleware.base import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
 from shared import __version__
 from shared.contracts import subjects
@@ -297,9 +296,6 @@ def create_app(settings: Settings) -> Litestar:
         template_config=ui.TEMPLATES,
         exception_handlers=EXCEPTION_HANDLERS,
         before_request=reject_unstorable_text,  # NUL in any text: a 400 naming the field
-        # the request's server span, not one span per ASGI message (per SSE chunk)
-        plugins=[OpenTelemetryPlugin(OpenTelemetryConfig(
-            exclude=["/health", "/metrics"], exclude_spans=["receive", "send"]))],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Nexus orchestrator", version=__version__, path="/schema"),
         debug=False,

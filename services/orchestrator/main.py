@@ -7,6 +7,7 @@ import sys
 
 import uvicorn
 
+from shared.infra.asgi_telemetry import HttpTelemetry
 from shared.infra.service import setup_process
 from shared.infra.settings import get_settings
 from services.orchestrator.app import create_app
@@ -22,8 +23,10 @@ def main() -> None:
     # uvicorn drains on SIGTERM, then re-raises the signal to the handler that was
     # installed before it: make that a clean exit, so a graceful stop exits 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    # the request's SERVER span and duration around the whole app (asgi_telemetry.py)
+    app = HttpTelemetry(create_app(settings), exclude=("/health", "/metrics"))
     config = uvicorn.Config(
-        create_app(settings), host=settings.http_host, port=settings.http_port,
+        app, host=settings.http_host, port=settings.http_port,
         log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10,
         ws_max_size=settings.max_body_bytes,  # a WebSocket frame is bounded like a body
     )

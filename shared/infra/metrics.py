@@ -26,11 +26,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.metrics.view import (
-    DropAggregation,
-    ExplicitBucketHistogramAggregation,
-    View,
-)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
 log = logging.getLogger("nexus.metrics")
@@ -67,13 +63,6 @@ def setup_metrics(resource: Resource) -> MeterProvider:
              aggregation=ExplicitBucketHistogramAggregation(_TOKEN_BUCKETS)),
         View(instrument_name="nexus.tool.duration",
              aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
-        # the HTTP server's metrics (OpenTelemetry's ASGI middleware), recorded on every
-        # request: the duration keeps the attributes the dashboards group by (fewer to
-        # hash per request, fewer series); the in-flight count is not kept (issue 16:
-        # both together were 8% of the orchestrator's CPU under load)
-        View(instrument_name="http.server.duration",
-             attribute_keys={"http.route", "http.method", "http.status_code"}),
-        View(instrument_name="http.server.active_requests", aggregation=DropAggregation()),
     ]
     _provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
     metrics.set_meter_provider(_provider)
