@@ -221,6 +221,29 @@ async def test_events_carry_the_current_trace_id(store: EventStore) -> None:
     assert event.metadata.span_id is not None
 
 
+async def test_the_group_writer_shows_in_no_callers_trace(store: EventStore) -> None:
+    """The group-commit writer serves every caller of the moment, so its statements are
+    in none of their traces: not in the trace of the request that happened to start it
+    (every later caller's batch would show there). Each event still carries its own
+    caller's trace id."""
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    setup_tracing("nexus-test")
+    exporter = InMemorySpanExporter()
+    otel_trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
+    sid, stream = new_stream()
+    with tracer("test").start_as_current_span("request") as span:
+        await store.append(stream, [started(sid)], expected_version=0)
+        trace_id = span.get_span_context().trace_id
+    in_trace = [s.name for s in exporter.get_finished_spans()
+                if s.context.trace_id == trace_id]
+    assert in_trace == ["request"]
+    [event] = await store.read_stream(stream)
+    assert event.metadata.trace_id == format(trace_id, "032x")
+
+
 async def test_concurrent_appends_fail_only_where_they_conflict(store: EventStore) -> None:
     """Overlapping appends share commits; each is still checked and answered on its own."""
     good = [new_stream() for _ in range(60)]

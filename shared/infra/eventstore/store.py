@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from shared.contracts.events import (
     Event,
@@ -247,7 +248,11 @@ class EventStore:
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Group(requests, atomic, future))
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_loop(), name="eventstore-writer")
+            # the writer serves every caller of the moment: not the trace of the request
+            # that happened to start it (its statements would show in that one's trace);
+            # each event keeps its own caller's trace id (taken when it was queued)
+            with suppress_instrumentation():
+                self._writer = asyncio.create_task(self._write_loop(), name="eventstore-writer")
         return future
 
     async def append_atomic(
