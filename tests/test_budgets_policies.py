@@ -489,14 +489,14 @@ def test_a_close_committed_anywhere_refuses_the_next_call_however_the_session_wa
     for body in ({"budget": {"limit_usd": 5}}, {"policy_rules": {"max_tokens_per_call": 64}}):
         sid = two.session(key, **body)
 
-        def call(api: str) -> httpx.Response:
+        def call(api: str, sid: str = sid) -> httpx.Response:
             return httpx.post(f"{api}/v1/chat/completions", headers={**key, "X-Nexus-Session": sid},
                               json={"model": "default", "messages": PROMPT, "max_tokens": 4})
 
         for api in two.apis:
             assert call(api).status_code == 200  # each has seen it open now
 
-        async def close() -> None:
+        async def close(sid: str = sid) -> None:
             pool = await create_pool(two.database_url, max_size=1)
             try:
                 await EventStore(pool).append(session_stream(sid), [SessionClosed(

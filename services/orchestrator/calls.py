@@ -80,7 +80,7 @@ from services.orchestrator.keys import Caller
 from services.orchestrator.policies import PolicyService
 from services.orchestrator.ratelimits import RateCounter, RateLimited
 from services.orchestrator.read_models.messages import MessagesReadModel
-from services.orchestrator.schemas import SessionCreate, SessionView
+from services.orchestrator.schemas import SessionView
 from services.orchestrator.sessions import SessionService
 from services.orchestrator.skills import SkillRouter, plan_loads, planned_event, routed_model
 
