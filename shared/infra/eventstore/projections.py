@@ -87,13 +87,13 @@ class ProjectionRunner:
         """Apply one batch in one transaction; returns how many events were applied.
 
         A projection with nothing to do (no handled event after its checkpoint) costs one
-        indexed read and no transaction: its checkpoint only moves when it applies
-        something, and the next look starts from there using the type index.
+        indexed read and no transaction: its checkpoint moves only when it is stepped
+        (to the head it read up to), and the next look starts from there using the type
+        index.
         """
         if not await self._has_work(projection):
             return 0
-        async with self.pool.acquire() as conn, conn.transaction():
-            return await self._step(conn, projection)
+        return await self._step_in_transaction([projection])
 
     async def pending(self, name: str) -> int:
         """How many events this projection handles that it has not applied yet."""
@@ -112,45 +112,6 @@ class ProjectionRunner:
             " coalesce((SELECT position FROM projection_checkpoints WHERE name = $1), 0))",
             projection.name, sorted(projection.handles)))
 
-    async def _step(self, conn: asyncpg.Connection, projection: Projection) -> int:
-        if projection.name not in self._registered:  # its checkpoint row exists from here on
-            await conn.execute(
-                "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-                projection.name,
-            )
-        # the row lock and the head in one round trip. The head may be older than the
-        # lock (taken before a wait for it), never newer than what `read_all` sees next:
-        # every position up to it had committed, so the checkpoint never passes an
-        # event left unread; a stale head only means less progress this step
-        row = await conn.fetchrow(
-            "SELECT position, (SELECT coalesce(max(position), 0) FROM events) AS head"
-            " FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
-            projection.name,
-        )
-        if row is None:  # the row went (a test emptied the table): register it again
-            self._registered.discard(projection.name)
-            return await self._step(conn, projection)
-        self._registered.add(projection.name)
-        position, head = row["position"], row["head"]
-        if head <= position:
-            return 0
-        types = sorted(projection.handles) if projection.handles is not None else None
-        events = await self.store.read_all(position, self.batch_size, types=types, conn=conn)
-        events = [e for e in events if e.position <= head]
-        for event in events:
-            await projection.apply(conn, event)
-        if not events:
-            return 0  # nothing handled: leave the checkpoint (and its row) alone
-        full = len(events) == self.batch_size
-        new_position = events[-1].position if full else head
-        await conn.execute(
-            "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
-            projection.name, new_position,
-        )
-        if events:
-            self.lag_s[projection.name] = time.time() - events[-1].recorded_at.timestamp()
-        return len(events)
-
     async def step_group(self, projections: Sequence[Projection]) -> int:
         """One batch for one or several projections in one transaction; returns how many
         events were read (a full batch: call again).
@@ -164,13 +125,8 @@ class ProjectionRunner:
         bad event never holds up the others."""
         if not projections:
             return 0
-        reached: dict[str, int] = {}
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                read = await self._step_group(conn, sorted(projections, key=lambda p: p.name),
-                                              reached)
-            self._advance(reached)  # committed
-            return read
+            return await self._step_in_transaction(sorted(projections, key=lambda p: p.name))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             raise
         except Exception:
@@ -185,6 +141,14 @@ class ProjectionRunner:
                 raise failure
             return read
 
+    async def _step_in_transaction(self, group: list[Projection]) -> int:
+        """`_step_group` in a transaction of its own; once committed, wakes `wait_for`s."""
+        reached: dict[str, int] = {}
+        async with self.pool.acquire() as conn, conn.transaction():
+            read = await self._step_group(conn, group, reached)
+        self._advance(reached)
+        return read
+
     def _advance(self, reached: dict[str, int]) -> None:
         """Checkpoints known to have reached these positions: wake `wait_for`s."""
         for name, position in reached.items():
@@ -195,12 +159,18 @@ class ProjectionRunner:
 
     async def _step_group(self, conn: asyncpg.Connection, group: list[Projection],
                           reached: dict[str, int]) -> int:
+        """One batch for `group` (sorted by name) in the caller's transaction: how many
+        events were read; `reached` gets each checkpoint as locked or moved."""
         names = [p.name for p in group]
         if not self._registered.issuperset(names):
             await conn.execute(
                 "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[])"
                 " ON CONFLICT (name) DO NOTHING", names)
-        rows = await conn.fetch(  # the locks, in name order, and the head: one round trip
+        # the locks (in name order) and the head in one round trip. The head may be older
+        # than the locks (taken before a wait for them), never newer than what `read_all`
+        # sees next: every position up to it had committed, so no checkpoint passes an
+        # event left unread; a stale head only means less progress this step
+        rows = await conn.fetch(
             "SELECT name, position, (SELECT coalesce(max(position), 0) FROM events) AS head"
             " FROM projection_checkpoints WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE",
             names)
@@ -318,7 +288,7 @@ class ProjectionRunner:
             )
             await projection.reset(conn)
             while True:
-                count = await self._step(conn, projection)
+                count = await self._step_group(conn, [projection], {})
                 applied += count
                 if count < self.batch_size:
                     break

@@ -536,14 +536,10 @@ class _Listener:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        try:
+        with contextlib.suppress(Exception):  # a connection that died with its server
             await conn.remove_listener(NOTIFY_CHANNEL, self._dispatch)
-        except Exception:
-            pass
-        try:
+        with contextlib.suppress(Exception):
             await self.pool.release(conn)
-        except Exception:
-            pass
 
 
 _listeners: dict[int, _Listener] = {}  # by id() of the pool (asyncpg pools take no weakrefs)
