@@ -112,8 +112,14 @@ def test_session_messages_stream_as_sse_and_are_kept(llm: LLMCluster, key) -> No
                       json={"content": "first turn", "stream": True, "max_tokens": 4}) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
-        events = [line for line in resp.iter_lines() if line.startswith("event:")]
-    assert events[:4] == ["event: token"] * 4 and events[-1] == "event: done"
+        lines = list(resp.iter_lines())
+    events = [line for line in lines if line.startswith("event:")]
+    # tokens that arrive together travel as one frame (issue 16): count text, not events
+    assert events[0] == "event: token" and events[-1] == "event: done"
+    assert set(events[:-1]) == {"event: token"}
+    tokens = [json.loads(lines[i + 1].removeprefix("data:"))["content"]
+              for i, line in enumerate(lines) if line == "event: token"]
+    assert "".join(tokens) == reply_text(4)
     second = httpx.post(f"{llm.api}/v1/sessions/{sid}/messages", headers=key,
                         json={"content": "second turn", "max_tokens": 3}).json()
     assert second["message"]["content"] == reply_text(3)
@@ -317,14 +323,16 @@ def test_two_providers_share_the_queue_and_a_killed_one_fails_cleanly(llm: LLMCl
         llm.providers.remove(second)
 
 
-def call_transactions(llm: LLMCluster, session_id: str) -> list[tuple[str, str]]:
-    """(type, inserting transaction id) of the session's LLMCall* events, in order."""
+def call_transactions(llm: LLMCluster, session_id: str,
+                      types: str = "LLMCall%") -> list[tuple[str, str]]:
+    """(type, inserting transaction id) of the session's events of `types` (a LIKE
+    pattern), in order."""
     async def read() -> list[tuple[str, str]]:
         pool = await create_pool(llm.database_url, max_size=1)
         try:
             rows = await pool.fetch(
                 "SELECT type, xmin::text AS tx FROM events WHERE metadata ->> 'correlation_id' = $1"
-                " AND type LIKE 'LLMCall%' ORDER BY position", session_id)
+                " AND type LIKE $2 ORDER BY position", session_id, types)
             return [(r["type"], r["tx"]) for r in rows]
         finally:
             await pool.close()
@@ -348,3 +356,58 @@ def test_a_quick_call_records_start_and_completion_in_one_transaction(llm: LLMCl
         model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     [(started, tx1), (completed, tx2)] = call_transactions(llm, slow)
     assert (started, completed) == ("LLMCallStarted", "LLMCallCompleted") and tx1 != tx2
+
+
+def test_an_answer_is_recorded_in_the_transaction_that_settles_it(llm: LLMCluster, key) -> None:
+    """The provider hands a completed call's events to the orchestrator (`Done.record`),
+    which appends them with the cost and the conversation before the client gets the
+    answer: one transaction records the whole answer, and nothing of it is missing."""
+    sid = llm.session(key, budget={"limit_usd": 1})
+    answer = client(llm, key, sid).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    settled = [(t, tx) for t, tx in call_transactions(llm, sid, "%")
+               if t in {"LLMCallStarted", "LLMCallCompleted", "BudgetCommitted", "MessageAppended"}]
+    assert sorted(t for t, _ in settled) == ["BudgetCommitted", "LLMCallCompleted",
+                                            "LLMCallStarted", "MessageAppended", "MessageAppended"]
+    assert len({tx for _, tx in settled}) == 1, settled
+    [done] = [e.event for e in llm.events(sid) if e.type == "LLMCallCompleted"]
+    assert done.output_tokens == answer.usage.completion_tokens
+
+
+def test_an_answer_that_cannot_be_recorded_is_not_given(llm: LLMCluster, key) -> None:
+    """The settle's append fails (a real Postgres error, raised by a trigger on this
+    session's events only): the client gets a 503 problem, not an answer whose cost,
+    conversation and completion are on record nowhere; the next call records normally."""
+    sid = llm.session(key, budget={"limit_usd": 1})
+    trigger = f"refuse_{sid.replace('-', '_')}"
+
+    async def sql(statement: str) -> None:
+        pool = await create_pool(llm.database_url, max_size=1)
+        try:
+            await pool.execute(statement)
+        finally:
+            await pool.close()
+
+    asyncio.run(sql(f"""
+        CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.metadata ->> 'correlation_id' = '{sid}' AND NEW.type = 'MessageAppended' THEN
+                RAISE EXCEPTION 'refused by the test';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER {trigger} BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION {trigger}();
+    """))
+    try:
+        with pytest.raises(openai.APIStatusError) as refused:
+            client(llm, key, sid).chat.completions.create(
+                model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    finally:
+        asyncio.run(sql(f"DROP TRIGGER {trigger} ON events; DROP FUNCTION {trigger}()"))
+    assert refused.value.status_code == 503, refused.value
+    assert "StoreUnavailable" in refused.value.response.text
+    assert not [t for t in types(llm, sid) if t in {"LLMCallCompleted", "MessageAppended"}]
+
+    client(llm, key, sid).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert types(llm, sid).count("LLMCallCompleted") == 1

@@ -94,6 +94,10 @@ SCAN_OFF_LOOP_CHARS = 32_768
 _scanner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="policy-scan")
 
 Frame = Delta | Done | Failed
+# an answer whose record (cost, conversation, the provider's events) could not be
+# appended is not given to the client: it would be an acknowledged call without events
+UNRECORDED = Failed(error="StoreUnavailable", status=503, after_first_token=True,
+                    detail="the answer could not be recorded (the event store failed); try again")
 
 
 async def policy_scan(policy: CompiledPolicy, text: str, evaluate, *args):
@@ -181,6 +185,9 @@ class Call:
     output_denied: bool = False
     record_conversation: bool = True
     rider: Rider | None = None  # an agent run's events for the answer, settled with it
+    # the call's own events for the settle's transaction: the provider's record of the
+    # answer (`Done.record`) and the output policy's decision
+    call_events: list[Any] = field(default_factory=list)
 
 
 def failure_error(failed: Failed) -> NexusError:
@@ -442,7 +449,7 @@ class CallLifecycle:
             messages=messages, max_tokens=max_tokens, temperature=call_input.temperature,
             top_p=call_input.top_p, stop=call_input.stop, tools=call_input.tools,
             tool_choice=call_input.tool_choice, redact=redact, nodes=plan.nodes,
-            targets=plan.targets, plan_strategy=strategy, plan_loads=loads)
+            targets=plan.targets, plan_strategy=strategy, plan_loads=loads, caller_records=True)
         return Call(call_id, caller, session, info, request, charge, metadata,
                     call_input.user_text, rate_subjects, policy, label, plan,
                     record_conversation=call_input.record_conversation)
@@ -487,13 +494,13 @@ class CallLifecycle:
         clear failure.
         """
         outcome: Done | Failed | None = None
-        settled = False
+        settled: asyncio.Future[bool] | None = None
 
-        async def settle() -> None:  # before the client sees the end: no answer acknowledged
-            nonlocal settled            # whose cost and conversation are not yet recorded
-            if not settled:
-                settled = True
-                await asyncio.shield(self._settle(call, outcome))
+        async def settle() -> bool:  # before the client sees the end: no answer acknowledged
+            nonlocal settled           # whose cost and conversation are not yet recorded
+            if settled is None:
+                settled = asyncio.ensure_future(self._settle(call, outcome))
+            return await asyncio.shield(settled)
 
         try:
             for attempt in (1, 2):
@@ -509,12 +516,14 @@ class CallLifecycle:
                             else:
                                 outcome = frame
                                 if isinstance(frame, Done):
+                                    call.call_events.extend(frame.record)
                                     denied = await self._check_output(call)
-                                    if denied is not None:
-                                        await settle()
-                                        yield denied
-                                        continue
-                                await settle()
+                                    if not await settle():
+                                        frame = UNRECORDED
+                                    elif denied is not None:
+                                        frame = denied
+                                else:
+                                    await settle()
                             yield frame
                     break
                 except MessagingError as exc:
@@ -535,10 +544,10 @@ class CallLifecycle:
             return None
         text = "".join(call.output)
         decision = await policy_scan(call.policy, text, call.policy.check_output, text)
-        await self.store.append(llmcall_stream(call.call_id), [PolicyEvaluated(
+        call.call_events.append(PolicyEvaluated(  # recorded by the settle, with the cost
             session_id=call.session.session_id, call_id=call.call_id, action="output",
             allowed=decision.allowed, rule=decision.rule, reason=decision.reason,
-            policy=call.policy_label)], expected_version=None, metadata=call.metadata)
+            policy=call.policy_label))
         self._count(decision)
         if decision.allowed:
             return None
@@ -546,7 +555,9 @@ class CallLifecycle:
         return Failed(error="PolicyDenied", detail=decision.reason, status=403,
                       after_first_token=True, rule=decision.rule)
 
-    async def _settle(self, call: Call, outcome: Done | Failed | None) -> None:
+    async def _settle(self, call: Call, outcome: Done | Failed | None) -> bool:
+        """Record how the call ended; False when that failed (logged: the sweeper then
+        releases the reservation, and an answer is not given to the client)."""
         try:
             if isinstance(outcome, Done):
                 tokens = outcome.usage.input_tokens + outcome.usage.output_tokens
@@ -560,6 +571,8 @@ class CallLifecycle:
                 answer = (outcome, "".join(call.output))
                 conversation = ([self._conversation(call, outcome)]
                                 if call.record_conversation and not call.output_denied else [])
+                if call.call_events:  # the provider's record of the answer, the output check
+                    conversation.append((llmcall_stream(call.call_id), call.call_events, None))
                 commits, _ = await asyncio.gather(
                     self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata,
                                         rider, answer, with_events=conversation)
@@ -584,6 +597,8 @@ class CallLifecycle:
         except Exception:
             log.exception("settling a call failed; the sweeper releases its reservation",
                           extra={"call_id": call.call_id})
+            return False
+        return True
 
     async def _record_plan(self, call: Call) -> None:
         """`CallPlanned`, for a call that got no answer (an answered call's plan is in

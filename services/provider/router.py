@@ -23,6 +23,10 @@ of two (issue 16). A call still going after the grace has it appended alone then
 long call is on record while it runs. Every event of a call is durable before its
 `Done` or `Failed` frame goes out, as before; no reader needs `LLMCallStarted` while the
 call runs (a call that gets no answer is recorded by the orchestrator's `CallPlanned`).
+A requester that records the answer itself (`CompletionRequest.caller_records`, the
+orchestrator) gets a completed call's events on the `Done` frame (`Done.record`) instead
+and appends them in the transaction that settles the call: no append here for a call
+answered within the grace.
 """
 
 from __future__ import annotations
@@ -155,6 +159,16 @@ class CallRecord:
             await self._writing
         events, self._held = [*self._held, event], []
         await self._append(events)
+
+    async def take(self, event) -> tuple:
+        """`event` with the events still held, for the requester to append in order
+        (`CompletionRequest.caller_records`): none of them is appended here."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._writing is not None:  # the held ones went out already: after them
+            await self._writing
+        events, self._held = (*self._held, event), []
+        return events
 
     async def close(self) -> None:
         """Whatever is still held or being written is durable when this returns."""
@@ -370,13 +384,16 @@ class Router:
                     output_tokens=usage.output_tokens, seconds=done.latency_ms / 1000,
                     ttft_s=done.ttft_ms / 1000 if done.ttft_ms is not None else None,
                     cost_usd=done.cost_micro_usd / 1e6)
-                await record.append(LLMCallCompleted(
+                completed = LLMCallCompleted(
                     call_id=request.call_id, session_id=request.session_id, model=done.model,
                     provider=target.provider, target=name, node=done.node,
                     latency_ms=done.latency_ms, ttft_ms=done.ttft_ms,
                     input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
                     usage_estimated=usage.estimated, cost_micro_usd=done.cost_micro_usd,
-                    finish_reason=done.finish_reason, attempts=attempts))
+                    finish_reason=done.finish_reason, attempts=attempts)
+                if request.caller_records:  # appended by the requester with its settle
+                    return msgspec.structs.replace(done, record=await record.take(completed))
+                await record.append(completed)
                 return done
         # busy or rate-limited to the end (queue full, node busy, upstream 429): say so
         status = 429 if isinstance(last, Overloaded) or (last and last.status == 429) else 502

@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 
+from shared.contracts.events import LLMCallCompleted, LLMCallStarted
+
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
     input_tokens: int = 0
@@ -38,6 +40,9 @@ class Done(msgspec.Struct, frozen=True, tag="done", kw_only=True):
     cost_micro_usd: int = 0
     attempts: int = 1
     fallbacks: tuple[str, ...] = ()  # "provider/model: why" for each target given up
+    # the call's events the requester appends with its settle (`CompletionRequest.caller_records`):
+    # `LLMCallStarted` (unless the provider appended it already) and `LLMCallCompleted`
+    record: tuple[LLMCallStarted | LLMCallCompleted, ...] = ()
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed", kw_only=True):

@@ -192,6 +192,13 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # load of each planned node as the orchestrator's selector saw it
     plan_strategy: str = ""
     plan_loads: tuple[dict[str, Any], ...] = ()
+    # the requester records the answer: the provider puts the events it would append for
+    # a completed call (`LLMCallStarted` if still held, `LLMCallCompleted`) on the `Done`
+    # frame (`Done.record`) and the requester appends them in the transaction that
+    # settles the call, before its client sees the end (one append per call instead of
+    # two; issue 16). Failures and attempts given up are recorded by the provider as
+    # before. False (an older requester): the provider appends them itself.
+    caller_records: bool = False
 
 
 class TargetInfo(msgspec.Struct, frozen=True, kw_only=True):
