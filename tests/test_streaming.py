@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import nats.errors
 import pytest
 
+from shared.contracts.frames import Delta, Done, Failed, Usage
 from shared.contracts.messages import Ping
 from shared.infra.messaging import Bus
-from shared.contracts.frames import Delta, Done, Usage
 from shared.infra.streaming import KEEPALIVE_S, ConsumerLost, StreamReceiver, StreamSender
 
 WINDOW = 8
@@ -82,6 +82,7 @@ async def test_a_slow_consumer_holds_the_producer_to_the_window(buses) -> None:
         senders.append(sender)
         for i in range(200):
             await sender.delta(content=str(i))
+            await asyncio.sleep(0)  # a token per loop turn: each its own frame (coalescing)
         await sender.done(done())
 
     subject, ended = await serve(producer, produce)
@@ -111,6 +112,7 @@ async def test_a_vanished_consumer_stops_the_producer_at_the_window(buses) -> No
         for i in range(200):
             await sender.delta(content=str(i))
             produced.append(i)
+            await asyncio.sleep(0)  # a token per loop turn: each its own frame
 
     subject, ended = await serve(producer, produce, idle_timeout_s=0.5)
     await reachable(consumer, subject)
@@ -133,6 +135,7 @@ async def test_a_cancelling_consumer_stops_the_producer(buses) -> None:
         for i in range(10_000):
             await sender.delta(content=str(i))
             produced.append(i)
+            await asyncio.sleep(0)  # a token per loop turn: each its own frame
 
     subject, ended = await serve(producer, produce)
     await reachable(consumer, subject)
@@ -163,6 +166,7 @@ async def test_streams_sharing_a_connection_are_cancelled_one_by_one(buses) -> N
                 async with StreamSender(producer, msg.reply, window=WINDOW) as sender:
                     for i in range(100 if name.startswith("keeps") else 10_000):
                         await sender.delta(content=str(i))
+                        await asyncio.sleep(0)  # a token per loop turn: each its own frame
                     await sender.done(done())
                 outcomes[name] = None
             except ConsumerLost as exc:
@@ -214,3 +218,110 @@ async def test_a_silent_sender_keeps_its_receiver_waiting(buses) -> None:
         frames = [frame async for frame in stream.frames()]
     assert [type(f) for f in frames] == [Delta, Done] and frames[0].content == "late"
     assert await asyncio.wait_for(ended, 10) is None
+
+
+# -- coalescing: tokens given in one loop turn leave as one frame (issue 16) -----------------
+
+async def receive(consumer: Bus, subject: str, name: str) -> list:
+    async with StreamReceiver(consumer, subject, Ping(sender=name), first_frame_timeout_s=10,
+                              window=WINDOW) as stream:
+        return [frame async for frame in stream.frames()]
+
+
+async def test_a_burst_of_deltas_given_in_one_turn_leaves_as_fewer_frames(buses) -> None:
+    producer, consumer = buses
+    pieces = [f"t{i} " for i in range(50)]
+
+    async def produce(sender: StreamSender) -> None:
+        for piece in pieces:  # no await that turns the loop: one upstream read's tokens
+            await sender.delta(content=piece)
+        await sender.done(done())
+
+    subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
+    frames = await receive(consumer, subject, "burst")
+    deltas, last = frames[:-1], frames[-1]
+    assert isinstance(last, Done) and all(isinstance(f, Delta) for f in deltas)
+    assert 1 <= len(deltas) < len(pieces)
+    assert "".join(d.content for d in deltas) == "".join(pieces)  # all of it, in order
+    assert [d.seq for d in deltas] == list(range(1, len(deltas) + 1))  # seq counts frames
+    assert await asyncio.wait_for(ended, 10) is None
+
+
+async def test_a_delta_that_arrives_alone_is_sent_without_waiting_for_the_next(buses) -> None:
+    """The producer gives the second delta only once the receiver holds the first: were
+    the first held back for a following delta, this would never end."""
+    producer, consumer = buses
+    first_received = asyncio.Event()
+
+    async def produce(sender: StreamSender) -> None:
+        await sender.delta(content="alone")
+        await asyncio.wait_for(first_received.wait(), 10)  # a guard, not a timing
+        await sender.delta(content="next")
+        await sender.done(done())
+
+    subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
+    frames = []
+    async with StreamReceiver(consumer, subject, Ping(sender="alone"), first_frame_timeout_s=10,
+                              window=WINDOW) as stream:
+        async for frame in stream.frames():
+            frames.append(frame)
+            first_received.set()
+    assert [(type(f), getattr(f, "content", None)) for f in frames] == [
+        (Delta, "alone"), (Delta, "next"), (Done, None)]
+    assert await asyncio.wait_for(ended, 10) is None
+
+
+async def test_a_tool_call_delta_is_never_merged_and_keeps_its_place(buses) -> None:
+    producer, consumer = buses
+    call = [{"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "lookup", "arguments": "{}"}}]
+
+    async def produce(sender: StreamSender) -> None:
+        for i in range(5):
+            await sender.delta(content=f"a{i}")
+        await sender.delta(content="")  # adds nothing
+        await sender.delta(tool_calls=call)
+        for i in range(5):
+            await sender.delta(content=f"b{i}")
+        await sender.done(done())
+
+    subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
+    frames = await receive(consumer, subject, "tools")
+    assert isinstance(frames[-1], Done)
+    deltas = frames[:-1]
+    tools = [i for i, d in enumerate(deltas) if d.tool_calls is not None]
+    assert len(tools) == 1, deltas
+    tool = deltas[tools[0]]
+    assert tool.tool_calls == call and tool.content == ""  # its own frame
+    assert "".join(d.content for d in deltas[:tools[0]]) == "a0a1a2a3a4"
+    assert "".join(d.content for d in deltas[tools[0] + 1:]) == "b0b1b2b3b4"
+    assert all(d.content for d in deltas if d.tool_calls is None)  # no empty frame
+    assert [d.seq for d in deltas] == list(range(1, len(deltas) + 1))
+    assert await asyncio.wait_for(ended, 10) is None
+
+
+async def test_a_failed_deferred_publish_is_raised_by_the_next_call(buses) -> None:
+    """A frame over the server's max_payload fails in the deferred publish: the producer's
+    next call raises it, the stream still ends with its Failed, and no task is left."""
+    producer, consumer = buses
+    raised: list[BaseException] = []
+
+    async def produce(sender: StreamSender) -> None:
+        await sender.delta(content="x" * (producer.nc.max_payload + 1))
+        await asyncio.sleep(0)  # one loop turn: the deferred publish runs and fails
+        try:
+            await sender.delta(content="after")
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            raised.append(exc)
+        await sender.fail(Failed(error="TooLarge", detail="a frame over max_payload"))
+
+    subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
+    frames = await receive(consumer, subject, "fails")
+    assert len(raised) == 1 and isinstance(raised[0], nats.errors.MaxPayloadError), raised
+    assert [type(f) for f in frames] == [Failed]  # neither the big frame nor "after" went
+    assert await asyncio.wait_for(ended, 10) is None
+    assert not [t for t in asyncio.all_tasks() if "_flush_soon" in repr(t.get_coro())]

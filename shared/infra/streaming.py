@@ -10,7 +10,7 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
     Cancel ------------------------------->  (client went away)
                          <------------------ Done(usage...) | Failed(error...)
 
-- **Flow control**: the sender never has more than `window` deltas unacknowledged; the
+- **Flow control**: the sender never has more than `window` Delta frames unacknowledged; the
   receiver acknowledges every `window // 4`. A slow client therefore slows the
   upstream read instead of growing a buffer.
 - **Lost consumer**: a sender blocked on credit for `idle_timeout_s` gives up and
@@ -23,6 +23,15 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
   subscription (`<inbox>.*`, each stream's control subject one token under it) and one
   keepalive ticker (`_Controls`): a stream costs no SUB/UNSUB, no subscription task and
   no keepalive task of its own (issue 16).
+- **Coalescing**: content deltas given to `StreamSender.delta()` within one turn of the
+  event loop (the tokens of one upstream socket read) leave as ONE `Delta` frame, their
+  content concatenated in order, published on the loop's next turn by a task created
+  once per frame. A token that arrives alone goes at once (no timer, no sleep); a burst
+  goes as one frame. A delta with `tool_calls` is never merged (what is pending goes
+  first, then it alone); `done()`, `fail()` and leaving the sender publish what is
+  pending first. `seq` counts the frames published, so the window and the receiver's
+  `Credit` count frames; a failed deferred publish is raised by the next
+  `delta()`/`done()`/`fail()` (issue 16).
 """
 
 from __future__ import annotations
@@ -130,6 +139,10 @@ class StreamSender:
         self._controls: _Controls | None = None
         self._control = ""
         self._last_sent = 0.0
+        self._pending: list[str] = []  # content given this turn, not yet published
+        self._flusher: asyncio.Task[None] | None = None  # publishes `_pending` next turn
+        self._flushing = False  # the flusher has started (it may be inside a publish)
+        self._error: BaseException | None = None  # a deferred publish's failure
 
     async def __aenter__(self) -> StreamSender:
         nc = self.bus.nc
@@ -145,9 +158,17 @@ class StreamSender:
             raise
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._controls is not None:
-            self._controls.close(self._control)
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                await self._drain()
+            else:  # leaving on an error: still send what was given, never mask that error
+                with contextlib.suppress(Exception):
+                    await self._drain()
+        finally:
+            self._stop_flusher()
+            if self._controls is not None:
+                self._controls.close(self._control)
 
     def on_control(self, msg: Msg) -> None:
         try:
@@ -167,7 +188,31 @@ class StreamSender:
         await self.bus.nc.publish(self.reply, _enc.encode(frame))
 
     async def delta(self, content: str = "", tool_calls: list[dict[str, Any]] | None = None) -> None:
-        """Send one delta; waits for credit when `window` deltas are unacknowledged."""
+        """Send a delta: content is coalesced with the rest given this loop turn and goes
+        out on the next; a tool_calls delta goes alone, after what is pending. Waits for
+        credit when `window` frames are unacknowledged."""
+        self._raise_deferred()
+        if self.cancelled.is_set():
+            raise ConsumerLost("the receiver cancelled")
+        if tool_calls is not None:
+            await self._drain()
+            await self._wait_credit()
+            self.seq += 1
+            await self._publish(Delta(seq=self.seq, content=content, tool_calls=tool_calls))
+            return
+        if not content:
+            return
+        if self._pending:  # a frame already admitted this turn: join it
+            self._pending.append(content)
+            return
+        await self._wait_credit()  # a new frame: it needs credit, as every frame does
+        self._raise_deferred()
+        self._pending.append(content)
+        if self._flusher is None:
+            self._flushing = False
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def _wait_credit(self) -> None:
         while self.seq - self.acked >= self.window and not self.cancelled.is_set():
             self._credit.clear()
             try:
@@ -176,13 +221,57 @@ class StreamSender:
                 raise ConsumerLost(f"no credit from the receiver for {self.idle_timeout_s:g}s") from None
         if self.cancelled.is_set():
             raise ConsumerLost("the receiver cancelled")
+
+    async def _publish_pending(self) -> None:
+        """One frame of what is pending; `_pending` is taken before the first await, and
+        nats-py queues a publish before it awaits, so frames leave in seq order."""
+        content = "".join(self._pending)
+        self._pending.clear()
         self.seq += 1
-        await self._publish(Delta(seq=self.seq, content=content, tool_calls=tool_calls))
+        await self._publish(Delta(seq=self.seq, content=content))
+
+    async def _flush_soon(self) -> None:
+        """The deferred publish, on the turn after the deltas were given."""
+        self._flushing = True
+        try:
+            while self._pending and self._error is None:  # more may join while publishing
+                await self._publish_pending()
+        except Exception as exc:  # noqa: BLE001 - raised by the producer's next call
+            self._error = exc
+            self._pending.clear()
+        finally:
+            self._flusher = None
+
+    async def _drain(self) -> None:
+        """Publish what is pending now, in order, and surface a deferred failure."""
+        flusher = self._flusher
+        if flusher is not None and not self._flushing:  # not started: do its work here
+            flusher.cancel()
+            self._flusher = None
+            flusher = None
+        if self._pending and self._error is None:
+            await self._publish_pending()
+        if flusher is not None:  # it was inside a publish; nothing is left for it to take
+            await asyncio.shield(flusher)  # it never raises: it keeps its error
+        self._raise_deferred()
+
+    def _raise_deferred(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _stop_flusher(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        self._pending.clear()
 
     async def done(self, done: Done | ToolDone) -> None:
+        await self._drain()
         await self._publish(done)
 
     async def fail(self, failed: Failed) -> None:
+        await self._drain()
         await self._publish(failed)
 
 
