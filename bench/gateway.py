@@ -757,14 +757,20 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=200, help="calls per sequential case")
     parser.add_argument("--replicas", type=int, default=1,
                         help="orchestrators and providers (clients spread over the orchestrators)")
+    parser.add_argument("--lease-calls", type=int, default=None,
+                        help="NEXUS_BUDGET_LEASE_CALLS for the orchestrators (budget leases; "
+                             "unset: the platform's default)")
     args = parser.parse_args()
     raise_fd_limit()
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-gateway-"))
-    platform = Platform(tmp, replicas=args.replicas)
+    env = {"NEXUS_BUDGET_LEASE_CALLS": str(args.lease_calls)} if args.lease_calls is not None else {}
+    platform = Platform(tmp, replicas=args.replicas, **env)
     try:
         t = time.perf_counter()
         platform.start()
-        sys.stdout.write(f"platform up in {time.perf_counter() - t:.1f} s ({tmp})\n")
+        leases = env.get("NEXUS_BUDGET_LEASE_CALLS", "the default")
+        sys.stdout.write(f"platform up in {time.perf_counter() - t:.1f} s ({tmp}); "
+                         f"NEXUS_BUDGET_LEASE_CALLS: {leases}\n")
         sys.stdout.flush()
         run_async(run(platform, args.seconds, args.sequential))
     finally:

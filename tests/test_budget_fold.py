@@ -27,22 +27,28 @@ from shared.domain.budget import (
     LAPSED_KEPT,
     BudgetCommitted,
     BudgetExceeded,
+    BudgetLeased,
+    BudgetLeaseReturned,
     BudgetLimitChanged,
     BudgetNotOpened,
     BudgetOpened,
     BudgetReleased,
     BudgetReserved,
     BudgetState,
+    Lease,
     Reservation,
     budget_stream_for_session,
     budget_stream_for_tenant,
     decide_change_limit,
     decide_commit,
+    decide_commit_leased,
     decide_expire,
+    decide_lease,
     decide_open,
     decide_release,
     decide_release_instance,
     decide_reserve,
+    decide_return_lease,
     fold_budget,
     fold_budget_events,
     format_usd,
@@ -97,6 +103,18 @@ class Budget:
 
     def expire(self, now: float) -> list[Event]:
         return self.apply(decide_expire(self.state, now))
+
+    def lease(self, lease_id: str, micro_usd: int = 0, tokens: int = 0, now: float = NOW,
+              ttl_s: float = TTL, instance: str | None = None) -> list[Event]:
+        return self.apply(decide_lease(self.state, lease_id, micro_usd, tokens, now, ttl_s,
+                                       instance))
+
+    def commit_leased(self, lease_id: str, call_id: str, micro_usd: int = 0,
+                      tokens: int = 0) -> list[Event]:
+        return self.apply(decide_commit_leased(self.state, lease_id, call_id, micro_usd, tokens))
+
+    def return_lease(self, lease_id: str, reason: str = "idle") -> list[Event]:
+        return self.apply(decide_return_lease(self.state, lease_id, reason))
 
 
 def only(events: list[Event]) -> Event:
@@ -412,6 +430,253 @@ def test_lowering_the_limit_below_usage_stops_spending():
         decide_change_limit(b.state, None, -1)
 
 
+# -- leases (issue 16) -------------------------------------------------------------------
+
+
+def test_a_lease_that_fits_is_counted_against_the_limit():
+    b = Budget(limit_micro_usd=USD, limit_tokens=1_000)
+    b.reserve("c1", 200_000, 100)
+    ev = only(b.lease("L1", 500_000, 400, instance="orch-1"))
+    assert ev == BudgetLeased(budget_id="b1", lease_id="L1", micro_usd=500_000, tokens=400,
+                              expires_at=NOW + TTL, instance="orch-1")
+    assert b.s.leases == {"L1": Lease(500_000, 400, NOW + TTL, "orch-1")}
+    assert (b.s.leased_micro_usd, b.s.leased_tokens) == (500_000, 400)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (300_000, 500)
+    assert (b.s.reserved_micro_usd, b.s.committed_micro_usd) == (200_000, 0)
+
+
+def test_a_lease_up_to_the_exact_limit_fits():
+    b = Budget(limit_micro_usd=USD, limit_tokens=100)
+    b.commit("nobody")  # a no-op
+    b.reserve("c1", 400_000, 40)
+    assert isinstance(only(b.lease("L1", 600_000, 60)), BudgetLeased)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (0, 0)
+
+
+def test_a_lease_that_does_not_fit_decides_nothing_and_is_no_denial():
+    b = Budget(limit_micro_usd=USD, limit_tokens=100)
+    b.reserve("c1", 400_000, 10)
+    version = b.s.version
+    assert b.lease("L1", 600_001, 10) == []  # one micro too many
+    assert b.lease("L2", 100, 91) == []  # tokens do not fit
+    assert b.s.version == version and b.s.leases == {}
+    assert not any(isinstance(e, BudgetExceeded) for e, _ in b.log)
+
+
+def test_a_lease_on_an_exhausted_dimension_does_not_fit_even_empty():
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", USD)
+    b.commit("c1", USD)
+    assert b.lease("L1", 0, 0) == []
+    b.apply(decide_change_limit(b.state, 2 * USD, None))
+    assert isinstance(only(b.lease("L1", 0, 0)), BudgetLeased)
+
+
+def test_an_unlimited_dimension_takes_any_lease():
+    b = Budget(limit_micro_usd=USD)  # tokens unlimited
+    assert isinstance(only(b.lease("L1", USD, 10**9)), BudgetLeased)
+    assert b.s.remaining_tokens is None and b.s.leased_tokens == 10**9
+
+
+def test_leased_counts_against_reservations_and_reserved_against_leases():
+    b = Budget(limit_micro_usd=USD)
+    b.lease("L1", 700_000)
+    denied = b.reserve("c1", 400_000)[-1]
+    assert isinstance(denied, BudgetExceeded) and denied.available_micro_usd == 300_000
+    assert isinstance(b.reserve("c2", 300_000)[-1], BudgetReserved)
+    assert b.lease("L2", 1) == []
+    b.return_lease("L1")
+    assert isinstance(only(b.lease("L2", 700_000)), BudgetLeased)
+
+
+def test_lease_of_an_open_id_is_idempotent_and_bad_input_is_refused():
+    b = Budget(limit_micro_usd=USD)
+    b.lease("L1", 100)
+    assert b.lease("L1", 100) == [] and b.s.leased_micro_usd == 100
+    with pytest.raises(ValueError):
+        decide_lease(b.s, "L2", -1, 0, NOW, TTL)
+    with pytest.raises(ValueError):
+        decide_lease(b.s, "L2", 0, -1, NOW, TTL)
+    with pytest.raises(BudgetNotOpened):
+        decide_lease(None, "L2", 1, 1, NOW, TTL)
+    # a BudgetLeased for an open id appended anyway changes nothing but the version
+    b.apply([BudgetLeased(budget_id="b1", lease_id="L1", micro_usd=999, tokens=9,
+                          expires_at=NOW)])
+    assert b.s.leases["L1"].micro_usd == 100 and b.s.leased_micro_usd == 100
+
+
+def test_a_commit_against_a_lease_takes_its_cost_out_of_the_lease():
+    b = Budget(limit_micro_usd=USD, limit_tokens=1_000)
+    b.lease("L1", 500_000, 500)
+    ev = only(b.commit_leased("L1", "c1", 120_000, 80))
+    assert ev == BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=120_000, tokens=80,
+                                 lease="L1")
+    assert b.s.leases["L1"] == Lease(380_000, 420, NOW + TTL)
+    assert (b.s.leased_micro_usd, b.s.leased_tokens) == (380_000, 420)
+    assert (b.s.committed_micro_usd, b.s.committed_tokens) == (120_000, 80)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (500_000, 500)  # unchanged
+    assert b.s.overruns == 0
+    b.commit_leased("L1", "c2", 380_000, 420)  # uses it up exactly: still open, empty
+    assert b.s.leases["L1"] == Lease(0, 0, NOW + TTL) and b.s.overruns == 0
+    assert (b.s.leased_micro_usd, b.s.committed_micro_usd) == (0, 500_000)
+
+
+def test_a_commit_above_what_is_left_of_the_lease_is_an_overrun():
+    b = Budget(limit_micro_usd=USD, limit_tokens=100)
+    b.lease("L1", 900_000, 100)
+    b.commit_leased("L1", "c1", 800_000, 10)
+    ev = only(b.commit_leased("L1", "c2", 300_000, 20))
+    assert (ev.micro_usd, ev.tokens) == (300_000, 20)  # the actual cost, never clamped
+    assert (ev.overrun_micro_usd, ev.overrun_tokens) == (200_000, 0) and not ev.late
+    assert b.s.leases["L1"] == Lease(0, 70, NOW + TTL)
+    assert b.s.committed_micro_usd == 1_100_000 and b.s.overrun_micro_usd == 200_000
+    assert b.s.overruns == 1
+    # over the limit now, visibly; the dimension is exhausted: no lease, no reserve
+    assert b.s.remaining_micro_usd == 0
+    assert b.lease("L2", 0, 0) == []
+    assert isinstance(b.reserve("c3")[-1], BudgetExceeded)
+
+
+def test_a_late_commit_after_the_lease_was_returned_is_charged_in_full_as_overrun():
+    b = Budget(limit_micro_usd=USD)
+    b.lease("L1", 500_000)
+    b.commit_leased("L1", "c1", 100_000)
+    assert isinstance(only(b.return_lease("L1", "idle")), BudgetLeaseReturned)
+    assert b.s.leases == {} and b.s.leased_micro_usd == 0
+    assert b.s.remaining_micro_usd == 900_000  # what was left went back
+    ev = only(b.commit_leased("L1", "c2", 50_000, 7))
+    assert ev.late and (ev.overrun_micro_usd, ev.overrun_tokens) == (50_000, 7)
+    assert ev.lease == "L1"
+    assert b.s.committed_micro_usd == 150_000 and b.s.overrun_micro_usd == 50_000
+    assert b.s.overrun_tokens == 7 and b.s.overruns == 1
+    # an unknown lease too: charged, late
+    assert only(b.commit_leased("nope", "c3", 1, 0)).late
+    assert b.s.committed_micro_usd == 150_001
+
+
+def test_a_commit_folded_after_the_lease_closed_is_late_whatever_the_event_says():
+    """A commit appended without an expected version may land after the lease was
+    returned, or after other commits used the lease up: the fold charges by the state."""
+    b = Budget(limit_micro_usd=USD)
+    b.lease("L1", 300_000)
+    early = only(decide_commit_leased(b.s, "L1", "c1", 200_000, 0))
+    other = only(decide_commit_leased(b.s, "L1", "c2", 200_000, 0))
+    assert not early.late and early.overrun_micro_usd == 0 == other.overrun_micro_usd
+    b.apply([early, other])  # decided on the same state: the second one overruns by 100_000
+    assert b.s.leases["L1"].micro_usd == 0
+    assert b.s.overrun_micro_usd == 100_000 and b.s.committed_micro_usd == 400_000
+    stale = only(decide_commit_leased(b.s, "L1", "c3", 10_000, 0))
+    b.return_lease("L1")
+    b.apply([stale])
+    assert b.s.overrun_micro_usd == 110_000 and b.s.committed_micro_usd == 410_000
+    assert b.s.committed_micro_usd <= b.s.limit_micro_usd + b.s.overrun_micro_usd
+
+
+def test_commit_leased_refuses_bad_input():
+    b = Budget(limit_micro_usd=USD)
+    b.lease("L1", 100)
+    with pytest.raises(ValueError):
+        decide_commit_leased(b.s, "L1", "c1", -1, 0)
+    with pytest.raises(ValueError):
+        decide_commit_leased(b.s, "L1", "c1", 0, -1)
+    assert decide_commit_leased(None, "L1", "c1", 1, 1) == []
+
+
+def test_return_gives_back_what_is_left_and_only_once():
+    b = Budget(limit_micro_usd=USD, limit_tokens=100)
+    b.lease("L1", 400_000, 40)
+    b.lease("L2", 100_000, 10)
+    b.commit_leased("L1", "c1", 150_000, 15)
+    ev = only(b.return_lease("L1", "shutdown"))
+    assert ev == BudgetLeaseReturned(budget_id="b1", lease_id="L1", reason="shutdown")
+    assert b.s.leases == {"L2": Lease(100_000, 10, NOW + TTL)}
+    assert (b.s.leased_micro_usd, b.s.leased_tokens) == (100_000, 10)
+    assert (b.s.remaining_micro_usd, b.s.remaining_tokens) == (750_000, 75)
+    assert b.return_lease("L1") == [] and b.return_lease("never") == []
+    assert decide_return_lease(None, "L1", "idle") == []
+    version = b.s.version  # a return appended anyway for a closed lease: nothing but version
+    b.apply([BudgetLeaseReturned(budget_id="b1", lease_id="L1", reason="idle")])
+    assert b.s.version == version + 1 and b.s.leased_micro_usd == 100_000
+
+
+def test_expire_returns_due_leases_with_reservations_oldest_first():
+    b = Budget(limit_micro_usd=10 * USD)
+    b.lease("L1", 100, ttl_s=30)
+    b.reserve("c1", 100, ttl_s=10)
+    b.lease("L2", 100, ttl_s=20)
+    b.lease("L3", 100, ttl_s=100)
+    events = b.expire(NOW + 30)
+    assert [(type(e).__name__, getattr(e, "call_id", None) or e.lease_id, e.reason)
+            for e in events] == [("BudgetReleased", "c1", EXPIRED),
+                                 ("BudgetLeaseReturned", "L2", EXPIRED),
+                                 ("BudgetLeaseReturned", "L1", EXPIRED)]
+    assert list(b.s.leases) == ["L3"] and b.s.leased_micro_usd == 100
+
+
+def test_lease_and_reserve_sweep_expired_leases_first():
+    b = Budget(limit_micro_usd=USD)
+    b.lease("L1", USD, ttl_s=10)
+    assert b.lease("L2", 1, now=NOW + 5) == []
+    events = b.lease("L2", USD, now=NOW + 10)
+    assert [type(e) for e in events] == [BudgetLeaseReturned, BudgetLeased]
+    assert events[0].reason == EXPIRED and list(b.s.leases) == ["L2"]
+    # a refused lease still returns what expired
+    events = b.lease("L3", 2 * USD, now=NOW + 10 + TTL)
+    assert [type(e) for e in events] == [BudgetLeaseReturned] and b.s.leases == {}
+    b.lease("L4", USD, ttl_s=1)
+    events = b.reserve("c1", USD, now=NOW + 1)
+    assert [type(e) for e in events] == [BudgetLeaseReturned, BudgetReserved]
+
+
+def test_a_lost_instance_gives_back_its_leases_and_its_calls_are_charged_late():
+    b = Budget(limit_micro_usd=USD)
+    b.lease("L1", 300_000, instance="orch-1")
+    b.lease("L2", 300_000, instance="orch-2")
+    b.apply(decide_reserve(b.s, "c1", 100_000, 0, NOW, TTL, "orch-1"))
+    events = b.apply(decide_release_instance(b.s, "orch-1"))
+    assert {(type(e).__name__, e.reason) for e in events} == {
+        ("BudgetReleased", "orchestrator-lost"), ("BudgetLeaseReturned", "orchestrator-lost")}
+    assert list(b.s.leases) == ["L2"] and b.s.reservations == {}
+    assert b.s.leased_micro_usd == 300_000
+    assert decide_release_instance(b.s, "orch-1") == []  # a second survivor: nothing
+    ev = only(b.commit_leased("L1", "c9", 40_000))  # a call of the lost process finishes
+    assert ev.late and b.s.overrun_micro_usd == 40_000 and b.s.committed_micro_usd == 40_000
+
+
+def test_lease_events_are_idempotent_on_redelivery():
+    b = Budget(limit_micro_usd=USD, limit_tokens=100)
+    b.lease("L1", 500_000, 50)
+    b.commit_leased("L1", "c1", 100_000, 10)
+    b.return_lease("L1")
+    b.lease("L2", 10, 1)
+    state = b.s
+    for event, version in b.log:
+        assert fold_budget(state, event, version) == state
+    doubled = [item for item in b.log for _ in range(2)]
+    assert fold_budget_events(doubled) == state
+
+
+def test_lease_fold_never_goes_negative_on_bad_events():
+    b = Budget(limit_micro_usd=USD)
+    b.apply([BudgetLeased(budget_id="b1", lease_id="L1", micro_usd=-5, tokens=-5,
+                          expires_at=NOW)])
+    assert b.s.leases["L1"] == Lease(0, 0, NOW)
+    b.apply([BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=-7, tokens=-7,
+                             lease="L1")])
+    b.apply([BudgetLeaseReturned(budget_id="b1", lease_id="L1", reason="idle")])
+    s = b.s
+    assert min(s.leased_micro_usd, s.leased_tokens, s.committed_micro_usd,
+               s.committed_tokens, s.overrun_micro_usd, s.overrun_tokens) == 0
+
+
+def test_a_state_without_leases_keeps_its_old_shape():
+    """Old budgets (no lease events) fold exactly as before: leases empty, leased 0."""
+    b = Budget(limit_micro_usd=USD)
+    b.reserve("c1", 100)
+    assert (b.s.leases, b.s.leased_micro_usd, b.s.leased_tokens) == ({}, 0, 0)
+    assert b.s.remaining_micro_usd == USD - 100
+
+
 # -- fold -------------------------------------------------------------------------------
 
 
@@ -455,6 +720,9 @@ def test_events_round_trip_as_json():
     b.reserve("c2", 600_000, 10)
     b.commit("c1", 700_000, 60)
     b.release("c9", "failed")
+    b.apply(decide_lease(b.state, "L1", 100_000, 10, NOW, TTL, "orch-1"))
+    b.apply(decide_commit_leased(b.state, "L1", "c3", 50_000, 5))
+    b.apply(decide_return_lease(b.state, "L1", "idle"))
     b.expire(NOW + TTL)
     b.apply(decide_change_limit(b.state, None, 5))
     names = {type(e).__name__ for e, _ in b.log}

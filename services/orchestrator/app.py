@@ -175,7 +175,8 @@ def create_app(settings: Settings) -> Litestar:
         app.state.budgets = BudgetManager(runtime.store,
                                           reservation_ttl_s=settings.reservation_ttl_s,
                                           cache_size=settings.budget_cache_size,
-                                          instance=instance)
+                                          instance=instance,
+                                          lease_calls=settings.budget_lease_calls)
         liveness = InstanceLiveness(runtime.bus, app.state.budgets, instance,
                                     lost_after_s=settings.orchestrator_lost_after_s)
         await liveness.start()  # before the first reservation names this instance
@@ -229,6 +230,7 @@ def create_app(settings: Settings) -> Litestar:
                  asyncio.create_task(app.state.runs.run_forever(), name="agent-runs"),
                  asyncio.create_task(_sweep(app.state.budgets, settings), name="budget-sweeper"),
                  asyncio.create_task(liveness.run(), name="orchestrator-liveness"),
+                 asyncio.create_task(app.state.budgets.run_leases(), name="budget-leases"),
                  asyncio.create_task(_purge(app.state.idempotency), name="idempotency-purge"),
                  asyncio.create_task(WorkspaceJanitor(runtime.store, runtime.bus.js).run(),
                                      name="workspace-janitor")]
@@ -242,6 +244,8 @@ def create_app(settings: Settings) -> Litestar:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            with contextlib.suppress(Exception):  # what is left of idle slices, at once
+                await app.state.budgets.return_leases(idle_s=0)
             await app.state.models.stop()
             await app.state.nodes.stop()
             await runtime.stop()

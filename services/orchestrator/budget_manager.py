@@ -15,6 +15,25 @@ call's own stream (`llmcall-<id>`), since they change no budget.
 The folded states (and their locks) are cached per stream, at most `cache_size` of them
 (`NEXUS_BUDGET_CACHE_SIZE`), least recently used first out; an evicted budget is folded
 again from the store when it is next used. A stream whose lock is held is never evicted.
+
+**Leases** (escrow, issue 16; `NEXUS_BUDGET_LEASE_CALLS` > 0): instead of a reservation
+appended per call, the process takes a slice of a budget once (`BudgetLeased`, a
+version-checked append like a reservation, counted against the limit) and admits calls
+against it in memory: each call holds its worst case out of the slice's free part, and
+its settle appends `BudgetCommitted(lease=...)` (no version check: the slice is already
+counted), which moves the actual cost from the slice into `committed`. No overspend:
+`committed + reserved + leased <= limit` is decided on the stream's latest state for
+every lease, and a process never holds more than what is left of its slices. A slice
+is at most a quarter of the budget's room (near the limit calls take the exact path, a
+reservation each, so a slice idle in another process denies little), starts at
+`LEASE_FIRST_CALLS` calls' worst case and doubles while slices are used up quickly, up
+to `NEXUS_BUDGET_LEASE_CALLS`; it is returned (`BudgetLeaseReturned`) once it has been
+idle `LEASE_IDLE_S`, used up, near its expiry, or at shutdown. A lost process's slices
+are returned by a survivor (`liveness.py`, "orchestrator-lost") or expire; a call it
+admitted that finishes anyway is charged late, in full, as overrun. Calls whose policy
+has rate limits (their slots are taken in the admission's transaction) take the exact
+path. The call's own admission events (its `PolicyEvaluated`) are then recorded by its
+settle, with the cost: `reserve` returns them.
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -30,11 +50,15 @@ from typing import Any
 from shared.domain.budget import (
     TENANT,
     BudgetState,
+    Lease,
     budget_stream_for_run,
+    commit_on_lease,
     budget_stream_for_session,
     budget_stream_for_tenant,
     decide_change_limit,
     decide_commit,
+    decide_lease,
+    decide_return_lease,
     decide_expire,
     decide_open,
     decide_release,
@@ -46,6 +70,7 @@ from shared.domain.budget import (
 from shared.contracts.events import (
     BudgetCommitted,
     BudgetExceeded,
+    BudgetLeased,
     Event,
     Metadata,
     TenantBudgetSet,
@@ -61,6 +86,52 @@ log = logging.getLogger("nexus.orchestrator.budget")
 
 MAX_RETRIES = 200
 TENANT_LIMITS_TTL_S = 5.0
+LEASE_FIRST_CALLS = 8  # a first slice covers this many worst cases of the call taking it
+LEASE_IDLE_S = 5.0  # a slice unused this long is returned
+LEASE_QUICK_S = 1.0  # a slice used up sooner: the next one is twice as large
+LEASE_ROOM_SHARE = 4  # a slice is at most 1/4 of the budget's room
+
+
+@dataclass
+class _Lease:
+    """A slice this process holds: what is left of it (on the stream: `BudgetLeased`
+    minus the commits against it) and what its admitted calls hold of that."""
+
+    lease_id: str
+    stream: str
+    tenant: str
+    left_usd: int
+    left_tokens: int
+    expires_at: float
+    calls: int  # the size it was taken at, in worst cases of the call that took it
+    taken_at: float
+    used_at: float
+    held_usd: int = 0
+    held_tokens: int = 0
+    holds: int = 0
+    retired: bool = False  # no new holds; returned once its holds are settled
+
+    def fits(self, micro_usd: int, tokens: int) -> bool:
+        return (not self.retired and self.left_usd - self.held_usd >= micro_usd
+                and self.left_tokens - self.held_tokens >= tokens)
+
+
+def _slice(wanted: int, one: int, room: int | None) -> int | None:
+    """A slice's amount in one dimension: `wanted`, at most a share of the `room` (None:
+    unlimited); None when that would not fit even `one` call."""
+    if room is None:
+        return wanted
+    amount = min(wanted, room // LEASE_ROOM_SHARE)
+    return amount if amount >= one else None
+
+
+def _as_lease(lease: _Lease) -> Lease:
+    return Lease(lease.left_usd, lease.left_tokens, lease.expires_at)
+
+
+def _lease_metadata(tenant: str, state: BudgetState | None) -> Metadata:
+    owner = state.owner if state is not None and state.scope != TENANT else None
+    return Metadata(tenant=tenant, actor="orchestrator", correlation_id=owner)
 
 
 async def _backoff(attempt: int) -> None:
@@ -102,7 +173,8 @@ class _LockTable:
 
 class BudgetManager:
     def __init__(self, store: EventStore, *, reservation_ttl_s: float = 600.0,
-                 cache_size: int = 10_000, instance: str | None = None) -> None:
+                 cache_size: int = 10_000, instance: str | None = None,
+                 lease_calls: int = 0) -> None:
         self.store = store
         self.instance = instance  # recorded on each reservation (liveness.py releases a lost one's)
         self.read_model = BudgetsReadModel(store)
@@ -111,6 +183,11 @@ class BudgetManager:
         self._states: OrderedDict[str, BudgetState | None] = OrderedDict()
         self._locks = _LockTable()
         self._tenant_limits: dict[str, tuple[float, TenantBudgetSet | None]] = {}
+        self.lease_calls = lease_calls  # 0: no leases
+        self._leases: dict[str, _Lease] = {}  # the current slice of each budget stream
+        self._retired: dict[str, _Lease] = {}  # slices given up, by lease id, holds pending
+        self._holds: dict[str, list[tuple[_Lease, int, int]]] = {}  # call id -> its holds
+        self._next_calls: dict[str, int] = {}  # the next slice's size per stream, in calls
 
     def _cache(self, stream: str, state: BudgetState | None) -> None:
         """Remember a stream's state as the most recently used; evict beyond `cache_size`."""
@@ -228,8 +305,11 @@ class BudgetManager:
     async def reserve(self, charge: Charge, micro_usd: int, tokens: int,
                       metadata: Metadata,
                       with_events: tuple[tuple[str, list[Event]], ...] = (),
-                      before=None, require: tuple[tuple[str, int], ...] = ()) -> None:
+                      before=None, require: tuple[tuple[str, int], ...] = ()
+                      ) -> tuple[tuple[str, list[Event]], ...]:
         """Reserve on every budget of the charge atomically, or raise `BudgetDenied`.
+        Returns the `with_events` it did not append: admitted from this process's
+        leases (module doc), the call appends nothing now, and its settle records them.
 
         `before(conn)` runs in the reservation's transaction, only when the budgets
         allow the call (e.g. taking its rate-limit slots); what it raises undoes the
@@ -241,6 +321,13 @@ class BudgetManager:
         `require` (stream, version): streams that must be unchanged at commit (the call's
         session still open); one that moved raises `WrongExpectedVersion` for it, at once.
         """
+        if self.lease_calls and before is None and await self._hold(charge, micro_usd, tokens):
+            for stream, version in require:  # a read, not an append: still as the call saw it
+                actual = await self.store.stream_version(stream)
+                if actual != version:
+                    self._unhold(charge.call_id)
+                    raise WrongExpectedVersion(stream, version, actual)
+            return with_events
         locks = []
         for stream in sorted(charge.streams):  # taken one by one: a held lock is never evicted
             lock = self._locks[stream]
@@ -251,6 +338,146 @@ class BudgetManager:
         finally:
             for lock in reversed(locks):
                 lock.release()
+        return ()
+
+    # -- leases (module doc) ------------------------------------------------------------
+
+    def leased(self, call_id: str) -> bool:
+        """The call was admitted from leases (its settle records its admission events)."""
+        return call_id in self._holds
+
+    async def _hold(self, charge: Charge, micro_usd: int, tokens: int) -> bool:
+        """Hold the call's worst case on a slice of every budget of the charge (taking a
+        slice where there is none with room); False (nothing held): the exact path."""
+        if not charge.streams:
+            return False
+        held: list[tuple[_Lease, int, int]] = []
+        for stream in charge.streams:
+            lease = self._leases.get(stream)
+            if lease is None or not lease.fits(micro_usd, tokens):
+                lease = await self._take_lease(charge, stream, micro_usd, tokens)
+            if lease is None or not lease.fits(micro_usd, tokens):
+                for taken, usd, tok in held:
+                    self._release_hold(taken, usd, tok)
+                return False
+            lease.held_usd += micro_usd
+            lease.held_tokens += tokens
+            lease.holds += 1
+            lease.used_at = time.monotonic()
+            held.append((lease, micro_usd, tokens))
+        self._holds[charge.call_id] = held
+        return True
+
+    def _unhold(self, call_id: str) -> list[tuple[_Lease, int, int]]:
+        held = self._holds.pop(call_id, [])
+        for lease, usd, tok in held:
+            self._release_hold(lease, usd, tok)
+        return held
+
+    def _release_hold(self, lease: _Lease, micro_usd: int, tokens: int) -> None:
+        lease.held_usd -= micro_usd
+        lease.held_tokens -= tokens
+        lease.holds -= 1
+        lease.used_at = time.monotonic()
+        if lease.retired and lease.holds == 0:
+            self._retired.pop(lease.lease_id, None)
+            asyncio.ensure_future(self._return(lease, "used"))
+
+    async def _take_lease(self, charge: Charge, stream: str, micro_usd: int,
+                          tokens: int) -> _Lease | None:
+        """A new slice of `stream` sized for this call (module doc), the current one
+        retired; None when it would not fit a quarter of the room (the exact path)."""
+        async with self._locks[stream]:
+            current = self._leases.get(stream)
+            if current is not None and current.fits(micro_usd, tokens):
+                return current  # another call took one meanwhile
+            calls = self._next_calls.get(stream, LEASE_FIRST_CALLS)
+            now, clock = time.time(), time.monotonic()
+            if current is not None:  # used up: quickly, the next is larger
+                if clock - current.taken_at < LEASE_QUICK_S:
+                    calls = min(self.lease_calls, calls * 2)
+                self._retire(current)
+            calls = max(1, min(calls, self.lease_calls))
+            self._next_calls[stream] = calls
+            for attempt in range(3):
+                state = await self.state(stream)
+                if state is None:
+                    return None
+                usd = _slice(micro_usd * calls, micro_usd, state.remaining_micro_usd)
+                tok = _slice(tokens * calls, tokens, state.remaining_tokens)
+                if usd is None or tok is None:
+                    return None
+                lease_id = str(uuid.uuid4())
+                events = decide_lease(state, lease_id, usd, tok, now, self.ttl_s, self.instance)
+                if not events or not isinstance(events[-1], BudgetLeased):
+                    return None
+                try:
+                    await self.store.append(stream, events, expected_version=state.version,
+                                            metadata=_lease_metadata(charge.tenant, state))
+                except WrongExpectedVersion:
+                    await _backoff(attempt)
+                    continue
+                self._remember(stream, state, events)
+                lease = self._leases[stream] = _Lease(
+                    lease_id, stream, charge.tenant, usd, tok, events[-1].expires_at, calls,
+                    clock, clock)
+                return lease
+            return None
+
+    def _retire(self, lease: _Lease) -> None:
+        lease.retired = True
+        if self._leases.get(lease.stream) is lease:
+            del self._leases[lease.stream]
+        if lease.holds == 0:
+            asyncio.ensure_future(self._return(lease, "used"))
+        else:
+            self._retired[lease.lease_id] = lease
+
+    async def _return(self, lease: _Lease, reason: str) -> None:
+        """Give back what is left of a slice with no holds (at the stream's version)."""
+        try:
+            async with self._locks[lease.stream]:
+                for attempt in range(MAX_RETRIES):
+                    state = await self.state(lease.stream)
+                    events = decide_return_lease(state, lease.lease_id, reason)
+                    if not events:
+                        return
+                    try:
+                        await self.store.append(lease.stream, events, expected_version=state.version,
+                                                metadata=_lease_metadata(lease.tenant, state))
+                        self._remember(lease.stream, state, events)
+                        return
+                    except WrongExpectedVersion:
+                        await _backoff(attempt)
+        except Exception:
+            log.exception("returning a budget lease failed; it expires or is returned when "
+                          "this process is lost", extra={"budget": lease.stream})
+
+    async def return_leases(self, *, idle_s: float = LEASE_IDLE_S) -> int:
+        """Return the slices without holds idle `idle_s` or near their expiry (all of
+        them with `idle_s=0`, at shutdown); how many."""
+        clock, now = time.monotonic(), time.time()
+        due = [lease for lease in list(self._leases.values())
+               if lease.holds == 0 and (clock - lease.used_at >= idle_s
+                                        or lease.expires_at - now < self.ttl_s / 2)]
+        for lease in due:
+            self._leases.pop(lease.stream, None)
+            self._next_calls.pop(lease.stream, None)
+        for lease in list(self._leases.values()):  # busy but near expiry: no new holds
+            if lease.expires_at - now < self.ttl_s / 2:
+                self._retire(lease)
+        await asyncio.gather(*(self._return(lease, "idle" if idle_s else "shutdown")
+                               for lease in due))
+        return len(due)
+
+    async def run_leases(self) -> None:
+        """Return idle slices, every fifth of `LEASE_IDLE_S` (a task of the app)."""
+        while self.lease_calls:
+            await asyncio.sleep(LEASE_IDLE_S / 5)
+            try:
+                await self.return_leases()
+            except Exception:
+                log.exception("returning idle budget leases failed")
 
     async def _reserve(self, charge: Charge, micro_usd: int, tokens: int, metadata: Metadata,
                        with_events: tuple[tuple[str, list[Event]], ...], before=None,
@@ -339,12 +566,36 @@ class BudgetManager:
         """Commit the actual cost on every budget; the commits appended (overruns on them).
         `with_events` (the conversation) and `rider`'s events for `outcome` (an agent
         run's answer) commit with the last one, in its transaction."""
+        if charge.call_id in self._holds:
+            return await self._commit_leased(charge, micro_usd, tokens, metadata, rider,
+                                             outcome, with_events)
         events = await self._settle(
             charge, lambda s: decide_commit(s, charge.call_id, micro_usd, tokens), metadata,
             rider, outcome, with_events)
         return [e for e in events if isinstance(e, BudgetCommitted)]
 
+    async def _commit_leased(self, charge: Charge, micro_usd: int, tokens: int,
+                             metadata: Metadata, rider: Rider | None, outcome: Any,
+                             with_events: list[Append] | None) -> list[BudgetCommitted]:
+        """A call admitted from leases: its cost out of each slice, with `with_events` and
+        `rider`'s, in one append without a version check (the slices are counted)."""
+        held = self._holds[charge.call_id]
+        commits = [commit_on_lease(lease.stream, _as_lease(lease), lease.lease_id,
+                                   charge.call_id, micro_usd, tokens) for lease, _, _ in held]
+        try:
+            await append_joint(self.store, [*((lease.stream, [c], None) for (lease, _, _), c
+                                              in zip(held, commits)), *(with_events or ())],
+                               metadata, rider, outcome)
+            for lease, _, _ in held:
+                lease.left_usd -= min(micro_usd, lease.left_usd)
+                lease.left_tokens -= min(tokens, lease.left_tokens)
+        finally:
+            self._unhold(charge.call_id)
+        return commits
+
     async def release(self, charge: Charge, reason: str, metadata: Metadata) -> None:
+        if self._unhold(charge.call_id):  # admitted from leases: nothing was appended
+            return
         await self._settle(charge, lambda s: decide_release(s, charge.call_id, reason), metadata)
 
     async def sweep_expired(self, now: float | None = None) -> int:

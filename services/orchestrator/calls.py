@@ -185,7 +185,8 @@ class Call:
     output_denied: bool = False
     record_conversation: bool = True
     rider: Rider | None = None  # an agent run's events for the answer, settled with it
-    # the call's own events for the settle's transaction: the provider's record of the
+    # the call's own events for the settle's transaction: its admission's (policy,
+    # routing) when it was admitted from budget leases, the provider's record of the
     # answer (`Done.record`) and the output policy's decision
     call_events: list[Any] = field(default_factory=list)
 
@@ -417,9 +418,10 @@ class CallLifecycle:
         take = functools.partial(self.rates.take, slots=slots) if slots else None
         # the session as read: still open when the admission commits (a close moves it)
         fence = ((session_stream(session.session_id), session.version),)
+        deferred: tuple[tuple[str, list], ...] = ()  # admitted from leases: the settle's
         try:  # the verdict, the reservations and the rate slots commit together, or nothing
             if charge.streams:
-                await self.budgets.reserve(
+                deferred = await self.budgets.reserve(
                     charge, math.ceil(prompt_bound * info.input_usd_per_mtok
                                       + max_tokens * info.output_usd_per_mtok),
                     prompt_bound + max_tokens, metadata, with_events=policy_events, before=take,
@@ -450,9 +452,13 @@ class CallLifecycle:
             top_p=call_input.top_p, stop=call_input.stop, tools=call_input.tools,
             tool_choice=call_input.tool_choice, redact=redact, nodes=plan.nodes,
             targets=plan.targets, plan_strategy=strategy, plan_loads=loads, caller_records=True)
-        return Call(call_id, caller, session, info, request, charge, metadata,
+        call = Call(call_id, caller, session, info, request, charge, metadata,
                     call_input.user_text, rate_subjects, policy, label, plan,
                     record_conversation=call_input.record_conversation)
+        for stream, events in deferred:  # the call's stream only (`policy_events`)
+            assert stream == llmcall_stream(call_id), stream
+            call.call_events.extend(events)
+        return call
 
     @staticmethod
     def _calls_limit(policy: CompiledPolicy, scope: str) -> int | None:
@@ -606,7 +612,7 @@ class CallLifecycle:
         hot path): the targets and nodes of the plan, each node's load as the selector
         saw it (what `GET /v1/calls/{id}/explain` shows)."""
         await self.store.append(llmcall_stream(call.call_id), [
-            planned_event(call.call_id, call.plan, self.fleet)],
+            *call.call_events, planned_event(call.call_id, call.plan, self.fleet)],
             expected_version=None, metadata=call.metadata)
 
     async def _record_answer(self, call: Call, conversation: list, rider: Rider | None,

@@ -297,4 +297,6 @@ def _budget_out(state, position: int | None) -> BudgetOut | None:
         committed_tokens=state.committed_tokens, remaining_usd=usd(state.remaining_micro_usd),
         remaining_tokens=state.remaining_tokens, open_reservations=len(state.reservations),
         overrun_usd=micro_to_usd(state.overrun_micro_usd), overrun_tokens=state.overrun_tokens,
-        overruns=state.overruns, version=state.version, as_of_position=position)
+        overruns=state.overruns, leased_usd=micro_to_usd(state.leased_micro_usd),
+        leased_tokens=state.leased_tokens, open_leases=len(state.leases),
+        version=state.version, as_of_position=position)

@@ -286,6 +286,11 @@ class BudgetOut(msgspec.Struct, frozen=True, kw_only=True):
     overrun_usd: float = 0.0  # committed beyond the calls' own reservations (in committed_*)
     overrun_tokens: int = 0
     overruns: int = 0  # calls that cost more than they reserved
+    # slices orchestrators hold to admit calls from in memory (budget leases), counted
+    # against the limit like reservations
+    leased_usd: float = 0.0
+    leased_tokens: int = 0
+    open_leases: int = 0
     version: int
     as_of_position: int | None
 

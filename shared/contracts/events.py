@@ -172,6 +172,9 @@ class BudgetCommitted(Event, frozen=True):
     overrun_micro_usd: int = 0
     overrun_tokens: int = 0
     late: bool = False
+    # the call was admitted from this lease (issue 16): its cost comes out of the lease's
+    # slice; a commit against a lease no longer open is late, all of it overrun
+    lease: str | None = None
 
 
 class BudgetReleased(Event, frozen=True):
@@ -199,6 +202,30 @@ class BudgetLimitChanged(Event, frozen=True):
     budget_id: str
     limit_micro_usd: int | None
     limit_tokens: int | None
+
+
+# -- budget leases (issue 16, the hot path): escrow slices admitted from in memory -------
+
+
+class BudgetLeased(Event, frozen=True):
+    """A slice of a budget taken by one orchestrator process to admit calls from in
+    memory (issue 16): counted against the limit like a reservation until the calls'
+    commits use it up or it is returned."""
+
+    budget_id: str
+    lease_id: str
+    micro_usd: int
+    tokens: int
+    expires_at: float  # unix seconds
+    instance: str | None = None  # the orchestrator process holding it (liveness)
+
+
+class BudgetLeaseReturned(Event, frozen=True):
+    """What is left of a lease given back to the budget."""
+
+    budget_id: str
+    lease_id: str
+    reason: str  # "idle", "shutdown", "expired", "orchestrator-lost"
 
 
 class PolicyDefined(Event, frozen=True):
@@ -795,6 +822,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     BudgetReleased,
     BudgetExceeded,
     BudgetLimitChanged,
+    BudgetLeased,
+    BudgetLeaseReturned,
     TenantBudgetSet,
     PolicyDefined,
     PolicyEvaluated,

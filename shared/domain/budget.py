@@ -8,11 +8,12 @@ on a conflict, re-reads, re-folds and decides again. Because every decision is t
 on the latest state of the stream, the invariant checked by each decision holds for
 the whole stream:
 
-    committed + reserved <= limit, for every limited dimension (USD, tokens),
+    committed + reserved + leased <= limit, for every limited dimension (USD, tokens),
 
-where `reserved` is the sum of the open reservations (as long as no call costs more than
-it reserved: see overrun below). A call must fit every budget
-it is charged to (its session's and its tenant's month): reserve on each.
+where `reserved` is the sum of the open reservations and `leased` what is left of the
+open leases (see leases below; as long as no call costs more than it reserved or held:
+see overrun below). A call must fit every budget it is charged to (its session's and its
+tenant's month): reserve on each.
 
 Money is integer **micro-dollars** (1 USD = 1_000_000) so that sums never drift;
 tokens are integers. A limit of `None` means that dimension is unlimited.
@@ -51,7 +52,36 @@ summed on the state (`overrun_*`, `overruns`), and the budget may then be oversp
 the books, as it was in reality. A limited dimension whose committed amount has reached
 its limit denies every further reservation until the limit is raised. Invariant:
 
-    committed + reserved <= limit + overrun, for every limited dimension.
+    committed + reserved + leased <= limit + overrun, for every limited dimension.
+
+Leases (issue 16, the hot path): instead of one reservation per call, an orchestrator
+process takes a *slice* of a budget once and admits many calls against it in memory:
+
+- `decide_lease` -> `BudgetLeased` (the slice, its `expires_at` and `instance`) if it
+  fits like a reservation would (`committed + reserved + leased + slice <= limit` in
+  every limited dimension, the dimension not exhausted); else nothing but the expiry of
+  due reservations and leases: a refused lease is not a denial (no `BudgetExceeded`), the
+  caller falls back to reserving per call or to a smaller slice.
+- each admitted call's settle: `decide_commit_leased` -> `BudgetCommitted(lease=...)`:
+  all of the call's cost is committed and taken out of what is left of the lease
+  (`leased` goes down by the same amount); the part above what is left is overrun.
+  Admission itself appends nothing: the process keeps its holds in memory and never
+  admits more than the lease's left amount, so (calls costing at most what they held)
+  a commit against an open lease never overruns.
+- `decide_return_lease` -> `BudgetLeaseReturned` gives back what is left (an idle lease,
+  a shutdown); `decide_expire` returns leases past `expires_at` ("expired") and
+  `decide_release_instance` the leases of a lost process ("orchestrator-lost").
+
+A crash: a lost orchestrator's leases are returned by a survivor (liveness, or the
+sweeper at their expiry), so its slices go back to the budget; the calls it admitted and
+that finish anyway are charged late (`late=True`), in full, as overrun, exactly like
+the commit of a lapsed reservation. A commit against a lease that is not open (returned,
+expired, unknown) folds the same way whatever the event says, and a commit against an
+open lease takes its overrun from what is left of the lease when it is folded, so the
+invariant holds even for commits appended without an expected version (several calls
+settling on one lease at once). Unlike a reservation, a lease does not remember which
+calls it charged: a retried settle of one call must not be appended twice (the caller's
+own idempotence, e.g. the call's stream).
 """
 
 from __future__ import annotations
@@ -60,7 +90,7 @@ import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import msgspec
@@ -70,6 +100,8 @@ from shared.contracts.events import (
     BudgetExceeded,
     BudgetLimitChanged,
     BudgetOpened,
+    BudgetLeased,
+    BudgetLeaseReturned,
     BudgetReleased,
     BudgetReserved,
     Event,
@@ -80,6 +112,7 @@ MICRO_PER_USD = 1_000_000
 Scope = Literal["session", "tenant", "run"]
 SESSION, TENANT, RUN = "session", "tenant", "run"
 FAILED, CANCELLED, EXPIRED = "failed", "cancelled", "expired"
+IDLE, SHUTDOWN = "idle", "shutdown"  # lease return reasons (with EXPIRED, ORCHESTRATOR_LOST)
 ORCHESTRATOR_LOST = "orchestrator-lost"
 LAPSING_REASONS = frozenset({EXPIRED, ORCHESTRATOR_LOST})
 """Releases not decided by the call's own outcome: the call may still finish and commit."""
@@ -101,6 +134,8 @@ BUDGET_EVENT_TYPES: tuple[type[Event], ...] = (
     BudgetReleased,
     BudgetExceeded,
     BudgetLimitChanged,
+    BudgetLeased,
+    BudgetLeaseReturned,
 )
 BUDGET_EVENT_TYPE_NAMES: frozenset[str] = frozenset(t.__name__ for t in BUDGET_EVENT_TYPES)
 
@@ -212,8 +247,18 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """An open lease; `micro_usd` / `tokens` are what is LEFT of its slice."""
+
+    micro_usd: int
+    tokens: int
+    expires_at: float
+    instance: str | None = None  # the orchestrator process holding it
+
+
+@dataclass(frozen=True, slots=True)
 class BudgetState:
-    """The fold of one budget stream. Treat `reservations` as read-only."""
+    """The fold of one budget stream. Treat `reservations` and `leases` as read-only."""
 
     budget_id: str
     scope: str
@@ -231,15 +276,20 @@ class BudgetState:
     overrun_tokens: int = 0
     overruns: int = 0  # commits that exceeded their reservation
     lapsed: tuple[str, ...] = ()  # calls released while running (expired, owner lost), oldest first
+    leases: dict[str, Lease] = field(default_factory=dict)  # open leases: what is left of each
+    leased_micro_usd: int = 0  # the sum of what is left of the open leases
+    leased_tokens: int = 0
 
     @property
     def remaining_micro_usd(self) -> int | None:
-        """What can still be reserved (never negative); None when unlimited."""
-        return _remaining(self.limit_micro_usd, self.committed_micro_usd, self.reserved_micro_usd)
+        """What can still be reserved or leased (never negative); None when unlimited."""
+        return _remaining(self.limit_micro_usd, self.committed_micro_usd,
+                          self.reserved_micro_usd + self.leased_micro_usd)
 
     @property
     def remaining_tokens(self) -> int | None:
-        return _remaining(self.limit_tokens, self.committed_tokens, self.reserved_tokens)
+        return _remaining(self.limit_tokens, self.committed_tokens,
+                          self.reserved_tokens + self.leased_tokens)
 
     @property
     def stream(self) -> str:
@@ -264,8 +314,16 @@ def fold_budget(state: BudgetState | None, event: Event, version: int) -> Budget
     state's version is always the stream's last version: the expected version of the
     next append. Events before `BudgetOpened` fold to None.
 
-    Reserved amounts move only by the exact amounts of the open reservations and
-    amounts are clamped at zero, so reserved totals are never negative.
+    Reserved amounts move only by the exact amounts of the open reservations, leased
+    amounts only by what is left of the open leases, and amounts are clamped at zero, so
+    reserved and leased totals are never negative.
+
+    Leases: `BudgetLeased` opens a lease (an id already open changes nothing);
+    `BudgetCommitted` with `lease` set commits all of the cost and takes
+    `min(cost, left)` out of an open lease, the rest being overrun (computed here, equal
+    to the event's `overrun_*` when it was decided at the stream's version); against a
+    lease that is not open it is late: all of it committed and all of it overrun.
+    `BudgetLeaseReturned` gives back what is left of an open lease.
     """
     if state is not None and version <= state.version:
         return state
@@ -286,6 +344,23 @@ def fold_budget(state: BudgetState | None, event: Event, version: int) -> Budget
                 reserved_tokens=state.reserved_tokens + res.tokens,
                 reservations={**state.reservations, call_id: res},
                 lapsed=tuple(c for c in state.lapsed if c != call_id))
+        case BudgetLeased(lease_id=lease_id) if lease_id not in state.leases:
+            lease = Lease(max(0, event.micro_usd), max(0, event.tokens), event.expires_at,
+                          event.instance)
+            return replace(
+                state, version=version,
+                leased_micro_usd=state.leased_micro_usd + lease.micro_usd,
+                leased_tokens=state.leased_tokens + lease.tokens,
+                leases={**state.leases, lease_id: lease})
+        case BudgetCommitted(lease=str(lease_id)):
+            return _commit_leased(state, event, lease_id, version)
+        case BudgetLeaseReturned(lease_id=lease_id) if lease_id in state.leases:
+            lease = state.leases[lease_id]
+            return replace(
+                state, version=version,
+                leased_micro_usd=max(0, state.leased_micro_usd - lease.micro_usd),
+                leased_tokens=max(0, state.leased_tokens - lease.tokens),
+                leases={k: v for k, v in state.leases.items() if k != lease_id})
         case BudgetCommitted(call_id=call_id) if call_id in state.reservations:
             over_usd, over_tokens = max(0, event.overrun_micro_usd), max(0, event.overrun_tokens)
             return replace(
@@ -317,6 +392,28 @@ def fold_budget(state: BudgetState | None, event: Event, version: int) -> Budget
     # BudgetExceeded, a second BudgetOpened, a duplicate reserve, a commit or release of
     # a call that is not open: nothing changes but the version.
     return replace(state, version=version)
+
+
+def _commit_leased(state: BudgetState, event: BudgetCommitted, lease_id: str,
+                   version: int) -> BudgetState:
+    usd, tokens = max(0, event.micro_usd), max(0, event.tokens)
+    lease = state.leases.get(lease_id)
+    leases = state.leases
+    take_usd = take_tokens = 0  # what comes out of the lease; the rest is overrun
+    if lease is not None:
+        take_usd, take_tokens = min(usd, lease.micro_usd), min(tokens, lease.tokens)
+        leases = {**leases, lease_id: replace(lease, micro_usd=lease.micro_usd - take_usd,
+                                              tokens=lease.tokens - take_tokens)}
+    over_usd, over_tokens = usd - take_usd, tokens - take_tokens
+    return replace(
+        state, version=version, leases=leases,
+        leased_micro_usd=max(0, state.leased_micro_usd - take_usd),
+        leased_tokens=max(0, state.leased_tokens - take_tokens),
+        committed_micro_usd=state.committed_micro_usd + usd,
+        committed_tokens=state.committed_tokens + tokens,
+        overrun_micro_usd=state.overrun_micro_usd + over_usd,
+        overrun_tokens=state.overrun_tokens + over_tokens,
+        overruns=state.overruns + (1 if over_usd or over_tokens else 0))
 
 
 def _without(state: BudgetState, call_id: str) -> BudgetState:
@@ -359,9 +456,10 @@ def decide_reserve(state: BudgetState | None, call_id: str, micro_usd: int, toke
     """Reserve a call's worst-case cost, or deny it; the reservation records the
     `instance` (orchestrator process) that holds it.
 
-    Reservations already expired at `now` are released first (`BudgetReleased`,
-    reason "expired"), then the verdict, always the last event: `BudgetReserved` if
-    `committed + reserved + amount <= limit` in every limited dimension, else
+    Reservations and leases already expired at `now` are released first
+    (`BudgetReleased` / `BudgetLeaseReturned`, reason "expired"), then the verdict,
+    always the last event: `BudgetReserved` if
+    `committed + reserved + leased + amount <= limit` in every limited dimension, else
     `BudgetExceeded` naming each dimension that does not fit. A dimension whose committed
     amount has reached its limit (an overrun, or a limit lowered) fits nothing, not even
     a zero amount, until the limit is raised. Nothing if `call_id` is
@@ -373,9 +471,31 @@ def decide_reserve(state: BudgetState | None, call_id: str, micro_usd: int, toke
         raise ValueError(f"negative reservation: {micro_usd} micro-USD, {tokens} tokens")
     if call_id in state.reservations:
         return []
+    events, after = _expired(state, now)
+    avail_usd, avail_tokens = after.remaining_micro_usd, after.remaining_tokens
+    problems = _misfits(after, micro_usd, tokens)
+    if problems:
+        events.append(BudgetExceeded(
+            budget_id=state.budget_id, call_id=call_id, requested_micro_usd=micro_usd,
+            requested_tokens=tokens, available_micro_usd=avail_usd,
+            available_tokens=avail_tokens, reason=f"{state.scope} budget: " + "; ".join(problems)))
+    else:
+        events.append(BudgetReserved(budget_id=state.budget_id, call_id=call_id,
+                                     micro_usd=micro_usd, tokens=tokens,
+                                     expires_at=float(now + ttl_s), instance=instance))
+    return events
+
+
+def _expired(state: BudgetState, now: float) -> tuple[list[Event], BudgetState]:
+    """The expiry events due at `now` and the state after them."""
     events = decide_expire(state, now)
     after = fold_budget_events([(e, state.version + i) for i, e in enumerate(events, 1)], state)
     assert after is not None
+    return events, after
+
+
+def _misfits(after: BudgetState, micro_usd: int, tokens: int) -> list[str]:
+    """Why these amounts do not fit the budget, per dimension; [] when they fit."""
     avail_usd, avail_tokens = after.remaining_micro_usd, after.remaining_tokens
     problems = []
     spent_usd = _exhausted(after.limit_micro_usd, after.committed_micro_usd)
@@ -390,16 +510,7 @@ def decide_reserve(state: BudgetState | None, call_id: str, micro_usd: int, toke
         problems.append(f"{tokens} tokens requested, {avail_tokens} tokens available" + (
             f" (limit reached: {after.committed_tokens} of {after.limit_tokens} tokens "
             "committed)" if spent_tokens else ""))
-    if problems:
-        events.append(BudgetExceeded(
-            budget_id=state.budget_id, call_id=call_id, requested_micro_usd=micro_usd,
-            requested_tokens=tokens, available_micro_usd=avail_usd,
-            available_tokens=avail_tokens, reason=f"{state.scope} budget: " + "; ".join(problems)))
-    else:
-        events.append(BudgetReserved(budget_id=state.budget_id, call_id=call_id,
-                                     micro_usd=micro_usd, tokens=tokens,
-                                     expires_at=float(now + ttl_s), instance=instance))
-    return events
+    return problems
 
 
 def _exhausted(limit: int | None, committed: int) -> bool:
@@ -446,37 +557,119 @@ def decide_release(state: BudgetState | None, call_id: str, reason: str) -> list
 
 
 def decide_expire(state: BudgetState | None, now: float) -> list[Event]:
-    """Release every open reservation with `expires_at <= now` (reason "expired"),
-    oldest first."""
+    """Release every open reservation and return every open lease with
+    `expires_at <= now` (reason "expired"), oldest first."""
     if state is None:
         return []
-    due = sorted((res.expires_at, call_id) for call_id, res in state.reservations.items()
-                 if res.expires_at <= now)
-    return [BudgetReleased(budget_id=state.budget_id, call_id=call_id, reason=EXPIRED)
-            for _, call_id in due]
+    return _give_back(state, EXPIRED, lambda held: held.expires_at <= now)
+
+
+def _give_back(state: BudgetState, reason: str,
+               which: Callable[[Reservation | Lease], bool]) -> list[Event]:
+    """Release the open reservations and return the open leases `which` selects, oldest
+    (earliest `expires_at`) first."""
+    due: list[tuple[float, int, str]] = [
+        (res.expires_at, 0, call_id) for call_id, res in state.reservations.items() if which(res)]
+    due += [(lease.expires_at, 1, lease_id) for lease_id, lease in state.leases.items()
+            if which(lease)]
+    due.sort()
+    return [BudgetReleased(budget_id=state.budget_id, call_id=key, reason=reason) if kind == 0
+            else BudgetLeaseReturned(budget_id=state.budget_id, lease_id=key, reason=reason)
+            for _, kind, key in due]
 
 
 def decide_release_instance(state: BudgetState | None, instance: str) -> list[Event]:
-    """Release every open reservation held by `instance`, a process known to be dead
-    (reason "orchestrator-lost"), oldest first; nothing if it holds none. Appended at
-    the state's version, a reservation committed or released meanwhile is left alone,
-    and a second survivor deciding on the caught-up state finds nothing to release."""
+    """Release every open reservation and return every open lease held by `instance`,
+    a process known to be dead (reason "orchestrator-lost"), oldest first; nothing if it
+    holds none. Appended at the state's version, a reservation committed or released (a
+    lease returned) meanwhile is left alone, and a second survivor deciding on the
+    caught-up state finds nothing to release. The calls the lost process admitted from
+    its leases and that finish anyway are charged late, in full, as overrun."""
     if state is None:
         return []
-    held = sorted((res.expires_at, call_id) for call_id, res in state.reservations.items()
-                  if res.instance == instance)
-    return [BudgetReleased(budget_id=state.budget_id, call_id=call_id, reason=ORCHESTRATOR_LOST)
-            for _, call_id in held]
+    return _give_back(state, ORCHESTRATOR_LOST, lambda held: held.instance == instance)
+
+
+# -- leases (issue 16) -------------------------------------------------------------------
+
+
+def decide_lease(state: BudgetState | None, lease_id: str, micro_usd: int, tokens: int,
+                 now: float, ttl_s: float, instance: str | None = None) -> list[Event]:
+    """Take a slice of the budget (`micro_usd`, `tokens`) to admit calls from in memory.
+
+    Reservations and leases already expired at `now` are given back first (as in
+    `decide_reserve`), then `BudgetLeased` (expiring at `now + ttl_s`, held by
+    `instance`) if `committed + reserved + leased + amount <= limit` in every limited
+    dimension and no limited dimension is exhausted; else just the expiry events (maybe
+    none): a refused lease is not a denial and records no `BudgetExceeded`. Nothing if
+    `lease_id` is already open. Raises `BudgetNotOpened` without a budget, `ValueError`
+    on a negative amount.
+    """
+    if state is None:
+        raise BudgetNotOpened("no budget opened on this stream")
+    if micro_usd < 0 or tokens < 0:
+        raise ValueError(f"negative lease: {micro_usd} micro-USD, {tokens} tokens")
+    if lease_id in state.leases:
+        return []
+    events, after = _expired(state, now)
+    if not _misfits(after, micro_usd, tokens):
+        events.append(BudgetLeased(budget_id=state.budget_id, lease_id=lease_id,
+                                   micro_usd=micro_usd, tokens=tokens,
+                                   expires_at=float(now + ttl_s), instance=instance))
+    return events
+
+
+def decide_commit_leased(state: BudgetState | None, lease_id: str, call_id: str,
+                         micro_usd: int, tokens: int) -> list[Event]:
+    """Charge the actual cost of a call admitted from lease `lease_id`, all of it.
+
+    `[BudgetCommitted(lease=lease_id)]`: the cost comes out of what is left of the lease;
+    the part above it (per dimension) is `overrun_*`. When the lease is no longer open
+    (returned, expired, lost, unknown) the commit is late: all of the cost is overrun and
+    the event says `late`. Always an event (a lease does not remember its calls: the
+    caller must not settle one call twice); nothing only without a budget. Raises
+    `ValueError` on a negative cost.
+    """
+    if micro_usd < 0 or tokens < 0:
+        raise ValueError(f"negative cost: {micro_usd} micro-USD, {tokens} tokens")
+    if state is None:
+        return []
+    return [commit_on_lease(state.budget_id, state.leases.get(lease_id), lease_id, call_id,
+                            micro_usd, tokens)]
+
+
+def commit_on_lease(budget_id: str, lease: Lease | None, lease_id: str, call_id: str,
+                    micro_usd: int, tokens: int) -> BudgetCommitted:
+    """`decide_commit_leased` on what is left of the lease as its holder knows it (None:
+    not open): the holder, which alone commits against its lease, keeps that in memory,
+    so a commit needs no read of the budget."""
+    if micro_usd < 0 or tokens < 0:
+        raise ValueError(f"negative cost: {micro_usd} micro-USD, {tokens} tokens")
+    if lease is None:
+        return BudgetCommitted(budget_id=budget_id, call_id=call_id, micro_usd=micro_usd,
+                               tokens=tokens, overrun_micro_usd=micro_usd,
+                               overrun_tokens=tokens, late=True, lease=lease_id)
+    return BudgetCommitted(budget_id=budget_id, call_id=call_id, micro_usd=micro_usd,
+                           tokens=tokens, overrun_micro_usd=max(0, micro_usd - lease.micro_usd),
+                           overrun_tokens=max(0, tokens - lease.tokens), lease=lease_id)
+
+
+def decide_return_lease(state: BudgetState | None, lease_id: str, reason: str) -> list[Event]:
+    """`[BudgetLeaseReturned]` for an open lease (what is left of it goes back to the
+    budget); nothing if it is not open."""
+    if state is None or lease_id not in state.leases:
+        return []
+    return [BudgetLeaseReturned(budget_id=state.budget_id, lease_id=lease_id, reason=reason)]
 
 
 def decide_change_limit(state: BudgetState | None, limit_micro_usd: int | None,
                         limit_tokens: int | None) -> list[Event]:
     """`[BudgetLimitChanged]`, or nothing if the limits are unchanged.
 
-    A limit may be lowered below what is already committed or reserved (to stop
-    spending): remaining is then 0 and no reservation fits, so committed + reserved
-    only grows by overruns (commits above their own reservations) until it is back under
-    the limit. Raising a limit above what is committed lets calls through again.
+    A limit may be lowered below what is already committed, reserved or leased (to stop
+    spending): remaining is then 0 and no reservation or lease fits, so
+    committed + reserved + leased only grows by overruns (commits above their own
+    reservations or leases) until it is back under the limit. Raising a limit above what is committed lets calls through again.
     """
     if state is None:
         raise BudgetNotOpened("no budget opened on this stream")

@@ -6,7 +6,13 @@ import asyncpg
 import msgspec
 
 from shared.contracts.events import RecordedEvent
-from shared.domain.budget import BUDGET_EVENT_TYPE_NAMES, BudgetState, Reservation, fold_budget
+from shared.domain.budget import (
+    BUDGET_EVENT_TYPE_NAMES,
+    BudgetState,
+    Lease,
+    Reservation,
+    fold_budget,
+)
 from shared.infra.eventstore import EventStore, Projection
 
 
@@ -14,6 +20,7 @@ def _budget_from_json(raw: str) -> BudgetState:
     data = msgspec.json.decode(raw)
     data["reservations"] = {k: Reservation(**v) for k, v in data["reservations"].items()}
     data["lapsed"] = tuple(data.get("lapsed", ()))
+    data["leases"] = {k: Lease(**v) for k, v in data.get("leases", {}).items()}  # issue 16
     return BudgetState(**data)
 
 
@@ -44,7 +51,7 @@ class BudgetsProjection(Projection):
             " version = EXCLUDED.version, updated_at = EXCLUDED.updated_at",
             rec.stream_id, new.scope, new.owner, rec.metadata.tenant, new.period,
             new.limit_micro_usd, new.limit_tokens, new.reserved_micro_usd, new.reserved_tokens,
-            new.committed_micro_usd, new.committed_tokens, len(new.reservations),
+            new.committed_micro_usd, new.committed_tokens, len(new.reservations) + len(new.leases),
             msgspec.json.encode(new).decode(), new.version, rec.recorded_at,
         )
 
@@ -53,26 +60,32 @@ class BudgetsReadModel:
     def __init__(self, store: EventStore) -> None:
         self.pool = store.pool
 
+    # `open_reservations` counts the open reservations and the open leases (issue 16);
+    # each query below looks at both (`_HELD`: every open reservation or lease of a row,
+    # `state -> 'leases'` is absent from rows written before leases: no rows from it).
+
     async def with_expired_reservations(self, now: float) -> list[str]:
-        """The budget streams holding a reservation that expired at `now` (epoch seconds)."""
+        """The budget streams holding a reservation or lease that expired at `now`
+        (epoch seconds)."""
         rows = await self.pool.fetch(
             "SELECT budget_id FROM budgets WHERE open_reservations > 0 AND EXISTS ("
-            " SELECT 1 FROM jsonb_each(state -> 'reservations') AS r(call_id, reservation)"
-            " WHERE (r.reservation ->> 'expires_at')::float8 <= $1)", now)
+            f" SELECT 1 FROM {_HELD} WHERE (h.held ->> 'expires_at')::float8 <= $1)", now)
         return [r["budget_id"] for r in rows]
 
     async def reservation_holders(self) -> list[str]:
-        """The orchestrator instances holding an open reservation on some budget."""
+        """The orchestrator instances holding an open reservation or lease on some budget."""
         rows = await self.pool.fetch(
-            "SELECT DISTINCT r.reservation ->> 'instance' AS instance FROM budgets,"
-            " jsonb_each(state -> 'reservations') AS r(call_id, reservation)"
-            " WHERE open_reservations > 0 AND r.reservation ->> 'instance' IS NOT NULL")
+            f"SELECT DISTINCT h.held ->> 'instance' AS instance FROM budgets, {_HELD}"
+            " WHERE open_reservations > 0 AND h.held ->> 'instance' IS NOT NULL")
         return [r["instance"] for r in rows]
 
     async def with_reservations_of(self, instance: str) -> list[str]:
-        """The budget streams holding an open reservation of `instance`."""
+        """The budget streams holding an open reservation or lease of `instance`."""
         rows = await self.pool.fetch(
             "SELECT budget_id FROM budgets WHERE open_reservations > 0 AND EXISTS ("
-            " SELECT 1 FROM jsonb_each(state -> 'reservations') AS r(call_id, reservation)"
-            " WHERE r.reservation ->> 'instance' = $1)", instance)
+            f" SELECT 1 FROM {_HELD} WHERE h.held ->> 'instance' = $1)", instance)
         return [r["budget_id"] for r in rows]
+
+
+_HELD = ("LATERAL (SELECT value FROM jsonb_each(state -> 'reservations')"
+         " UNION ALL SELECT value FROM jsonb_each(state -> 'leases')) AS h(held)")
