@@ -35,9 +35,11 @@ USED_PER_CALL = 1 + 3 + TEMPLATE_TOKENS + 4
 
 @pytest.fixture(scope="module")
 def two(infra, tmp_path_factory):
-    """Two orchestrator processes and one provider against the same database and NATS."""
+    """Two orchestrator processes and one provider against the same database and NATS, on
+    the exact path: a reservation per call (budget leases off; the leased path's race is
+    in tests/test_leased_calls.py)."""
     cluster = start_llm_cluster(infra, tmp_path_factory.mktemp("two"), new_database(infra),
-                                orchestrators=2)
+                                orchestrators=2, NEXUS_BUDGET_LEASE_CALLS="0")
     cluster.primary.configure(template_tokens=TEMPLATE_TOKENS)
     cluster.backup.configure(template_tokens=TEMPLATE_TOKENS)
     try:
@@ -290,7 +292,7 @@ def test_secrets_are_redacted_before_a_hosted_provider_only(two: LLMCluster) -> 
 
 def test_reservation_of_a_dead_orchestrator_is_released(infra, tmp_path) -> None:
     llm = start_llm_cluster(infra, tmp_path, new_database(infra), NEXUS_RESERVATION_TTL_S="2",
-                            NEXUS_BUDGET_SWEEP_S="0.3")
+                            NEXUS_BUDGET_SWEEP_S="0.3", NEXUS_BUDGET_LEASE_CALLS="0")
     try:
         key = llm.tenant_key()
         sid = llm.session(key, budget={"limit_tokens": 1000})

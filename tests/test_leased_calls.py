@@ -95,6 +95,13 @@ def test_calls_from_a_lease_append_nothing_to_be_admitted(leasing: LLMCluster) -
         mine = sorted(t for t, other, d in events if other == tx)
         assert mine == ["BudgetCommitted", "LLMCallCompleted", "LLMCallStarted",
                         "MessageAppended", "MessageAppended", "PolicyEvaluated"], mine
+    # explain shows the decision and the cost of a call admitted from the slice
+    call_id = answers[0].headers["X-Nexus-Call-Id"]
+    explain = httpx.get(f"{leasing.api}/v1/calls/{call_id}/explain", headers=key).json()
+    assert [p["allowed"] for p in explain["policy"]] == [True], explain
+    [entry] = explain["budget"]
+    assert entry["lease"] and entry["committed_tokens"] == USED_PER_CALL, explain
+    assert explain["outcome"]["status"] == "completed"
     wait_until(lambda: returned(leasing, key, sid), 20, 0.2, "the idle slice to go back")
     budget = budget_of(leasing, key, sid)
     assert budget["committed_tokens"] == used == 6 * USED_PER_CALL

@@ -153,8 +153,10 @@ async def test_two_survivors_and_a_late_commit_settle_each_reservation_once(stor
 
 @pytest.fixture(scope="module")
 def duo(infra, tmp_path_factory):
+    # the exact path: a reservation per call (a lost orchestrator's budget lease:
+    # tests/test_leased_calls.py)
     cluster = start_llm_cluster(infra, tmp_path_factory.mktemp("orphans"), new_database(infra),
-                                orchestrators=2,
+                                orchestrators=2, NEXUS_BUDGET_LEASE_CALLS="0",
                                 NEXUS_ORCHESTRATOR_LOST_AFTER_S=f"{LOST_AFTER_S:g}")
     try:
         yield cluster

@@ -147,6 +147,8 @@ class CallExplainer:
             elif isinstance(e, BudgetCommitted):
                 entry["committed_micro_usd"] = e.micro_usd
                 entry["committed_tokens"] = e.tokens
+                if e.lease is not None:  # admitted from a slice (budget leases): no reservation
+                    entry["lease"] = e.lease
             else:
                 entry["released"] = e.reason
         return list(found.values()), run_id

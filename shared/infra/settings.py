@@ -126,11 +126,12 @@ class Settings:
             "no subscriber; a stalled but connected process is alive) is lost: another "
             "releases its budget reservations.")
     budget_lease_calls: int = setting(
-        "NEXUS_BUDGET_LEASE_CALLS", 0,
+        "NEXUS_BUDGET_LEASE_CALLS", 64,
         doc="budget leases (escrow): an orchestrator takes a slice of a budget once and "
             "admits calls against it in memory, no append per admission; a slice covers up "
             "to this many calls' worst case (at most a quarter of the budget's room). 0: "
-            "off, every call reserves on its budgets.")
+            "off, every call reserves on its budgets (and records its policy decision) "
+            "before it runs.")
     budget_cache_size: int = setting(
         "NEXUS_BUDGET_CACHE_SIZE", 10_000,
         doc="budget states an orchestrator keeps in memory, least recently used out, "

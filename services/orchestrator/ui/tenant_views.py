@@ -51,7 +51,8 @@ def scoped(caller: Caller, tenant: str | None) -> Caller:
 
 
 def gauge(state: BudgetState | None, label: str) -> dict[str, Any] | None:
-    """A budget as a gauge: committed and reserved against the limit."""
+    """A budget as a gauge: committed and reserved against the limit; what orchestrators
+    hold leased (budget leases: room held, not spent) is named beside it."""
     if state is None:
         return None
     limit, committed, reserved = state.limit_micro_usd, state.committed_micro_usd, state.reserved_micro_usd
@@ -61,6 +62,7 @@ def gauge(state: BudgetState | None, label: str) -> dict[str, Any] | None:
     return dict(label=label, budget_id=state.budget_id, limit=usd(limit) if limit is not None else "no limit",
                 limit_micro=limit, committed=usd(committed), committed_micro=committed,
                 reserved=usd(reserved), reserved_micro=reserved,
+                leased=usd(state.leased_micro_usd), leased_micro=state.leased_micro_usd,
                 committed_pct=pct(committed), reserved_pct=min(pct(reserved), 100 - pct(committed)),
                 remaining=usd(state.remaining_micro_usd) if state.remaining_micro_usd is not None else "-",
                 tokens=state.committed_tokens, open=len(state.reservations), version=state.version)
