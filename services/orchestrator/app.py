@@ -30,6 +30,7 @@ from services.orchestrator.fleet import NodeService
 from services.orchestrator.nodes_api import NodesController
 from services.orchestrator.problems import EXCEPTION_HANDLERS
 from services.orchestrator.contract import reject_unstorable_text, with_contract
+from services.orchestrator.dependencies import inline_sync_dependencies
 from services.orchestrator.read_models import PROJECTIONS
 from services.orchestrator.auth import PUBLIC_PATHS, BearerKeyMiddleware
 from services.orchestrator.keys import KeyService, Caller
@@ -269,7 +270,7 @@ def create_app(settings: Settings) -> Litestar:
         return Provide(provide, sync_to_thread=False)
 
     gateway = McpGateway(settings.max_body_bytes)  # /v1/mcp: MCP over Streamable HTTP
-    return with_contract(Litestar(
+    return with_contract(inline_sync_dependencies(Litestar(
         route_handlers=[health, prometheus_metrics, system_ping, SessionsController,
                         KeysController, NodesController,
                         ChatController, EventsController, ToolsController,
@@ -304,4 +305,4 @@ def create_app(settings: Settings) -> Litestar:
         openapi_config=OpenAPIConfig(title="Nexus orchestrator", version=__version__, path="/schema"),
         debug=False,
         logging_config=None,  # logs are ours: JSON lines with trace ids (shared.infra.logs)
-    ))
+    )))  # providers are plain functions: no task group per request (dependencies.py)
