@@ -760,17 +760,21 @@ def main() -> None:
     parser.add_argument("--lease-calls", type=int, default=None,
                         help="NEXUS_BUDGET_LEASE_CALLS for the orchestrators (budget leases; "
                              "unset: the platform's default)")
+    parser.add_argument("--env", action="append", default=[], metavar="NEXUS_X=VALUE",
+                        help="a setting for the services (repeatable): A/B a knob in one run each")
     args = parser.parse_args()
     raise_fd_limit()
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-gateway-"))
-    env = {"NEXUS_BUDGET_LEASE_CALLS": str(args.lease_calls)} if args.lease_calls is not None else {}
+    env = dict(item.split("=", 1) for item in args.env)
+    if args.lease_calls is not None:
+        env["NEXUS_BUDGET_LEASE_CALLS"] = str(args.lease_calls)
     platform = Platform(tmp, replicas=args.replicas, **env)
     try:
         t = time.perf_counter()
         platform.start()
-        leases = env.get("NEXUS_BUDGET_LEASE_CALLS", "the default")
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "all defaults"
         sys.stdout.write(f"platform up in {time.perf_counter() - t:.1f} s ({tmp}); "
-                         f"NEXUS_BUDGET_LEASE_CALLS: {leases}\n")
+                         f"settings: {settings}\n")
         sys.stdout.flush()
         run_async(run(platform, args.seconds, args.sequential))
     finally:
