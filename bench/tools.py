@@ -87,7 +87,7 @@ async def platform_path(args: argparse.Namespace) -> None:
 
     from shared.infra import EmbeddedNats, EmbeddedPostgres
     from shared.infra.migrate import migrate
-    from tests.support import ServiceProc, free_port_str, service_env, wait_http_ok, wait_until
+    from tests.support import ServiceProc, free_port_str, service_env, wait_http_ok
 
     with tempfile.TemporaryDirectory(prefix="nexus-bench-platform-") as tmp_name:
         tmp = Path(tmp_name)

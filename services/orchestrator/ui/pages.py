@@ -257,7 +257,7 @@ class PagesController(Controller):
 
 def login_required(request: Request, _: LoginRequired) -> Response:
     if request.method == "GET" and not request.url.path.startswith("/ui/live/"):
-        return Redirect(f"/ui/login", status_code=303)
+        return Redirect("/ui/login", status_code=303)
     return Response("login required", status_code=401, media_type="text/plain")
 
 
