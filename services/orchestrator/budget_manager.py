@@ -48,7 +48,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.domain.budget import (
+    IDLE,
+    SHUTDOWN,
     TENANT,
+    USED,
     BudgetState,
     Lease,
     budget_stream_for_run,
@@ -103,7 +106,6 @@ class _Lease:
     left_usd: int
     left_tokens: int
     expires_at: float
-    calls: int  # the size it was taken at, in worst cases of the call that took it
     taken_at: float
     used_at: float
     held_usd: int = 0
@@ -185,7 +187,7 @@ class BudgetManager:
         self._tenant_limits: dict[str, tuple[float, TenantBudgetSet | None]] = {}
         self.lease_calls = lease_calls  # 0: no leases
         self._leases: dict[str, _Lease] = {}  # the current slice of each budget stream
-        self._retired: dict[str, _Lease] = {}  # slices given up, by lease id, holds pending
+        self._returning: set[asyncio.Task[None]] = set()  # returns under way (kept: not GC'd)
         self._holds: dict[str, list[tuple[_Lease, int, int]]] = {}  # call id -> its holds
         self._next_calls: dict[str, int] = {}  # the next slice's size per stream, in calls
 
@@ -380,8 +382,7 @@ class BudgetManager:
         lease.holds -= 1
         lease.used_at = time.monotonic()
         if lease.retired and lease.holds == 0:
-            self._retired.pop(lease.lease_id, None)
-            asyncio.ensure_future(self._return(lease, "used"))
+            self._return_soon(lease)
 
     async def _take_lease(self, charge: Charge, stream: str, micro_usd: int,
                           tokens: int) -> _Lease | None:
@@ -419,19 +420,22 @@ class BudgetManager:
                     continue
                 self._remember(stream, state, events)
                 lease = self._leases[stream] = _Lease(
-                    lease_id, stream, charge.tenant, usd, tok, events[-1].expires_at, calls,
-                    clock, clock)
+                    lease_id, stream, charge.tenant, usd, tok, events[-1].expires_at, clock, clock)
                 return lease
             return None
 
     def _retire(self, lease: _Lease) -> None:
+        """No new holds on `lease`; returned once its holds are settled (`_release_hold`)."""
         lease.retired = True
         if self._leases.get(lease.stream) is lease:
             del self._leases[lease.stream]
         if lease.holds == 0:
-            asyncio.ensure_future(self._return(lease, "used"))
-        else:
-            self._retired[lease.lease_id] = lease
+            self._return_soon(lease)
+
+    def _return_soon(self, lease: _Lease) -> None:
+        task = asyncio.ensure_future(self._return(lease, USED))
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
 
     async def _return(self, lease: _Lease, reason: str) -> None:
         """Give back what is left of a slice with no holds (at the stream's version)."""
@@ -466,7 +470,7 @@ class BudgetManager:
         for lease in list(self._leases.values()):  # busy but near expiry: no new holds
             if lease.expires_at - now < self.ttl_s / 2:
                 self._retire(lease)
-        await asyncio.gather(*(self._return(lease, "idle" if idle_s else "shutdown")
+        await asyncio.gather(*(self._return(lease, IDLE if idle_s else SHUTDOWN)
                                for lease in due))
         return len(due)
 

@@ -225,7 +225,7 @@ class BudgetLeaseReturned(Event, frozen=True):
 
     budget_id: str
     lease_id: str
-    reason: str  # "idle", "shutdown", "expired", "orchestrator-lost"
+    reason: str  # "idle", "used" (a new slice replaced it), "shutdown", "expired", "orchestrator-lost"
 
 
 class PolicyDefined(Event, frozen=True):

@@ -112,7 +112,7 @@ MICRO_PER_USD = 1_000_000
 Scope = Literal["session", "tenant", "run"]
 SESSION, TENANT, RUN = "session", "tenant", "run"
 FAILED, CANCELLED, EXPIRED = "failed", "cancelled", "expired"
-IDLE, SHUTDOWN = "idle", "shutdown"  # lease return reasons (with EXPIRED, ORCHESTRATOR_LOST)
+IDLE, USED, SHUTDOWN = "idle", "used", "shutdown"  # lease returns (and EXPIRED, ORCHESTRATOR_LOST)
 ORCHESTRATOR_LOST = "orchestrator-lost"
 LAPSING_REASONS = frozenset({EXPIRED, ORCHESTRATOR_LOST})
 """Releases not decided by the call's own outcome: the call may still finish and commit."""
