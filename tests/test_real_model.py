@@ -359,6 +359,37 @@ def test_a_busy_node_answers_429_and_nothing_hangs(real) -> None:
     assert asyncio.run(busy_attempts()) >= 1
 
 
+def test_back_to_back_completions_on_the_nodes_llama_server_all_answer(real) -> None:
+    """llama-server announces keep-alive, then closes the connection after each streamed
+    completion: a request sent at once after the previous one lands on that closing
+    connection (measured before the fix: every second call, ServerDisconnectedError or
+    "Can not write request body"). The relay's adapter sends it again on a new
+    connection: none fails. (A busy node's retried call met this race and ended 502.)"""
+    import asyncio
+
+    from shared.contracts.messages import ChatMessage, CompletionRequest
+    from shared.infra.upstreams import OpenAIAdapter, UpstreamConfig
+
+    _, _, node, _ = real
+    base_url = node["runtime"]["base_url"]
+    assert base_url
+
+    async def back_to_back() -> list[str]:
+        adapter = OpenAIAdapter(UpstreamConfig(name="node", kind="openai", base_url=base_url))
+        request = CompletionRequest(call_id="c", session_id="s", tenant="t", model=MODEL_NAME,
+                                    messages=(ChatMessage(role="user", content="Hi"),),
+                                    max_tokens=2)
+        try:
+            ends = []
+            for _ in range(6):  # no pause between them: each reuses the pooled connection
+                pieces = [p async for p in adapter.stream(MODEL_NAME, request, request.messages)]
+                ends.append(pieces[-1].finish_reason)
+            return ends
+        finally:
+            await adapter.close()
+
+    assert len(asyncio.run(back_to_back())) == 6  # each ended with a finish reason
+
 def test_an_agent_run_answers_a_one_step_task_with_the_real_model(real) -> None:
     """An agent without tools, run in a session: one LLM call through the whole path to
     llama-server, the run finishes with the model's answer, cost and tokens counted,

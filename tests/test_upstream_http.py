@@ -4,6 +4,9 @@ to the upstream (the fake upstream over real HTTP)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -122,3 +125,70 @@ async def test_an_error_status_marks_the_span(fake: FakeUpstream, spans: Collect
     [http] = [s for s in spans.spans if s.parent is not None
               and s.parent.span_id == parent.get_span_context().span_id]
     assert http.attributes["http.status_code"] == 400 and http.status.status_code.name == "ERROR"
+
+
+class ClosesAfterEachStream:
+    """An OpenAI-compatible server with llama-server's connection habit: a streamed
+    completion is sent with `Keep-Alive: timeout=5, max=100`, then the server closes the
+    connection (measured on llama-server: EOF right after the terminating chunk). Here the
+    close waits for the client's next request on that connection, so the race a client
+    loses now and then (it reuses the pooled connection before it sees the FIN) happens
+    every time: the request is read and the connection closed without an answer."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.answered = 0
+        self.dropped = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            for served in itertools.count():
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                if served:  # this connection has answered its stream: closed, no answer
+                    self.dropped += 1
+                    return
+                chunks = [{"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+                          {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                          {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}]
+                events = [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n"
+                             + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
+                await writer.drain()
+                self.answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_pooled_connection_the_server_closed_is_not_a_failed_call() -> None:
+    """A completion that lands on a pooled connection the upstream has just closed is
+    sent once more on a new one, instead of failing as a ConnectionError (which a busy
+    node's retried call turned into a 502: issue s7, busy node)."""
+    request = CompletionRequest(call_id="c", session_id="s", tenant="t", model="m",
+                                messages=(ChatMessage(role="user", content="hi"),))
+    upstream = ClosesAfterEachStream()
+    async with upstream as url:
+        adapter = adapter_for(UpstreamConfig(name="up", kind="openai", base_url=url))
+        try:
+            for _ in range(3):
+                pieces = [p async for p in adapter.stream("m", request, request.messages)]
+                assert pieces == [Text("hi"), End("stop", 3, 1, None)]
+        finally:
+            await adapter.close()
+    assert upstream.answered == 3
+    assert upstream.dropped == 2 and upstream.connections == 3  # each reuse resent once

@@ -7,7 +7,10 @@ when it reported any, the model that answered).
 
 Errors are `UpstreamError`s classified as retryable (connection errors, timeouts,
 429, 5xx) or not (other 4xx), with `Retry-After` when the upstream sent one. Error
-details never include the request headers (where the API key travels).
+details never include the request headers (where the API key travels). A request that
+lands on a pooled connection the server has just closed (llama-server closes after each
+streamed completion while announcing keep-alive) is sent once more on a new connection
+rather than failing (`Adapter._send`).
 
 HTTP is aiohttp, one session (connection pool) per upstream: at a thousand concurrent
 streams httpx's pool added seconds per call where aiohttp stays at the ideal (measured:
@@ -161,6 +164,22 @@ class Adapter:
                messages: tuple[ChatMessage, ...]) -> AsyncIterator[Piece]:
         raise NotImplementedError
 
+    async def _send(self, method: str, url: yarl.URL, data: bytes,
+                    headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """The response to one request. A request that fails before any response because
+        the server closed the connection (a pooled keep-alive connection the server closed
+        as it was reused: llama-server announces keep-alive, then closes after each
+        streamed completion) is sent once more, on a new connection. aiohttp resends only
+        idempotent methods; a completion is safe to resend too: nothing answered it, and
+        it changes nothing but its own answer (the router retries this error anyway, but
+        spending an attempt, which made a busy node's last retry a 502)."""
+        try:
+            return await self.session().request(method, url, data=data, headers=headers)
+        except aiohttp.ClientConnectorError:  # no connection was made: nothing to resend on
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            return await self.session().request(method, url, data=data, headers=headers)
+
     async def _lines(self, method: str, path: str, body: dict[str, Any],
                      headers: dict[str, str]) -> AsyncIterator[bytes]:
         """The response body line by line (bytes, without the line end), read to the end."""
@@ -171,8 +190,7 @@ class Adapter:
         propagate.inject(headers, context=trace.set_span_in_context(span))
         open_span = True
         try:
-            async with self.session().request(method, url, data=_encoder.encode(body),
-                                              headers=headers) as resp:
+            async with await self._send(method, url, _encoder.encode(body), headers) as resp:
                 span.set_attribute("http.status_code", resp.status)
                 if resp.status >= 400:
                     span.set_status(Status(StatusCode.ERROR))
