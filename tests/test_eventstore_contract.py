@@ -10,6 +10,7 @@ import pytest
 
 from shared.contracts.events import Metadata, SessionClosed, SessionStarted, session_stream
 from shared.infra.eventstore import EventIdConflict, EventStore, WrongExpectedVersion
+from shared.infra.eventstore.store import create_pool
 from shared.infra.tracing import setup_tracing, tracer
 from tests.support import REPO
 
@@ -334,6 +335,53 @@ async def test_atomic_appends_overlapping_in_time_share_a_commit_and_fail_alone(
     statements = await store.pool.fetchval(
         "SELECT count(DISTINCT recorded_at) FROM events WHERE stream_id = ANY($1::text[])", written)
     assert statements < len(written)  # they shared statements (one, unless the writer was mid-batch)
+
+
+async def test_atomic_appends_say_when_their_events_were_recorded(store: EventStore) -> None:
+    """`recorded_at` comes back with each stream's result (issue 16: a new session answers
+    from its append, no read-back): the stored event's time, alone or group-committed,
+    and for a duplicate the time of the events stored first."""
+
+    async def recorded(stream: str) -> object:
+        return (await store.read_stream(stream))[-1].recorded_at
+
+    (sid_a, a), (sid_b, b) = new_stream(), new_stream()
+    ids = [uuid.uuid4()], [uuid.uuid4()]
+    first = await store.append_atomic([(a, [started(sid_a)], 0, ids[0]),
+                                       (b, [started(sid_b)], 0, ids[1])])
+    assert [r.recorded_at for r in first] == [await recorded(a), await recorded(b)]
+    pairs = [(new_stream(), new_stream()) for _ in range(8)]
+    overlapping = await asyncio.gather(  # at the same moment: group-committed
+        *(store.append_atomic([(x, [started(sx)], 0), (y, [started(sy)], 0)])
+          for (sx, x), (sy, y) in pairs),
+        store.append_atomic([(a, [started(sid_a)], 0, ids[0]), (b, [started(sid_b)], 0, ids[1])]))
+    for results, ((_, x), (_, y)) in zip(overlapping, pairs):
+        assert [r.recorded_at for r in results] == [await recorded(x), await recorded(y)]
+    again = overlapping[-1]
+    assert [r.duplicate for r in again] == [True, True]
+    assert [r.recorded_at for r in again] == [r.recorded_at for r in first]
+
+
+async def test_without_the_functions_that_say_when_appends_still_work(fresh_db: str) -> None:
+    """A schema before migration 20261202120000 (no `_at` functions): atomic appends,
+    alone and group-committed, fall back to the functions without `recorded_at`."""
+    pool = await create_pool(fresh_db, max_size=4)
+    try:
+        await pool.execute("DROP FUNCTION nexus_append_atomic_at(text[], bigint[], int[], uuid[],"
+                           " text[], text[], text[]); DROP FUNCTION nexus_append_groups_at(int[],"
+                           " text[], bigint[], int[], uuid[], text[], text[], text[])")
+        store = EventStore(pool)
+        (sid, stream) = new_stream()
+        [alone] = await store.append_atomic([(stream, [started(sid)], 0)])
+        streams = [new_stream() for _ in range(6)]
+        grouped = await asyncio.gather(*(store.append_atomic([(x, [started(sx)], 0)])
+                                         for sx, x in streams))
+        assert [r.recorded_at for r in [alone, *(g[0] for g in grouped)]] == [None] * 7
+        for _, x in [(sid, stream), *streams]:
+            assert await store.stream_version(x) == 1
+        assert store._groups_fn and store._atomic_fn  # the older functions, not the slow path
+    finally:
+        await pool.close()
 
 
 async def test_an_atomic_append_can_require_another_stream_unchanged(store: EventStore) -> None:

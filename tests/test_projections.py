@@ -464,3 +464,30 @@ def test_projection_equals_its_rebuild(fresh_db: str, ops: list[tuple[str, int]]
             await pool.close()
 
     asyncio.run(scenario())
+
+
+async def test_sessions_applied_in_batches_equal_one_by_one(fresh_db: str) -> None:
+    """The sessions projection writes a step's started sessions in one statement (issue
+    16); with closes in between (of sessions of the same step too), the table ends
+    exactly as one `apply` per event leaves it."""
+    pool = await create_pool(fresh_db, max_size=3)
+    try:
+        store = EventStore(pool)
+        projection = SessionsProjection()
+        sids = [f"batch-{uuid.uuid4().hex[:8]}-{i}" for i in range(7)]
+        for i, sid in enumerate(sids):
+            events = [SessionStarted(session_id=sid, tenant="b", policy_rules={"i": i} if i % 2 else None,
+                                     metadata={"i": str(i)})]
+            if i in (1, 4):  # closed in the same step, between runs of starts
+                events.append(SessionClosed(session_id=sid, reason=f"r{i}"))
+            await store.append(session_stream(sid), events, expected_version=0)
+        await ProjectionRunner(store, [projection]).catch_up()  # one step: apply_batch
+        batched = await snapshot(pool)
+        assert len(batched) == 7 and sum(row[2] == "closed" for row in batched) == 2
+        async with pool.acquire() as conn, conn.transaction():
+            await projection.reset(conn)
+            for rec in await store.read_all(0, 1000, types=sorted(projection.handles)):
+                await projection.apply(conn, rec)
+        assert await snapshot(pool) == batched
+    finally:
+        await pool.close()

@@ -178,9 +178,7 @@ class AgentService:
     async def _visible(self, tenant: str, name: str) -> AgentRow | None:
         row = await self.read_model.visible(tenant, name)
         if row is None or row.tenant == SYSTEM_AGENTS:  # read-your-writes: defined a moment ago?
-            head = await self.store.stream_head(agent_stream(tenant, name))
-            if head is not None:
-                await self.runner.wait_for(head, names=("agents",))
+            if await self.runner.wait_for_stream(agent_stream(tenant, name), ("agents",)):
                 row = await self.read_model.visible(tenant, name)
         return row
 

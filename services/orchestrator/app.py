@@ -195,7 +195,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.calls.router = SkillRouter(runtime.store, app.state.skills,
                                              cluster_threshold=settings.routing_cluster_threshold)
         app.state.explainer = CallExplainer(runtime.store)
-        app.state.replays = ReplayService(runtime.store, app.state.skills, app.state.calls)
+        app.state.replays = ReplayService(runtime.store, runner, app.state.skills, app.state.calls)
         app.state.key_service = KeyService(runtime.store, settings.admin_key, runner)
         app.state.idempotency = IdempotencyStore(runtime.pool, lease_s=settings.reservation_ttl_s,
                                                  wait_s=settings.idempotency_wait_s)
@@ -223,7 +223,7 @@ def create_app(settings: Settings) -> Litestar:
         app.state.models = ModelService(  # model distribution: store, placement, tasks
             runtime.store, runtime.bus, app.state.nodes, context=settings.model_context,
             stall_s=settings.model_stall_s, placement=settings.model_placement,
-            poll_s=settings.projection_poll_s)
+            poll_s=settings.projection_poll_s, runner=runner)
         await app.state.models.start()
         _register_gauges(app.state.nodes, runner)
         ui.start(app.state, settings)  # the dashboard at /ui: login, live hub

@@ -80,7 +80,7 @@ from services.orchestrator.keys import Caller
 from services.orchestrator.policies import PolicyService
 from services.orchestrator.ratelimits import RateCounter, RateLimited
 from services.orchestrator.read_models.messages import MessagesReadModel
-from services.orchestrator.schemas import SessionView
+from services.orchestrator.schemas import MessageOut, SessionView
 from services.orchestrator.sessions import SessionService
 from services.orchestrator.skills import SkillRouter, plan_loads, planned_event, routed_model
 
@@ -294,6 +294,13 @@ class CallLifecycle:
             await frames.aclose()
             raise failure_error(first)
         return OpenCall(call, frames, first)
+
+    async def conversation(self, caller: Caller, session_id: str) -> tuple[MessageOut, ...]:
+        """Both sides of the caller's session's conversation; read-your-writes: with the
+        answer the client has just received (its events committed before its last byte)."""
+        await self.sessions.require(caller, session_id)
+        await self.sessions.runner.wait_for_stream(conversation_stream(session_id), ("messages",))
+        return await self.messages.conversation(session_id)
 
     # -- models -----------------------------------------------------------------------
 

@@ -213,10 +213,8 @@ class ChatController(Controller):
             calls, caller, call_input, data.stream, _session_stream, _session_body)))
 
     @get("/v1/sessions/{session_id:str}/messages")
-    async def get_messages(self, session_id: str, caller: Caller, sessions: SessionService,
-                           calls: CallLifecycle) -> MessageList:
-        await sessions.require(caller, session_id)
-        return MessageList(messages=await calls.messages.conversation(session_id))
+    async def get_messages(self, session_id: str, caller: Caller, calls: CallLifecycle) -> MessageList:
+        return MessageList(messages=await calls.conversation(caller, session_id))
 
     @get("/v1/sessions/{session_id:str}/budget")
     async def get_budget(self, session_id: str, caller: Caller, sessions: SessionService,

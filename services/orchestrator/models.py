@@ -70,7 +70,7 @@ from shared.domain.placement import (
     models_for,
     parse_rules,
 )
-from shared.infra.eventstore import EventStore, WrongExpectedVersion
+from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
 from shared.infra.messaging import Bus, HandlerError, MessagingError, stop_listening
 from shared.infra.model_store import ModelStore, StoredModel
 
@@ -88,8 +88,12 @@ class Progress:
 
 class ModelService:
     def __init__(self, store: EventStore, bus: Bus, nodes: NodeService, *, context: int,
-                 stall_s: float, placement: str = "", poll_s: float = 1.0) -> None:
+                 stall_s: float, placement: str = "", poll_s: float = 1.0,
+                 runner: ProjectionRunner | None = None) -> None:
         self.store = store
+        # read-your-writes for the `model_tasks` and `node_models` read models: a read
+        # waits for them to apply what is committed (a runner may coalesce appends)
+        self.runner = runner
         self.bus = bus
         self.nodes = nodes
         self.context = context
@@ -307,12 +311,30 @@ class ModelService:
         await self._tell(task.node_id, ModelCommand(op="cancel", task_id=task_id))
         return task
 
+    async def _projected(self, name: str) -> None:
+        """Wait until the read model `name` has applied every event committed so far
+        (what this process has answered from memory, e.g. a task completed, is there)."""
+        if self.runner is not None:
+            await self.runner.wait_for(await self.store.head(), names=(name,))
+
+    async def find_tasks(self, *, status: str | None = None,
+                         node: str | None = None) -> list[dl.DownloadTask]:
+        """Tasks, newest first (the `model_tasks` read model, once it has applied what is
+        committed), each as this process knows it now."""
+        await self._projected("model_tasks")
+        rows = await self.read.find(status=status, node=node)
+        return [self.tasks.get(t.task_id, t) for t, _, _ in rows]
+
+    async def _installed_rows(self, node_id: str) -> list:
+        await self._projected("node_models")
+        return await self.read.installed(node_id)
+
     async def remove(self, node_id: str, model: str, actor: str) -> None:
         record = self.nodes.records.get(node_id)
         if record is None or record.status == "deregistered":
             raise NotFound("node", node_id)
         installed = {m.name for m in self.inventory.get(node_id, ())}
-        known = {r["model"] for r in await self.read.installed(node_id)}
+        known = {r["model"] for r in await self._installed_rows(node_id)}
         if model not in installed | known:
             raise NotFound("model on node", model)
         if record.status != ONLINE:
@@ -331,7 +353,7 @@ class ModelService:
         if not installed:  # no heartbeat since this orchestrator started: the read model
             installed = [InstalledModel(name=r["model"], sha256=r["sha256"],
                                         size_bytes=r["size_bytes"])
-                         for r in await self.read.installed(node_id)]
+                         for r in await self._installed_rows(node_id)]
         active = [t for t in self.tasks.values() if t.node_id == node_id and t.active]
         return installed, active
 

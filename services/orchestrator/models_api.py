@@ -125,9 +125,8 @@ class TasksController(Controller):
     ) -> TaskList:
         """Download tasks, newest first (the `model_tasks` read model, live progress)."""
         require_platform(caller)
-        rows = await model_service.read.find(status=status, node=node)
-        return TaskList(tasks=[task_out(model_service.tasks.get(t.task_id, t), model_service)
-                               for t, _, _ in rows])
+        tasks = await model_service.find_tasks(status=status, node=node)
+        return TaskList(tasks=[task_out(t, model_service) for t in tasks])
 
     @get("/{task_id:str}")
     async def get_task(self, task_id: str, caller: Caller, model_service: ModelService) -> TaskOut:

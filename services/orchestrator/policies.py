@@ -13,17 +13,30 @@ from services.orchestrator.read_models.policies import PoliciesReadModel
 from services.orchestrator.schemas import PolicyOut
 
 
+ACCEPTED_KEPT = 256  # rules accepted lately, by their JSON: not validated again
+ACCEPTED_MAX_BYTES = 4096  # larger rules are validated each time (the memory stays small)
+_accepted: dict[bytes, PolicyRules] = {}
+
+
 def rules_or_problem(raw: object, field: str = "rules") -> PolicyRules:
     """Decode and validate user-written rules; `InvalidRequest` naming each offending
-    field (a 400 at the HTTP edge)."""
-    try:
-        rules = decode_rules(msgspec.json.encode(raw))
-        compile_policy(rules)
+    field (a 400 at the HTTP edge). Rules accepted lately are not compiled again (a
+    client that starts many sessions sends the same inline policy each time: issue 16)."""
+    encoded = msgspec.json.encode(raw)
+    if (rules := _accepted.get(encoded)) is not None:
         return rules
+    try:
+        rules = decode_rules(encoded)
+        compile_policy(rules)
     except PolicyError as exc:
         problems = [f"{field}.{p}" for p in exc.problems]
         raise InvalidRequest("; ".join(problems),
                              [{"field": p.split(":")[0], "message": p} for p in problems]) from None
+    if len(encoded) <= ACCEPTED_MAX_BYTES:
+        if len(_accepted) >= ACCEPTED_KEPT:
+            del _accepted[next(iter(_accepted))]  # the oldest out
+        _accepted[encoded] = rules
+    return rules
 
 
 def _compile_stored(raw: bytes, label: str) -> CompiledPolicy:

@@ -33,14 +33,15 @@ from shared.contracts.events import (
 )
 from shared.contracts.messages import ChatMessage
 from shared.domain import adaptive_routing as ar
-from shared.infra.eventstore import EventStore
+from shared.infra.eventstore import EventStore, ProjectionRunner
 
 MAX_CALLS = 5000
 
 
 class ReplayService:
-    def __init__(self, store: EventStore, skills, calls) -> None:
+    def __init__(self, store: EventStore, runner: ProjectionRunner, skills, calls) -> None:
         self.store = store
+        self.runner = runner
         self.read = RoutingReadModel(store)
         self.skills = skills
         self.calls = calls
@@ -49,6 +50,8 @@ class ReplayService:
                      cost_weight: float | None = None, performance_weight: float | None = None,
                      models: list[str] | None = None, execute: int = 0,
                      grader: str | None = None, limit: int = MAX_CALLS) -> dict[str, Any]:
+        # read-your-writes: the calls answered and the feedback given a moment ago count
+        await self.runner.wait_for(await self.store.head(), names=("routing_stats",))
         routed = await self.read.routed_between(caller.tenant, since, until, limit)
         arms = await self.read.all_arms(caller.tenant)
         pooled: dict[str, ar.ArmStats] = {}

@@ -17,6 +17,7 @@ from shared.contracts.events import (
     session_stream,
 )
 from shared.infra.eventstore import EventStore, ProjectionRunner, StoredEvent, WrongExpectedVersion
+from shared.infra.tracing import current_ids
 from shared.domain.budget import SESSION, budget_stream_for_session, decide_open, usd_to_micro
 from services.orchestrator import idempotency
 from services.orchestrator.policies import PolicyService, rules_or_problem
@@ -137,8 +138,10 @@ class SessionService:
                                agent_version=pin[0] if pin else None,
                                agent_source=pin[1] if pin else None)
         stream = session_stream(session_id)
+        trace_id, span_id = current_ids()  # in the event's metadata and the answer alike
         metadata = Metadata(tenant=tenant, actor=caller.actor, correlation_id=session_id,
-                            idempotency_key=idempotency_key, request_hash=request_hash)
+                            idempotency_key=idempotency_key, request_hash=request_hash,
+                            trace_id=trace_id, span_id=span_id)
         appends: list = [(stream, [event], 0, event_ids)]
         if budget is not None:  # opened in the same transaction: never a session without it
             budget_stream = budget_stream_for_session(session_id)
@@ -150,22 +153,26 @@ class SessionService:
                             [idempotency.derived_id(tenant, idempotency_key, f"session:budget{purpose}")]
                             if idempotency_key else None))
         try:
-            result = (await self.store.append_atomic(appends, metadata))[-1]
+            results = await self.store.append_atomic(appends, metadata)
         except WrongExpectedVersion:  # same key, other body: the ids differ from the stored ones
             raise idempotency.reused() from None
-        if result.duplicate:
+        if results[-1].duplicate:
             return await self.require(caller, session_id)  # the first answer, from the read model
-        # Answer from the event itself (what the projection will store); a read that
-        # comes before the projection has it catches the projection up (see `get`).
-        started = (await self.store.read_stream(stream, to_position=result.last_position))[0]
+        # Answer from the event itself (what the projection will store), its time from the
+        # append; a read that comes before the projection has it catches the projection
+        # up (see `get`).
+        created_at = results[0].recorded_at
+        if created_at is None:  # an older schema's append does not say: read it back
+            created_at = (await self.store.read_stream(
+                stream, to_position=results[0].last_position))[0].recorded_at
         return SessionView(
             session_id=session_id, tenant=tenant, status="open",
             budget=BudgetView(limit_usd=budget.limit_usd, limit_tokens=budget.limit_tokens)
             if budget is not None else None,
             policy=event.policy, policy_version=event.policy_version,
             policy_rules=event.policy_rules, agent=event.agent, metadata=dict(event.metadata),
-            created_at=started.recorded_at, closed_at=None, version=1,
-            trace_id=started.metadata.trace_id, agent_version=event.agent_version,
+            created_at=created_at, closed_at=None, version=1,
+            trace_id=trace_id, agent_version=event.agent_version,
             agent_source=event.agent_source)
 
     async def get(self, caller: Caller, session_id: str) -> SessionView | None:
@@ -173,9 +180,7 @@ class SessionService:
         have it yet but its stream exists, catch the projection up first."""
         view = await self.read_model.get(caller.tenant, session_id)
         if view is None:
-            head = await self.store.stream_head(session_stream(session_id))
-            if head is not None:
-                await self.runner.wait_for(head, names=("sessions",))
+            if await self.runner.wait_for_stream(session_stream(session_id), ("sessions",)):
                 view = await self.read_model.get(caller.tenant, session_id)
         return view
 

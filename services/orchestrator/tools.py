@@ -209,9 +209,8 @@ class ToolService:
             raise NotFound("tool", name)
         found = await self.read_model.tool(tenant, name)
         if found is None:
-            head = await self.store.stream_head(tool_stream(tenant, name))
-            if head is not None:  # read-your-writes: defined a moment ago
-                await self.runner.wait_for(head, names=("tools",))
+            # read-your-writes: defined a moment ago
+            if await self.runner.wait_for_stream(tool_stream(tenant, name), ("tools",)):
                 found = await self.read_model.tool(tenant, name)
         if found is None:
             raise NotFound("tool", name)
@@ -329,9 +328,6 @@ class ToolService:
                     "was recorded; it is not run again")], records[-1].stream_version, meta)
             except WrongExpectedVersion:
                 pass  # it ended meanwhile: that is its answer
-        head = await self.store.stream_head(toolcall_stream(call_id))
-        if head is not None:  # the read model as of the call's last event
-            await self.runner.wait_for(head, names=("tool_calls",))
         return await self.call(caller, session_id, call_id)
 
     async def answer_approval(self, caller: Caller, session_id: str, call_id: str, *,
@@ -374,12 +370,10 @@ class ToolService:
     async def call(self, caller: Caller, session_id: str, call_id: str) -> ToolCallView:
         """A tool call of the caller's session (another tenant's is not found)."""
         await self.sessions.require(caller, session_id)
+        # read-your-writes: the read model as of the call's last event (the answer to a
+        # call just made, or its outcome recorded by another orchestrator)
+        await self.runner.wait_for_stream(toolcall_stream(call_id), ("tool_calls",))
         row = await self.read_model.call(caller.tenant, session_id, call_id)
-        if row is None:
-            head = await self.store.stream_head(toolcall_stream(call_id))
-            if head is not None:
-                await self.runner.wait_for(head, names=("tool_calls",))
-                row = await self.read_model.call(caller.tenant, session_id, call_id)
         if row is None:
             raise NotFound("tool call", call_id)
         return msgspec.convert(row, ToolCallView, from_attributes=False)

@@ -107,7 +107,7 @@ class Settings:
     projection_batch_size: int = setting(
         "NEXUS_PROJECTION_BATCH_SIZE", 500, doc="events a projection applies per transaction.")
     projection_coalesce_s: float = setting(
-        "NEXUS_PROJECTION_COALESCE_S", 0.01,
+        "NEXUS_PROJECTION_COALESCE_S", 0.05,
         doc="after a wake-up, a projection runner takes the appends of this long into the "
             "same step (fewer, larger steps); a request waiting for its own write cuts it short.")
     max_body_bytes: int = setting(

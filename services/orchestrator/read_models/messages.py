@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 import msgspec
 
@@ -20,19 +22,38 @@ class MessagesProjection(Projection):
     tables = ("messages",)
 
     async def apply(self, conn: asyncpg.Connection, rec: RecordedEvent) -> None:
-        e = rec.event
-        assert isinstance(e, MessageAppended)
         await conn.execute(
             "INSERT INTO messages (position, session_id, message_id, role, content, call_id, model,"
             " provider, node, input_tokens, output_tokens, cost_micro_usd, finish_reason, created_at,"
             " tool_calls, tool_call_id, run_id)"
             " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15::jsonb,$16,$17)",
-            rec.position, e.session_id, e.message_id, e.role, e.content, e.call_id, e.model,
+            *_row(rec))
+
+    async def apply_batch(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        """Every message of the step in one INSERT (a call appends two)."""
+        if len(events) == 1:
+            return await self.apply(conn, events[0])
+        rows = [_row(rec) for rec in events]
+        await conn.execute(
+            "INSERT INTO messages (position, session_id, message_id, role, content, call_id, model,"
+            " provider, node, input_tokens, output_tokens, cost_micro_usd, finish_reason, created_at,"
+            " tool_calls, tool_call_id, run_id)"
+            " SELECT p, s, m, r, c, ci, mo, pr, n, it, ot, cost, f, at, tc::jsonb, tci, run"
+            " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
+            " $7::text[], $8::text[], $9::text[], $10::int[], $11::int[], $12::bigint[], $13::text[],"
+            " $14::timestamptz[], $15::text[], $16::text[], $17::text[])"
+            " AS u(p, s, m, r, c, ci, mo, pr, n, it, ot, cost, f, at, tc, tci, run) ORDER BY p",
+            *(list(column) for column in zip(*rows, strict=True)))
+
+
+def _row(rec: RecordedEvent) -> tuple:
+    e = rec.event
+    assert isinstance(e, MessageAppended)
+    return (rec.position, e.session_id, e.message_id, e.role, e.content, e.call_id, e.model,
             e.provider, e.node, e.input_tokens, e.output_tokens, e.cost_micro_usd, e.finish_reason,
             rec.recorded_at,
             msgspec.json.encode(e.tool_calls).decode() if e.tool_calls is not None else None,
-            e.tool_call_id, e.run_id,
-        )
+            e.tool_call_id, e.run_id)
 
 
 class MessagesReadModel:

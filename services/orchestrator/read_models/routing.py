@@ -6,6 +6,7 @@ per (tenant, cluster, model) the folded statistics (`shared.domain.adaptive_rout
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -75,6 +76,39 @@ class RoutingStatsProjection(Projection):
                     " RETURNING tenant, cluster, pick", e.call_id, e.score)
                 if row is not None:
                     await self._fold(conn, row, lambda s: fold_feedback(s, e.score))
+
+    async def apply_batch(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        """As `apply` one by one, but each run of completions (every call appends one; a
+        routed one also folds its arm) updates `routed_calls` in one statement."""
+        run: list[RecordedEvent] = []
+        for rec in events:
+            if isinstance(rec.event, LLMCallCompleted) and all(
+                    r.event.call_id != rec.event.call_id for r in run):
+                run.append(rec)
+                continue
+            await self._completed(conn, run)
+            run = [rec] if isinstance(rec.event, LLMCallCompleted) else []
+            if not run:
+                await self.apply(conn, rec)
+        await self._completed(conn, run)
+
+    async def _completed(self, conn: asyncpg.Connection, run: list[RecordedEvent]) -> None:
+        """Completions of distinct calls: their `routed_calls` rows in one statement, then
+        their arms folded in order (that statement and the folds touch different tables)."""
+        if len(run) <= 1:
+            for rec in run:
+                await self.apply(conn, rec)
+            return
+        rows = {r["call_id"]: r for r in await conn.fetch(
+            "UPDATE routed_calls AS r SET cost_micro_usd = u.cost, latency_ms = u.latency"
+            " FROM unnest($1::text[], $2::bigint[], $3::float8[]) AS u(call_id, cost, latency)"
+            " WHERE r.call_id = u.call_id RETURNING r.call_id, r.tenant, r.cluster, r.pick",
+            [r.event.call_id for r in run], [r.event.cost_micro_usd for r in run],
+            [r.event.latency_ms for r in run])}
+        for rec in run:
+            e = rec.event
+            if (row := rows.get(e.call_id)) is not None:
+                await self._fold(conn, row, lambda s, cost=e.cost_micro_usd: fold_cost(s, cost))
 
     @staticmethod
     async def _fold(conn: asyncpg.Connection, row: Any, fold) -> None:

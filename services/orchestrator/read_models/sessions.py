@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
@@ -24,25 +25,58 @@ class SessionsProjection(Projection):
         event = rec.event
         if isinstance(event, SessionStarted):
             await conn.execute(
-                "INSERT INTO sessions (session_id, tenant, status, budget, policy, policy_version,"
-                " policy_rules, agent, metadata, created_at, version, event_count, trace_id,"
-                " agent_version, agent_source)"
-                " VALUES ($1, $2, 'open', $3::jsonb, $4, $5, $6::jsonb, $7, $8::jsonb, $9, $10, 1, $11,"
-                " $12, $13)",
-                event.session_id, event.tenant,
-                msgspec.json.encode(event.budget).decode() if event.budget else None,
-                event.policy, event.policy_version,
-                msgspec.json.encode(event.policy_rules).decode() if event.policy_rules is not None else None,
-                event.agent, msgspec.json.encode(event.metadata).decode(),
-                rec.recorded_at, rec.stream_version, rec.metadata.trace_id,
-                event.agent_version, event.agent_source,
-            )
+                f"INSERT INTO sessions ({_INSERTED}) VALUES ($1, $2, 'open', $3::jsonb, $4, $5,"
+                " $6::jsonb, $7, $8::jsonb, $9, $10, 1, $11, $12, $13)", *_started_row(rec))
         elif isinstance(event, SessionClosed):
             await conn.execute(
                 "UPDATE sessions SET status = 'closed', closed_at = $2, close_reason = $3,"
                 " version = $4, event_count = event_count + 1 WHERE session_id = $1",
                 event.session_id, rec.recorded_at, event.reason, rec.stream_version,
             )
+
+    async def apply_batch(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        """Each run of started sessions in one statement (sessions are created in bursts,
+        issue 16); a close in between is applied in its place, so the table ends as the
+        loop of `apply` would leave it."""
+        started: list[RecordedEvent] = []
+        for rec in events:
+            if isinstance(rec.event, SessionStarted):
+                started.append(rec)
+                continue
+            await self._insert(conn, started)
+            started = []
+            await self.apply(conn, rec)
+        await self._insert(conn, started)
+
+    async def _insert(self, conn: asyncpg.Connection, started: list[RecordedEvent]) -> None:
+        if len(started) < 2:
+            for rec in started:
+                await self.apply(conn, rec)
+            return
+        await conn.execute(
+            f"INSERT INTO sessions ({_INSERTED}) SELECT s, t, 'open', b::jsonb, p, pv, pr::jsonb,"
+            " a, m::jsonb, c, v, 1, tr, av, src FROM unnest($1::text[], $2::text[], $3::text[],"
+            " $4::text[], $5::bigint[], $6::text[], $7::text[], $8::text[], $9::timestamptz[],"
+            " $10::bigint[], $11::text[], $12::int[], $13::text[])"
+            " AS u(s, t, b, p, pv, pr, a, m, c, v, tr, av, src)",
+            *(list(column) for column in zip(*map(_started_row, started), strict=True)))
+
+
+_INSERTED = ("session_id, tenant, status, budget, policy, policy_version, policy_rules, agent,"
+             " metadata, created_at, version, event_count, trace_id, agent_version, agent_source")
+
+
+def _started_row(rec: RecordedEvent) -> tuple:
+    """A started session's row, the columns of `_INSERTED` less the constant ones."""
+    event = rec.event
+    assert isinstance(event, SessionStarted)
+    return (event.session_id, event.tenant,
+            msgspec.json.encode(event.budget).decode() if event.budget else None,
+            event.policy, event.policy_version,
+            msgspec.json.encode(event.policy_rules).decode() if event.policy_rules is not None else None,
+            event.agent, msgspec.json.encode(event.metadata).decode(),
+            rec.recorded_at, rec.stream_version, rec.metadata.trace_id,
+            event.agent_version, event.agent_source)
 
 
 _COLUMNS = (

@@ -111,7 +111,7 @@ async def sessions(state: State, caller: Caller) -> list[dict[str, Any]]:
 
 async def session(state: State, caller: Caller, session_id: str) -> dict[str, Any]:
     view = await state.sessions.require(caller, session_id)  # another tenant's: a 404
-    messages = await state.calls.messages.conversation(session_id)
+    messages = await state.calls.conversation(caller, session_id)
     runs = await state.runs.of_session(caller, session_id)
     return dict(s=view, messages=messages, runs=runs,
                 gauges=await gauges(state, caller, session_id),

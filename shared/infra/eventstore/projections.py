@@ -44,6 +44,15 @@ class Projection:
     async def apply(self, conn: asyncpg.Connection, event: RecordedEvent) -> None:
         raise NotImplementedError
 
+    async def apply_batch(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
+        """Apply `events` (the step's events this projection handles, in position order).
+
+        By default one `apply` each; a projection may write several events with fewer
+        statements here, leaving its tables exactly as the loop would (a call's events
+        reach the busiest projections together: issue 16)."""
+        for event in events:
+            await self.apply(conn, event)
+
     async def reset(self, conn: asyncpg.Connection) -> None:
         """Empty the read model (rebuild starts from here)."""
         if self.tables:
@@ -73,6 +82,7 @@ class ProjectionRunner:
         self.coalesce_s = coalesce_s
         self._waiting = 0
         self._poke = asyncio.Event()
+        self._concerned_by: dict[frozenset[str], list[Projection]] = {}
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -105,12 +115,29 @@ class ProjectionRunner:
             " WHERE name = $1), 0)", name, types)
 
     async def _has_work(self, projection: Projection) -> bool:
-        if projection.handles is None:
-            return await self.store.head() > await self.checkpoint(projection.name)
-        return bool(await self.pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM events WHERE type = ANY($2::text[]) AND position >"
-            " coalesce((SELECT position FROM projection_checkpoints WHERE name = $1), 0))",
-            projection.name, sorted(projection.handles)))
+        return bool(await self._with_work([projection]))
+
+    async def _with_work(self, projections: Sequence[Projection]) -> list[Projection]:
+        """The projections with work (a handled event after the checkpoint), asked in one
+        query for all: the newest position of each type handled (one backward probe of the
+        type index each), the head, and the checkpoints. Its cost does not grow with the
+        events since a checkpoint (an idle projection's stays behind: an `EXISTS` over the
+        events after it scanned them all); the poll pass asked one such query per
+        projection (issue 16)."""
+        types = sorted(set().union(*(p.handles for p in projections if p.handles is not None)))
+        rows = await self.pool.fetch(
+            "SELECT 't' AS kind, t.name, (SELECT max(e.position) FROM events AS e"
+            " WHERE e.type = t.name) AS position FROM unnest($1::text[]) AS t(name)"
+            " UNION ALL SELECT 'c', name, position FROM projection_checkpoints"
+            " WHERE name = ANY($2::text[])"
+            " UNION ALL SELECT 'h', '', (SELECT max(position) FROM events)",
+            types, [p.name for p in projections])
+        newest = {r["name"]: r["position"] or 0 for r in rows if r["kind"] == "t"}
+        checkpoints = {r["name"]: r["position"] for r in rows if r["kind"] == "c"}
+        head = next((r["position"] or 0 for r in rows if r["kind"] == "h"), 0)
+        return [p for p in projections
+                if (head if p.handles is None else max((newest[t] for t in p.handles), default=0))
+                > checkpoints.get(p.name, 0)]
 
     async def step_group(self, projections: Sequence[Projection]) -> int:
         """One batch for one or several projections in one transaction; returns how many
@@ -194,13 +221,16 @@ class ProjectionRunner:
                                            types=sorted(types) if types is not None else None,
                                            conn=conn)
         events = [e for e in events if e.position <= head]
+        # each projection gets its own events of the batch at once, in position order
+        # (projections own disjoint tables: the order between projections is free)
         applied: dict[str, RecordedEvent] = {}
-        for event in events:
-            for projection in group:
-                if event.position > positions[projection.name] and (
-                        projection.handles is None or event.type in projection.handles):
-                    await projection.apply(conn, event)
-                    applied[projection.name] = event
+        for projection in group:
+            after, handles = positions[projection.name], projection.handles
+            mine = [e for e in events
+                    if e.position > after and (handles is None or e.type in handles)]
+            if mine:
+                await projection.apply_batch(conn, mine)
+                applied[projection.name] = mine[-1]
         full = len(events) == self.batch_size
         new_position = events[-1].position if full else head
         moved = [n for n in names if positions[n] < new_position]
@@ -243,6 +273,16 @@ class ProjectionRunner:
                 if not reached:
                     await self.step(projection)
 
+    async def wait_for_stream(self, stream_id: str, names: tuple[str, ...],
+                              timeout: float = 5.0) -> bool:
+        """Read-your-writes for one stream: return once the projections `names` have
+        applied everything of `stream_id` committed so far; False if it has no events."""
+        head = await self.store.stream_head(stream_id)
+        if head is None:
+            return False
+        await self.wait_for(head, timeout, names)
+        return True
+
     async def _runner_reaches(self, name: str, position: int, timeout: float) -> bool:
         """Whether this process's running runner applies up to `position` within `timeout`."""
         if not self._running:
@@ -259,11 +299,22 @@ class ProjectionRunner:
         return True
 
     async def _pending_until(self, projection: Projection, position: int) -> bool:
+        """Whether the projection has a handled event at or before `position` to apply.
+
+        No query when this process's runner has seen its checkpoint reach `position`
+        (checkpoints only move forward). Otherwise the newest handled event up to
+        `position` (one backward probe of the type index per type) against the
+        checkpoint: the cost does not grow with the events since an idle projection's
+        checkpoint, as an `EXISTS` over them did."""
+        if self._reached.get(projection.name, 0) >= position:
+            return False
         types = sorted(projection.handles) if projection.handles is not None else None
         return bool(await self.pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM events WHERE position <= $2 AND ($3::text[] IS NULL"
-            " OR type = ANY($3::text[])) AND position >"
-            " coalesce((SELECT position FROM projection_checkpoints WHERE name = $1), 0))",
+            "SELECT coalesce(CASE WHEN $3::text[] IS NULL"
+            " THEN (SELECT max(position) FROM events WHERE position <= $2)"
+            " ELSE (SELECT max((SELECT max(e.position) FROM events AS e"
+            "  WHERE e.type = t.name AND e.position <= $2)) FROM unnest($3::text[]) AS t(name))"
+            " END, 0) > coalesce((SELECT position FROM projection_checkpoints WHERE name = $1), 0)",
             projection.name, position, types))
 
     async def rebuild(self, name: str) -> int:
@@ -299,8 +350,14 @@ class ProjectionRunner:
         """The projections that handle any of `types` (all of them when None)."""
         if types is None:
             return list(self.projections.values())
-        return [p for p in self.projections.values()
+        concerned = self._concerned_by.get(types)
+        if concerned is None:  # a few type sets recur (a chat call's): remembered
+            if len(self._concerned_by) >= 256:
+                self._concerned_by.clear()
+            concerned = self._concerned_by[types] = [
+                p for p in self.projections.values()
                 if p.handles is None or not p.handles.isdisjoint(types)]
+        return list(concerned)
 
     async def run(self) -> None:
         """Follow the store forever: wake on NOTIFY (or the poll), apply, repeat.
@@ -332,8 +389,8 @@ class ProjectionRunner:
                     full_at = time.monotonic()
                 try:
                     if types is None:
-                        for projection in self._concerned(None):
-                            while await self.step(projection) >= self.batch_size:
+                        for projection in await self._with_work(self._concerned(None)):
+                            while await self._step_in_transaction([projection]) >= self.batch_size:
                                 pass
                     else:  # notified of these types: the projections handling them, at once
                         while await self.step_group(self._concerned(types)) >= self.batch_size:

@@ -63,6 +63,10 @@ class AppendResult(msgspec.Struct, frozen=True):
     last_position: int
     next_expected_version: int
     duplicate: bool = False
+    # when the stream's last event of this append was recorded (a duplicate's: the stored
+    # one's); None where the statement used does not say (an append in a caller's
+    # transaction, an older schema)
+    recorded_at: datetime | None = None
 
 
 class StoredEvent(msgspec.Struct, frozen=True):
@@ -156,6 +160,16 @@ _APPEND_GROUPS_SQL = (
     "SELECT idx, status, first_position, last_position, last_version, actual"
     " FROM nexus_append_groups($1, $2, $3, $4, $5, $6, $7, $8)"
 )
+# the same with each row's `recorded_at` (migration 20261202120000_append_recorded_at.sql;
+# the forms above serve an older schema)
+_APPEND_ATOMIC_AT_SQL = (
+    "SELECT idx, status, first_position, last_position, last_version, actual, recorded_at"
+    " FROM nexus_append_atomic_at($1, $2, $3, $4, $5, $6, $7)"
+)
+_APPEND_GROUPS_AT_SQL = (
+    "SELECT idx, status, first_position, last_position, last_version, actual, recorded_at"
+    " FROM nexus_append_groups_at($1, $2, $3, $4, $5, $6, $7, $8)"
+)
 
 
 @dataclass(eq=False)
@@ -175,7 +189,7 @@ def _outcome(request: _Append, row: Any) -> AppendResult | Exception:
         return AppendResult(
             stream_id=request.stream_id, first_position=row["first_position"],
             last_position=row["last_position"], next_expected_version=row["last_version"],
-            duplicate=status == "duplicate")
+            duplicate=status == "duplicate", recorded_at=row.get("recorded_at"))
     if status == "version":
         return WrongExpectedVersion(request.stream_id, request.expected_version, row["actual"])
     return EventIdConflict(
@@ -214,6 +228,9 @@ class EventStore:
         self._writer: asyncio.Task[None] | None = None
         self._atomic_fn = True  # nexus_append_atomic exists (False: an older schema)
         self._groups_fn = True  # nexus_append_groups exists (False: an older schema)
+        # the statements of the two forms above: with `recorded_at` until the schema says
+        # the functions returning it are missing
+        self._atomic_sql, self._groups_sql = _APPEND_ATOMIC_AT_SQL, _APPEND_GROUPS_AT_SQL
         self._direct = 0  # atomic appends sent on their own, in flight (others batch meanwhile)
 
     async def append(
@@ -295,8 +312,11 @@ class EventStore:
             self._direct += 1
             try:
                 async with self.pool.acquire() as conn:
-                    return await self._execute(conn, requests, _APPEND_ATOMIC_SQL)  # type: ignore[return-value]
+                    return await self._execute(conn, requests, self._atomic_sql)  # type: ignore[return-value]
             except asyncpg.UndefinedFunctionError:
+                if self._atomic_sql is _APPEND_ATOMIC_AT_SQL:  # an older schema: the older form
+                    self._atomic_sql = _APPEND_ATOMIC_SQL
+                    return await self.append_atomic(appends, metadata, before, require)
                 self._atomic_fn = False  # migrations not applied yet: the transaction below
             except asyncpg.PostgresError as exc:
                 if getattr(exc, "sqlstate", None) != REFUSED:
@@ -348,9 +368,12 @@ class EventStore:
         if self._groups_fn:
             requests = [r for g in batch for r in g.requests]
             try:
-                rows = await self._rows(conn, requests, _APPEND_GROUPS_SQL,
+                rows = await self._rows(conn, requests, self._groups_sql,
                                         [n for n, g in enumerate(batch) for _ in g.requests])
             except asyncpg.UndefinedFunctionError:
+                if self._groups_sql is _APPEND_GROUPS_AT_SQL:  # an older schema: the older form
+                    self._groups_sql = _APPEND_GROUPS_SQL
+                    return await self._write_groups(conn, batch)
                 self._groups_fn = False  # migrations not applied yet: the statements below
             else:
                 outcomes, i = [], 0
