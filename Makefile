@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: up test browser bench soak chaos runs-crash fuzz lint clean
+.PHONY: up test browser bench soak chaos runs-crash node-stop-race fuzz lint clean
 
 up: $(VENV)/.installed
 	-$(BIN)/nexus ui assets >/dev/null  # the dashboard's htmx, from the npm registry (once)
@@ -30,6 +30,12 @@ chaos: $(VENV)/.installed-dev
 # agent runs: the owner killed with SIGKILL under 20 runs (make test runs 8)
 runs-crash: $(VENV)/.installed-dev
 	NEXUS_TEST_CRASH_RUNS=20 $(BIN)/python -m pytest -p no:cacheprovider -q tests/test_runs.py -k many_runs
+
+# a node whose re-registration is answered as it stops still stops on SIGTERM, many
+# rounds (the race is timing-dependent; tests/node_stop_race.py)
+node-stop-race: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.node_stop_race --when draining $(RACE_ARGS)
+	$(BIN)/python -m tests.node_stop_race --when sigterm --jitter-s 0.03 $(RACE_ARGS)
 
 # Schemathesis over every operation, admin and tenant key, all checks and phases
 # (docs/reliability.md, "Fuzz"); e.g. `make fuzz FUZZ_EXAMPLES=200`

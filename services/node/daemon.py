@@ -25,10 +25,10 @@ from shared.contracts.messages import (
     RuntimeInfo,
 )
 from shared.infra.messaging import Bus, MessagingError
+from shared.infra.tasks import stop_tasks
 from services.node import hardware
 
 log = logging.getLogger("nexus.node")
-
 
 class NodeDaemon:
     def __init__(self, node_id: str, *, labels: dict[str, str], heartbeat_interval_s: float,
@@ -46,6 +46,9 @@ class NodeDaemon:
         self.queue_depth = 0
         self.avg_response_ms: float | None = None
         self.draining = False
+        self.leaving = False  # shutting down: never registers again (`drain_and_leave`)
+        self._reporting: asyncio.Task[None] | None = None
+        self._beating: asyncio.Task[None] | None = None
         self.seq = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -98,7 +101,7 @@ class NodeDaemon:
         time and in order (the orchestrator appends a `NodeRuntimeChanged` for each), so
         no crash goes unrecorded however fast they come."""
         pending = self._runtime_changes
-        while True:
+        while not self.leaving:
             # Whatever the last registration carried, and everything before it, is known.
             for i in range(len(pending) - 1, -1, -1):
                 if pending[i] is self.registered_runtime:
@@ -116,7 +119,7 @@ class NodeDaemon:
                        runtime: RuntimeInfo | None = None) -> RegistrationAck:
         """Ask the orchestrator to accept us; retry (with backoff) until it answers."""
         delay = 0.2
-        while True:
+        while not self.leaving:
             try:
                 registration = self.registration(runtime)
                 ack = await bus.request(subjects.node_register(self.node_id), registration,
@@ -128,6 +131,18 @@ class NodeDaemon:
                 log.warning("registration not answered, retrying: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        raise asyncio.CancelledError("the node is leaving")
+
+    def start_reporting(self, bus: Bus, timeout: float) -> None:
+        """Once registered: heartbeats, and a re-registration with each runtime change."""
+        self._reporting = asyncio.create_task(self.report_runtime(bus, timeout),
+                                              name="report-runtime")
+        self._beating = asyncio.create_task(self.heartbeat_loop(bus), name="heartbeats")
+
+    async def stop_reporting(self) -> None:
+        """No registration and no heartbeat from now on (idempotent)."""
+        self.leaving = True
+        await stop_tasks([self._reporting, self._beating])
 
     async def heartbeat_loop(self, bus: Bus) -> None:
         hardware.sample_host()  # prime psutil's cpu_percent baseline
@@ -151,7 +166,15 @@ class NodeDaemon:
                             active_requests=self.active_requests)
 
     async def drain_and_leave(self, bus: Bus, deadline_s: float) -> None:
-        """Announce draining, wait for in-flight work (up to the deadline), announce leaving."""
+        """Announce draining, wait for in-flight work (up to the deadline), announce leaving.
+
+        Shutdown begins by stopping the re-registrations (a runtime change now, e.g. a
+        model just removed, must not register the node again), and awaiting that task:
+        a registration in flight ends before the node says anything else. Heartbeats go
+        on through the drain (they say `draining`) and stop before `leaving`, which is
+        the last thing the node says."""
+        self.leaving = True
+        await stop_tasks([self._reporting])
         self.draining = True
         with contextlib.suppress(Exception):
             await bus.publish(subjects.node_status(self.node_id),
@@ -162,6 +185,7 @@ class NodeDaemon:
             reason = "stopped"
         except TimeoutError:
             reason = f"stopped with {self.active_requests} requests still running after {deadline_s:g}s"
+        await self.stop_reporting()
         with contextlib.suppress(Exception):
             await bus.publish(subjects.node_status(self.node_id),
                               NodeStatusChange(node_id=self.node_id, status="leaving", reason=reason))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import msgspec
@@ -27,6 +26,7 @@ from shared.infra.model_store import ModelStore
 from shared.infra.nats_auth import node_inbox_prefix
 from shared.infra.service import ServiceRuntime
 from shared.infra.settings import Settings, get_settings
+from shared.infra.tasks import stop_tasks
 
 log = logging.getLogger("nexus.node")
 
@@ -123,23 +123,20 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
     await bus.subscribe(subjects.node_tool(agent.node_id), ToolExecRequest, tools.on_tool,
                         concurrent=True)
     try:
-        registering = asyncio.create_task(agent.register(bus, settings.request_timeout_s))
+        registering = asyncio.create_task(agent.register(bus, settings.request_timeout_s),
+                                          name="register")
         stop = asyncio.create_task(runtime.wait_for_stop())
         await asyncio.wait({registering, stop}, return_when=asyncio.FIRST_COMPLETED)
         if registering.done():
-            tasks.append(asyncio.create_task(
-                agent.report_runtime(bus, settings.request_timeout_s), name="report-runtime"))
-            tasks.append(asyncio.create_task(agent.heartbeat_loop(bus)))
+            agent.start_reporting(bus, settings.request_timeout_s)
             await stop
             await agent.drain_and_leave(bus, settings.node_drain_timeout_s)
         else:
-            registering.cancel()
+            await stop_tasks([registering])
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # Bounded: a task that will not stop must not keep the process from exiting.
+        await agent.stop_reporting()
+        await stop_tasks([*tasks, *reprobes])
         if managed is not None:
             managed.stop()
         await puller.close()

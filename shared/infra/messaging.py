@@ -34,6 +34,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared.contracts import subjects
+from shared.infra.tasks import stop_tasks
 from shared.infra.tracing import extract_context, inject_headers, tracer
 
 log = logging.getLogger("nexus.messaging")
@@ -97,12 +98,9 @@ def _attrs(subject: str, operation: str, size: int) -> dict[str, Any]:
 
 
 async def stop_listening(tasks: list[asyncio.Task], subscriptions: list[Any]) -> None:
-    """Cancel a component's background tasks (waiting for each) and drop its subscriptions."""
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    """Cancel a component's background tasks (waiting for them, bounded: `stop_tasks`)
+    and drop its subscriptions."""
+    await stop_tasks(list(tasks))
     for sub in subscriptions:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
