@@ -24,7 +24,7 @@ from shared.contracts.messages import (
 from shared.domain.nodes import load_or_create_node_id
 from shared.infra.model_store import ModelStore
 from shared.infra.nats_auth import node_inbox_prefix
-from shared.infra.service import ServiceRuntime
+from shared.infra.service import ServiceRuntime, freeze_startup_heap
 from shared.infra.settings import Settings, get_settings
 from shared.infra.tasks import stop_tasks
 
@@ -122,6 +122,7 @@ async def run(runtime: ServiceRuntime, settings: Settings) -> None:
     tools = tool_runner(agent.node_id, bus, settings)
     await bus.subscribe(subjects.node_tool(agent.node_id), ToolExecRequest, tools.on_tool,
                         concurrent=True)
+    freeze_startup_heap()
     try:
         registering = asyncio.create_task(agent.register(bus, settings.request_timeout_s),
                                           name="register")

@@ -56,6 +56,7 @@ from shared.contracts.messages import (
 )
 from shared.infra.messaging import Bus, MessagingError
 from shared.infra.model_store import ModelStore
+from shared.infra.tasks import stop_tasks
 
 log = logging.getLogger("nexus.node.models")
 
@@ -347,11 +348,7 @@ class Puller:
                   extra={"task_id": update.task_id})
 
     async def close(self) -> None:
-        for task in [*self.tasks.values(), *self._reports]:
-            task.cancel()
-        for task in [*self.tasks.values(), *self._reports]:
-            with contextlib.suppress(BaseException):
-                await task
+        await stop_tasks([*self.tasks.values(), *self._reports])
 
 
 class ModelRuntimes:

@@ -20,7 +20,7 @@ from shared.contracts import subjects
 from shared.infra.eventstore import ProjectionRunner
 from shared.contracts.messages import Ping, Pong
 from shared.infra.messaging import MessagingError
-from shared.infra.service import ServiceRuntime
+from shared.infra.service import ServiceRuntime, freeze_startup_heap
 from shared.infra.settings import Settings
 from shared.domain.nodes import NodeView
 from shared.infra.metrics import exposition, observe_gauges
@@ -235,6 +235,7 @@ def create_app(settings: Settings) -> Litestar:
                  asyncio.create_task(_purge(app.state.idempotency), name="idempotency-purge"),
                  asyncio.create_task(WorkspaceJanitor(runtime.store, runtime.bus.js).run(),
                                      name="workspace-janitor")]
+        freeze_startup_heap()  # ready: what start-up built is not scanned again
         try:
             yield
         finally:

@@ -9,7 +9,7 @@ from nats.aio.msg import Msg
 from shared.contracts import subjects
 from shared.contracts.messages import CompletionRequest, ModelsReply, ModelsRequest
 from shared.infra.messaging import HandlerError
-from shared.infra.service import ServiceRuntime, run_service
+from shared.infra.service import ServiceRuntime, freeze_startup_heap, run_service
 from shared.infra.settings import get_settings
 from shared.contracts.frames import Failed
 from shared.infra.streaming import ConsumerLost, StreamSender
@@ -66,6 +66,7 @@ async def run(runtime: ServiceRuntime) -> None:
                     installed_context=runtime.settings.model_context)
     service = ProviderService(runtime, router)
     await service.start()
+    freeze_startup_heap()
     log.info("provider ready", extra={"targets": sorted(router.targets), "routes": sorted(router.routes)})
     try:
         await runtime.wait_for_stop()

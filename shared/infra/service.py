@@ -8,6 +8,7 @@ Services are thin: they build a `ServiceRuntime`, subscribe their handlers on
 from __future__ import annotations
 
 import asyncio
+import gc
 import ctypes
 import logging
 import signal
@@ -74,6 +75,19 @@ def setup_process(service: str, settings: Settings) -> None:
     setup_logging(f"nexus-{service}", settings.log_level)
     setup_tracing(f"nexus-{service}", settings.instance_id)
     serve_metrics(settings.http_host, settings.metrics_port)
+
+
+def freeze_startup_heap() -> None:
+    """Move what start-up built (modules, the app and its schemas, clients, caches) out of
+    the cyclic garbage collector's generations; call once, when the service is ready.
+
+    A full collection scans every tracked object; the orchestrator's start-up heap alone
+    made each one 150 to 430 ms, during which no request of any tenant moved (measured
+    with `gc.callbacks` under `bench/sessions.py`). Frozen objects are still freed by
+    reference counting; only a cycle among them would stay, and start-up state lives as
+    long as the process."""
+    gc.collect()
+    gc.freeze()
 
 
 class ServiceRuntime:
