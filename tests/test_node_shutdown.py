@@ -12,7 +12,6 @@ import sys
 import uuid
 
 from services.node.daemon import NodeDaemon
-from shared.infra.tasks import stop_tasks
 from shared.contracts import subjects
 from shared.contracts.messages import (
     NodeRegistration,
@@ -21,6 +20,7 @@ from shared.contracts.messages import (
     RuntimeInfo,
 )
 from shared.infra.messaging import Bus
+from shared.infra.tasks import stop_tasks
 
 
 async def test_a_lost_cancellation_does_not_keep_a_task_running() -> None:
@@ -42,6 +42,7 @@ async def test_a_lost_cancellation_does_not_keep_a_task_running() -> None:
     assert bool(done) == (sys.version_info >= (3, 12)), "3.11 loses the cancel; 3.12 does not"
     assert await stop_tasks([task], timeout_s=5) == []
     assert task.cancelled()
+
 
 async def test_a_node_in_its_shutdown_drain_does_not_register_again(infra) -> None:
     node_id = uuid.uuid4().hex

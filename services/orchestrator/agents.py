@@ -228,7 +228,7 @@ class AgentService:
         return agent_out(definition, markdown)
 
     async def list(self, caller: Caller) -> list[AgentOut]:
-        await self.runner.wait_for(await self.store.head(), names=("agents",))
+        await self.runner.wait_for_head(("agents",))
         return [agent_out(msgspec.structs.replace(decode_definition(r.definition),
                                                   version=r.version, source=r.source), r.markdown)
                 for r in await self.read_model.of_tenant(caller.tenant)]

@@ -221,9 +221,9 @@ def create_app(settings: Settings) -> Litestar:
         app.state.runs.agent_selector = AgentSelector(app.state.calls.router, app.state.agents)
         await app.state.nodes.start()
         app.state.models = ModelService(  # model distribution: store, placement, tasks
-            runtime.store, runtime.bus, app.state.nodes, context=settings.model_context,
+            runtime.store, runtime.bus, app.state.nodes, runner, context=settings.model_context,
             stall_s=settings.model_stall_s, placement=settings.model_placement,
-            poll_s=settings.projection_poll_s, runner=runner)
+            poll_s=settings.projection_poll_s)
         await app.state.models.start()
         _register_gauges(app.state.nodes, runner)
         ui.start(app.state, settings)  # the dashboard at /ui: login, live hub

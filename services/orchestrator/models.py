@@ -87,9 +87,8 @@ class Progress:
 
 
 class ModelService:
-    def __init__(self, store: EventStore, bus: Bus, nodes: NodeService, *, context: int,
-                 stall_s: float, placement: str = "", poll_s: float = 1.0,
-                 runner: ProjectionRunner | None = None) -> None:
+    def __init__(self, store: EventStore, bus: Bus, nodes: NodeService, runner: ProjectionRunner,
+                 *, context: int, stall_s: float, placement: str = "", poll_s: float = 1.0) -> None:
         self.store = store
         # read-your-writes for the `model_tasks` and `node_models` read models: a read
         # waits for them to apply what is committed (a runner may coalesce appends)
@@ -314,8 +313,7 @@ class ModelService:
     async def _projected(self, name: str) -> None:
         """Wait until the read model `name` has applied every event committed so far
         (what this process has answered from memory, e.g. a task completed, is there)."""
-        if self.runner is not None:
-            await self.runner.wait_for(await self.store.head(), names=(name,))
+        await self.runner.wait_for_head((name,))
 
     async def find_tasks(self, *, status: str | None = None,
                          node: str | None = None) -> list[dl.DownloadTask]:

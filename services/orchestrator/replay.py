@@ -51,7 +51,7 @@ class ReplayService:
                      models: list[str] | None = None, execute: int = 0,
                      grader: str | None = None, limit: int = MAX_CALLS) -> dict[str, Any]:
         # read-your-writes: the calls answered and the feedback given a moment ago count
-        await self.runner.wait_for(await self.store.head(), names=("routing_stats",))
+        await self.runner.wait_for_head(("routing_stats",))
         routed = await self.read.routed_between(caller.tenant, since, until, limit)
         arms = await self.read.all_arms(caller.tenant)
         pooled: dict[str, ar.ArmStats] = {}

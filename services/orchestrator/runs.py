@@ -414,7 +414,7 @@ class RunService:
 
     async def of_session(self, caller: Caller, session_id: str) -> list[RunSummary]:
         await self.sessions.require(caller, session_id)
-        await self.runner.wait_for(await self.store.head(), names=("runs",))
+        await self.runner.wait_for_head(("runs",))
         return [RunSummary(run_id=r["run_id"], session_id=r["session_id"], agent=r["agent"],
                            agent_version=r["agent_version"], status=r["status"], steps=r["steps"],
                            cost_usd=r["cost_micro_usd"] / 1e6, answer=r["answer"],

@@ -193,7 +193,7 @@ class SessionService:
     async def list(self, caller: Caller, *, status: str | None, agent: str | None, limit: int,
                    cursor: str | None) -> SessionList:
         # read-your-writes: sessions created a moment ago are in the read model
-        await self.runner.wait_for(await self.store.head(), names=("sessions",))
+        await self.runner.wait_for_head(("sessions",))
         rows = await self.read_model.page(caller.tenant, status=status, agent=agent,
                                           limit=limit + 1,
                                           before=_uncursor(cursor) if cursor else None)

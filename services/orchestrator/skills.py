@@ -80,7 +80,7 @@ class SkillService:
                                            else load_skill_files(SKILLS_DIR))}
 
     async def list(self, caller: Caller) -> list[SkillOut]:
-        await self.runner.wait_for(await self.store.head(), names=("skills",))
+        await self.runner.wait_for_head(("skills",))
         out = {name: SkillOut(name=name, version=0, source="system", spec=spec)
                for name, spec in self.system.items()}
         for data, version in await self.read.skills(caller.tenant):
@@ -91,7 +91,7 @@ class SkillService:
     async def resolve(self, tenant: str, name: str) -> SkillOut | None:
         found = await self.read.skill(tenant, name)
         if found is None and await self.store.stream_version(skill_stream(tenant, name)):
-            await self.runner.wait_for(await self.store.head(), names=("skills",))
+            await self.runner.wait_for_head(("skills",))
             found = await self.read.skill(tenant, name)
         if found is not None:
             data, version = found

@@ -217,7 +217,7 @@ class ToolService:
         return decode_spec(found[0]), found[1], "tenant"
 
     async def list(self, caller: Caller) -> list[ToolOut]:
-        await self.runner.wait_for(await self.store.head(), names=("tools",))
+        await self.runner.wait_for_head(("tools",))
         out = [_tool_out(builtin_spec(n), 0, "builtin") for n in BUILTINS]
         out += [_tool_out(decode_spec(raw), v, "tenant")
                 for raw, v in await self.read_model.tools_of(caller.tenant)]

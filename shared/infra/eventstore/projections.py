@@ -273,6 +273,11 @@ class ProjectionRunner:
                 if not reached:
                     await self.step(projection)
 
+    async def wait_for_head(self, names: tuple[str, ...], timeout: float = 5.0) -> None:
+        """Read-your-writes for a read that may concern any stream (a list, statistics):
+        return once the projections `names` have applied everything committed so far."""
+        await self.wait_for(await self.store.head(), timeout, names)
+
     async def wait_for_stream(self, stream_id: str, names: tuple[str, ...],
                               timeout: float = 5.0) -> bool:
         """Read-your-writes for one stream: return once the projections `names` have
