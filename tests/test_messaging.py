@@ -149,6 +149,34 @@ async def test_restarted_nats_does_not_leave_a_subscriber_deaf(tmp_path) -> None
         server.stop()
 
 
+async def test_closing_a_bus_stops_a_reconnect_loop_that_lost_its_cancel(tmp_path) -> None:
+    """A node killed with NATS stayed alive for ever: nats-py's reconnect loop lost the
+    cancel of `close()` (CPython gh-86296) and went on retrying. Here the loss is made
+    certain: the error callback the loop awaits after each refused connection swallows
+    the first cancel. `Bus.close` still leaves no task of the client running."""
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    bus = await Bus.connect(server.url, "lost-cancel")
+    failing, swallowed = asyncio.Event(), []
+
+    async def error_callback_that_loses_one_cancel(exc: Exception) -> None:
+        failing.set()
+        try:
+            await asyncio.sleep(1.0)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(exc)
+
+    bus.nc._error_cb = error_callback_that_loses_one_cancel
+    server.kill()
+    await asyncio.wait_for(failing.wait(), 15)  # reconnecting, each attempt refused
+    await asyncio.wait_for(bus.close(drain_timeout_s=5), 15)
+    assert swallowed, "the first cancel should have landed in the error callback"
+    assert bus.nc._reconnection_task.done()
+    assert bus.nc.is_closed or not bus.nc.is_reconnecting
+
+
 def test_messages_reject_unknown_fields() -> None:
     with pytest.raises(msgspec.ValidationError, match="extra"):
         msgspec.json.decode(b'{"sender": "x", "extra": 1}', type=Ping)

@@ -24,7 +24,7 @@ from shared.contracts.messages import (
 from shared.domain.nodes import load_or_create_node_id
 from shared.infra.model_store import ModelStore
 from shared.infra.nats_auth import node_inbox_prefix
-from shared.infra.service import ServiceRuntime, freeze_startup_heap
+from shared.infra.service import ServiceRuntime, freeze_startup_heap, run_service
 from shared.infra.settings import Settings, get_settings
 from shared.infra.tasks import stop_tasks
 
@@ -152,7 +152,7 @@ def main() -> None:
     settings = get_settings()
     runtime = ServiceRuntime("node", settings)
     runtime.setup_process()
-    asyncio.run(run(runtime, settings))
+    run_service(run(runtime, settings))
 
 
 if __name__ == "__main__":

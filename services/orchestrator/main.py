@@ -8,7 +8,7 @@ import sys
 import uvicorn
 
 from shared.infra.asgi_telemetry import HttpTelemetry
-from shared.infra.service import setup_process
+from shared.infra.service import run_service, setup_process
 from shared.infra.settings import get_settings
 from services.orchestrator.app import create_app
 
@@ -30,7 +30,7 @@ def main() -> None:
         log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10,
         ws_max_size=settings.max_body_bytes,  # a WebSocket frame is bounded like a body
     )
-    uvicorn.Server(config).run()
+    run_service(uvicorn.Server(config).serve())  # uvloop, and leftover tasks stopped (bounded)
 
 
 if __name__ == "__main__":

@@ -163,16 +163,22 @@ class Bus:
         must not wait for a server that is not there."""
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=drain_timeout_s)
-        if self.nc.is_closed:
-            return
         if self.nc.is_connected:
             try:
                 await asyncio.wait_for(self.nc.drain(), drain_timeout_s)
-                return
             except (TimeoutError, nats.errors.ConnectionClosedError,
                     nats.errors.FlushTimeoutError, nats.errors.ConnectionDrainingError):
                 pass
-        await self.nc.close()
+        closing = None
+        if not self.nc.is_closed:
+            closing = asyncio.ensure_future(self.nc.close())
+            await asyncio.wait({closing}, timeout=drain_timeout_s)
+        # nats-py's reconnect loop can outlive close(): a cancel that lands while its
+        # connect attempt's `wait_for` completes is lost (Python 3.11, CPython gh-86296);
+        # the loop then sets RECONNECTING over CLOSED and retries forever, and the
+        # process never exits (`asyncio.run` waits for every task). Stop it ourselves.
+        await stop_tasks([closing, getattr(self.nc, "_reconnection_task", None)],
+                         timeout_s=drain_timeout_s)
 
     # -- streams ------------------------------------------------------------------
 

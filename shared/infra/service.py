@@ -11,6 +11,7 @@ import asyncio
 import gc
 import ctypes
 import logging
+import os
 import signal
 import time
 
@@ -25,6 +26,7 @@ from shared.contracts.messages import Ping, Pong
 from shared.infra.messaging import Bus
 from shared.infra.metrics import nats_reconnects, serve_metrics
 from shared.infra.settings import Settings
+from shared.infra.tasks import stop_tasks
 from shared.infra.tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger("nexus.service")
@@ -55,17 +57,38 @@ def bound_malloc() -> bool:
         return False
 
 
+LEFTOVER_TASKS_STOP_S = 5.0  # how long tasks still running after main returns get to stop
+
+
 def run_service(main) -> None:
     """Run a service's main coroutine on uvloop (libuv: cheaper sockets and timers than
     asyncio's selector loop, measured in docs/performance.md), or asyncio's loop where
-    uvloop is not installed."""
+    uvloop is not installed.
+
+    When main is done, the tasks it left behind are stopped within a bound. `asyncio.run`
+    would cancel them once and wait for ever; a task that loses its cancel (CPython
+    gh-86296) would keep a stopped service's process alive. One that still does not stop
+    is logged and the process exits anyway (status 1)."""
     try:
         import uvloop
+        loop_factory = uvloop.new_event_loop
     except ImportError:
-        asyncio.run(main)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_then_stop_leftovers(main))
+
+
+async def _then_stop_leftovers(main) -> None:
+    try:
+        await main
+    finally:
+        current = asyncio.current_task()
+        leftovers = [t for t in asyncio.all_tasks() if t is not current]
+        if leftovers and (stuck := await stop_tasks(leftovers, LEFTOVER_TASKS_STOP_S)):
+            log.error("tasks still running after the service stopped; exiting",
+                      extra={"tasks": sorted(t.get_name() for t in stuck)})
+            logging.shutdown()
+            os._exit(1)
 
 
 def setup_process(service: str, settings: Settings) -> None:
