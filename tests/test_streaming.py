@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -14,6 +15,7 @@ import pytest
 
 from shared.contracts.frames import Delta, Done, Failed, Usage
 from shared.contracts.messages import Ping
+from shared.infra import EmbeddedNats
 from shared.infra.messaging import Bus
 from shared.infra.streaming import KEEPALIVE_S, ConsumerLost, StreamReceiver, StreamSender
 
@@ -199,6 +201,48 @@ async def test_streams_sharing_a_connection_are_cancelled_one_by_one(buses) -> N
         await asyncio.sleep(0.1)
     assert outcomes["keeps-1"] is None and outcomes["keeps-2"] is None
     assert isinstance(outcomes["leaves"], ConsumerLost)
+
+
+async def test_a_connections_streams_share_one_subscription_each_way(tmp_path) -> None:
+    """A stream costs no SUB or UNSUB: the receivers of a connection share one reply
+    subscription and the senders one control subscription, however many streams run,
+    one after another or at once (the server's own counts, from its monitoring API)."""
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    producer = await Bus.connect(server.url, "test-producer")
+    consumer = await Bus.connect(server.url, "test-consumer")
+    try:
+        async def produce(sender: StreamSender) -> None:
+            await sender.delta(content="x")
+            await sender.done(done())
+
+        subject, _ = await serve(producer, produce)
+        await reachable(consumer, subject)
+
+        async def one() -> list[object]:
+            async with StreamReceiver(consumer, subject, Ping(sender="s"),
+                                      first_frame_timeout_s=10, window=WINDOW) as stream:
+                return [frame async for frame in stream.frames()]
+
+        def subscriptions() -> tuple[int, int, int]:  # now, ever added, ever removed
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.monitor_port}/subsz",
+                                        timeout=5) as reply:
+                subsz = json.load(reply)
+            return subsz["num_subscriptions"], subsz["num_inserts"], subsz["num_removes"]
+
+        assert [type(f) for f in await one()] == [Delta, Done]
+        before = subscriptions()
+        for _ in range(10):
+            await one()
+        answers = await asyncio.gather(*[one() for _ in range(20)])
+        assert all([type(f) for f in frames] == [Delta, Done] for frames in answers)
+        await consumer.nc.flush()
+        await producer.nc.flush()
+        assert subscriptions() == before
+    finally:
+        await consumer.close()
+        await producer.close()
+        server.stop()
 
 
 async def test_a_silent_sender_keeps_its_receiver_waiting(buses) -> None:

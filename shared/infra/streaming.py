@@ -22,7 +22,9 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
 - **Per connection, not per stream**: the senders of one connection share one control
   subscription (`<inbox>.*`, each stream's control subject one token under it) and one
   keepalive ticker (`_Controls`): a stream costs no SUB/UNSUB, no subscription task and
-  no keepalive task of its own (issue 16).
+  no keepalive task of its own (issue 16). The receivers of one connection likewise
+  share one reply subscription (`_Replies`): each stream's reply subject is one token
+  under it, and frames are handed to the stream's queue by subject.
 - **Coalescing**: content deltas given to `StreamSender.delta()` within one turn of the
   event loop (the tokens of one upstream socket read) leave as ONE `Delta` frame, their
   content concatenated in order, published on the loop's next turn by a task created
@@ -77,26 +79,41 @@ class ConsumerLost(Exception):
     """The receiver stopped acknowledging: stop producing."""
 
 
-class _Controls:
-    """The control subscription and keepalive ticker one connection's senders share."""
+class _SharedInbox:
+    """One wildcard subscription (`<inbox>.*`) that a connection's streams share, each
+    stream a subject one token under it: a stream costs no SUB, UNSUB or subscriber task
+    of its own, and the NATS server's interest graph does not change per call."""
 
     def __init__(self, nc: Any) -> None:
         self.nc = nc
         self.prefix = nc.new_inbox()
-        self.senders: dict[str, StreamSender] = {}
         self._ids = itertools.count(1)
         self._sub: asyncio.Future[Any] | None = None  # one subscribe, however many wait
-        self._ticker: asyncio.Task[None] | None = None
 
-    async def open(self, sender: StreamSender) -> str:
+    async def _new_subject(self) -> str:
         if self._sub is None or (self._sub.done() and (self._sub.cancelled()
                                                        or self._sub.exception() is not None)):
             self._sub = asyncio.ensure_future(
-                self.nc.subscribe(f"{self.prefix}.*", cb=self._on_control))
+                self.nc.subscribe(f"{self.prefix}.*", cb=self._on_message))
         if not self._sub.done():
             await asyncio.shield(self._sub)
         self._sub.result()
-        control = f"{self.prefix}.{next(self._ids)}"
+        return f"{self.prefix}.{next(self._ids)}"
+
+    async def _on_message(self, msg: Msg) -> None:
+        raise NotImplementedError
+
+
+class _Controls(_SharedInbox):
+    """The control subscription and keepalive ticker one connection's senders share."""
+
+    def __init__(self, nc: Any) -> None:
+        super().__init__(nc)
+        self.senders: dict[str, StreamSender] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def open(self, sender: StreamSender) -> str:
+        control = await self._new_subject()
         self.senders[control] = sender
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.create_task(self._keep_alive())
@@ -105,7 +122,7 @@ class _Controls:
     def close(self, control: str) -> None:
         self.senders.pop(control, None)
 
-    async def _on_control(self, msg: Msg) -> None:
+    async def _on_message(self, msg: Msg) -> None:
         sender = self.senders.get(msg.subject)
         if sender is not None:  # else: a stream already over
             sender.on_control(msg)
@@ -122,6 +139,31 @@ class _Controls:
 
 
 _controls: weakref.WeakKeyDictionary[Any, _Controls] = weakref.WeakKeyDictionary()
+
+
+class _Replies(_SharedInbox):
+    """The reply subscription one connection's receivers share: frames go to the
+    stream's queue by subject (the client writes one PUB per call, not SUB, PUB, UNSUB)."""
+
+    def __init__(self, nc: Any) -> None:
+        super().__init__(nc)
+        self.queues: dict[str, asyncio.Queue[Msg]] = {}
+
+    async def open(self, queue: asyncio.Queue[Msg]) -> str:
+        inbox = await self._new_subject()
+        self.queues[inbox] = queue
+        return inbox
+
+    def close(self, inbox: str) -> None:
+        self.queues.pop(inbox, None)
+
+    async def _on_message(self, msg: Msg) -> None:
+        queue = self.queues.get(msg.subject)
+        if queue is not None:  # else: a stream already over (a late keepalive, say)
+            queue.put_nowait(msg)
+
+
+_replies: weakref.WeakKeyDictionary[Any, _Replies] = weakref.WeakKeyDictionary()
 
 
 class StreamSender:
@@ -289,23 +331,32 @@ class StreamReceiver:
         self.window = window
         self.control: str | None = None
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self._sub = None
+        self._replies: _Replies | None = None
+        self._inbox = ""
         self._finished = False
 
     async def __aenter__(self) -> StreamReceiver:
-        inbox = self.bus.nc.new_inbox()
-        self._sub = await self.bus.nc.subscribe(inbox, cb=self._queue.put)
-        headers = inject_headers()
-        await self.bus.nc.publish(self.subject, _enc.encode(self.request), reply=inbox,
-                                  headers=headers)
+        nc = self.bus.nc
+        replies = _replies.get(nc)
+        if replies is None:
+            replies = _replies[nc] = _Replies(nc)
+        self._inbox = await replies.open(self._queue)
+        self._replies = replies
+        try:
+            await nc.publish(self.subject, _enc.encode(self.request), reply=self._inbox,
+                             headers=inject_headers())
+        except BaseException:
+            replies.close(self._inbox)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if not self._finished:
-            await self.cancel()
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        try:
+            if not self._finished:
+                await self.cancel()
+        finally:
+            if self._replies is not None:
+                self._replies.close(self._inbox)
 
     async def cancel(self, reason: str = "client went away") -> None:
         # No flush here: this runs while a task is being cancelled, and a flush cancelled
