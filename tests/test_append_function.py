@@ -1,6 +1,6 @@
-"""The set-based atomic append (migration 20261202150000, issue 16) answers and writes
-exactly as the per-stream form it replaced on the hot path: same rows, same refusal,
-same events stored, whatever the streams, versions, counts and reused event ids."""
+"""The set-based appends (migration 20261202150000, issue 16) answer and write exactly
+as the per-stream forms they replaced on the hot path: same rows, same refusal, same
+events stored, whatever the streams, versions, counts, groups and reused event ids."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 SET_BASED = "SELECT * FROM nexus_append_atomic_at($1, $2, $3, $4, $5, $6, $7)"
 # the per-stream form: `nexus_append_atomic`, then each stream's last event read back
 PER_STREAM = "SELECT * FROM nexus_append_atomic($1, $2, $3, $4, $5, $6, $7)"
+GROUPS_SET_BASED = "SELECT * FROM nexus_append_groups_at($1, $2, $3, $4, $5, $6, $7, $8)"
+GROUPS_PER_STREAM = "SELECT * FROM nexus_append_groups($1, $2, $3, $4, $5, $6, $7, $8)"
 
 
 async def _append(conn: asyncpg.Connection, sql: str, *args: object) -> list[dict]:
@@ -30,8 +32,10 @@ EXISTING = {"s0": 2, "s1": 1}
 
 _stream = st.tuples(
     st.sampled_from(STREAMS),
-    st.sampled_from(["right", "wrong", "any"]),  # the expected version
-    st.lists(st.sampled_from(["new", "stored", "stored-elsewhere"]), max_size=3),  # event ids
+    st.sampled_from(["right", "next", "wrong", "any"]),  # the expected version (next:
+    # as the stream will be after one event more, e.g. one an earlier group appends)
+    st.lists(st.sampled_from(["new", "stored", "stored-elsewhere", "repeated"]),
+             max_size=3),  # event ids: "repeated" gives the append's previous id again
 )
 
 
@@ -56,7 +60,7 @@ def _arguments(tag: str, plan: list, stored: dict[str, list[uuid.UUID]]) -> list
     for n, (stream, version, events) in enumerate(plan):
         at = EXISTING.get(stream, 0)
         stream_ids.append(f"{tag}-{stream}")
-        expected.append({"right": at, "wrong": at + 3, "any": None}[version])
+        expected.append({"right": at, "next": at + 1, "wrong": at + 3, "any": None}[version])
         counts.append(len(events))
         for k, kind in enumerate(events):
             own, other = stored.get(stream, []), stored["s1" if stream == "s0" else "s0"]
@@ -64,6 +68,8 @@ def _arguments(tag: str, plan: list, stored: dict[str, list[uuid.UUID]]) -> list
                 ids.append(own[k])
             elif kind == "stored-elsewhere":
                 ids.append(other[k % len(other)])
+            elif kind == "repeated" and ids:
+                ids.append(ids[-1])
             else:
                 ids.append(uuid.uuid4())
             types.append(f"T{n}{k % 2}")
@@ -71,26 +77,39 @@ def _arguments(tag: str, plan: list, stored: dict[str, list[uuid.UUID]]) -> list
     return [stream_ids, expected, counts, ids, types, data, ['{"tenant": "t"}'] * len(ids)]
 
 
-async def _outcome(conn: asyncpg.Connection, sql: str, plan: list) -> tuple:
-    """What the function answered (positions as offsets from the first new one) and
-    what it stored, in a transaction rolled back afterwards."""
+async def _outcome(conn: asyncpg.Connection, sql: str, plan: list,
+                   groups: list[int] | None = None, *, ranks: bool = False) -> tuple:
+    """What the function answered (positions as offsets from the streams' first event,
+    or with `ranks` as their rank among the positions: a refused group of the
+    subtransaction form leaves a gap) and what it stored, rolled back afterwards."""
     tag = uuid.uuid4().hex[:12]
     transaction = conn.transaction()
     await transaction.start()
     try:
         stored, origin = await _setup(conn, tag)
         before = await conn.fetchval("SELECT coalesce(max(position), 0) FROM events")
+        arguments = _arguments(tag, plan, stored)
         try:
-            rows = await _append(conn, sql, *_arguments(tag, plan, stored))
+            rows = await _append(conn, sql, *([groups] if groups is not None else []), *arguments)
         except asyncpg.PostgresError as exc:
-            return ("refused", exc.sqlstate, json.loads(exc.detail or "null"))
+            # NX409 names the refused stream; another error (an id given twice within a
+            # stream: a unique violation, refused by the store before it gets here) names
+            # the random id, so only its SQLSTATE is compared
+            detail = json.loads(exc.detail or "null") if exc.sqlstate == "NX409" else None
+            return ("refused", exc.sqlstate, detail)
         written = await conn.fetch(
             "SELECT position, stream_id, stream_version, type, data::text, recorded_at "
             "FROM events WHERE position > $1 ORDER BY position", before)
         moment = written[0]["recorded_at"] if written else None
 
+        known = sorted({origin, *(w["position"] for w in written)})
+
         def relative(position: int | None) -> int | None:
-            return None if position is None else position - origin
+            if position is None:
+                return None
+            if ranks and position > before:
+                return len(known) + known.index(position)
+            return position - origin
 
         def relative_time(at: object) -> object:
             return None if at is None else ("now" if at == moment else "earlier")
@@ -138,3 +157,32 @@ async def test_an_answered_append_notifies_its_last_position_and_types(fresh_db:
     finally:
         await listener.close()
         await writer.close()
+
+
+_groups = st.lists(st.lists(_stream, min_size=1, max_size=3), min_size=1, max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=_groups)
+@example(batch=[[("s2", "right", ["new", "new"]), ("s0", "right", ["new"])],
+                [("s3", "right", ["new"]), ("s1", "wrong", ["new"])],  # refused: writes nothing
+                [("s0", "right", ["new"])],  # s0 as the first group left it: refused
+                [("s0", "any", ["new"]), ("s0", "any", ["new", "new"])]])  # s0 twice in a group
+@example(batch=[[("s2", "right", ["new"]), ("s1", "wrong", ["new"])],  # refused: s2 stays at 0
+                [("s2", "right", ["new"])]])
+@example(batch=[[("s0", "right", ["stored", "stored"])], [("s2", "right", ["new"])]])  # a retry
+@example(batch=[[("s2", "right", [])], [("s1", "wrong", [])]])  # checks: nothing appended
+def test_the_set_based_group_append_answers_as_the_subtransaction_form(
+        fresh_db: str, batch: list) -> None:
+    plan = [request for group in batch for request in group]
+    numbers = [n for n, group in enumerate(batch) for _ in group]
+
+    async def compare() -> None:
+        conn = await asyncpg.connect(fresh_db)
+        try:
+            assert await _outcome(conn, GROUPS_SET_BASED, plan, numbers, ranks=True) == \
+                await _outcome(conn, GROUPS_PER_STREAM, plan, numbers, ranks=True)
+        finally:
+            await conn.close()
+
+    asyncio.run(compare())
