@@ -8,10 +8,15 @@
 -- no stream named twice), it is one duplicate check, one version read for every
 -- stream, one insert for every event and the notification. Anything else (a retry: an
 -- event id already stored, 'duplicate', or reused, 'conflict'; a stream named twice; an
--- id given twice) takes the previous form, unchanged, below. Same rows, same refusal
+-- id given twice) takes the per-stream form (renamed, unchanged). Same rows, same refusal
 -- (NX409, the lowest refused stream in DETAIL), same notification payload, same
 -- positions: the events are inserted in their order under the append lock.
-CREATE OR REPLACE FUNCTION nexus_append_atomic_at(
+
+-- The per-stream forms stay, under new names, for what the set-based forms hand over.
+ALTER FUNCTION nexus_append_atomic_at(text[], bigint[], int[], uuid[], text[], text[], text[]) RENAME TO nexus_append_atomic_per_stream_at;
+ALTER FUNCTION nexus_append_groups_at(int[], text[], bigint[], int[], uuid[], text[], text[], text[]) RENAME TO nexus_append_groups_per_stream_at;
+
+CREATE FUNCTION nexus_append_atomic_at(
     p_stream_ids  text[],
     p_expected    bigint[],
     p_counts      int[],
@@ -23,7 +28,6 @@ CREATE OR REPLACE FUNCTION nexus_append_atomic_at(
                  last_version bigint, actual bigint, recorded_at timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
-    r          record;
     v_streams  int := coalesce(cardinality(p_stream_ids), 0);
     v_current  bigint[];
     v_sids     text[] := '{}';
@@ -37,18 +41,9 @@ BEGIN
     IF v_streams <> (SELECT count(DISTINCT s) FROM unnest(p_stream_ids) AS s)
        OR coalesce(cardinality(p_event_ids), 0) <> (SELECT count(DISTINCT u) FROM unnest(p_event_ids) AS u)
        OR EXISTS (SELECT 1 FROM events e WHERE e.event_id = ANY (p_event_ids)) THEN
-        -- the previous form: per stream, duplicates and conflicts reported as rows
-        FOR r IN SELECT * FROM nexus_append_atomic(p_stream_ids, p_expected, p_counts,
-                                                   p_event_ids, p_types, p_data, p_metadata) LOOP
-            idx := r.idx; status := r.status; first_position := r.first_position;
-            last_position := r.last_position; last_version := r.last_version;
-            actual := r.actual; recorded_at := NULL;
-            IF r.last_position IS NOT NULL THEN
-                SELECT e.recorded_at INTO recorded_at FROM events e
-                    WHERE e.position = r.last_position;
-            END IF;
-            RETURN NEXT;
-        END LOOP;
+        -- the per-stream form: duplicates and conflicts reported as rows
+        RETURN QUERY SELECT * FROM nexus_append_atomic_per_stream_at(
+            p_stream_ids, p_expected, p_counts, p_event_ids, p_types, p_data, p_metadata);
         RETURN;
     END IF;
     SELECT array_agg(coalesce((SELECT max(e.stream_version) FROM events e
@@ -110,8 +105,8 @@ $$;
 -- is decided before anything is written (a stream named in several groups, or twice in
 -- one, sees the versions the groups before it leave), and the accepted groups' events
 -- go in with one insert, in their order. A refused group writes nothing, so it leaves
--- no gap in the positions either. Anything else takes the previous form, below.
-CREATE OR REPLACE FUNCTION nexus_append_groups_at(
+-- no gap in the positions either. Anything else takes the per-stream form.
+CREATE FUNCTION nexus_append_groups_at(
     p_groups      int[],
     p_stream_ids  text[],
     p_expected    bigint[],
@@ -124,7 +119,6 @@ CREATE OR REPLACE FUNCTION nexus_append_groups_at(
                  last_version bigint, actual bigint, recorded_at timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
-    r          record;
     v_total    int := coalesce(cardinality(p_stream_ids), 0);
     v_names    text[];    -- the distinct streams
     v_vers     bigint[];  -- their versions as the groups decided so far leave them
@@ -150,18 +144,10 @@ BEGIN
     PERFORM pg_advisory_xact_lock(7400001);
     IF coalesce(cardinality(p_event_ids), 0) <> (SELECT count(DISTINCT u) FROM unnest(p_event_ids) AS u)
        OR EXISTS (SELECT 1 FROM events e WHERE e.event_id = ANY (p_event_ids)) THEN
-        -- the previous form: a subtransaction per group, duplicates and conflicts as rows
-        FOR r IN SELECT * FROM nexus_append_groups(p_groups, p_stream_ids, p_expected, p_counts,
-                                                   p_event_ids, p_types, p_data, p_metadata) LOOP
-            idx := r.idx; status := r.status; first_position := r.first_position;
-            last_position := r.last_position; last_version := r.last_version;
-            actual := r.actual; recorded_at := NULL;
-            IF r.last_position IS NOT NULL THEN
-                SELECT e.recorded_at INTO recorded_at FROM events e
-                    WHERE e.position = r.last_position;
-            END IF;
-            RETURN NEXT;
-        END LOOP;
+        -- the per-stream form: a subtransaction per group, duplicates and conflicts as rows
+        RETURN QUERY SELECT * FROM nexus_append_groups_per_stream_at(
+            p_groups, p_stream_ids, p_expected, p_counts, p_event_ids, p_types, p_data,
+            p_metadata);
         RETURN;
     END IF;
     SELECT array_agg(d.s), array_agg(coalesce((SELECT max(e.stream_version) FROM events e
@@ -250,58 +236,7 @@ $$;
 
 
 -- migrate:down
-CREATE OR REPLACE FUNCTION nexus_append_atomic_at(
-    p_stream_ids  text[],
-    p_expected    bigint[],
-    p_counts      int[],
-    p_event_ids   uuid[],
-    p_types       text[],
-    p_data        text[],
-    p_metadata    text[]
-) RETURNS TABLE (idx int, status text, first_position bigint, last_position bigint,
-                 last_version bigint, actual bigint, recorded_at timestamptz)
-LANGUAGE plpgsql AS $$
-DECLARE
-    r record;
-BEGIN
-    -- nexus_append_atomic raises NX409 on a refusal: the whole statement rolls back
-    FOR r IN SELECT * FROM nexus_append_atomic(p_stream_ids, p_expected, p_counts,
-                                               p_event_ids, p_types, p_data, p_metadata) LOOP
-        idx := r.idx; status := r.status; first_position := r.first_position;
-        last_position := r.last_position; last_version := r.last_version; actual := r.actual;
-        recorded_at := NULL;
-        IF r.last_position IS NOT NULL THEN
-            SELECT e.recorded_at INTO recorded_at FROM events e WHERE e.position = r.last_position;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-END;
-$$;
-
-CREATE OR REPLACE FUNCTION nexus_append_groups_at(
-    p_groups      int[],
-    p_stream_ids  text[],
-    p_expected    bigint[],
-    p_counts      int[],
-    p_event_ids   uuid[],
-    p_types       text[],
-    p_data        text[],
-    p_metadata    text[]
-) RETURNS TABLE (idx int, status text, first_position bigint, last_position bigint,
-                 last_version bigint, actual bigint, recorded_at timestamptz)
-LANGUAGE plpgsql AS $$
-DECLARE
-    r record;
-BEGIN
-    FOR r IN SELECT * FROM nexus_append_groups(p_groups, p_stream_ids, p_expected, p_counts,
-                                               p_event_ids, p_types, p_data, p_metadata) LOOP
-        idx := r.idx; status := r.status; first_position := r.first_position;
-        last_position := r.last_position; last_version := r.last_version; actual := r.actual;
-        recorded_at := NULL;
-        IF r.last_position IS NOT NULL THEN
-            SELECT e.recorded_at INTO recorded_at FROM events e WHERE e.position = r.last_position;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-END;
-$$;
+DROP FUNCTION nexus_append_atomic_at(text[], bigint[], int[], uuid[], text[], text[], text[]);
+DROP FUNCTION nexus_append_groups_at(int[], text[], bigint[], int[], uuid[], text[], text[], text[]);
+ALTER FUNCTION nexus_append_atomic_per_stream_at(text[], bigint[], int[], uuid[], text[], text[], text[]) RENAME TO nexus_append_atomic_at;
+ALTER FUNCTION nexus_append_groups_per_stream_at(int[], text[], bigint[], int[], uuid[], text[], text[], text[]) RENAME TO nexus_append_groups_at;
