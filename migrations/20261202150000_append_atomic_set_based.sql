@@ -26,7 +26,13 @@ CREATE FUNCTION nexus_append_atomic_at(
     p_metadata    text[]
 ) RETURNS TABLE (idx int, status text, first_position bigint, last_position bigint,
                  last_version bigint, actual bigint, recorded_at timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Every lookup here has its index (event_id, (stream_id, stream_version), position).
+-- PL/pgSQL keeps a generic plan per connection, chosen on its first calls; on a young
+-- events table that was a sequential scan, kept as the table grew (one per settle,
+-- 0.5 ms at 1,000 events, measured). Index scans are never wrong here.
+SET enable_seqscan = off
+AS $$
 DECLARE
     v_streams  int := coalesce(cardinality(p_stream_ids), 0);
     v_current  bigint[];
@@ -117,7 +123,13 @@ CREATE FUNCTION nexus_append_groups_at(
     p_metadata    text[]
 ) RETURNS TABLE (idx int, status text, first_position bigint, last_position bigint,
                  last_version bigint, actual bigint, recorded_at timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Every lookup here has its index (event_id, (stream_id, stream_version), position).
+-- PL/pgSQL keeps a generic plan per connection, chosen on its first calls; on a young
+-- events table that was a sequential scan, kept as the table grew (one per settle,
+-- 0.5 ms at 1,000 events, measured). Index scans are never wrong here.
+SET enable_seqscan = off
+AS $$
 DECLARE
     v_total    int := coalesce(cardinality(p_stream_ids), 0);
     v_names    text[];    -- the distinct streams
