@@ -180,3 +180,21 @@ async def test_closing_a_bus_stops_a_reconnect_loop_that_lost_its_cancel(tmp_pat
 def test_messages_reject_unknown_fields() -> None:
     with pytest.raises(msgspec.ValidationError, match="extra"):
         msgspec.json.decode(b'{"sender": "x", "extra": 1}', type=Ping)
+
+
+def test_an_unreachable_nats_is_a_retry_later_not_a_bug() -> None:
+    """What the HTTP edge answers 503 `messaging-unavailable` for (a node's history read
+    from JetStream while NATS restarted was a 500 in the chaos test): no reply in time,
+    no responder, a closed or reconnecting connection, also as the cause of another
+    error. A responder's own error reply, or any other error, is not."""
+    from shared.infra.messaging import messaging_unavailable
+
+    assert messaging_unavailable(nats.errors.TimeoutError())
+    assert messaging_unavailable(nats.errors.ConnectionClosedError())
+    assert messaging_unavailable(RequestTimeout("s", 1.0))
+    assert messaging_unavailable(NoResponders("s"))
+    wrapped = RuntimeError("history")
+    wrapped.__cause__ = nats.errors.TimeoutError()
+    assert messaging_unavailable(wrapped)
+    assert not messaging_unavailable(RemoteError("s", "Crash", "boom"))
+    assert not messaging_unavailable(ValueError("a bug"))

@@ -18,13 +18,14 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from shared.contracts import errors
 from shared.infra.eventstore.store import database_unavailable
+from shared.infra.messaging import messaging_unavailable
 from shared.infra.tracing import current_ids
 
 log = logging.getLogger("nexus.api")
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://nexus.dev/problems/"
-DATABASE_RETRY_AFTER_S = 2  # Retry-After of a 503 while Postgres is away
+UNAVAILABLE_RETRY_AFTER_S = 2  # Retry-After of a 503 while Postgres or NATS is away
 
 
 class Problem(HTTPException):
@@ -139,7 +140,13 @@ def internal_error_handler(request: Request, exc: Exception) -> Response[dict[st
         log.warning("database unavailable: %s", exc, extra={"path": request.url.path})
         response = problem_response(request, 503, "database-unavailable",
                                     "the database is unavailable; retry after a moment")
-        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+        response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
+        return response
+    if messaging_unavailable(exc):  # NATS restarting, a request nobody answered in time
+        log.warning("messaging unavailable: %s", exc, extra={"path": request.url.path})
+        response = problem_response(request, 503, "messaging-unavailable",
+                                    "messaging is unavailable; retry after a moment")
+        response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
         return response
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
     return problem_response(request, 500, "internal", "internal error; see logs by trace_id")

@@ -106,6 +106,22 @@ async def stop_listening(tasks: list[asyncio.Task], subscriptions: list[Any]) ->
             await sub.unsubscribe()
 
 
+
+_UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+                nats.errors.NoServersError, nats.errors.OutboundBufferLimitError,
+                nats.errors.StaleConnectionError, nats.errors.FlushTimeoutError)
+
+
+def messaging_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means NATS, or whoever should answer on it, cannot be reached right
+    now (a restart, a reconnect, a JetStream API request unanswered): something to
+    retry later, not a bug: no reply in time, no responder, or nats-py's transport
+    errors (a responder's own error reply, `RemoteError`, is not one)."""
+    return any(isinstance(err, (RequestTimeout, NoResponders, *_UNREACHABLE))
+               for err in (exc, exc.__cause__, exc.__context__))
+
+
 class Bus:
     """One NATS connection of a service, with typed, traced publish/request/subscribe."""
 
