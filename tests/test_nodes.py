@@ -296,6 +296,24 @@ async def test_admin_deregisters_a_node(cluster: Cluster, bus: Bus) -> None:
     assert cluster.nodes(status="deregistered") and (await cluster.events(node_id))[-1] == "NodeDeregistered"
 
 
+async def test_the_registry_answers_what_was_acknowledged_at_once(cluster: Cluster,
+                                                                     bus: Bus) -> None:
+    """Read-your-writes: a registration acknowledged over NATS is in the next list and the
+    next lookup; a node deregistered with 204 is gone from the next list. No waiting (the
+    registry is a projection: an answer from before it caught up would show the past)."""
+    for _ in range(5):
+        node_id = f"ryw{uuid.uuid4().hex[:6]}"
+        await SimFleet(bus, [node_id]).register_all()
+        listed, found = await asyncio.gather(asyncio.to_thread(cluster.nodes),
+                                             asyncio.to_thread(cluster.node, node_id))
+        assert by_id(listed)[node_id]["status"] == "online" and found["status"] == "online"
+        resp = await asyncio.to_thread(httpx.delete, f"{cluster.api}/v1/nodes/{node_id}",
+                                       headers=cluster.admin)
+        assert resp.status_code == 204
+        assert node_id not in by_id(await asyncio.to_thread(cluster.nodes))
+        assert (await asyncio.to_thread(cluster.node, node_id))["status"] == "deregistered"
+
+
 async def test_nexus_nodes_prints_a_table(cluster: Cluster, bus: Bus) -> None:
     import os
     import subprocess

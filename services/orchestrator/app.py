@@ -181,7 +181,7 @@ def create_app(settings: Settings) -> Litestar:
         liveness = InstanceLiveness(runtime.bus, app.state.budgets, instance,
                                     lost_after_s=settings.orchestrator_lost_after_s)
         await liveness.start()  # before the first reservation names this instance
-        app.state.nodes = NodeService(runtime.store, runtime.bus, NodeView(),
+        app.state.nodes = NodeService(runtime.store, runtime.bus, NodeView(), runner,
                                       offline_after_s=settings.node_offline_after_s,
                                       poll_s=settings.projection_poll_s)
         selector = NodeSelector(app.state.nodes.view, settings.node_selection,

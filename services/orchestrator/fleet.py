@@ -34,7 +34,7 @@ from shared.contracts.events import (
     NodeWentOffline,
     node_stream,
 )
-from shared.infra.eventstore import EventStore, WrongExpectedVersion
+from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
 from shared.contracts.errors import Conflict, NotFound
 from shared.contracts.messages import (
     Heartbeat,
@@ -127,11 +127,12 @@ def decide_came_back(state: NodeRecord | None) -> list[Event]:
 
 
 class NodeService:
-    def __init__(self, store: EventStore, bus: Bus, view: NodeView, *, offline_after_s: float,
-                 poll_s: float = 1.0) -> None:
+    def __init__(self, store: EventStore, bus: Bus, view: NodeView, runner: ProjectionRunner, *,
+                 offline_after_s: float, poll_s: float = 1.0) -> None:
         self.store = store
         self.bus = bus
         self.view = view
+        self.runner = runner
         self.registry = NodeRegistryReadModel(store)
         self.offline_after_s = offline_after_s
         self.poll_s = poll_s
@@ -285,10 +286,17 @@ class NodeService:
 
     async def find(self, *, status: str | None = None, label: tuple[str, str] | None = None,
                    model: str | None = None) -> list[RegisteredNode]:
-        """Registered nodes (the `nodes` read model), see `NodeRegistryReadModel.find`."""
+        """Registered nodes (the `nodes` read model), see `NodeRegistryReadModel.find`;
+        read-your-writes: every node event committed before the call is in the answer (a
+        registration acknowledged over NATS, a deregistration answered 204, by any
+        orchestrator)."""
+        await self.runner.wait_for_head(("nodes",))
         return await self.registry.find(status=status, label=label, model=model)
 
     async def registered(self, node_id: str) -> RegisteredNode | None:
+        """The node as registered, with every event of its stream committed before the call."""
+        if not await self.runner.wait_for_stream(node_stream(node_id), ("nodes",)):
+            return None
         return await self.registry.get(node_id)
 
     async def deregister(self, node_id: str, actor: str) -> bool:
