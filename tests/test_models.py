@@ -304,6 +304,10 @@ def test_task_reads_see_their_own_writes(fleet):
     fleet.wait_task(task_id, "completed", timeout=30)
     done = fleet.get("/v1/tasks", node=b, status="completed").json()["tasks"]
     assert task_id in {t["task_id"] for t in done}
+    # a completed task's model is installed in the same commit: listed and removable at once
+    assert "tiny-ryw" in {m["name"] for m in fleet.node("b")["installed"]}
+    assert fleet.delete(f"/v1/nodes/{b}/models/tiny-ryw").status_code == 204
+    assert "tiny-ryw" not in {m["name"] for m in fleet.node("b")["installed"]}
 
 
 def test_node_killed_mid_download_resumes_without_refetching(fleet):
@@ -428,15 +432,13 @@ def test_cli_distribute_pull_rm_and_tasks(fleet):
                 "--node", a)
     assert dist.returncode == 0, dist.stderr
     assert "completed" in dist.stdout
-    wait_until(lambda: "tiny-cli-pull" in {m["name"] for m in fleet.node("b")["installed"]},
-               30, 0.2, "node B to list tiny-cli-pull")
+    assert "tiny-cli-pull" in {m["name"] for m in fleet.node("b")["installed"]}
 
     listed = _cli(fleet, "tasks", "--node", a, "--status", "completed")
     assert listed.returncode == 0, listed.stderr
     assert "tiny-cli-dist" in listed.stdout and "tiny-cli-pull" not in listed.stdout
 
-    wait_until(lambda: "tiny-cli-dist" in {m["name"] for m in fleet.node("a")["installed"]},
-               30, 0.2, "node A to list tiny-cli-dist")
+    assert "tiny-cli-dist" in {m["name"] for m in fleet.node("a")["installed"]}
     removed = _cli(fleet, "models", "rm", a, "tiny-cli-dist")
     assert removed.returncode == 0, removed.stderr
     assert "tiny-cli-dist removed" in removed.stdout

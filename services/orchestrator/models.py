@@ -44,6 +44,7 @@ from shared.contracts.errors import NotFound, PlacementRefused
 from shared.contracts.events import (
     Event,
     Metadata,
+    ModelDownloadCompleted,
     ModelDownloadRequested,
     ModelInstalled,
     ModelRemoved,
@@ -151,7 +152,12 @@ class ModelService:
             self._fold(rec.event, rec.stream_version)
 
     async def transition(self, task_id: str, decide: Callable[[dl.DownloadTask | None], list[Event]],
-                         actor: str = "orchestrator") -> dl.DownloadTask | None:
+                         actor: str = "orchestrator", *,
+                         with_events: Callable[[list[Event]], list[tuple[str, list[Event], None]]]
+                         | None = None) -> dl.DownloadTask | None:
+        """Read the task's stream, decide, append at its version; retry on a race.
+        `with_events(events)`: appends to other streams that commit with the decided
+        events or not at all (a completion and the node's `ModelInstalled`)."""
         stream = modeltask_stream(task_id)
         for _ in range(5):
             state: dl.DownloadTask | None = None
@@ -161,9 +167,15 @@ class ModelService:
             if not events:
                 return state
             version = state.version if state else 0
+            metadata = Metadata(actor=actor, correlation_id=task_id)
+            also = with_events(events) if with_events else []
             try:
-                await self.store.append(stream, events, expected_version=version,
-                                        metadata=Metadata(actor=actor, correlation_id=task_id))
+                if also:
+                    await self.store.append_atomic([(stream, events, version), *also],
+                                                   metadata=metadata)
+                else:
+                    await self.store.append(stream, events, expected_version=version,
+                                            metadata=metadata)
             except WrongExpectedVersion:
                 continue
             for offset, event in enumerate(events, start=1):
@@ -347,11 +359,12 @@ class ModelService:
         record = self.nodes.records.get(node_id)
         if record is None or record.status == "deregistered":
             raise NotFound("node", node_id)
+        # what its last heartbeat showed (with what is loaded), and what is recorded
+        # installed since (a task completed before the next heartbeat: read-your-writes)
         installed = list(self.inventory.get(node_id, ()))
-        if not installed:  # no heartbeat since this orchestrator started: the read model
-            installed = [InstalledModel(name=r["model"], sha256=r["sha256"],
-                                        size_bytes=r["size_bytes"])
-                         for r in await self._installed_rows(node_id)]
+        seen = {m.name for m in installed}
+        installed += [InstalledModel(name=r["model"], sha256=r["sha256"], size_bytes=r["size_bytes"])
+                      for r in await self._installed_rows(node_id) if r["model"] not in seen]
         active = [t for t in self.tasks.values() if t.node_id == node_id and t.active]
         return installed, active
 
@@ -385,17 +398,17 @@ class ModelService:
 
     async def _complete(self, task: dl.DownloadTask, *, fetched: int, reconciled: bool,
                         total: int = 0, sha256: str = "") -> dl.DownloadTask | None:
-        before = self.tasks.get(task.task_id)
-        done = await self.transition(task.task_id, lambda s: dl.decide_finished(
-            s, ok=True, fetched=fetched, reconciled=reconciled, total=total),
-            actor=f"node:{task.node_id}")
-        if done is not None and done.status == dl.COMPLETED and (before is None or before.status != dl.COMPLETED):
-            await self.store.append(nodemodels_stream(task.node_id), [ModelInstalled(
+        """Complete the task; the model is installed on its node in the same commit (so
+        whoever sees the task completed finds the model there: a remove right after)."""
+        def installed(events: list[Event]) -> list[tuple[str, list[Event], None]]:
+            return [(nodemodels_stream(task.node_id), [ModelInstalled(
                 node_id=task.node_id, model=task.model, sha256=task.sha256 or sha256,
-                size_bytes=done.bytes_done or task.size_bytes, task_id=task.task_id)],
-                expected_version=None,
-                metadata=Metadata(actor=f"node:{task.node_id}", correlation_id=task.task_id))
-        return done
+                size_bytes=e.bytes_total or task.size_bytes, task_id=task.task_id)], None)
+                for e in events if isinstance(e, ModelDownloadCompleted)]
+
+        return await self.transition(task.task_id, lambda s: dl.decide_finished(
+            s, ok=True, fetched=fetched, reconciled=reconciled, total=total),
+            actor=f"node:{task.node_id}", with_events=installed)
 
     async def on_progress(self, p: ModelProgress, msg: Msg) -> None:
         if subjects.node_id_from_subject(msg.subject) != p.node_id:
