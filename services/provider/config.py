@@ -26,6 +26,7 @@ settings likewise. Validation names the offending field.
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -102,6 +103,10 @@ def validate(config: ProvidersConfig) -> ProvidersConfig:
     names = [p.name for p in config.providers]
     if len(set(names)) != len(names):
         raise ConfigError(f"providers: duplicate names in {names}")
+    for i, p in enumerate(config.providers):
+        url = urlsplit(p.base_url)
+        if p.kind != "node" and (url.scheme not in ("http", "https") or not url.hostname):
+            raise ConfigError(f"providers[{i}].base_url: an http:// or https:// URL with a host")
     known = {f"{p.name}/{m.name}" for p in config.providers for m in p.models}
     for i, route in enumerate(config.routes):
         if not route.targets:

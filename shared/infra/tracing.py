@@ -59,12 +59,6 @@ def _instrument_libraries() -> None:
     except Exception:  # instrumentation is an aid, never a reason not to start
         pass
     try:
-        from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
-
-        AioHttpClientInstrumentor().instrument()
-    except Exception:
-        pass
-    try:
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
         AsyncPGInstrumentor().instrument()

@@ -10,37 +10,33 @@ Errors are `UpstreamError`s classified as retryable (connection errors, timeouts
 details never include the request headers (where the API key travels). A request that
 lands on a pooled connection the server has just closed (llama-server closes after each
 streamed completion while announcing keep-alive) is sent once more on a new connection
-rather than failing (`Adapter._send`).
+rather than failing (`http.Pool.request`).
 
-HTTP is aiohttp, one session (connection pool) per upstream: at a thousand concurrent
-streams httpx's pool added seconds per call where aiohttp stays at the ideal (measured:
-1000 slow streams, 16.3 s vs 37.7 s for 16 s of generation).
+HTTP is `http.Pool` (a lean HTTP/1.1 client on httptools; why: its module doc), one pool
+of keep-alive connections per upstream.
 
 Each request has an HTTP client span (`POST`, `http.method`, `http.url` without
 credentials, `http.status_code`; ended when the response headers arrive), and its
-trace context goes to the upstream in `traceparent`. The span is made here rather than
-by aiohttp's OpenTelemetry instrumentation, whose trace signals cost more per request
-than the rest of the request setup (issue 16; removed from these sessions only). The
-body is encoded with msgspec and the stream is read as bytes: lines are decoded only
-where a wire protocol needs text.
+trace context goes to the upstream in `traceparent`. The body is encoded with msgspec
+and the stream is read as bytes: lines are decoded only where a wire protocol needs text.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import aiohttp
 import msgspec
-import yarl
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared.contracts.frames import Usage
 from shared.contracts.messages import ChatMessage, CompletionRequest
 from shared.infra.settings import env_secret
+from shared.infra.upstreams.http import HTTPConnectionError, Pool, Response
 
 _encoder = msgspec.json.Encoder()
 _tracer = trace.get_tracer("nexus.upstreams")
@@ -112,7 +108,7 @@ class UpstreamError(Exception):
         self.retry_after_s = retry_after_s
 
 
-def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+def _retry_after(resp: Response) -> float | None:
     value = resp.headers.get("retry-after")
     try:
         return max(0.0, float(value)) if value is not None else None
@@ -120,10 +116,10 @@ def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
         return None
 
 
-async def _raise_for_status(resp: aiohttp.ClientResponse, upstream: str) -> None:
+async def _raise_for_status(resp: Response, upstream: str) -> None:
     if resp.status < 400:
         return
-    body = (await resp.read())[:300].decode(errors="replace")
+    body = (await resp.read(300))[:300].decode(errors="replace")
     retryable = resp.status == 429 or resp.status >= 500
     kind = "RateLimited" if resp.status == 429 else f"HTTP{resp.status}"
     raise UpstreamError(kind, f"{upstream} answered {resp.status}: {body}",
@@ -134,75 +130,58 @@ async def _raise_for_status(resp: aiohttp.ClientResponse, upstream: str) -> None
 class Adapter:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, tuple[yarl.URL, str]] = {}  # path -> (URL, as the span shows it)
+        self._pool: Pool | None = None
+        self._urls: dict[str, str] = {}  # path -> the URL as the span shows it
 
-    def session(self) -> aiohttp.ClientSession:
+    def pool(self) -> Pool:
         """The upstream's connection pool (created in the running event loop)."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s,
-                                              sock_read=self.config.timeout_s),
-                connector=aiohttp.TCPConnector(limit=self.config.max_connections),
-                read_bufsize=MAX_LINE,
-            )
-            _uninstrument(self._session)
-        return self._session
+        if self._pool is None:
+            self._pool = Pool(self.config.base_url, max_connections=self.config.max_connections,
+                              connect_timeout_s=self.config.connect_timeout_s,
+                              read_timeout_s=self.config.timeout_s)
+        return self._pool
 
-    def _url(self, path: str) -> tuple[yarl.URL, str]:
+    def _shown(self, path: str) -> str:
+        """The URL of `path` as spans show it: without credentials."""
         found = self._urls.get(path)
         if found is None:
-            url = yarl.URL(self.config.base_url.rstrip("/") + path)
-            found = self._urls[path] = (url, str(url.with_user(None)))
+            url = urlsplit(self.config.base_url.rstrip("/") + path)
+            netloc = url.netloc.rpartition("@")[2]
+            found = self._urls[path] = urlunsplit((url.scheme, netloc, url.path, url.query, ""))
         return found
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     def stream(self, model: str, request: CompletionRequest,
                messages: tuple[ChatMessage, ...]) -> AsyncIterator[Piece]:
         raise NotImplementedError
 
-    async def _send(self, method: str, url: yarl.URL, data: bytes,
-                    headers: dict[str, str]) -> aiohttp.ClientResponse:
-        """The response to one request. A request that fails before any response because
-        the server closed the connection (a pooled keep-alive connection the server closed
-        as it was reused: llama-server announces keep-alive, then closes after each
-        streamed completion) is sent once more, on a new connection. aiohttp resends only
-        idempotent methods; a completion is safe to resend too: nothing answered it, and
-        it changes nothing but its own answer (the router retries this error anyway, but
-        spending an attempt, which made a busy node's last retry a 502)."""
-        try:
-            return await self.session().request(method, url, data=data, headers=headers)
-        except aiohttp.ClientConnectorError:  # no connection was made: nothing to resend on
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            return await self.session().request(method, url, data=data, headers=headers)
-
     async def _lines(self, method: str, path: str, body: dict[str, Any],
                      headers: dict[str, str]) -> AsyncIterator[bytes]:
         """The response body line by line (bytes, without the line end), read to the end."""
-        url, shown = self._url(path)
         span = _tracer.start_span(method, kind=SpanKind.CLIENT,
-                                  attributes={"http.method": method, "http.url": shown})
+                                  attributes={"http.method": method, "http.url": self._shown(path)})
         headers = {**headers, "Content-Type": _JSON}
         propagate.inject(headers, context=trace.set_span_in_context(span))
         open_span = True
         try:
-            async with await self._send(method, url, _encoder.encode(body), headers) as resp:
+            async with await self.pool().request(method, path, _encoder.encode(body),
+                                                 headers) as resp:
                 span.set_attribute("http.status_code", resp.status)
                 if resp.status >= 400:
                     span.set_status(Status(StatusCode.ERROR))
                 span.end()
                 open_span = False
                 await _raise_for_status(resp, self.config.name)
-                async for line in _split_lines(resp.content, self.config.name):
+                async for line in _split_lines(resp.chunks(), self.config.name):
                     yield line
         except TimeoutError as exc:
             _failed(span, exc, open_span)
             raise UpstreamError("Timeout", f"{self.config.name}: {type(exc).__name__}") from None
-        except aiohttp.ClientError as exc:
+        except HTTPConnectionError as exc:
             _failed(span, exc, open_span)
             raise UpstreamError("ConnectionError",
                                 f"{self.config.name}: {type(exc).__name__}: {exc}") from None
@@ -214,13 +193,13 @@ class Adapter:
 MAX_LINE = 1 << 20  # SSE lines up to 1 MiB
 
 
-async def _split_lines(content: aiohttp.StreamReader, upstream: str) -> AsyncIterator[bytes]:
+async def _split_lines(chunks: AsyncIterator[bytes], upstream: str) -> AsyncIterator[bytes]:
     """Lines (split at `\\n`, a trailing `\\r` dropped) of a body read to the end, from
     whatever the socket delivered at once rather than one wait per line; pieces of an
     unfinished line are joined once, when its end arrives."""
     pending: list[bytes] = []
     size = 0
-    async for chunk in content.iter_any():
+    async for chunk in chunks:
         if b"\n" not in chunk:
             pending.append(chunk)
             size += len(chunk)
@@ -247,15 +226,6 @@ def _failed(span: trace.Span, exc: BaseException, open_span: bool) -> None:
     if open_span:
         span.set_attribute("error.type", type(exc).__qualname__)
         span.set_status(Status(StatusCode.ERROR, type(exc).__qualname__))
-
-
-def _uninstrument(session: aiohttp.ClientSession) -> None:
-    """Drop aiohttp's OpenTelemetry trace config from `session` (`_lines` makes the span)."""
-    try:
-        from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
-    except ImportError:
-        return
-    AioHttpClientInstrumentor.uninstrument_session(session)
 
 
 def decode_json(data: bytes) -> Any:
