@@ -407,3 +407,46 @@ async def test_an_atomic_append_can_require_another_stream_unchanged(store: Even
                                       require=[(session, 1)])
         assert (refused.value.stream_id, refused.value.expected, refused.value.actual) == (session, 1, 2)
         assert await store.stream_version(stream) == 0  # nothing written
+
+
+async def test_concurrent_version_reads_share_statements_and_never_answer_stale(
+        fresh_db: str) -> None:
+    """`stream_version` is a fence's read: what was acknowledged before the call is
+    counted. Reads asked while one is in flight wait for it to come back and are then
+    read together (one statement, sent after they were asked); each gets its stream's
+    version."""
+    pool = await create_pool(fresh_db, max_size=4)
+    try:
+        store = EventStore(pool)
+        streams = {}
+        for n in range(1, 6):
+            sid, stream = new_stream()
+            await store.append(stream, [started(sid)] + [SessionClosed(session_id=sid, reason="x")]
+                               * (n - 1), expected_version=0)
+            streams[stream] = n
+        blocker = await pool.acquire()
+        try:
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            first = asyncio.ensure_future(store.stream_version(next(iter(streams))))
+            await asyncio.sleep(0.2)  # sent, and waiting for the lock
+            waiting = [asyncio.ensure_future(store.stream_version(s)) for s in streams]
+            later_sid, later = new_stream()
+            waiting.append(asyncio.ensure_future(store.stream_version(later)))
+            await asyncio.sleep(0.2)
+            assert not first.done() and not any(w.done() for w in waiting)
+            # appended and committed while they wait: the batch's statement, sent once
+            # the first read is back, counts it
+            await store.append(later, [started(later_sid)], expected_version=0, conn=blocker)
+            await tx.commit()
+        finally:
+            await pool.release(blocker)
+        assert await first == 1
+        assert await asyncio.gather(*waiting) == [*streams.values(), 1]
+        # many at once, with repeats: each its own stream's version
+        asked = [s for s in streams for _ in range(20)]
+        assert await asyncio.gather(*(store.stream_version(s) for s in asked)) == [
+            streams[s] for s in asked]
+    finally:
+        await pool.close()

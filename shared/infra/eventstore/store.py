@@ -210,6 +210,12 @@ def _group_outcome(group: _Group, rows: list[Any]) -> Any:
     return refused if refused is not None else results
 
 
+_STREAM_VERSION_SQL = "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1"
+_STREAM_VERSIONS_SQL = (
+    "SELECT s.stream_id, coalesce((SELECT max(e.stream_version) FROM events AS e"
+    " WHERE e.stream_id = s.stream_id), 0) AS version FROM unnest($1::text[]) AS s(stream_id)")
+
+
 class EventStore:
     """Append and read events. Concurrent appends of one process share commits.
 
@@ -232,6 +238,11 @@ class EventStore:
         # the functions returning it are missing
         self._atomic_sql, self._groups_sql = _APPEND_ATOMIC_AT_SQL, _APPEND_GROUPS_AT_SQL
         self._direct = 0  # atomic appends sent on their own, in flight (others batch meanwhile)
+        # `stream_version` reads: while one is in flight, the next ones wait here and are
+        # read together in one statement once it is back
+        self._version_reads: dict[str, list[asyncio.Future[int]]] = {}
+        self._version_reading = False
+        self._version_reader: asyncio.Task[None] | None = None
 
     async def append(
         self,
@@ -427,9 +438,46 @@ class EventStore:
         return [_to_recorded(r) for r in rows]
 
     async def stream_version(self, stream_id: str, conn: asyncpg.Connection | None = None) -> int:
-        return await (conn or self.pool).fetchval(
-            "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1", stream_id
-        )
+        """The stream's version now (0: no event), as read by a statement sent after this
+        call: every append acknowledged before it is counted (a fence's read).
+
+        Without `conn`, concurrent reads share statements (issue 16): one alone is sent at
+        once; those asked while it is in flight are read together, in one statement sent
+        when it is back (never answered by a read that started before they were asked)."""
+        if conn is not None:
+            return await conn.fetchval(_STREAM_VERSION_SQL, stream_id)
+        if self._version_reading:
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._version_reads.setdefault(stream_id, []).append(future)
+            return await future
+        self._version_reading = True
+        try:
+            return await self.pool.fetchval(_STREAM_VERSION_SQL, stream_id)
+        finally:
+            self._version_reading = False
+            if self._version_reads:
+                self._version_reading = True
+                self._version_reader = asyncio.create_task(self._read_versions(),
+                                                           name="eventstore-versions")
+
+    async def _read_versions(self) -> None:
+        try:
+            while self._version_reads:
+                batch, self._version_reads = self._version_reads, {}
+                try:
+                    rows = await self.pool.fetch(_STREAM_VERSIONS_SQL, list(batch))
+                except Exception as exc:
+                    for futures in batch.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                    continue
+                for row in rows:
+                    for future in batch[row["stream_id"]]:
+                        if not future.done():  # (its caller was cancelled)
+                            future.set_result(row["version"])
+        finally:
+            self._version_reading = False
 
     async def read_all(self, after: int = 0, limit: int = 1000, *,
                        types: Sequence[str] | None = None,
