@@ -13,10 +13,11 @@ side against the fake upstream in one run, the note of issue 16). What it does:
   the server closes before answering anything is sent once more on a new connection
   (llama-server announces keep-alive, then closes after each streamed completion).
 * **Bodies:** `Content-Length`, chunked, or read until the server closes; the response
-  body is handed over as the socket delivers it (`Response.chunks`).
+  body is handed over as the socket delivers it, what one read brought at once
+  (`Response.chunks`).
 * **Bounded memory:** a response whose reader does not keep up stops being read from
-  the socket once `BUFFER_HIGH` bytes wait, and is read again below `BUFFER_LOW` (the
-  server then waits on TCP): no upstream can make the process buffer without bound.
+  the socket once `BUFFER_HIGH` bytes wait (the server then waits on TCP), until the
+  reader takes them: no upstream can make the process buffer without bound.
 * **Timeouts:** `connect_timeout_s` to connect (and the TLS handshake), `read_timeout_s`
   between two reads (the response head included); `TimeoutError` when one runs out.
 * **TLS** for `https://` (the system's trust store, the host name checked).
@@ -42,8 +43,6 @@ import httptools
 
 BUFFER_HIGH = 1 << 20
 """Unread response bytes at which a connection stops reading from its socket."""
-BUFFER_LOW = BUFFER_HIGH // 4
-"""... and below which it reads again."""
 MAX_HEAD = 64 * 1024
 """The most bytes a response's head (status line and headers) may take."""
 
@@ -203,12 +202,14 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
     def take(self) -> bytes | None:
-        """The next body piece received, if any."""
+        """What was received of the body since the last take, if anything (the pieces of
+        one read together: a streamed response sends each event as its own chunk)."""
         if not self.body:
             return None
-        piece = self.body.popleft()
-        self.buffered -= len(piece)
-        if self.paused and self.buffered < BUFFER_LOW and self.transport is not None:
+        piece = self.body.popleft() if len(self.body) == 1 else b"".join(self.body)
+        self.body.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
         return piece
