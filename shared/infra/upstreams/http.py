@@ -65,7 +65,7 @@ class _Connection(asyncio.Protocol):
     """One connection: the request written, the response parsed as it arrives."""
 
     def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+        self.owner = pool
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
@@ -110,7 +110,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.pool._forget(self)
+        self.owner._forget(self)
         if self.complete:
             return
         if self.head_done and exc is None and self._until_close:
