@@ -310,6 +310,19 @@ def test_task_reads_see_their_own_writes(fleet):
     assert "tiny-ryw" not in {m["name"] for m in fleet.node("b")["installed"]}
 
 
+def test_a_model_gone_from_the_node_leaves_its_list_at_the_next_heartbeat(fleet):
+    """A node's list is what it last reported plus what was installed since: a model file
+    deleted on the node behind Nexus's back is gone from it once the node reports again."""
+    fleet.put(fleet.make("tiny-gone", 256 * 1024))
+    b = fleet.node_ids["b"]
+    task_id = fleet.post(f"/v1/nodes/{b}/models/pull", {"model": "tiny-gone"}).json()["task_id"]
+    fleet.wait_task(task_id, "completed", timeout=30)
+    assert "tiny-gone" in {m["name"] for m in fleet.node("b")["installed"]}
+    (fleet.tmp / "node-b" / "models" / "tiny-gone.gguf").unlink()
+    wait_until(lambda: "tiny-gone" not in {m["name"] for m in fleet.node("b")["installed"]},
+               10, 0.2, "node B's next report to leave tiny-gone out")
+
+
 def test_node_killed_mid_download_resumes_without_refetching(fleet):
     fleet.put(fleet.make("tiny-resume", 10 * MIB))
     size = (fleet.tmp / "tiny-resume.gguf").stat().st_size

@@ -106,6 +106,7 @@ class ModelService:
         self.progress: dict[str, Progress] = {}
         self.started_at: dict[str, float] = {}  # task -> when it (re)entered in_progress here
         self.inventory: dict[str, tuple[InstalledModel, ...]] = {}
+        self.inventory_at: dict[str, float] = {}  # unix seconds: when the node reported it
         self.gpu_used: dict[str, tuple[int, ...]] = {}  # node -> bytes in use per GPU (heartbeat)
         self.artifacts: dict[str, ModelArtifact] = {}  # the store's, as last read
         self.placed: dict[str, object] = {}
@@ -359,12 +360,15 @@ class ModelService:
         record = self.nodes.records.get(node_id)
         if record is None or record.status == "deregistered":
             raise NotFound("node", node_id)
-        # what its last heartbeat showed (with what is loaded), and what is recorded
-        # installed since (a task completed before the next heartbeat: read-your-writes)
+        # what the node last reported (with what is loaded), and what is recorded installed
+        # since (a task completed before its next heartbeat: read-your-writes); a model
+        # recorded before the report and missing from it is gone from the node
         installed = list(self.inventory.get(node_id, ()))
         seen = {m.name for m in installed}
+        reported_at = self.inventory_at.get(node_id, 0.0)
         installed += [InstalledModel(name=r["model"], sha256=r["sha256"], size_bytes=r["size_bytes"])
-                      for r in await self._installed_rows(node_id) if r["model"] not in seen]
+                      for r in await self._installed_rows(node_id)
+                      if r["model"] not in seen and r["installed_at"].timestamp() > reported_at]
         active = [t for t in self.tasks.values() if t.node_id == node_id and t.active]
         return installed, active
 
@@ -420,6 +424,7 @@ class ModelService:
 
     def on_heartbeat(self, hb: Heartbeat) -> None:
         self.inventory[hb.node_id] = hb.models
+        self.inventory_at[hb.node_id] = hb.sent_at
         self.gpu_used[hb.node_id] = tuple(g.memory_used_bytes
                                           for g in sorted(hb.gpus, key=lambda g: g.index))
 
@@ -488,6 +493,7 @@ class ModelService:
             if reply is None:
                 continue
             self.inventory[node_id] = reply.installed
+            self.inventory_at[node_id] = time.time()
             known = set(reply.running) | set(reply.queued)
             for task in tasks:
                 fresh = self.tasks.get(task.task_id)
