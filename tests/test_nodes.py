@@ -315,6 +315,20 @@ async def test_the_registry_answers_what_was_acknowledged_at_once(cluster: Clust
         assert (await asyncio.to_thread(cluster.node, node_id))["status"] == "deregistered"
 
 
+async def test_a_node_just_registered_has_the_whole_timeout_for_its_first_heartbeat(
+        cluster: Cluster, bus: Bus) -> None:
+    """Offline detection counts from the registration for a node that has not sent a
+    heartbeat yet (not from the orchestrator's start: that would take a node offline
+    between its registration and its first beat)."""
+    node_id = f"late{uuid.uuid4().hex[:6]}"
+    await SimFleet(bus, [node_id]).register_all()  # and never a heartbeat
+    await asyncio.to_thread(wait_until, lambda: cluster.node(node_id)["status"] == "offline",
+                            OFFLINE_AFTER + 15, 0.2, "the silent node to go offline")
+    registered = await cluster.recorded(node_id, "NodeRegistered")
+    offline = await cluster.recorded(node_id, "NodeWentOffline")
+    assert (offline.recorded_at - registered.recorded_at).total_seconds() >= OFFLINE_AFTER
+
+
 async def test_nexus_nodes_prints_a_table(cluster: Cluster, bus: Bus) -> None:
     import os
     import subprocess

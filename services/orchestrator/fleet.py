@@ -139,6 +139,9 @@ class NodeService:
         self.records: dict[str, NodeRecord] = {}
         self.last_heartbeat_wall: dict[str, float] = {}
         self.started = time.monotonic()
+        # when each node last became online in this process's view (registered, back): it
+        # has the whole timeout from then to send a heartbeat
+        self.online_since: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[str] = set()
         self._subs: list[object] = []
@@ -178,6 +181,8 @@ class NodeService:
         if record is None:
             return
         self.records[node_id] = record
+        if record.status == ONLINE and (current is None or current.status != ONLINE):
+            self.online_since[node_id] = time.monotonic()
         if record.status == DEREGISTERED:
             self.view.remove(node_id)
         else:
@@ -277,7 +282,8 @@ class NodeService:
                 if record.status not in (ONLINE, DRAINING):
                     continue
                 node = self.view.nodes.get(node_id)
-                last = node.last_heartbeat if node and node.last_heartbeat is not None else self.started
+                beat = node.last_heartbeat if node and node.last_heartbeat is not None else self.started
+                last = max(beat, self.online_since.get(node_id, 0.0))
                 if now - last > self.offline_after_s:
                     wall = self.last_heartbeat_wall.get(node_id)
                     self._spawn_once(node_id, lambda s, w=wall: decide_offline(s, w, self.offline_after_s))
