@@ -135,19 +135,20 @@ def domain_error_handler(request: Request, exc: errors.NexusError) -> Response[d
     return http_exception_handler(request, problem_for(exc))
 
 
+_UNAVAILABLE = (  # what is away for a moment (a restart, a failover): 503, retry, no 500
+    (database_unavailable, "database", "the database"),  # Postgres
+    (messaging_unavailable, "messaging", "messaging"),  # NATS, or a request unanswered in time
+)
+
+
 def internal_error_handler(request: Request, exc: Exception) -> Response[dict[str, Any]]:
-    if database_unavailable(exc):  # Postgres away (restart, failover): retry, no 500
-        log.warning("database unavailable: %s", exc, extra={"path": request.url.path})
-        response = problem_response(request, 503, "database-unavailable",
-                                    "the database is unavailable; retry after a moment")
-        response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
-        return response
-    if messaging_unavailable(exc):  # NATS restarting, a request nobody answered in time
-        log.warning("messaging unavailable: %s", exc, extra={"path": request.url.path})
-        response = problem_response(request, 503, "messaging-unavailable",
-                                    "messaging is unavailable; retry after a moment")
-        response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
-        return response
+    for unavailable, what, subject in _UNAVAILABLE:
+        if unavailable(exc):
+            log.warning("%s unavailable: %s", what, exc, extra={"path": request.url.path})
+            response = problem_response(request, 503, f"{what}-unavailable",
+                                        f"{subject} is unavailable; retry after a moment")
+            response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
+            return response
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
     return problem_response(request, 500, "internal", "internal error; see logs by trace_id")
 

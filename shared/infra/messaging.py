@@ -106,7 +106,6 @@ async def stop_listening(tasks: list[asyncio.Task], subscriptions: list[Any]) ->
             await sub.unsubscribe()
 
 
-
 _UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                 nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
                 nats.errors.NoServersError, nats.errors.OutboundBufferLimitError,

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from opentelemetry import propagate, trace
