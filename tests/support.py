@@ -105,6 +105,7 @@ class ReceivedPoint:
     count: int  # histogram count (1 otherwise)
     attributes: dict[str, object]
     monotonic: bool = False
+    exemplar_trace_ids: tuple[str, ...] = ()  # histograms: the traces its exemplars name
 
 
 def _attrs(attributes) -> dict[str, object]:
@@ -197,9 +198,11 @@ class OtlpReceiver:
                                                         _attrs(dp.attributes)))
                     elif kind == "histogram":
                         for dp in metric.histogram.data_points:
-                            points.append(ReceivedPoint(service, metric.name, metric.unit,
-                                                        "histogram", dp.sum, dp.count,
-                                                        _attrs(dp.attributes)))
+                            points.append(ReceivedPoint(
+                                service, metric.name, metric.unit, "histogram", dp.sum,
+                                dp.count, _attrs(dp.attributes),
+                                exemplar_trace_ids=tuple(e.trace_id.hex() for e in dp.exemplars
+                                                         if e.trace_id)))
         with self.lock:
             self.points.extend(points)
 

@@ -235,6 +235,12 @@ def test_metrics_match_the_events(real, otlp) -> None:
     wait_until(exported, 20, 0.3, "exported token usage to equal the events' totals")
     duration = otlp.latest("gen_ai.client.operation.duration")
     assert sum(p.count for p in duration) == calls and all(p.unit == "s" for p in duration)
+    # over OTLP a duration carries exemplars: links to the traces of the calls it measured
+    linked = {t for p in list(otlp.points) if p.metric == "gen_ai.client.operation.duration"
+              and p.service == "nexus-provider" for t in p.exemplar_trace_ids}
+    assert linked
+    wait_until(lambda: all(any(s.service == "nexus-provider" for s in otlp.trace(t))
+                           for t in linked), 20, 0.3, "the exemplars' traces to be exported")
     names = {p.metric for p in otlp.points}
     assert {"nexus.llm.time_to_first_token", "nexus.llm.cost.usd", "nexus.node.cpu.utilization",
             "nexus.nodes", "nexus.nats.reconnects"} <= names

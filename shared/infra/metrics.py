@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
@@ -49,11 +49,18 @@ def setup_metrics(resource: Resource) -> MeterProvider:
     # Pulled at each scrape of /metrics; every series carries `service_name` (as through
     # the collector), which the dashboards select on.
     readers = [PrometheusMetricReader(resource_attribute_filter=lambda key: key == "service.name")]
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+    otlp = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+    if otlp:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    # Exemplars (a measurement's trace, for Grafana's metric-to-trace links) travel only
+    # over OTLP; the Prometheus reader drops them. Without OTLP they are not sampled at
+    # all: a quarter of each record's cost (docs/performance.md, round 8).
+    # OTEL_METRICS_EXEMPLAR_FILTER, when set, decides as the SDK documents.
+    exemplars = None if otlp or os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER") else \
+        AlwaysOffExemplarFilter()
     views = [
         View(instrument_name="gen_ai.client.operation.duration",
              aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
@@ -64,7 +71,8 @@ def setup_metrics(resource: Resource) -> MeterProvider:
         View(instrument_name="nexus.tool.duration",
              aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
     ]
-    _provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
+    _provider = MeterProvider(resource=resource, metric_readers=readers, views=views,
+                              exemplar_filter=exemplars)
     metrics.set_meter_provider(_provider)
     return _provider
 

@@ -331,6 +331,10 @@ def declarations() -> list[tuple[dataclasses.Field, Setting]]:
 LIBRARY_VARIABLES = {
     "OTEL_EXPORTER_OTLP_ENDPOINT": "send traces and metrics over OTLP/HTTP there (the "
                                    "OpenTelemetry SDK's own variables apply).",
+    "OTEL_METRICS_EXEMPLAR_FILTER": "which measurements carry an exemplar (their trace), as "
+                                    "the OpenTelemetry SDK reads it; unset, `trace_based` when "
+                                    "metrics go over OTLP and none otherwise (only OTLP carries "
+                                    "them).",
 }
 
 
