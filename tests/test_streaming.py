@@ -264,6 +264,61 @@ async def test_a_silent_sender_keeps_its_receiver_waiting(buses) -> None:
     assert await asyncio.wait_for(ended, 10) is None
 
 
+async def test_a_stream_without_frames_yet_can_be_cancelled(buses) -> None:
+    """`Started` waits for the first frame only briefly: a sender with nothing to send
+    yet (a call queued, a slow first token) still tells the receiver its control
+    subject, so a client that leaves before the first token stops the producer."""
+    producer, consumer = buses
+
+    async def produce(sender: StreamSender) -> None:
+        await asyncio.wait_for(sender.cancelled.wait(), 20)  # no frame: only a cancel ends it
+
+    subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
+    async with StreamReceiver(consumer, subject, Ping(sender="leaves-early"),
+                              first_frame_timeout_s=30, window=WINDOW) as stream:
+        reading = asyncio.create_task(anext(stream.frames()))
+        for _ in range(50):  # Started arrives alone: soon, not with a first keepalive
+            if stream.control is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert KEEPALIVE_S >= 1  # (the first keepalive would carry Started too: later)
+        assert stream.control is not None and not reading.done()
+        reading.cancel()
+    assert await asyncio.wait_for(ended, 10) is None  # the cancel reached the producer
+
+
+async def test_started_leaves_in_the_same_write_as_a_first_frame_that_follows_at_once(
+        buses) -> None:
+    """A call answered at once: `Started` and its first frame go out in one socket write
+    (one wake-up for each side, not two; issue 16, round 8)."""
+    producer, consumer = buses
+    writes: list[bytes] = []
+    transport = producer.nc._transport
+    write = transport.writelines
+
+    def counted(payload) -> None:
+        writes.append(b"".join(payload))
+        write(payload)
+
+    transport.writelines = counted
+
+    async def produce(sender: StreamSender) -> None:
+        await asyncio.sleep(0.0005)  # the upstream answers
+        await sender.delta(content="first-token")
+        await sender.done(done())
+
+    subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
+    for _ in range(5):
+        writes.clear()
+        frames = await receive(consumer, subject, "quick")
+        assert [type(f) for f in frames] == [Delta, Done]
+        [started] = [w for w in writes if b'"type":"started"' in w]
+        assert b"first-token" in started
+    assert await asyncio.wait_for(ended, 10) is None
+
+
 # -- coalescing: tokens given in one loop turn leave as one frame (issue 16) -----------------
 
 async def receive(consumer: Bus, subject: str, name: str) -> list:

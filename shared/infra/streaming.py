@@ -34,6 +34,11 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
   pending first. `seq` counts the frames published, so the window and the receiver's
   `Credit` count frames; a failed deferred publish is raised by the next
   `delta()`/`done()`/`fail()` (issue 16).
+- **`Started` rides the first frame**: it is published just before the stream's first
+  frame, in the same loop turn, so both leave in one socket write and the receiver takes
+  them in one read; when no frame comes within `STARTED_WAIT_S` (2 ms: a call waiting in
+  the provider's queue, a slow first token) it goes alone. The receiver takes a frame
+  that is already queued without arming a timer (issue 16, round 8).
 """
 
 from __future__ import annotations
@@ -166,6 +171,9 @@ class _Replies(_SharedInbox):
 _replies: weakref.WeakKeyDictionary[Any, _Replies] = weakref.WeakKeyDictionary()
 
 
+STARTED_WAIT_S = 0.002  # how long `Started` waits to leave with the stream's first frame
+
+
 class StreamSender:
     """The producing side, inside a request handler."""
 
@@ -185,6 +193,9 @@ class StreamSender:
         self._flusher: asyncio.Task[None] | None = None  # publishes `_pending` next turn
         self._flushing = False  # the flusher has started (it may be inside a publish)
         self._error: BaseException | None = None  # a deferred publish's failure
+        self._started = False  # `Started` is published (or being published)
+        self._start_timer: asyncio.TimerHandle | None = None  # sends it alone if no frame comes
+        self._starter: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> StreamSender:
         nc = self.bus.nc
@@ -193,11 +204,9 @@ class StreamSender:
             controls = _controls[nc] = _Controls(nc)
         self._control = await controls.open(self)
         self._controls = controls
-        try:
-            await self._publish(Started(control=self._control))
-        except BaseException:
-            controls.close(self._control)
-            raise
+        loop = asyncio.get_running_loop()
+        self._last_sent = loop.time()  # the keepalives count from here
+        self._start_timer = loop.call_later(STARTED_WAIT_S, self._start_alone)
         return self
 
     async def __aexit__(self, exc_type: object, *exc: object) -> None:
@@ -209,6 +218,10 @@ class StreamSender:
                     await self._drain()
         finally:
             self._stop_flusher()
+            if self._start_timer is not None:
+                self._start_timer.cancel()
+            if self._starter is not None and not self._started:  # not run yet: never will
+                self._starter.cancel()
             if self._controls is not None:
                 self._controls.close(self._control)
 
@@ -226,8 +239,36 @@ class StreamSender:
             self._credit.set()
 
     async def _publish(self, frame: msgspec.Struct) -> None:
+        if not self._started:
+            await self._publish_started()
         self._last_sent = asyncio.get_running_loop().time()
         await self.bus.nc.publish(self.reply, _enc.encode(frame))
+
+    async def _publish_started(self) -> None:
+        """`Started` ahead of the first frame: in the same loop turn, so both leave in
+        one socket write and reach the receiver in one read. nats-py queues a publish
+        before it awaits, so nothing published after this call can overtake it."""
+        if self._started:
+            return
+        self._started = True
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+            self._start_timer = None
+        self._last_sent = asyncio.get_running_loop().time()
+        await self.bus.nc.publish(self.reply, _enc.encode(Started(control=self._control)))
+
+    def _start_alone(self) -> None:
+        """No frame within STARTED_WAIT_S (a queued call, a slow first token): `Started`
+        goes on its own, so the receiver learns the control subject and waits on."""
+        self._start_timer = None
+        if not self._started:
+            self._starter = asyncio.get_running_loop().create_task(self._start_now())
+
+    async def _start_now(self) -> None:
+        try:
+            await self._publish_started()
+        except Exception as exc:  # noqa: BLE001 - raised by the producer's next call
+            self._error = exc
 
     async def delta(self, content: str = "", tool_calls: list[dict[str, Any]] | None = None) -> None:
         """Send a delta: content is coalesced with the rest given this loop turn and goes
@@ -370,9 +411,14 @@ class StreamReceiver:
     async def frames(self) -> AsyncIterator[Delta | Done | Failed]:
         timeout = self.first_frame_timeout_s
         acked = 0
+        queue = self._queue
         while True:
             try:
-                msg = await asyncio.wait_for(self._queue.get(), timeout)
+                if queue.empty():  # else the frame is taken without a timer or a task
+                    async with asyncio.timeout(timeout):
+                        msg = await queue.get()
+                else:
+                    msg = queue.get_nowait()
             except TimeoutError:
                 if self.control is None:
                     raise RequestTimeout(self.subject, timeout) from None
