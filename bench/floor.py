@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
+import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.gateway import (  # noqa: E402
@@ -66,8 +67,9 @@ from bench.gateway import (  # noqa: E402
 )
 from shared.infra import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
 from shared.infra.migrate import migrate  # noqa: E402
+from shared.infra.process import stop_processes  # noqa: E402
 from tests.fake_upstream import FakeUpstreamProcess  # noqa: E402
-from tests.support import wait_http_ok  # noqa: E402
+from tests.support import wait_http_ok, wait_until  # noqa: E402
 
 SUBJECT = "floor.call"
 NO_WRITE = b"x-floor-write"  # a request with this header (any value) skips the write
@@ -224,12 +226,22 @@ async def measure(edge_port: int, upstream_port: int, groups: dict[str, Any], se
            GOAL_ADDED_P50_MS, "ms", at_most=True))
     w(goal(f"floor calls/s at {top} clients ({errors} errors)",
            f64.rate if not errors else 0.0, GOAL_CALLS_PER_S, "calls/s", at_most=False))
-    failed = [(s.errors[0], len(s.errors)) for trio in conc.values() for s in trio if s.errors]
-    failed += [(s.errors[0], len(s.errors)) for s in (floor_seq, bare_seq, direct_seq) if s.errors]
-    for first, count_ in failed:
-        w(f"  errors: {count_}, first: {first}\n")
+    cases = [("sequential", trio) for trio in ((floor_seq, bare_seq, direct_seq),)]
+    cases += [(f"{level} clients", trio) for level, trio in conc.items()]
+    for case, trio in cases:
+        for name, smp in zip(("floor", "floor, no write", "direct"), trio, strict=True):
+            if smp.errors:
+                w(f"  errors ({name}, {case}): {len(smp.errors)}, first: {smp.errors[0]}\n")
     w(f"{seconds:g} s per concurrent case; run took {time.perf_counter() - started:.1f} s; "
       f"load average (1 min) at the start {load0:.2f}, at the end {os.getloadavg()[0]:.2f}\n")
+
+
+def relayed(port: int) -> bool:
+    """Whether a call goes through the whole floor (the relay has subscribed)."""
+    reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10,
+                       headers={NO_WRITE.decode(): "0"},
+                       json={"model": "fake-small", "messages": [{"role": "user", "content": "hi"}]})
+    return reply.status_code == 200
 
 
 def main() -> None:
@@ -273,6 +285,7 @@ def main() -> None:
                 [sys.executable, __file__, "--role", role, "--port", str(port), *common],
                 cwd=ROOT, stdout=subprocess.DEVNULL))
         wait_http_ok(f"http://127.0.0.1:{port}/health", 60)
+        wait_until(lambda: relayed(port), 60, 0.1, "a call through the edge and the relay")
         relay_p, edge_p = (psutil.Process(p.pid) for p in procs)
         pg_p, nats_p = psutil.Process(pg.proc.pid), psutil.Process(nats_server.proc.pid)
         fake_p, me = psutil.Process(fake.proc.pid), psutil.Process(os.getpid())
@@ -282,13 +295,7 @@ def main() -> None:
                   "client": lambda: [me]}
         run_async(measure(port, fake.port, groups, args.seconds, args.sequential))
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
         if fake is not None:
             fake.stop()
         nats_server.stop()
