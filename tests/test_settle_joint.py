@@ -14,7 +14,7 @@ from shared.contracts.events import (
     conversation_stream,
     session_stream,
 )
-from shared.domain.budget import SESSION, TENANT, budget_stream_for_session, decide_open
+from shared.domain.budget import SESSION, TENANT, budget_stream_for_session, decide_open, fold_budget
 from shared.infra.eventstore import EventStore
 
 TENANT_ID = "t-settle"
@@ -92,3 +92,46 @@ async def test_nothing_to_commit_leaves_the_conversation_recorded_alone(
     rows = await transactions(pool, stream, conversation_stream(sid))
     assert [t for _, t, _ in rows if t in ("MessageAppended", "BudgetCommitted")] == \
         ["MessageAppended"] * 2
+
+
+
+async def folded_to(store: EventStore, stream: str, version: int) -> Any:
+    state = None
+    for rec in await store.read_stream(stream):
+        if rec.stream_version <= version:
+            state = fold_budget(state, rec.event, rec.stream_version)
+    return state
+
+
+async def test_leased_commits_keep_the_cached_budget_current_and_true(store: EventStore) -> None:
+    """A call admitted from a lease commits without a version check; its commit is folded
+    into the process's cached state when that state is the one just before it, so the
+    next lease is decided without reading the commits back. Another replica's commits in
+    between leave the cache behind, and the next read catches up. Either way the cached
+    state is the fold of the stored events up to its version."""
+    sid, stream = await session_with_budget(store)
+    mine = BudgetManager(store, lease_calls=4)
+    other = BudgetManager(store, lease_calls=4)  # a second orchestrator on the same budget
+    for i in range(6):  # one lease (its first slice is for 8 calls), this replica alone
+        charge = Charge(f"alone-{i}", (stream,), TENANT_ID, sid)
+        await mine.reserve(charge, 1_000, 100, META)
+        assert mine.leased(charge.call_id)
+        await mine.commit(charge, 700, 60, META)
+        cached = await mine.state(stream, cached=True)
+        assert cached.version == await store.stream_version(stream)  # current, nothing read
+        assert cached == await folded_to(store, stream, cached.version)
+    for i in range(40):  # both replicas, their leases used up, returned and taken again
+        budgets = other if i % 9 == 8 else mine
+        charge = Charge(f"call-{i}", (stream,), TENANT_ID, sid)
+        await budgets.reserve(charge, 1_000, 100, META)
+        assert budgets.leased(charge.call_id)
+        await budgets.commit(charge, 700 + i, 60, META)
+        for replica in (mine, other):
+            cached = await replica.state(stream, cached=True)
+            if cached is not None:
+                assert cached == await folded_to(store, stream, cached.version), i
+    final = await BudgetManager(store).state(stream)
+    assert final.committed_micro_usd == 6 * 700 + sum(700 + i for i in range(40))
+    caught = await mine.state(stream)  # caught up (a lease return may land meanwhile)
+    assert caught.version >= final.version
+    assert caught == await folded_to(store, stream, caught.version)

@@ -240,6 +240,15 @@ class BudgetManager:
             state = fold_budget(state, event, base + offset)
         self._cache(stream, state)
 
+    def _remember_at(self, stream: str, event: Event, version: int) -> None:
+        """Fold `event`, appended at `version` without a version check, into the cached
+        state when that state is the one just before it (else the cache stays as it is
+        and the next read catches up): a leased call's commit, so that taking the next
+        lease reads no commit back from the store."""
+        state = self._states.get(stream)
+        if state is not None and state.version == version - 1:
+            self._remember(stream, state, [event])
+
     async def set_tenant_budget(self, tenant: str, limit_micro_usd: int | None,
                                 limit_tokens: int | None, metadata: Metadata) -> None:
         await self.store.append(tenant_stream(tenant), [TenantBudgetSet(
@@ -587,12 +596,14 @@ class BudgetManager:
         commits = [commit_on_lease(lease.stream, _as_lease(lease), lease.lease_id,
                                    charge.call_id, micro_usd, tokens) for lease, _, _ in held]
         try:
-            await append_joint(self.store, [*((lease.stream, [c], None) for (lease, _, _), c
-                                              in zip(held, commits)), *(with_events or ())],
-                               metadata, rider, outcome)
-            for lease, _, _ in held:
+            results = await append_joint(
+                self.store, [*((lease.stream, [c], None) for (lease, _, _), c
+                               in zip(held, commits)), *(with_events or ())],
+                metadata, rider, outcome)
+            for (lease, _, _), commit, result in zip(held, commits, results):
                 lease.left_usd -= min(micro_usd, lease.left_usd)
                 lease.left_tokens -= min(tokens, lease.left_tokens)
+                self._remember_at(lease.stream, commit, result.next_expected_version)
         finally:
             self._unhold(charge.call_id)
         return commits

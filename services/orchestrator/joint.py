@@ -24,7 +24,7 @@ import logging
 from typing import Any, Protocol
 
 from shared.contracts.events import Event, Metadata
-from shared.infra.eventstore import EventStore, WrongExpectedVersion
+from shared.infra.eventstore import AppendResult, EventStore, WrongExpectedVersion
 
 log = logging.getLogger("nexus.orchestrator.joint")
 
@@ -37,21 +37,24 @@ class Rider(Protocol):
     async def recorded(self, ok: bool) -> None: ...
 
 
-async def append_own(store: EventStore, own: list[Append], metadata: Metadata) -> None:
+async def append_own(store: EventStore, own: list[Append],
+                     metadata: Metadata) -> list[AppendResult]:
+    """`own` appended (atomically); the result of each of its appends, in order."""
     if len(own) == 1:  # a lone stream: the group commit's shared flush
         stream, events, expected = own[0]
-        await store.append(stream, events, expected_version=expected, metadata=metadata)
-    elif own:
-        await store.append_atomic(own, metadata)
+        return [await store.append(stream, events, expected_version=expected, metadata=metadata)]
+    if own:
+        return await store.append_atomic(own, metadata)
+    return []
 
 
 async def append_joint(store: EventStore, own: list[Append], metadata: Metadata,
-                       rider: Rider | None, outcome: Any) -> None:
+                       rider: Rider | None, outcome: Any) -> list[AppendResult]:
     """Append `own` with `rider`'s appends for `outcome`, atomically; `own` alone when the
-    rider's are refused or cannot be built. Raises only what appending `own` raises."""
+    rider's are refused or cannot be built. Raises only what appending `own` raises.
+    The results of `own`'s appends, in order."""
     if rider is None:
-        await append_own(store, own, metadata)
-        return
+        return await append_own(store, own, metadata)
     ok = False
     try:
         try:
@@ -60,14 +63,14 @@ async def append_joint(store: EventStore, own: list[Append], metadata: Metadata,
             log.exception("a joint append's rider failed; appending the call's events alone")
             extra = []
         if not extra:
-            await append_own(store, own, metadata)
-            return
+            return await append_own(store, own, metadata)
         try:
-            await store.append_atomic([*own, *extra], metadata)
+            results = await store.append_atomic([*own, *extra], metadata)
             ok = True
+            return results[:len(own)]
         except WrongExpectedVersion as exc:
             if exc.stream_id in {stream for stream, _, _ in own}:
                 raise
-            await append_own(store, own, metadata)  # the rider's stream moved on: ours alone
+            return await append_own(store, own, metadata)  # the rider's stream moved on
     finally:
         await rider.recorded(ok)
