@@ -12,7 +12,12 @@ at run time, so a binary built on an AVX-512 machine still runs on one without i
 
 Every build is **smoke-tested before it is cached**: it loads the model and generates
 one token; a build that fails (for example a SIGILL on this CPU) is never cached and the
-error says why. The cache key is the llama.cpp version *and* a digest of the recipe
+error says why. A CPU's feature flags can promise more than it runs: a virtual machine
+may announce AMX or AVX-512 FP16 that its kernels' code then dies on (seen here: a
+Xeon VM announcing AMX, where the best-scored variant died with SIGILL). So when the
+smoke test dies with SIGILL in a CPU variant it loaded, that variant's library is
+dropped from the build and the test runs again on the next best; the build is cached
+only once one passes, and a SIGILL with no variant left to drop fails it as before. The cache key is the llama.cpp version *and* a digest of the recipe
 (CMake options, machine architecture), so a changed recipe rebuilds instead of reusing
 an old binary. The result lives under `NEXUS_CACHE_DIR` (default `~/.cache/nexus`):
 `llama-server/<version>-<recipe digest>/` holds the binary and its libraries (RPATH
@@ -90,6 +95,18 @@ Progress = Callable[[str], None]
 
 class RuntimeBuildError(RuntimeError):
     pass
+
+
+class IllegalInstruction(RuntimeBuildError):
+    """The smoke test died with SIGILL; `cpu_backend`: the CPU kernels' library it had
+    loaded, when its output named one."""
+
+    def __init__(self, message: str, cpu_backend: str | None) -> None:
+        super().__init__(message)
+        self.cpu_backend = cpu_backend
+
+
+_LOADED_CPU = re.compile(rb"loaded CPU backend from (\S+)")
 
 
 # -- the models a node can serve out of the box --------------------------------------
@@ -260,8 +277,7 @@ def ensure_llama_server(progress: Progress = print, jobs: int | None = None, *,
             _build(build, jobs, started, progress)
             staged = work / "staged"
             _stage(build / "bin", staged)
-            progress("llama-server: smoke test (load the model, generate one token) ...")
-            smoke_test(staged / "llama-server", model)
+            _smoke_test_variants(staged, model, progress)
             directory.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(staged, directory)
@@ -296,6 +312,23 @@ def _stage(bin_dir: Path, staged: Path) -> None:
 # -- the smoke test -----------------------------------------------------------------
 
 
+def _smoke_test_variants(staged: Path, model: Path, progress: Progress) -> None:
+    """The smoke test, dropping each CPU variant that dies of SIGILL here (module doc)."""
+    while True:
+        progress("llama-server: smoke test (load the model, generate one token) ...")
+        try:
+            smoke_test(staged / "llama-server", model)
+            return
+        except IllegalInstruction as exc:
+            loaded = staged / Path(exc.cpu_backend or "").name
+            others = [p for p in staged.glob("libggml-cpu-*.so") if p.name != loaded.name]
+            if not exc.cpu_backend or not loaded.is_file() or not others:
+                raise
+            loaded.unlink()
+            progress(f"llama-server: its CPU kernels {loaded.name} die with SIGILL on this "
+                     f"machine: dropped, {len(others)} variants left")
+
+
 def smoke_test(binary: Path, model_file: Path, *, timeout_s: float = SMOKE_TIMEOUT_S) -> str:
     """Start `binary` on `model_file`, generate one token; the text, or RuntimeBuildError."""
     port = free_port()
@@ -315,9 +348,14 @@ def smoke_test(binary: Path, model_file: Path, *, timeout_s: float = SMOKE_TIMEO
             body = json.dumps({"prompt": "Hello", "n_predict": 1}).encode()
             while True:
                 if (code := proc.poll()) is not None:
-                    hint = (" - the binary uses CPU instructions this machine lacks"
-                            if code == -signal.SIGILL else "")
-                    raise failure(f"it died with {describe_exit(code)[0]}{hint}")
+                    if code == -signal.SIGILL:
+                        out.seek(0)
+                        loaded = _LOADED_CPU.findall(out.read())
+                        error = failure(f"it died with {describe_exit(code)[0]} - the binary "
+                                        "uses CPU instructions this machine lacks")
+                        raise IllegalInstruction(
+                            str(error), loaded[-1].decode(errors="replace") if loaded else None)
+                    raise failure(f"it died with {describe_exit(code)[0]}")
                 if time.monotonic() > deadline:
                     raise failure(f"no answer within {timeout_s:.0f}s")
                 try:
