@@ -411,3 +411,56 @@ def test_an_answer_that_cannot_be_recorded_is_not_given(llm: LLMCluster, key) ->
     client(llm, key, sid).chat.completions.create(
         model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
     assert types(llm, sid).count("LLMCallCompleted") == 1
+
+
+def test_a_client_that_does_not_stream_gets_a_whole_answer_from_the_upstream(llm: LLMCluster,
+                                                                            key) -> None:
+    """A non-streaming call asks the upstream for one document (less work on both sides);
+    a streaming one for a stream. Both answers are the same, and a whole answer claims no
+    time to first token (its text came at its end)."""
+    sid = llm.session(key)
+    sdk = client(llm, key, sid)
+    whole = sdk.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "whole please"}], max_tokens=5)
+    assert llm.primary.stats.outcomes[-1]["stream"] is False
+    assert "stream_options" not in llm.primary.stats.last_body
+    pieces = [choice.delta.content or "" for chunk in sdk.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "stream please"}], max_tokens=5,
+        stream=True) for choice in chunk.choices]
+    assert llm.primary.stats.outcomes[-1]["stream"] is True
+    assert whole.choices[0].message.content == "".join(pieces) == reply_text(5)
+    completed = [e.event for e in llm.events(sid) if e.type == "LLMCallCompleted"]
+    assert [c.ttft_ms is None for c in completed] == [True, False]
+    assert [c.output_tokens for c in completed] == [5, 5]
+
+
+def test_a_whole_answer_slower_than_the_stream_timeouts_is_waited_for(llm: LLMCluster,
+                                                                      key) -> None:
+    """The cluster's upstream gives a stream 3 s between reads and 3 s to the first token.
+    A whole answer sends nothing until it is generated: it is waited for up to the
+    upstream's `answer_timeout_s` (600 s by default) instead, not failed over."""
+    llm.primary.script({"token_delay_ms": 450})  # 8 tokens: about 3.6 s
+    sid = llm.session(key)
+    reply = client(llm, key, sid).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "take your time"}], max_tokens=8)
+    assert reply.choices[0].message.content == reply_text(8)
+    assert [o["stream"] for o in llm.primary.stats.outcomes] == [False]  # one request, whole
+    assert "LLMCallFailed" not in types(llm, sid)  # no attempt given up, no retry, no fallback
+    [completed] = [e.event for e in llm.events(sid) if e.type == "LLMCallCompleted"]
+    assert completed.attempts == 1 and completed.provider == "primary"
+
+
+def test_parallel_tool_calls_in_a_whole_answer_come_back_whole_and_in_order(llm: LLMCluster,
+                                                                             key) -> None:
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+             for name in ("lookup", "convert")]
+    script = {"steps": [[{"name": "lookup", "arguments": {"q": "x"}},
+                         {"name": "convert", "arguments": {"n": 2}}]]}
+    reply = client(llm, key).chat.completions.create(
+        model="default", tools=tools,
+        messages=[{"role": "user", "content": f"FAKE_AGENT={json.dumps(script)}"}])
+    assert llm.primary.stats.outcomes[-1]["stream"] is False
+    calls = reply.choices[0].message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("lookup", {"q": "x"}), ("convert", {"n": 2})]
+    assert len({c.id for c in calls}) == 2 and reply.choices[0].finish_reason == "tool_calls"

@@ -1,6 +1,7 @@
 """The upstream adapters' HTTP (shared.infra.upstreams.base): the line reader under the
-wire protocols, the HTTP client span each request makes, and the trace context it sends
-to the upstream (the fake upstream over real HTTP)."""
+wire protocols, whole (not streamed) answers and their timeout, the HTTP client span each
+request makes, and the trace context it sends to the upstream (the fake upstream over
+real HTTP)."""
 
 from __future__ import annotations
 
@@ -187,3 +188,50 @@ async def test_a_pooled_connection_the_server_closed_is_not_a_failed_call() -> N
             await adapter.close()
     assert upstream.answered == 3
     assert upstream.dropped == 2 and upstream.connections == 3  # each reuse resent once
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "ollama"])
+async def test_a_whole_answer_yields_what_its_stream_yields(kind: str, fake: FakeUpstream,
+                                                            monkeypatch) -> None:
+    """`CompletionRequest.stream=False`: one document from the upstream, the same pieces."""
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "sk-test-0123456789")
+    base = fake.url + "/v1" if kind == "openai" else fake.url
+    adapter = adapter_for(UpstreamConfig(name=kind, kind=kind, base_url=base,
+                                         api_key_env="TEST_UPSTREAM_KEY"))
+    answers = []
+    try:
+        for stream in (True, False):
+            request = CompletionRequest(call_id="c", session_id="s", tenant="t", model="m",
+                                        messages=(ChatMessage(role="user", content="héllo"),),
+                                        max_tokens=3, stream=stream)
+            pieces = [p async for p in adapter.stream("m", request, request.messages)]
+            assert fake.stats.outcomes[-1]["stream"] is stream
+            answers.append(("".join(p.content for p in pieces if isinstance(p, Text)), pieces[-1]))
+    finally:
+        await adapter.close()
+    streamed, whole = answers
+    assert whole == streamed
+    assert whole[0] == reply_text(3) and whole[1].finish_reason == "length"
+    assert whole[1].input_tokens is not None and whole[1].output_tokens == 3
+
+
+async def test_a_whole_answer_is_waited_for_up_to_its_own_timeout(fake: FakeUpstream) -> None:
+    """Nothing arrives before a whole answer is generated: `answer_timeout_s`, not the
+    stream's `timeout_s`, bounds the wait; past it the attempt is a retryable timeout."""
+    request = CompletionRequest(call_id="c", session_id="s", tenant="t", model="m",
+                                messages=(ChatMessage(role="user", content="hi"),), stream=False)
+    patient = adapter_for(UpstreamConfig(name="up", kind="ollama", base_url=fake.url,
+                                         timeout_s=0.1, answer_timeout_s=30))
+    hasty = adapter_for(UpstreamConfig(name="up", kind="ollama", base_url=fake.url,
+                                       timeout_s=30, answer_timeout_s=0.1))
+    try:
+        fake.script({"slow_first_byte_ms": 400})
+        pieces = [p async for p in patient.stream("m", request, request.messages)]
+        assert isinstance(pieces[-1], End)
+        fake.script({"hang": True})
+        with pytest.raises(UpstreamError) as caught:
+            [p async for p in hasty.stream("m", request, request.messages)]
+        assert caught.value.kind == "Timeout" and caught.value.retryable
+    finally:
+        await patient.close()
+        await hasty.close()

@@ -319,7 +319,8 @@ class Relay:
         output: list[str] = []
         async for piece in self.adapter(info).stream(model, request, request.messages):
             if isinstance(piece, Text):
-                first = first or time.monotonic()
+                if request.stream:  # a whole answer has no time to first token
+                    first = first or time.monotonic()
                 output.append(piece.content)
                 await sender.delta(content=piece.content)
             elif isinstance(piece, ToolCalls):

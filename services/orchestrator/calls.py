@@ -158,6 +158,7 @@ class CallInput(msgspec.Struct, frozen=True, kw_only=True):
     run_id: str | None = None
     record_conversation: bool = True
     tool_names: tuple[str, ...] | None = None  # the registry names behind `tools` (policy)
+    stream: bool = True  # the answer is passed on as it comes; False: used only whole
 
     @property
     def user_text(self) -> str:
@@ -458,7 +459,8 @@ class CallLifecycle:
             messages=messages, max_tokens=max_tokens, temperature=call_input.temperature,
             top_p=call_input.top_p, stop=call_input.stop, tools=call_input.tools,
             tool_choice=call_input.tool_choice, redact=redact, nodes=plan.nodes,
-            targets=plan.targets, plan_strategy=strategy, plan_loads=loads, caller_records=True)
+            targets=plan.targets, plan_strategy=strategy, plan_loads=loads, caller_records=True,
+            stream=call_input.stream)
         call = Call(call_id, caller, session, info, request, charge, metadata,
                     call_input.user_text, rate_subjects, policy, label, plan,
                     record_conversation=call_input.record_conversation)

@@ -157,7 +157,7 @@ def openai_input(data: ChatCompletionIn, session_id: str | None) -> CallInput:
         max_tokens=data.max_completion_tokens or data.max_tokens, temperature=data.temperature,
         top_p=data.top_p, stop=stop,
         tools=[msgspec.to_builtins(t) for t in data.tools] if data.tools else None,
-        tool_choice=data.tool_choice)
+        tool_choice=data.tool_choice, stream=data.stream)
 
 
 def _openai_body(model: str) -> Callable[[OpenCall, Done, str, list[dict[str, Any]]], Any]:
@@ -208,7 +208,8 @@ class ChatController(Controller):
                            idempotency_key: idem.KeyHeader = None) -> Response | Stream:
         call_input = CallInput(session_id=session_id, model=data.model, with_history=True,
                                messages=(ChatMessage(role="user", content=data.content),),
-                               max_tokens=data.max_tokens, temperature=data.temperature)
+                               max_tokens=data.max_tokens, temperature=data.temperature,
+                               stream=data.stream)
         return await idem.run_once(request, caller.tenant, idempotency, lambda: _at_edge(_answer(
             calls, caller, call_input, data.stream, _session_stream, _session_body)))
 

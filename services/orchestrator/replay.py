@@ -128,7 +128,7 @@ class ReplayService:
             return {"call_id": row["call_id"], "error": "the recorded request was not found"}
         try:
             opened = await self.calls.open(caller, CallInput(
-                session_id=None, model=row["counterfactual"],
+                session_id=None, model=row["counterfactual"], stream=False,
                 messages=(ChatMessage(role="user", content=text),)))
             done, answer, _ = await opened.collect()
         except Exception as exc:  # a refusal or failure is a finding of the replay
@@ -149,7 +149,7 @@ class ReplayService:
 
         try:
             opened = await self.calls.open(caller, CallInput(
-                session_id=None, model=grader, max_tokens=8, temperature=0.0,
+                session_id=None, model=grader, max_tokens=8, temperature=0.0, stream=False,
                 messages=tuple(ChatMessage(role=r, content=t)
                                for r, t in ar.grader_messages(request, answer))))
             _, reply, _ = await opened.collect()

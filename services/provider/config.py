@@ -7,7 +7,8 @@
     api_key_env = "OPENAI_API_KEY"  # the NAME of the variable; the key never enters config
     max_concurrency = 16            # in flight to this upstream
     max_queue = 64                  # waiting for a slot; beyond it: 429
-    timeout_s = 60
+    timeout_s = 60                  # a streamed answer: the longest wait between two reads
+    answer_timeout_s = 600          # a whole answer (a non-streaming client): the longest wait
     [[providers.models]]
     name = "gpt-4o-mini"
     input_usd_per_mtok = 0.15
@@ -53,6 +54,7 @@ class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 16
     max_queue: Annotated[int, msgspec.Meta(ge=0)] = 64
     timeout_s: Positive = 60.0
+    answer_timeout_s: Positive = 600.0
     connect_timeout_s: Positive = 5.0
     models: tuple[ModelPrice, ...] = ()
 
@@ -61,6 +63,7 @@ class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
         assert self.kind != "node", "a node target is reached over NATS, not HTTP"
         return UpstreamConfig(name=self.name, kind=self.kind, base_url=self.base_url,
                               api_key_env=self.api_key_env, timeout_s=self.timeout_s,
+                              answer_timeout_s=self.answer_timeout_s,
                               connect_timeout_s=self.connect_timeout_s,
                               max_connections=self.max_concurrency * 2)
 

@@ -448,7 +448,7 @@ class Router:
     async def _consume(self, target: Target, request: CompletionRequest, sender: StreamSender,
                        result: AttemptResult) -> None:
         stream = target.adapter.stream(target.model, request, self._messages_for(target, request))
-        first = True
+        first = request.stream  # a whole answer's pieces come at its end: no first-token wait
         try:
             while True:
                 try:
@@ -464,7 +464,7 @@ class Router:
                                         f"{self.config.retry.first_token_timeout_s:g}s") from None
                 first = False
                 if isinstance(piece, Text):
-                    if result.first_token_at is None:
+                    if result.first_token_at is None and request.stream:
                         result.first_token_at = time.monotonic()
                     result.output.append(piece.content)
                     await sender.delta(content=piece.content)

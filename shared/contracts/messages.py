@@ -199,6 +199,11 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # two; issue 16). Failures and attempts given up are recorded by the provider as
     # before. False (an older requester): the provider appends them itself.
     caller_records: bool = False
+    # the requester takes the answer as it comes (True) or only whole (False): a provider
+    # may then ask its upstream for a whole answer (one document, not a stream: less
+    # work on both sides; issue 16). The frames are the same either way, but a whole
+    # answer's come at its end (no first-token timeout, no time to first token).
+    stream: bool = True
 
 
 class TargetInfo(msgspec.Struct, frozen=True, kw_only=True):

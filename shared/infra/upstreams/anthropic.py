@@ -1,4 +1,5 @@
-"""Anthropic Messages `/v1/messages` with its SSE event sequence."""
+"""Anthropic Messages `/v1/messages` with its SSE event sequence, or one message
+document for a whole answer."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ class AnthropicAdapter(Adapter):
         system = "\n".join(m.text for m in messages if m.role in ("system", "developer"))
         turns = [{"role": "assistant" if m.role == "assistant" else "user", "content": m.text}
                  for m in messages if m.role not in ("system", "developer")]
-        body: dict[str, Any] = {"model": model, "stream": True, "messages": turns,
+        body: dict[str, Any] = {"model": model, "stream": request.stream, "messages": turns,
                                 "max_tokens": request.max_tokens or 1024}
         if system:
             body["system"] = system
@@ -26,6 +27,10 @@ class AnthropicAdapter(Adapter):
         headers = {"anthropic-version": "2023-06-01"}
         if key := self.config.api_key():
             headers["x-api-key"] = key
+        if not request.stream:
+            for piece in self._answer(await self._whole("POST", "/v1/messages", body, headers)):
+                yield piece
+            return
         input_tokens = output_tokens = None
         stop, seen_model, event = None, None, None
         async for line in self._lines("POST", "/v1/messages", body, headers):
@@ -52,6 +57,26 @@ class AnthropicAdapter(Adapter):
                 continue  # read to the end: the connection goes back to the pool
         if stop is None:
             raise UpstreamError("StreamCut", f"{self.config.name}: stream ended without a stop")
-        finish = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop",
-                  "tool_use": "tool_calls"}.get(stop, stop)
-        yield End(finish, input_tokens, output_tokens, seen_model)
+        yield End(_finish(stop), input_tokens, output_tokens, seen_model)
+
+    def _answer(self, data: Any) -> list[Piece]:
+        """A message document as the pieces its stream would yield."""
+        if not isinstance(data, dict):
+            raise UpstreamError("BadResponse", f"{self.config.name}: an answer that is no object")
+        if data.get("type") == "error" or "error" in data:
+            raise UpstreamError("UpstreamError", f"{self.config.name}: {data.get('error')}"[:300])
+        stop = data.get("stop_reason")
+        if stop is None:
+            raise UpstreamError("BadResponse", f"{self.config.name}: an answer without a stop")
+        text = "".join(block.get("text") or "" for block in data.get("content") or []
+                       if isinstance(block, dict) and block.get("type") == "text")
+        usage = data.get("usage") or {}
+        return [*([Text(text)] if text else []),
+                End(_finish(stop), usage.get("input_tokens"), usage.get("output_tokens"),
+                    data.get("model"))]
+
+
+def _finish(stop: str) -> str:
+    """Anthropic's stop reason in OpenAI's words."""
+    return {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop",
+            "tool_use": "tool_calls"}.get(stop, stop)

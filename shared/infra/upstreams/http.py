@@ -19,7 +19,8 @@ side against the fake upstream in one run, the note of issue 16). What it does:
   the socket once `BUFFER_HIGH` bytes wait (the server then waits on TCP), until the
   reader takes them: no upstream can make the process buffer without bound.
 * **Timeouts:** `connect_timeout_s` to connect (and the TLS handshake), `read_timeout_s`
-  between two reads (the response head included); `TimeoutError` when one runs out.
+  between two reads (the response head included; a request may set its own: a whole
+  answer is not sent before it is generated); `TimeoutError` when one runs out.
 * **TLS** for `https://` (the system's trust store, the host name checked).
 * **Credentials** in the base URL (`https://user:pass@host/...`) become a Basic
   `Authorization` header, unless the request carries its own. No header value may hold a
@@ -225,8 +226,9 @@ class Response:
     `close()` (or leaving `async with`) hands the connection back: to the pool when the
     body was read to its end and the server keeps it alive, closed otherwise."""
 
-    def __init__(self, pool: Pool, conn: _Connection) -> None:
+    def __init__(self, pool: Pool, conn: _Connection, read_timeout_s: float) -> None:
         self._pool = pool
+        self._read_timeout_s = read_timeout_s
         self._conn: _Connection | None = conn
         self.status = conn.status
         self.headers = conn.headers  # names in lower case
@@ -235,7 +237,7 @@ class Response:
         """The body, piece by piece as received, to its end."""
         conn = self._conn
         assert conn is not None, "the response is closed"
-        timeout = self._pool.read_timeout_s
+        timeout = self._read_timeout_s
         while True:
             piece = conn.take()
             if piece is not None:
@@ -299,20 +301,22 @@ class Pool:
         self._busy: set[_Connection] = set()
         self._ssl = tls  # None: the system's trust store, made at the first connection
 
-    async def request(self, method: str, path: str, body: bytes,
-                      headers: dict[str, str]) -> Response:
-        """Send `method base_path+path` with `body`; the response once its head arrived."""
+    async def request(self, method: str, path: str, body: bytes, headers: dict[str, str],
+                      read_timeout_s: float | None = None) -> Response:
+        """Send `method base_path+path` with `body`; the response once its head arrived.
+        `read_timeout_s`: this request's wait between two reads (default: the pool's)."""
         head = self._head(method, path, body, headers)
+        timeout = read_timeout_s if read_timeout_s is not None else self.read_timeout_s
         await self._slots.acquire()
         try:
             conn = self._reuse()
             if conn is not None:
                 try:
-                    return await self._exchange(conn, head, body)
+                    return await self._exchange(conn, head, body, timeout)
                 except HTTPConnectionError:
                     if conn.received:
                         raise  # it answered something: not a connection closed while idle
-            return await self._exchange(await self._connect(), head, body)
+            return await self._exchange(await self._connect(), head, body, timeout)
         except BaseException:
             self._slots.release()
             raise
@@ -350,7 +354,8 @@ class Pool:
                                       f"{type(exc).__name__}: {exc}", connected=False) from None
         return conn
 
-    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> Response:
+    async def _exchange(self, conn: _Connection, head: bytes, body: bytes,
+                        read_timeout_s: float) -> Response:
         self._busy.add(conn)
         conn.reset()
         conn.busy = True
@@ -360,12 +365,12 @@ class Pool:
             while not conn.head_done:
                 if conn.error is not None:
                     raise conn.error
-                await conn.wait(self.read_timeout_s)
+                await conn.wait(read_timeout_s)
         except BaseException:
             self._busy.discard(conn)
             conn.abort()
             raise
-        return Response(self, conn)
+        return Response(self, conn, read_timeout_s)
 
     def _release(self, conn: _Connection) -> None:
         self._busy.discard(conn)
