@@ -13,8 +13,9 @@ at run time, so a binary built on an AVX-512 machine still runs on one without i
 Every build is **smoke-tested before it is cached**: it loads the model and generates
 one token; a build that fails (for example a SIGILL on this CPU) is never cached and the
 error says why. A CPU's feature flags can promise more than it runs: a virtual machine
-may announce AMX or AVX-512 FP16 that its kernels' code then dies on (seen here: a
-Xeon VM announcing AMX, where the best-scored variant died with SIGILL). So when the
+may announce AMX that its kernels' code then dies on (seen here: a Xeon VM announcing
+AMX, whose best-scored variant, `sapphirerapids` with AMX, died with SIGILL, while
+`zen4`, AVX-512 without AMX, runs). So when the
 smoke test dies with SIGILL in a CPU variant it loaded, that variant's library is
 dropped from the build and the test runs again on the next best; the build is cached
 only once one passes, and a SIGILL with no variant left to drop fails it as before. The cache key is the llama.cpp version *and* a digest of the recipe
@@ -313,20 +314,55 @@ def _stage(bin_dir: Path, staged: Path) -> None:
 
 
 def _smoke_test_variants(staged: Path, model: Path, progress: Progress) -> None:
-    """The smoke test, dropping each CPU variant that dies of SIGILL here (module doc)."""
+    """The smoke test, dropping each CPU variant that dies of SIGILL here (module doc):
+    the one the binary says it loaded, else each found by trying the variants one by one."""
     while True:
         progress("llama-server: smoke test (load the model, generate one token) ...")
         try:
             smoke_test(staged / "llama-server", model)
             return
         except IllegalInstruction as exc:
-            loaded = staged / Path(exc.cpu_backend or "").name
-            others = [p for p in staged.glob("libggml-cpu-*.so") if p.name != loaded.name]
-            if not exc.cpu_backend or not loaded.is_file() or not others:
+            variants = sorted(staged.glob("libggml-cpu-*.so"))
+            loaded = staged / Path(exc.cpu_backend).name if exc.cpu_backend else None
+            if loaded is not None and loaded.is_file():
+                dying = [loaded]
+            else:
+                progress(f"llama-server: it died with SIGILL; trying its {len(variants)} CPU "
+                         "variants one by one ...")
+                dying = _dying_variants(staged, model, variants)
+            if not dying or len(dying) >= len(variants):
                 raise
-            loaded.unlink()
-            progress(f"llama-server: its CPU kernels {loaded.name} die with SIGILL on this "
-                     f"machine: dropped, {len(others)} variants left")
+            for variant in dying:
+                variant.unlink()
+            progress(f"llama-server: CPU kernels that die with SIGILL on this machine dropped: "
+                     f"{', '.join(v.name for v in dying)}; {len(variants) - len(dying)} left")
+
+
+def _dying_variants(staged: Path, model: Path, variants: list[Path]) -> list[Path]:
+    """The CPU variants that die of SIGILL here, each smoke-tested alone (the loader looks
+    only beside the binary: the others wait in a subdirectory meanwhile)."""
+    aside = staged / "aside"
+    aside.mkdir()
+    try:
+        for variant in variants:
+            os.replace(variant, aside / variant.name)
+        dying = []
+        for variant in variants:
+            os.replace(aside / variant.name, variant)
+            try:
+                smoke_test(staged / "llama-server", model)
+            except IllegalInstruction:
+                dying.append(variant)
+            except RuntimeBuildError:
+                pass  # not loadable on this CPU at all: the loader never picks it here
+            finally:
+                os.replace(variant, aside / variant.name)
+        return dying
+    finally:
+        for variant in variants:
+            if (aside / variant.name).exists():
+                os.replace(aside / variant.name, variant)
+        aside.rmdir()
 
 
 def smoke_test(binary: Path, model_file: Path, *, timeout_s: float = SMOKE_TIMEOUT_S) -> str:
@@ -335,7 +371,7 @@ def smoke_test(binary: Path, model_file: Path, *, timeout_s: float = SMOKE_TIMEO
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(
             [str(binary), "-m", str(model_file), "--host", "127.0.0.1", "--port", str(port),
-             "-c", "512", "-t", "2", "--no-webui"],
+             "-c", "512", "-t", "2", "--no-webui", "-lv", "4"],  # -lv 4: names its CPU variant
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
         def failure(what: str) -> RuntimeBuildError:
