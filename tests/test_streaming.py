@@ -424,3 +424,61 @@ async def test_a_failed_deferred_publish_is_raised_by_the_next_call(buses) -> No
     assert [type(f) for f in frames] == [Failed]  # neither the big frame nor "after" went
     assert await asyncio.wait_for(ended, 10) is None
     assert not [t for t in asyncio.all_tasks() if "_flush_soon" in repr(t.get_coro())]
+
+
+async def test_cancellable_work_is_cut_by_the_receivers_cancel_after_its_cleanup(buses) -> None:
+    """`StreamSender.cancellable`: the receiver's Cancel cancels the work at once (it is
+    not waiting for a frame to send), its cleanup runs, and the producer gets
+    ConsumerLost; what the work returns or raises otherwise passes through."""
+    producer, consumer = buses
+    steps: list[str] = []
+
+    async def upstream() -> None:  # an upstream request that would hang for a minute
+        try:
+            steps.append("waiting")
+            await asyncio.sleep(60)
+        finally:
+            steps.append("cleaned up")
+
+    async def produce(sender: StreamSender) -> None:
+        assert await sender.cancellable(asyncio.sleep(0, "passes")) == "passes"
+        with pytest.raises(KeyError):
+            await sender.cancellable(_raises(KeyError("x")))
+        await sender.delta(content="first")
+        await sender.cancellable(upstream())
+
+    subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
+    async with StreamReceiver(consumer, subject, Ping(sender="cuts"), first_frame_timeout_s=10,
+                              window=WINDOW) as stream:
+        async for frame in stream.frames():
+            if isinstance(frame, Delta):
+                break  # leaving the block sends Cancel
+    outcome = await asyncio.wait_for(ended, 10)  # not the upstream's minute
+    assert isinstance(outcome, ConsumerLost) and "cancelled" in str(outcome)
+    assert steps == ["waiting", "cleaned up"]
+
+
+async def _raises(exc: BaseException) -> None:
+    raise exc
+
+
+async def test_cancelling_the_caller_of_cancellable_work_cancels_the_work(buses) -> None:
+    """A producer cancelled from its own side (its service stopping) is not a receiver's
+    cancel: the work is cancelled with it and CancelledError, not ConsumerLost, goes on."""
+    producer, _ = buses
+    steps: list[str] = []
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            steps.append("work cancelled")
+
+    async with StreamSender(producer, f"test.nobody.{uuid.uuid4().hex[:8]}") as sender:
+        caller = asyncio.create_task(sender.cancellable(work()))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+    assert steps == ["work cancelled"] and not sender.cancelled.is_set()

@@ -288,17 +288,9 @@ class Relay:
         started = time.monotonic()
         first: float | None = None
         async with self.agent.track_request():
-            work = asyncio.ensure_future(self._stream(info, model, request, sender))
-            cancelled = asyncio.ensure_future(sender.cancelled.wait())
-            await asyncio.wait({work, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-            cancelled.cancel()
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(BaseException):
-                    await work
-                return Failed(error="Cancelled", detail="the receiver cancelled", status=499)
             try:
-                end, first, output = work.result()
+                end, first, output = await sender.cancellable(
+                    self._stream(info, model, request, sender))
             except ConsumerLost as exc:
                 return Failed(error="Cancelled", detail=str(exc), status=499,
                               after_first_token=sender.seq > 0)

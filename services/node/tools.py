@@ -71,7 +71,7 @@ from shared.contracts.messages import ToolExecRequest, ToolLimits
 from shared.infra.messaging import Bus
 from shared.infra.metrics import ToolMetrics
 from shared.infra.settings import Settings
-from shared.infra.streaming import StreamSender
+from shared.infra.streaming import ConsumerLost, StreamSender
 from shared.infra.tracing import tracer
 
 log = logging.getLogger("nexus.node.tools")
@@ -230,16 +230,10 @@ class ToolRunner:
                 await sender.done(outcome)  # type: ignore[arg-type]  # any final frame
 
     async def _cancellable(self, request: ToolExecRequest, sender: StreamSender) -> ToolDone | Failed:
-        work = asyncio.ensure_future(self.execute(request))
-        cancelled = asyncio.ensure_future(sender.cancelled.wait())
-        await asyncio.wait({work, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-        cancelled.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(BaseException):
-                await work
+        try:
+            return await sender.cancellable(self.execute(request))
+        except ConsumerLost:
             return failed("cancelled", "the caller cancelled the tool call")
-        return work.result()
 
     async def execute(self, request: ToolExecRequest) -> ToolDone | Failed:
         """Run one call to its end: a ToolDone, or a Failed naming why."""

@@ -432,18 +432,7 @@ class Router:
     async def _attempt(self, target: Target, request: CompletionRequest, sender: StreamSender,
                        result: AttemptResult) -> None:
         """One try against one target; cancelled at once when the receiver cancels."""
-        work = asyncio.ensure_future(self._consume(target, request, sender, result))
-        cancelled = asyncio.ensure_future(sender.cancelled.wait())
-        try:
-            await asyncio.wait({work, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            cancelled.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
-            raise ConsumerLost("the receiver cancelled")
-        work.result()
+        await sender.cancellable(self._consume(target, request, sender, result))
 
     async def _consume(self, target: Target, request: CompletionRequest, sender: StreamSender,
                        result: AttemptResult) -> None:

@@ -15,7 +15,8 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
   upstream read instead of growing a buffer.
 - **Lost consumer**: a sender blocked on credit for `idle_timeout_s` gives up and
   cancels its upstream work, so a vanished receiver stops the generation.
-- **Cancellation**: the receiver publishes `Cancel` on the control subject.
+- **Cancellation**: the receiver publishes `Cancel` on the control subject; the sender's
+  work under `StreamSender.cancellable` is cancelled at once (one task, no waiter task).
 - **Liveness**: the sender publishes a `Keepalive` every `KEEPALIVE_S` while it has
   nothing else to say (retries, backoff, a slow first token), so a receiver whose sender
   died (a killed provider) notices within `idle_timeout_s` instead of waiting forever.
@@ -48,8 +49,8 @@ import contextlib
 import itertools
 import logging
 import weakref
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.msg import Msg
@@ -69,6 +70,7 @@ from shared.contracts.frames import (
 from shared.infra.messaging import Bus, NoResponders, RequestTimeout
 from shared.infra.tracing import inject_headers
 
+T = TypeVar("T")
 log = logging.getLogger("nexus.streaming")
 
 
@@ -196,6 +198,28 @@ class StreamSender:
         self._started = False  # `Started` is published (or being published)
         self._start_timer: asyncio.TimerHandle | None = None  # sends it alone if no frame comes
         self._starter: asyncio.Task[None] | None = None
+        self._on_cancel: list[Callable[[], Any]] = []  # what the receiver's Cancel cancels
+
+    async def cancellable(self, work: Awaitable[T]) -> T:
+        """`work` in a task of its own, cancelled at once when the receiver cancels (then
+        `ConsumerLost`, once the work has run its cleanup); cancelling the caller cancels
+        the work too."""
+        if self.cancelled.is_set():
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise ConsumerLost("the receiver cancelled")
+        task = asyncio.ensure_future(work)
+        self._on_cancel.append(task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and self.cancelled.is_set() and not (
+                    current is not None and current.cancelling()):
+                raise ConsumerLost("the receiver cancelled") from None
+            raise
+        finally:
+            self._on_cancel.remove(task.cancel)
 
     async def __aenter__(self) -> StreamSender:
         nc = self.bus.nc
@@ -234,6 +258,8 @@ class StreamSender:
         if isinstance(control, Cancel):
             self.cancelled.set()
             self._credit.set()
+            for cancel in self._on_cancel:
+                cancel()
         else:
             self.acked = max(self.acked, control.acked)
             self._credit.set()
