@@ -491,3 +491,35 @@ async def test_sessions_applied_in_batches_equal_one_by_one(fresh_db: str) -> No
         assert await snapshot(pool) == batched
     finally:
         await pool.close()
+
+
+def test_a_budget_rows_state_decodes_to_the_state_that_was_written() -> None:
+    """The budgets row's `state` column as Postgres gives it back (jsonb text: its own key
+    order and spacing) decodes to the state the fold wrote, leases and reservations
+    typed; a row written before leases and overruns existed takes their defaults."""
+    import dataclasses
+    import json
+
+    from services.orchestrator.read_models.budgets import _budget_from_json
+    from shared.domain.budget import BudgetState, Lease, Reservation
+
+    state = BudgetState(
+        budget_id="budget-session-s", scope="session", owner="s", period=None,
+        limit_micro_usd=5_000_000, limit_tokens=None, version=42, reserved_micro_usd=700,
+        reserved_tokens=20, committed_micro_usd=1234, committed_tokens=56,
+        reservations={"call-1": Reservation(micro_usd=700, tokens=20, expires_at=1.5e9)},
+        overrun_micro_usd=3, overrun_tokens=1, overruns=1, lapsed=("call-0",),
+        leases={"lease-1": Lease(micro_usd=900, tokens=0, expires_at=1.7e9 + 0.25,
+                                 instance="orchestrator-1.ab")},
+        leased_micro_usd=900)
+    as_jsonb = json.dumps(dataclasses.asdict(state), sort_keys=True)
+    assert _budget_from_json(as_jsonb) == state
+    old = {"budget_id": "budget-session-o", "scope": "session", "owner": "o", "period": None,
+           "limit_micro_usd": None, "limit_tokens": 100, "version": 3,
+           "reserved_micro_usd": 0, "reserved_tokens": 10, "committed_micro_usd": 0,
+           "committed_tokens": 7, "reservations": {"c": {"micro_usd": 0, "tokens": 10,
+                                                          "expires_at": 1700000000}}}
+    decoded = _budget_from_json(json.dumps(old))
+    assert decoded.leases == {} and decoded.lapsed == () and decoded.overruns == 0
+    assert decoded.reservations == {"c": Reservation(micro_usd=0, tokens=10,
+                                                     expires_at=1700000000.0)}
