@@ -80,6 +80,20 @@ async def test_a_node_reports_the_usage_and_timings_it_measured(bus: Bus, fake) 
     assert done.ttft_ms is not None and 0 <= done.ttft_ms <= done.latency_ms
 
 
+async def test_a_node_asks_its_runtime_for_a_whole_answer_when_the_requester_wants_one(
+        bus: Bus, fake) -> None:
+    """`CompletionRequest.stream=False`: the runtime is asked for one document, the same
+    text arrives as frames at its end, and no time to first token is claimed."""
+    node_id = await serve_relay(bus, fake)
+    got = await frames(bus, subjects.node_infer(node_id), request("fake-small", stream=False))
+    deltas, done = got[:-1], got[-1]
+    assert fake.stats.outcomes[-1]["stream"] is False
+    assert isinstance(done, Done), done
+    assert "".join(d.content for d in deltas) == reply_text(8)
+    assert done.usage.output_tokens == 8 and not done.usage.estimated
+    assert done.ttft_ms is None and done.latency_ms > 0
+
+
 async def test_a_node_estimates_the_usage_its_runtime_did_not_report(bus: Bus, fake) -> None:
     node_id = await serve_relay(bus, fake)
     fake.script({"no_usage": True})
