@@ -580,20 +580,24 @@ class CallLifecycle:
                     self.metrics.budget_committed.add(outcome.cost_micro_usd / 1e6)
                 # one transaction: the cost committed with the conversation and a run's
                 # events for the answer (`rider`, joint.py) on the last budget; without a
-                # budget, the conversation and the rider's events alone. Token counters:
-                # an independent write, meanwhile.
+                # budget, the conversation and the rider's events alone. Token counters
+                # (when a rate limit counts them): an independent write, meanwhile.
                 rider = call.rider if not call.output_denied else None
                 answer = (outcome, "".join(call.output))
                 conversation = ([self._conversation(call, outcome)]
                                 if call.record_conversation and not call.output_denied else [])
                 if call.call_events:  # the provider's record of the answer, the output check
                     conversation.append((llmcall_stream(call.call_id), call.call_events, None))
-                commits, _ = await asyncio.gather(
-                    self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens, call.metadata,
-                                        rider, answer, with_events=conversation)
-                    if call.charge.streams else
-                    self._record_answer(call, conversation, rider, answer),
-                    self.rates.add_tokens(call.rate_subjects, tokens))
+                recording = (self.budgets.commit(call.charge, outcome.cost_micro_usd, tokens,
+                                                 call.metadata, rider, answer,
+                                                 with_events=conversation)
+                             if call.charge.streams else
+                             self._record_answer(call, conversation, rider, answer))
+                if call.rate_subjects and tokens > 0:
+                    commits, _ = await asyncio.gather(
+                        recording, self.rates.add_tokens(call.rate_subjects, tokens))
+                else:  # nothing to count: no second write, no tasks to run both
+                    commits = await recording
                 for commit in commits:
                     if commit.overrun_micro_usd or commit.overrun_tokens:
                         scope = "session" if commit.budget_id.startswith("budget-session-") else "tenant"
