@@ -74,15 +74,23 @@ async def reject_unstorable_text(request: Request) -> Response | None:
         allowed = ALLOW.get(_TYPED.sub("}", request.scope.get("path_template", "")))
         if allowed:
             return Response(None, status_code=204, headers={"Allow": ", ".join(allowed)})
-    for name, value in request.path_params.items():
-        if isinstance(value, str) and NUL in value:
-            raise _refuse(name)
-    for name, value in request.query_params.multi_items():
-        if NUL in name or NUL in value:
-            raise _refuse(name.replace(NUL, "\\0"))
-    for name, value in request.headers.items():
-        if NUL in value:
-            raise _refuse(name)
+    # Each part is searched for a NUL in its raw form first (the decoded path, the query
+    # string where a NUL can only come escaped, the header bytes): only a part that
+    # holds one is parsed to name the field, so a request without any builds nothing.
+    scope = request.scope
+    if NUL in scope.get("path", ""):
+        for name, value in request.path_params.items():
+            if isinstance(value, str) and NUL in value:
+                raise _refuse(name)
+    query = scope.get("query_string", b"")
+    if b"%00" in query or b"\x00" in query:
+        for name, value in request.query_params.multi_items():
+            if NUL in name or NUL in value:
+                raise _refuse(name.replace(NUL, "\\0"))
+    if any(b"\x00" in value for _, value in scope.get("headers", ())):
+        for name, value in request.headers.items():
+            if NUL in value:
+                raise _refuse(name)
     if request.method in ("POST", "PUT", "PATCH"):
         body = await request.body()  # cached: the handler decodes the same bytes
         if b"\\u0000" in body:  # a JSON body can only carry a NUL escaped
