@@ -80,13 +80,13 @@ async def _at_edge(work: Awaitable[idem.Recorded]) -> idem.Recorded:
         raise problem_for(exc) from None
 
 
-async def _answer(calls: CallLifecycle, caller: Caller, call_input: CallInput, stream: bool,
+async def _answer(calls: CallLifecycle, caller: Caller, call_input: CallInput,
                   as_stream: Callable[[OpenCall], AsyncIterator[bytes]],
                   as_body: Callable[[OpenCall, Done, str, list[dict[str, Any]]], Any]
                   ) -> idem.Recorded:
     """The tail both chat endpoints share: run the call, answer as a stream or a body."""
     call = await calls.open(caller, call_input)
-    if stream:
+    if call_input.stream:
         return idem.Recorded(200, {**_headers(call), "Cache-Control": "no-cache"},
                              "text/event-stream", chunks=as_stream(call), final=call.answered)
     return idem.Recorded.json(as_body(call, *await call.collect()), headers=_headers(call))
@@ -190,7 +190,7 @@ class ChatController(Controller):
         session_id = request.headers.get(SESSION_HEADER)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         return await idem.run_once(request, caller.tenant, idempotency, lambda: _at_edge(_answer(
-            calls, caller, openai_input(data, session_id), data.stream,
+            calls, caller, openai_input(data, session_id),
             lambda call: _openai_stream(call, include_usage), _openai_body(data.model))),
             also=(session_id,))
 
@@ -211,7 +211,7 @@ class ChatController(Controller):
                                max_tokens=data.max_tokens, temperature=data.temperature,
                                stream=data.stream)
         return await idem.run_once(request, caller.tenant, idempotency, lambda: _at_edge(_answer(
-            calls, caller, call_input, data.stream, _session_stream, _session_body)))
+            calls, caller, call_input, _session_stream, _session_body)))
 
     @get("/v1/sessions/{session_id:str}/messages")
     async def get_messages(self, session_id: str, caller: Caller, calls: CallLifecycle) -> MessageList:

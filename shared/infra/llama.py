@@ -15,12 +15,12 @@ one token; a build that fails (for example a SIGILL on this CPU) is never cached
 error says why. A CPU's feature flags can promise more than it runs: a virtual machine
 may announce AMX that its kernels' code then dies on (seen here: a Xeon VM announcing
 AMX, whose best-scored variant, `sapphirerapids` with AMX, died with SIGILL, while
-`zen4`, AVX-512 without AMX, runs). So when the
-smoke test dies with SIGILL in a CPU variant it loaded, that variant's library is
-dropped from the build and the test runs again on the next best; the build is cached
-only once one passes, and a SIGILL with no variant left to drop fails it as before. The cache key is the llama.cpp version *and* a digest of the recipe
-(CMake options, machine architecture), so a changed recipe rebuilds instead of reusing
-an old binary. The result lives under `NEXUS_CACHE_DIR` (default `~/.cache/nexus`):
+`zen4`, AVX-512 without AMX, runs). So when the smoke test dies with SIGILL in a CPU
+variant it loaded, that variant's library is dropped from the build and the test runs
+again on the next best; the build is cached only once one passes, and a SIGILL with no
+variant left to drop fails it as before. The cache key is the llama.cpp version *and* a
+digest of the recipe (CMake options, machine architecture), so a changed recipe rebuilds
+instead of reusing an old binary. The result lives under `NEXUS_CACHE_DIR` (default `~/.cache/nexus`):
 `llama-server/<version>-<recipe digest>/` holds the binary and its libraries (RPATH
 `$ORIGIN`, so the directory can be moved as a whole).
 
