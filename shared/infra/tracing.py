@@ -2,25 +2,69 @@
 
 `setup_tracing(service)` is called once at process start. When
 `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans go to it over OTLP/HTTP (the exporter
-reads the standard OTEL_* variables itself); otherwise they are recorded (so logs
-and events still get trace ids) and dropped.
+reads the standard OTEL_* variables itself), sampled as `OTEL_TRACES_SAMPLER` says
+(default: every trace). Otherwise nothing would receive a span, so none is recorded:
+each span is a non-recording one that still has its trace and span id, so logs and
+events still carry trace ids and the context still propagates (unsampled; set the
+endpoint on every service or on none). A span processor added later (a test's
+collector) turns recording on.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import Link, SpanKind, get_current_span
+from opentelemetry.util.types import Attributes
 
 from shared import __version__
 
 _provider: TracerProvider | None = None
+
+
+class WhileExported(Sampler):
+    """`sampler`'s decision once something exports spans; until then DROP: a span that
+    no processor would see costs its ids only, not the recording (a third of the
+    provider's CPU per call went to spans nobody received: docs/performance.md, round
+    10). The ids stay, so trace ids reach logs and events as before."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.exporting = False
+
+    def should_sample(self, parent_context: Context | None, trace_id: int, name: str,
+                      kind: SpanKind | None = None, attributes: Attributes = None,
+                      links: Sequence[Link] | None = None,
+                      trace_state: object = None) -> SamplingResult:
+        if self.exporting:
+            return self.sampler.should_sample(parent_context, trace_id, name, kind,
+                                              attributes, links)
+        parent = get_current_span(parent_context).get_span_context()
+        return SamplingResult(Decision.DROP, None,
+                              parent.trace_state if parent.is_valid else None)
+
+    def get_description(self) -> str:
+        return f"WhileExported{{{self.sampler.get_description()}}}"
+
+
+class _Provider(TracerProvider):
+    """Records spans from the first span processor on (`WhileExported`)."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource=resource)  # the sampler OTEL_TRACES_SAMPLER names
+        self.sampler = self.gate = WhileExported(self.sampler)
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        super().add_span_processor(span_processor)
+        self.gate.exporting = True
 
 
 def setup_tracing(service_name: str, instance_id: str | None = None) -> TracerProvider:
@@ -34,7 +78,7 @@ def setup_tracing(service_name: str, instance_id: str | None = None) -> TracerPr
             "service.instance.id": instance_id or f"{socket.gethostname()}-{os.getpid()}",
         }
     )
-    provider = TracerProvider(resource=resource)
+    provider = _Provider(resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):
