@@ -33,6 +33,13 @@ Timings are printed, never asserted. Goals (issue 16, the hot path), each printe
 or missed: added latency p50 <= 1 ms and p99 <= 5 ms sequential, non-streaming and to
 the first streamed token; >= 1,500 calls/s at 64 clients with 0 errors; >= 1,000
 sessions/s. `--seconds`, `--sequential`: a shorter run on a busy machine.
+
+`--traced`: the services export their traces and metrics over OTLP/HTTP to a collector
+stand-in (its own process: it reads each request and answers 200, as a collector does
+before its pipeline), so every span is recorded, encoded and sent, as in a deployment
+with Grafana; its CPU is printed as `collector`. Without it nothing receives a span and
+the services record none (`shared/infra/tracing.py`): the cost of tracing is the
+difference between the two runs.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -205,6 +213,28 @@ targets = ["fake/fake-small"]
 """
 
 
+_COLLECTOR = r"""
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
 class Platform:
     """NATS, Postgres, the fake upstream (own process), `replicas` providers and
     orchestrators (one of each by default; `port` is the first orchestrator's, `ports`
@@ -212,8 +242,10 @@ class Platform:
 
     def __init__(self, tmp: Path, *, delay_ms: float = 0.0, reply_tokens: int = REPLY_TOKENS,
                  max_concurrency: int = 128, max_queue: int = 1024, replicas: int = 1,
-                 **env: str) -> None:
+                 traced: bool = False, **env: str) -> None:
         self.tmp = tmp
+        self.traced = traced
+        self.collector: subprocess.Popen[str] | None = None  # with `traced`
         self.replicas = replicas
         self.extra: list[ServiceProc] = []  # the second and further replicas
         self.ports: list[int] = []
@@ -249,6 +281,13 @@ class Platform:
         self.fake = FakeUpstreamProcess(delay_ms=self.delay_ms, reply_tokens=self.reply_tokens,
                                         models=("fake-small",), api_key=UPSTREAM_KEY).start()
         self.port = free_port()
+        if self.traced:
+            self.collector = subprocess.Popen([sys.executable, "-c", _COLLECTOR],
+                                              stdout=subprocess.PIPE, text=True)
+            assert self.collector.stdout is not None
+            port = self.collector.stdout.readline().strip()
+            self.extra_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                              **self.extra_env}
         env = service_env(
             self.nats.url, self.database_url, NEXUS_ADMIN_KEY=self.admin_key,
             NEXUS_PROVIDERS=providers_toml(self.fake.url + "/v1", self.max_concurrency,
@@ -314,7 +353,8 @@ class Platform:
         return {"orchestrator": of("orchestrator", self.orchestrator),
                 "provider": of("provider", self.provider),
                 "postgres": tree(self.pg.proc.pid), "nats": one(self.nats.proc.pid),
-                "upstream": one(self.fake.proc.pid), "client": one(os.getpid())}
+                "upstream": one(self.fake.proc.pid), "client": one(os.getpid()),
+                **({"collector": one(self.collector.pid)} if self.collector else {})}
 
     def stop(self) -> None:
         for proc in (self.orchestrator, self.provider, *self.extra):
@@ -325,6 +365,9 @@ class Platform:
                     pass
         if self.fake is not None:
             self.fake.stop()
+        if self.collector is not None:
+            self.collector.kill()
+            self.collector.wait()
         if self.nats is not None:
             self.nats.stop()
         if self.pg is not None:
@@ -762,17 +805,21 @@ def main() -> None:
                              "unset: the platform's default)")
     parser.add_argument("--env", action="append", default=[], metavar="NEXUS_X=VALUE",
                         help="a setting for the services (repeatable): A/B a knob in one run each")
+    parser.add_argument("--traced", action="store_true",
+                        help="export traces and metrics over OTLP to a collector stand-in")
     args = parser.parse_args()
     raise_fd_limit()
     tmp = Path(tempfile.mkdtemp(prefix="nexus-bench-gateway-"))
     env = dict(item.split("=", 1) for item in args.env)
     if args.lease_calls is not None:
         env["NEXUS_BUDGET_LEASE_CALLS"] = str(args.lease_calls)
-    platform = Platform(tmp, replicas=args.replicas, **env)
+    platform = Platform(tmp, replicas=args.replicas, traced=args.traced, **env)
     try:
         t = time.perf_counter()
         platform.start()
         settings = ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "all defaults"
+        if args.traced:
+            settings += "; traces and metrics exported over OTLP"
         sys.stdout.write(f"platform up in {time.perf_counter() - t:.1f} s ({tmp}); "
                          f"settings: {settings}\n")
         sys.stdout.flush()
