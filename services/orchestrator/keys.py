@@ -71,7 +71,8 @@ class KeyService:
         self._admin_hash = hash_key(admin_key) if admin_key else None
         # mixed into derived keys: the platform's secret, which no tenant holds
         self._server_secret = hashlib.sha256(f"nexus-derived-keys\x00{admin_key or ''}".encode()).digest()
-        self._cache: dict[str, tuple[float, tuple[str, str, str, bool] | None]] = {}
+        # key id -> (when read, (its hash, its caller; None: revoked) or None: no such key)
+        self._cache: dict[str, tuple[float, tuple[str, Caller | None] | None]] = {}
 
     async def create(self, tenant: str, name: str, role: str, actor: str, *,
                      retry_of: tuple[str, str, str] | None = None) -> IssuedKey:
@@ -130,34 +131,33 @@ class KeyService:
         from a key (the dashboard's cookie): revoking the key ends them (same 5 s cache)."""
         if key_id == "admin":
             return Caller(tenant="default", key_id="admin", role="platform") if self._admin_hash else None
-        now = time.monotonic()
-        cached = self._cache.get(key_id)
-        if cached is None or now - cached[0] > CACHE_TTL_S:
-            row = await self.read_model.lookup(key_id)
-            cached = (now, (row.tenant, row.role, row.key_hash, row.revoked) if row else None)
-            if row is not None:
-                self._cache[key_id] = cached
-        entry = cached[1]
-        if entry is None or entry[3]:
-            return None
-        return Caller(tenant=entry[0], key_id=key_id, role=entry[1])
+        entry = await self._entry(key_id)
+        return entry[1] if entry is not None else None
 
     async def authenticate(self, key: str, tenant_header: str | None = None) -> Caller | None:
         """The caller a presented key identifies, or None (constant-time comparisons)."""
-        if self._admin_hash and hmac.compare_digest(hash_key(key), self._admin_hash):
+        digest = hash_key(key)
+        if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
             return Caller(tenant=tenant_header or "default", key_id="admin", role="platform")
         match = KEY_PATTERN.match(key)
         if not match:
             return None
-        key_id = match.group(1)
+        entry = await self._entry(match.group(1))
+        if entry is None or not hmac.compare_digest(digest, entry[0]):
+            return None
+        return entry[1]
+
+    async def _entry(self, key_id: str) -> tuple[str, Caller | None] | None:
+        """(the key's hash, its caller; None once revoked), or None: no such key. Read at
+        most every CACHE_TTL_S; misses are not cached: a key just issued elsewhere works
+        at once."""
         now = time.monotonic()
         cached = self._cache.get(key_id)
         if cached is None or now - cached[0] > CACHE_TTL_S:
             row = await self.read_model.lookup(key_id)
-            cached = (now, (row.tenant, row.role, row.key_hash, row.revoked) if row else None)
-            if row is not None:  # misses are not cached: a key just issued elsewhere works at once
+            caller = None if row is None or row.revoked else \
+                Caller(tenant=row.tenant, key_id=key_id, role=row.role)
+            cached = (now, (row.key_hash, caller) if row is not None else None)
+            if row is not None:
                 self._cache[key_id] = cached
-        entry = cached[1]
-        if entry is None or entry[3] or not hmac.compare_digest(hash_key(key), entry[2]):
-            return None
-        return Caller(tenant=entry[0], key_id=key_id, role=entry[1])
+        return cached[1]
