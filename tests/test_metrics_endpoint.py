@@ -10,6 +10,7 @@ names the dashboards query against these endpoints too.
 from __future__ import annotations
 
 import socket
+import uuid
 
 import httpx
 import pytest
@@ -112,3 +113,31 @@ def test_a_metrics_port_that_is_taken_is_logged_not_fatal(caplog) -> None:
         assert "python_info" in scrape(f"http://127.0.0.1:{port}/metrics")["samples"]
     finally:
         metrics.stop_serving_metrics()
+
+
+def test_a_summed_counter_reads_as_the_counter_it_replaces() -> None:
+    """`SummedCounter` sums in the process and is read at each scrape: the same
+    Prometheus counter (`_total`, one series per attribute set, however the attributes
+    were ordered), shared by every holder of its name, as the SDK's counter is."""
+    from opentelemetry.sdk.resources import Resource
+
+    metrics.setup_metrics(Resource.create({"service.name": "nexus-test"}))
+    name = f"nexus.test.summed{uuid.uuid4().hex[:8]}"
+
+    def totals() -> dict[tuple[str, str], float]:
+        body, _ = metrics.exposition()
+        [family] = [f for f in text_string_to_metric_families(body.decode())
+                    if f.name == name.replace(".", "_")]
+        assert family.type == "counter"
+        return {(s.labels["rule"], s.labels["allowed"]): s.value for s in family.samples
+                if s.name.endswith("_total")}
+
+    first = metrics.summed_counter(name, "{call}", "calls, for the test")
+    assert metrics.summed_counter(name, "{call}", "calls, for the test") is first
+    first.add(2, {"rule": "a", "allowed": "true"})
+    metrics.summed_counter(name, "{call}", "").add(1, {"allowed": "true", "rule": "a"})
+    first.add(0.5, {"rule": "b", "allowed": "false"})
+    first.add(0, {"rule": "c", "allowed": "true"})  # a series that exists at 0
+    assert totals() == {("a", "true"): 3, ("b", "false"): 0.5, ("c", "true"): 0}
+    first.add(1, {"rule": "b", "allowed": "false"})
+    assert totals() == {("a", "true"): 3, ("b", "false"): 1.5, ("c", "true"): 0}
