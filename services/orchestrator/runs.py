@@ -118,6 +118,7 @@ from shared.domain.budget import RUN, budget_stream_for_run, usd_to_micro
 from shared.domain.tools import ToolSpec
 from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
 from shared.infra.messaging import Bus
+from shared.infra.metrics import summed_counter
 from shared.infra.tracing import tracer
 
 log = logging.getLogger("nexus.orchestrator.runs")
@@ -134,14 +135,14 @@ class LeaseLost(Exception):
 class RunMetrics:
     def __init__(self) -> None:
         m = otel_metrics.get_meter("nexus")
-        self.runs = m.create_counter("nexus.agent.runs", unit="{run}",
-                                     description="Agent runs ended, by outcome")
+        self.runs = summed_counter("nexus.agent.runs", unit="{run}",
+                                   description="Agent runs ended, by outcome")
         self.steps = m.create_histogram("nexus.agent.run.steps", unit="{step}",
                                         description="LLM steps per ended run")
         self.cost = m.create_histogram("nexus.agent.run.cost", unit="USD",
                                        description="Cost per ended run")
-        self.takeovers = m.create_counter("nexus.agent.run.takeovers", unit="{run}",
-                                          description="Runs taken over from another process")
+        self.takeovers = summed_counter("nexus.agent.run.takeovers", unit="{run}",
+                                        description="Runs taken over from another process")
 
     def ended(self, outcome: str, steps: int, cost_micro_usd: int) -> None:
         self.runs.add(1, {"outcome": outcome})

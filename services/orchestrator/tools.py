@@ -79,6 +79,7 @@ from shared.domain.tools import (
 )
 from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
 from shared.infra.messaging import Bus, MessagingError, NoResponders, RequestTimeout
+from shared.infra.metrics import summed_counter
 from shared.infra.streaming import KEEPALIVE_S, RemoteStreamError, StreamReceiver
 from shared.infra.tracing import tracer
 from services.orchestrator.joint import Rider, append_joint
@@ -111,8 +112,8 @@ class ToolCallMetrics:
 
     def __init__(self) -> None:
         m = otel_metrics.get_meter("nexus")
-        self._calls = m.create_counter("nexus.tool.call.outcomes", unit="{call}",
-                                       description="Tool calls by tool and outcome (orchestrator)")
+        self._calls = summed_counter("nexus.tool.call.outcomes", unit="{call}",
+                                     description="Tool calls by tool and outcome (orchestrator)")
         self._duration = m.create_histogram("nexus.tool.call.duration", unit="s",
                                             description="Tool calls from dispatch to their end")
 

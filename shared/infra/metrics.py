@@ -213,12 +213,11 @@ class ToolMetrics:
     `Failed.error` reason (`timeout`, `memory`, `overloaded`, ...)."""
 
     def __init__(self) -> None:
-        m = _meter()
-        self.calls = m.create_counter(
+        self.calls = summed_counter(
             "nexus.tool.calls", unit="{call}", description="Tool calls by tool and outcome")
-        self.duration = m.create_histogram(
+        self.duration = _meter().create_histogram(
             "nexus.tool.duration", unit="s", description="Duration of tool calls on nodes")
-        self.sandbox_starts = m.create_counter(
+        self.sandbox_starts = summed_counter(
             "nexus.sandbox.starts", unit="{start}", description="Sandboxes started, by tool")
 
 
