@@ -11,7 +11,6 @@ event log folded from scratch is the state maintained step by step.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Union
 
 import msgspec
@@ -163,7 +162,7 @@ def test_reserve_beyond_limit_names_dimension_and_amounts():
         available_micro_usd=350_000, available_tokens=None,
         reason="session budget: 0.80 USD requested, 0.35 USD available")
     # a denial is audit only: nothing changes but the version
-    assert b.s == dataclasses.replace(before, version=before.version + 1)
+    assert b.s == msgspec.structs.replace(before, version=before.version + 1)
 
 
 def test_reserve_beyond_token_limit_of_tenant_budget():
@@ -293,7 +292,7 @@ def test_commit_of_unknown_or_closed_call_is_a_noop():
     # appended anyway (a retry that raced): harmless, only the version moves
     b.apply([BudgetCommitted(budget_id="b1", call_id="c1", micro_usd=200_000, tokens=0),
              BudgetCommitted(budget_id="b1", call_id="ghost", micro_usd=9 * USD, tokens=9)])
-    assert b.s == dataclasses.replace(state, version=state.version + 2)
+    assert b.s == msgspec.structs.replace(state, version=state.version + 2)
     with pytest.raises(ValueError):
         decide_commit(b.state, "c1", -5, 0)
     assert decide_commit(None, "c1", 1, 1) == []
@@ -312,7 +311,7 @@ def test_release_frees_the_reservation():
     assert b.release("c1", "cancelled") == []
     state = b.s
     b.apply([ev])  # a duplicate release appended anyway
-    assert b.s == dataclasses.replace(state, version=state.version + 1)
+    assert b.s == msgspec.structs.replace(state, version=state.version + 1)
     assert b.s.reserved_micro_usd == 0
     assert decide_release(None, "c1", "failed") == []
 
@@ -710,7 +709,7 @@ def test_a_second_open_changes_nothing():
     b = Budget(limit_micro_usd=USD)
     state = b.s
     b.apply([BudgetOpened(budget_id="b1", scope="tenant", owner="x", limit_micro_usd=1)])
-    assert b.s == dataclasses.replace(state, version=2)
+    assert b.s == msgspec.structs.replace(state, version=2)
 
 
 def test_events_round_trip_as_json():

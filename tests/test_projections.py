@@ -497,8 +497,9 @@ def test_a_budget_rows_state_decodes_to_the_state_that_was_written() -> None:
     """The budgets row's `state` column as Postgres gives it back (jsonb text: its own key
     order and spacing) decodes to the state the fold wrote, leases and reservations
     typed; a row written before leases and overruns existed takes their defaults."""
-    import dataclasses
     import json
+
+    import msgspec
 
     from services.orchestrator.read_models.budgets import _budget_from_json
     from shared.domain.budget import BudgetState, Lease, Reservation
@@ -512,7 +513,7 @@ def test_a_budget_rows_state_decodes_to_the_state_that_was_written() -> None:
         leases={"lease-1": Lease(micro_usd=900, tokens=0, expires_at=1.7e9 + 0.25,
                                  instance="orchestrator-1.ab")},
         leased_micro_usd=900)
-    as_jsonb = json.dumps(dataclasses.asdict(state), sort_keys=True)
+    as_jsonb = json.dumps(msgspec.to_builtins(state), sort_keys=True)
     assert _budget_from_json(as_jsonb) == state
     old = {"budget_id": "budget-session-o", "scope": "session", "owner": "o", "period": None,
            "limit_micro_usd": None, "limit_tokens": 100, "version": 3,

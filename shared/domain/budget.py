@@ -87,13 +87,13 @@ own idempotence, e.g. the call's stream).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import msgspec
+from msgspec.structs import replace
 
 from shared.contracts.events import (
     BudgetCommitted,
@@ -238,16 +238,14 @@ def _utf8_len(value: Any) -> int:
 # -- state ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(msgspec.Struct, frozen=True):
     micro_usd: int
     tokens: int
     expires_at: float
     instance: str | None = None  # the orchestrator process holding it
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(msgspec.Struct, frozen=True):
     """An open lease; `micro_usd` / `tokens` are what is LEFT of its slice."""
 
     micro_usd: int
@@ -256,8 +254,7 @@ class Lease:
     instance: str | None = None  # the orchestrator process holding it
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetState:
+class BudgetState(msgspec.Struct, frozen=True):
     """The fold of one budget stream. Treat `reservations` and `leases` as read-only."""
 
     budget_id: str
@@ -271,12 +268,12 @@ class BudgetState:
     reserved_tokens: int = 0
     committed_micro_usd: int = 0
     committed_tokens: int = 0
-    reservations: dict[str, Reservation] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = msgspec.field(default_factory=dict)
     overrun_micro_usd: int = 0  # committed beyond the calls' own reservations (in committed)
     overrun_tokens: int = 0
     overruns: int = 0  # commits that exceeded their reservation
     lapsed: tuple[str, ...] = ()  # calls released while running (expired, owner lost), oldest first
-    leases: dict[str, Lease] = field(default_factory=dict)  # open leases: what is left of each
+    leases: dict[str, Lease] = msgspec.field(default_factory=dict)  # open leases: what is left of each
     leased_micro_usd: int = 0  # the sum of what is left of the open leases
     leased_tokens: int = 0
 
