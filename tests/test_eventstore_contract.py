@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from shared.contracts.events import Metadata, SessionClosed, SessionStarted, session_stream
+from shared.contracts.events import Metadata, SessionClosed, SessionStarted, new_id, session_stream
 from shared.infra.eventstore import EventIdConflict, EventStore, WrongExpectedVersion
 from shared.infra.eventstore.store import create_pool
 from shared.infra.tracing import setup_tracing, tracer
@@ -450,3 +450,17 @@ async def test_concurrent_version_reads_share_statements_and_never_answer_stale(
             streams[s] for s in asked]
     finally:
         await pool.close()
+
+
+async def test_new_event_ids_are_random_version_4_uuids(store: EventStore) -> None:
+    """Ids the store makes (`new_id`, text) are what `uuid.uuid4()` makes: version 4,
+    the RFC 4122 variant, all different; stored, they read back as the same UUIDs."""
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:200]:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+    sid, stream = new_stream()
+    await store.append(stream, [started(sid), SessionClosed(session_id=sid)], expected_version=0)
+    for event in await store.read_stream(stream):
+        assert uuid.UUID(str(event.event_id)).version == 4

@@ -42,7 +42,6 @@ import asyncio
 import logging
 import random
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +77,7 @@ from shared.contracts.events import (
     Metadata,
     TenantBudgetSet,
     llmcall_stream,
+    new_id,
     tenant_stream,
 )
 from shared.contracts.errors import BudgetDenied
@@ -417,7 +417,7 @@ class BudgetManager:
                 tok = _slice(tokens * calls, tokens, state.remaining_tokens)
                 if usd is None or tok is None:
                     return None
-                lease_id = str(uuid.uuid4())
+                lease_id = new_id()
                 events = decide_lease(state, lease_id, usd, tok, now, self.ttl_s, self.instance)
                 if not events or not isinstance(events[-1], BudgetLeased):
                     return None

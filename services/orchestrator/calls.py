@@ -31,7 +31,6 @@ import functools
 import logging
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +55,7 @@ from shared.contracts.events import (
     PolicyEvaluated,
     conversation_stream,
     llmcall_stream,
+    new_id,
     session_stream,
 )
 from shared.contracts.frames import Delta, Done, Failed
@@ -384,7 +384,7 @@ class CallLifecycle:
                 f"max_tokens: {max_tokens} plus the prompt (~{prompt_tokens} tokens) "
                 f"exceeds the context of {model!r} ({info.context} tokens)",
                 [{"field": "max_tokens", "message": "exceeds the model's context"}])
-        call_id = call_input.call_id or str(uuid.uuid4())
+        call_id = call_input.call_id or new_id()
         metadata = Metadata(tenant=caller.tenant, actor=caller.actor,
                             correlation_id=session.session_id,
                             causation_id=call_input.run_id or call_id)
@@ -637,9 +637,9 @@ class CallLifecycle:
     @staticmethod
     def _conversation(call: Call, outcome: Done) -> tuple[str, list, None]:
         return (conversation_stream(call.session.session_id), [
-            MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
+            MessageAppended(session_id=call.session.session_id, message_id=new_id(),
                             role="user", content=call.new_user_text, call_id=call.call_id),
-            MessageAppended(session_id=call.session.session_id, message_id=str(uuid.uuid4()),
+            MessageAppended(session_id=call.session.session_id, message_id=new_id(),
                             role="assistant", content="".join(call.output),
                             call_id=call.call_id, model=outcome.model,
                             provider=outcome.provider, node=outcome.node,

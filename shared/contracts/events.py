@@ -10,6 +10,7 @@ field or a type that has been stored (old events must keep decoding).
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import datetime
 from typing import Literal, Union
@@ -948,7 +949,13 @@ def routing_stream(tenant: str) -> str:
 
 
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID as text: what `str(uuid.uuid4())` gives, in 0.9 us
+    instead of 2.1 (a call takes about ten)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 # -- encoding ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from shared.contracts.events import (
     decode_metadata,
     encode_event,
     encode_metadata,
+    new_id,
 )
 from shared.infra.tracing import current_ids
 
@@ -122,7 +123,7 @@ def _with_trace(meta: Metadata | None) -> Metadata:
 class _Append:
     stream_id: str
     expected_version: int | None
-    event_ids: list[uuid.UUID]
+    event_ids: list[uuid.UUID | str]  # given (UUIDs), or new (`new_id`, text)
     types: list[str]
     data: list[str]
     metadata: str
@@ -133,7 +134,7 @@ def _request(stream_id: str, events: Sequence[Event], expected_version: int | No
              metadata: Metadata | None, event_ids: Sequence[uuid.UUID] | None) -> _Append:
     if not events:
         raise ValueError("append needs at least one event")
-    ids = list(event_ids) if event_ids is not None else [uuid.uuid4() for _ in events]
+    ids = list(event_ids) if event_ids is not None else [new_id() for _ in events]
     if len(ids) != len(events):
         raise ValueError("event_ids must match events one to one")
     if len(set(ids)) != len(ids):
