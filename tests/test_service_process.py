@@ -65,3 +65,19 @@ def test_a_service_whose_task_never_stops_still_exits_and_says_so() -> None:
     assert done.returncode == 1
     assert "tasks still running after the service stopped" in done.stderr + done.stdout
     assert "leftover" in done.stderr + done.stdout
+
+
+def test_a_ready_service_freezes_its_start_up_heap_and_collects_young_objects_less_often() -> None:
+    import gc
+
+    from shared.infra.service import YOUNG_COLLECTION_EVERY, freeze_startup_heap
+
+    before = gc.get_threshold()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0  # start-up's objects are out of the generations
+        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, *before[1:])
+        assert YOUNG_COLLECTION_EVERY > before[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
