@@ -110,6 +110,33 @@ def test_calls_from_a_lease_append_nothing_to_be_admitted(leasing: LLMCluster) -
     assert [t for t, _, _ in transactions(leasing, sid)].count("BudgetLeaseReturned") == 1
 
 
+def test_the_next_slice_is_taken_while_the_current_one_still_serves_calls(
+        leasing: LLMCluster) -> None:
+    """No call waits for a lease's append while calls keep coming: once a slice has room
+    for less than a quarter of its calls, the next is leased in the background, so the
+    call that uses the slice up finds the next one there. On the stream: the second
+    `BudgetLeased` comes before the last commits against the first slice."""
+    key = leasing.tenant_key()
+    sid = leasing.session(key, budget={"limit_tokens": 1000 * RESERVED_PER_CALL},
+                          policy_rules=POLICY)
+    answers = [chat(leasing, leasing.api, key, sid) for _ in range(20)]
+    assert [a.status_code for a in answers] == [200] * 20
+    events = [(t, d) for t, _, d in transactions(leasing, sid)
+              if t in ("BudgetLeased", "BudgetCommitted")]
+    leases = [d["lease_id"] for t, d in events if t == "BudgetLeased"]
+    assert len(leases) >= 2, events
+    second = next(i for i, (t, d) in enumerate(events)
+                  if t == "BudgetLeased" and d["lease_id"] == leases[1])
+    on_first_after = [d for t, d in events[second:]
+                      if t == "BudgetCommitted" and d["lease"] == leases[0]]
+    assert on_first_after, "the next slice was taken only once the first was used up"
+    assert sum(a.json()["usage"]["total_tokens"] for a in answers) == 20 * USED_PER_CALL
+    wait_until(lambda: returned(leasing, key, sid), 20, 0.2, "the idle slices to go back")
+    budget = budget_of(leasing, key, sid)
+    assert budget["committed_tokens"] == 20 * USED_PER_CALL
+    assert (budget["overrun_tokens"], budget["overruns"]) == (0, 0)
+
+
 def test_leased_budget_race_two_orchestrators_never_overspend(leasing: LLMCluster) -> None:
     key = leasing.tenant_key()
     limit = 40 * RESERVED_PER_CALL

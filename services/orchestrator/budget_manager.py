@@ -28,7 +28,12 @@ is at most a quarter of the budget's room (near the limit calls take the exact p
 reservation each, so a slice idle in another process denies little), starts at
 `LEASE_FIRST_CALLS` calls' worst case and doubles while slices are used up quickly, up
 to `NEXUS_BUDGET_LEASE_CALLS`; it is returned (`BudgetLeaseReturned`) once it has been
-idle `LEASE_IDLE_S`, used up, near its expiry, or at shutdown. A lost process's slices
+idle `LEASE_IDLE_S`, used up, near its expiry, or at shutdown. The next slice is taken
+ahead, in a task of its own, once the current one has room for less than a quarter of
+its calls (`LEASE_AHEAD_SHARE`): the call that uses a slice up finds the next one there,
+so no call waits for a lease's append while calls keep coming (at 64 calls a slice and
+two budgets per call, one call in 32 waited for two appends). A slice taken ahead and
+never used goes back like an idle one. A lost process's slices
 are returned by a survivor (`liveness.py`, "orchestrator-lost") or expire; a call it
 admitted that finishes anyway is charged late, in full, as overrun. Calls whose policy
 has rate limits (their slots are taken in the admission's transaction) take the exact
@@ -93,6 +98,7 @@ LEASE_FIRST_CALLS = 8  # a first slice covers this many worst cases of the call 
 LEASE_IDLE_S = 5.0  # a slice unused this long is returned
 LEASE_QUICK_S = 1.0  # a slice used up sooner: the next one is twice as large
 LEASE_ROOM_SHARE = 4  # a slice is at most 1/4 of the budget's room
+LEASE_AHEAD_SHARE = 4  # the next slice is taken once less than 1/4 of the calls are left
 
 
 @dataclass
@@ -108,6 +114,7 @@ class _Lease:
     expires_at: float
     taken_at: float
     used_at: float
+    calls: int = 1  # how many worst cases of the call that took it it was sized for
     held_usd: int = 0
     held_tokens: int = 0
     holds: int = 0
@@ -116,6 +123,11 @@ class _Lease:
     def fits(self, micro_usd: int, tokens: int) -> bool:
         return (not self.retired and self.left_usd - self.held_usd >= micro_usd
                 and self.left_tokens - self.held_tokens >= tokens)
+
+    def running_low(self, micro_usd: int, tokens: int) -> bool:
+        """Room for less than a quarter of its calls of this size: time to take the next."""
+        ahead = max(1, self.calls // LEASE_AHEAD_SHARE)
+        return not self.fits(micro_usd * ahead, tokens * ahead)
 
 
 def _slice(wanted: int, one: int, room: int | None) -> int | None:
@@ -187,6 +199,8 @@ class BudgetManager:
         self._tenant_limits: dict[str, tuple[float, TenantBudgetSet | None]] = {}
         self.lease_calls = lease_calls  # 0: no leases
         self._leases: dict[str, _Lease] = {}  # the current slice of each budget stream
+        self._spares: dict[str, _Lease] = {}  # the next slice, taken ahead (module doc)
+        self._taking: dict[str, asyncio.Task[None]] = {}  # next slices being taken ahead
         self._returning: set[asyncio.Task[None]] = set()  # returns under way (kept: not GC'd)
         self._holds: dict[str, list[tuple[_Lease, int, int]]] = {}  # call id -> its holds
         self._next_calls: dict[str, int] = {}  # the next slice's size per stream, in calls
@@ -377,7 +391,32 @@ class BudgetManager:
             lease.used_at = time.monotonic()
             held.append((lease, micro_usd, tokens))
         self._holds[charge.call_id] = held
+        for lease, usd, tok in held:
+            if lease.running_low(usd, tok):
+                self._take_ahead(charge, lease.stream, usd, tok)
         return True
+
+    def _take_ahead(self, charge: Charge, stream: str, micro_usd: int, tokens: int) -> None:
+        """Take the stream's next slice in a task of its own, unless one is taken or being
+        taken already (module doc)."""
+        if stream in self._spares or stream in self._taking:
+            return
+        task = asyncio.ensure_future(self._take_spare(charge, stream, micro_usd, tokens))
+        self._taking[stream] = task
+        task.add_done_callback(lambda _: self._taking.pop(stream, None))
+
+    async def _take_spare(self, charge: Charge, stream: str, micro_usd: int, tokens: int) -> None:
+        try:
+            async with self._locks[stream]:
+                current = self._leases.get(stream)
+                if stream in self._spares or current is None or current.retired:
+                    return  # taken meanwhile, or the slice went: the next call takes one
+                spare = await self._new_lease(charge, stream, micro_usd, tokens, current)
+                if spare is not None:
+                    self._spares[stream] = spare
+        except Exception:
+            log.exception("taking the next budget lease ahead failed; the call that needs "
+                          "it takes one", extra={"budget": stream})
 
     def _unhold(self, call_id: str) -> list[tuple[_Lease, int, int]]:
         held = self._holds.pop(call_id, [])
@@ -397,41 +436,57 @@ class BudgetManager:
                           tokens: int) -> _Lease | None:
         """A new slice of `stream` sized for this call (module doc), the current one
         retired; None when it would not fit a quarter of the room (the exact path)."""
-        async with self._locks[stream]:
+        async with self._locks[stream]:  # (a slice being taken ahead is waited for here)
             current = self._leases.get(stream)
             if current is not None and current.fits(micro_usd, tokens):
                 return current  # another call took one meanwhile
-            calls = self._next_calls.get(stream, LEASE_FIRST_CALLS)
-            now, clock = time.time(), time.monotonic()
-            if current is not None:  # used up: quickly, the next is larger
-                if clock - current.taken_at < LEASE_QUICK_S:
-                    calls = min(self.lease_calls, calls * 2)
+            spare = self._spares.pop(stream, None)
+            if spare is not None and spare.fits(micro_usd, tokens):
+                if current is not None:
+                    self._retire(current)
+                self._leases[stream] = spare
+                return spare  # taken ahead: nothing to append now
+            if spare is not None:  # too small for this call: it goes back
+                self._retire(spare)
+            lease = await self._new_lease(charge, stream, micro_usd, tokens, current)
+            if current is not None:
                 self._retire(current)
-            calls = max(1, min(calls, self.lease_calls))
-            self._next_calls[stream] = calls
-            for attempt in range(3):
-                state = await self.state(stream)
-                if state is None:
-                    return None
-                usd = _slice(micro_usd * calls, micro_usd, state.remaining_micro_usd)
-                tok = _slice(tokens * calls, tokens, state.remaining_tokens)
-                if usd is None or tok is None:
-                    return None
-                lease_id = new_id()
-                events = decide_lease(state, lease_id, usd, tok, now, self.ttl_s, self.instance)
-                if not events or not isinstance(events[-1], BudgetLeased):
-                    return None
-                try:
-                    await self.store.append(stream, events, expected_version=state.version,
-                                            metadata=_lease_metadata(charge.tenant, state))
-                except WrongExpectedVersion:
-                    await _backoff(attempt)
-                    continue
-                self._remember(stream, state, events)
-                lease = self._leases[stream] = _Lease(
-                    lease_id, stream, charge.tenant, usd, tok, events[-1].expires_at, clock, clock)
-                return lease
-            return None
+            if lease is not None:
+                self._leases[stream] = lease
+            return lease
+
+    async def _new_lease(self, charge: Charge, stream: str, micro_usd: int, tokens: int,
+                         current: _Lease | None) -> _Lease | None:
+        """Append a new slice of `stream` sized for this call (module doc), under the
+        stream's lock; None when it would not fit a quarter of the room."""
+        calls = self._next_calls.get(stream, LEASE_FIRST_CALLS)
+        now, clock = time.time(), time.monotonic()
+        if current is not None and clock - current.taken_at < LEASE_QUICK_S:
+            calls = min(self.lease_calls, calls * 2)  # used up quickly: the next is larger
+        calls = max(1, min(calls, self.lease_calls))
+        self._next_calls[stream] = calls
+        for attempt in range(3):
+            state = await self.state(stream)
+            if state is None:
+                return None
+            usd = _slice(micro_usd * calls, micro_usd, state.remaining_micro_usd)
+            tok = _slice(tokens * calls, tokens, state.remaining_tokens)
+            if usd is None or tok is None:
+                return None
+            lease_id = new_id()
+            events = decide_lease(state, lease_id, usd, tok, now, self.ttl_s, self.instance)
+            if not events or not isinstance(events[-1], BudgetLeased):
+                return None
+            try:
+                await self.store.append(stream, events, expected_version=state.version,
+                                        metadata=_lease_metadata(charge.tenant, state))
+            except WrongExpectedVersion:
+                await _backoff(attempt)
+                continue
+            self._remember(stream, state, events)
+            return _Lease(lease_id, stream, charge.tenant, usd, tok, events[-1].expires_at,
+                          clock, clock, calls)
+        return None
 
     def _retire(self, lease: _Lease) -> None:
         """No new holds on `lease`; returned once its holds are settled (`_release_hold`)."""
@@ -469,6 +524,8 @@ class BudgetManager:
     async def return_leases(self, *, idle_s: float = LEASE_IDLE_S) -> int:
         """Return the slices without holds idle `idle_s` or near their expiry (all of
         them with `idle_s=0`, at shutdown); how many."""
+        if not idle_s and self._taking:  # at shutdown: the slices being taken ahead too
+            await asyncio.gather(*self._taking.values(), return_exceptions=True)
         clock, now = time.monotonic(), time.time()
         due = [lease for lease in list(self._leases.values())
                if lease.holds == 0 and (clock - lease.used_at >= idle_s
@@ -476,6 +533,11 @@ class BudgetManager:
         for lease in due:
             self._leases.pop(lease.stream, None)
             self._next_calls.pop(lease.stream, None)
+        spares = [lease for lease in list(self._spares.values())  # taken ahead, never used
+                  if clock - lease.used_at >= idle_s or lease.expires_at - now < self.ttl_s / 2]
+        for lease in spares:
+            self._spares.pop(lease.stream, None)
+        due += spares
         for lease in list(self._leases.values()):  # busy but near expiry: no new holds
             if lease.expires_at - now < self.ttl_s / 2:
                 self._retire(lease)
