@@ -51,6 +51,14 @@ async def can_connect(url: str) -> str:
         await conn.close()
 
 
+async def setting(url: str, name: str) -> str:
+    conn = await connect(url)
+    try:
+        return await conn.fetchval(f"SHOW {name}")
+    finally:
+        await conn.close()
+
+
 async def refused(url: str, **kwargs) -> bool:
     try:
         conn = await connect(url, **kwargs)
@@ -90,6 +98,8 @@ def test_postgres_starts_from_a_private_directory_and_requires_its_password(
         assert len(password) >= 32 and password in pg.url()
 
         assert asyncio.run(can_connect(pg.url("postgres"))) == "postgres"
+        # a new WAL segment is not zero-filled while every commit waits (postgres.py)
+        assert asyncio.run(setting(pg.url("postgres"), "wal_init_zero")) == "off"
         migrate(pg.url())  # dbmate, with the password, creates and migrates `nexus`
         assert asyncio.run(can_connect(pg.url())) == "postgres"
         # Without the password, or with a wrong one, no one gets in.
