@@ -335,6 +335,12 @@ LIBRARY_VARIABLES = {
                                     "the OpenTelemetry SDK reads it; unset, `trace_based` when "
                                     "metrics go over OTLP and none otherwise (only OTLP carries "
                                     "them).",
+    "OTEL_TRACES_SAMPLER": "which traces are recorded once they are exported, as the "
+                           "OpenTelemetry SDK reads it (default: every one). Without an "
+                           "exporter no span is recorded at all (nothing would receive it); "
+                           "trace ids still reach logs and events. Set the endpoint on every "
+                           "service or on none: a service that records nothing passes its "
+                           "traces on unsampled.",
 }
 
 
