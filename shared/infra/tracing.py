@@ -32,7 +32,7 @@ _provider: TracerProvider | None = None
 
 class WhileExported(Sampler):
     """`sampler`'s decision once something exports spans; until then DROP: a span that
-    no processor would see costs its ids only, not the recording (a third of the
+    no processor would see costs its ids only, not the recording (a fifth of the
     provider's CPU per call went to spans nobody received: docs/performance.md, round
     10). The ids stay, so trace ids reach logs and events as before."""
 
