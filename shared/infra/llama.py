@@ -20,9 +20,9 @@ variant it loaded, that variant's library is dropped from the build and the test
 again on the next best; the build is cached only once one passes, and a SIGILL with no
 variant left to drop fails it as before. The cache key is the llama.cpp version *and* a
 digest of the recipe (CMake options, machine architecture), so a changed recipe rebuilds
-instead of reusing an old binary. The result lives under `NEXUS_CACHE_DIR` (default `~/.cache/nexus`):
-`llama-server/<version>-<recipe digest>/` holds the binary and its libraries (RPATH
-`$ORIGIN`, so the directory can be moved as a whole).
+instead of reusing an old binary. The result lives under `NEXUS_CACHE_DIR` (default
+`~/.cache/nexus`): `llama-server/<version>-<recipe digest>/` holds the binary and its
+libraries (RPATH `$ORIGIN`, so the directory can be moved as a whole).
 
 **The model.** `LOCAL_MODELS` lists what a node can serve out of the box. The default,
 SmolLM2-135M-Instruct (Q4_1, Apache-2.0), is an instruction-tuned chat model whose GGUF
