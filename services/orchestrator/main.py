@@ -8,6 +8,7 @@ import sys
 import uvicorn
 
 from shared.infra.asgi_telemetry import HttpTelemetry
+from shared.infra.http_protocol import OneSendHttpProtocol
 from shared.infra.service import run_service, setup_process
 from shared.infra.settings import get_settings
 from services.orchestrator.app import create_app
@@ -27,6 +28,7 @@ def main() -> None:
     app = HttpTelemetry(create_app(settings), exclude=("/health", "/metrics"))
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port,
+        http=OneSendHttpProtocol,  # a response's head leaves with its body (http_protocol.py)
         log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10,
         ws_max_size=settings.max_body_bytes,  # a WebSocket frame is bounded like a body
     )
