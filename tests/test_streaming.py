@@ -372,6 +372,36 @@ async def test_a_delta_that_arrives_alone_is_sent_without_waiting_for_the_next(b
     assert await asyncio.wait_for(ended, 10) is None
 
 
+async def test_a_whole_answer_is_published_in_its_turn_without_a_flush_task(buses) -> None:
+    """A whole answer's text given `at_once` goes out before `delta()` returns: no task
+    is made to publish it on the next turn (and cancelled by the `done()` right behind)."""
+    producer, consumer = buses
+    made: list[str] = []
+
+    async def produce(sender: StreamSender) -> None:
+        loop = asyncio.get_running_loop()
+        factory = loop.get_task_factory()
+
+        def counting(loop, coro, **kwargs):
+            made.append(getattr(coro, "__qualname__", ""))
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        loop.set_task_factory(counting)
+        try:
+            await sender.delta(content="the whole answer", at_once=True)
+            await sender.done(done())
+        finally:
+            loop.set_task_factory(factory)
+
+    subject, ended = await serve(producer, produce)
+    await reachable(consumer, subject)
+    frames = await receive(consumer, subject, "whole")
+    assert [type(f) for f in frames] == [Delta, Done]
+    assert frames[0].content == "the whole answer"
+    assert not [name for name in made if "_flush_soon" in name]
+    assert await asyncio.wait_for(ended, 10) is None
+
+
 async def test_a_tool_call_delta_is_never_merged_and_keeps_its_place(buses) -> None:
     producer, consumer = buses
     call = [{"index": 0, "id": "call_1", "type": "function",

@@ -29,6 +29,9 @@ def main() -> None:
     config = uvicorn.Config(
         app, host=settings.http_host, port=settings.http_port,
         http=OneSendHttpProtocol,  # a response's head leaves with its body (http_protocol.py)
+        # nothing reads the client's address or builds a URL from the scheme: uvicorn's
+        # X-Forwarded-* middleware would rewrite them on every request for no reader
+        proxy_headers=False,
         log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10,
         ws_max_size=settings.max_body_bytes,  # a WebSocket frame is bounded like a body
     )

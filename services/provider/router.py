@@ -456,7 +456,8 @@ class Router:
                     if result.first_token_at is None and request.stream:
                         result.first_token_at = time.monotonic()
                     result.output.append(piece.content)
-                    await sender.delta(content=piece.content)
+                    # a whole answer's text: published now (its end follows at once)
+                    await sender.delta(content=piece.content, at_once=not request.stream)
                     result.sent_any = True
                 elif isinstance(piece, ToolCalls):
                     await sender.delta(tool_calls=piece.tool_calls)

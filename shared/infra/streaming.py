@@ -31,7 +31,8 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
   content concatenated in order, published on the loop's next turn by a task created
   once per frame. A token that arrives alone goes at once (no timer, no sleep); a burst
   goes as one frame. A delta with `tool_calls` is never merged (what is pending goes
-  first, then it alone); `done()`, `fail()` and leaving the sender publish what is
+  first, then it alone), nor is one given `at_once` (a whole answer's text, its end
+  right behind it: published in the caller's turn, no task made to be cancelled); `done()`, `fail()` and leaving the sender publish what is
   pending first. `seq` counts the frames published, so the window and the receiver's
   `Credit` count frames; a failed deferred publish is raised by the next
   `delta()`/`done()`/`fail()` (issue 16).
@@ -296,14 +297,17 @@ class StreamSender:
         except Exception as exc:  # noqa: BLE001 - raised by the producer's next call
             self._error = exc
 
-    async def delta(self, content: str = "", tool_calls: list[dict[str, Any]] | None = None) -> None:
+    async def delta(self, content: str = "", tool_calls: list[dict[str, Any]] | None = None,
+                    *, at_once: bool = False) -> None:
         """Send a delta: content is coalesced with the rest given this loop turn and goes
-        out on the next; a tool_calls delta goes alone, after what is pending. Waits for
-        credit when `window` frames are unacknowledged."""
+        out on the next; a tool_calls delta goes alone, after what is pending, and so does
+        content given `at_once` (a whole answer's text, with nothing to coalesce: no task
+        to publish it on the next turn, cancelled when `done()` follows at once). Waits
+        for credit when `window` frames are unacknowledged."""
         self._raise_deferred()
         if self.cancelled.is_set():
             raise ConsumerLost("the receiver cancelled")
-        if tool_calls is not None:
+        if tool_calls is not None or (at_once and content):
             await self._drain()
             await self._wait_credit()
             self.seq += 1
