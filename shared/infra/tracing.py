@@ -3,11 +3,24 @@
 `setup_tracing(service)` is called once at process start. When
 `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans go to it over OTLP/HTTP (the exporter
 reads the standard OTEL_* variables itself), sampled as `OTEL_TRACES_SAMPLER` says
-(default: every trace). Otherwise nothing would receive a span, so none is recorded:
-each span is a non-recording one that still has its trace and span id, so logs and
-events still carry trace ids and the context still propagates (unsampled; set the
-endpoint on every service or on none). A span processor added later (a test's
-collector) turns recording on.
+(default: every trace). Otherwise nothing would receive a span, so none is recorded
+and, inside a trace, none is made:
+
+- a span with no trace around it (a request that came without `traceparent`, a
+  background job) is a non-recording span with fresh trace and span ids, so logs and
+  events still carry trace ids and the context still propagates (unsampled; set the
+  endpoint on every service or on none);
+- a span inside a trace (a NATS request or handler, a call to an upstream, a
+  statement) is the span it would have been made under: the block runs in that span
+  (or in the remote context it was given), with its ids; nothing is created, entered
+  or ended for it (issue 16: about a quarter of the provider's Python function calls
+  per call, and the orchestrator's most called library, went to spans nobody would
+  receive; docs/performance.md, round 11);
+- the libraries' instrumentation (asyncpg statements, httpx) is installed when the
+  process's tracer provider gets its first span processor, not before.
+
+A span processor added later (a test's collector) turns recording, and making spans,
+on.
 """
 
 from __future__ import annotations
@@ -15,7 +28,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+from opentelemetry import context as context_api
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -55,16 +70,75 @@ class WhileExported(Sampler):
         return f"WhileExported{{{self.sampler.get_description()}}}"
 
 
+class _InSpan:
+    """What `start_as_current_span` returns for a span not made (module doc): the block
+    runs in `span` (and in `context`, attached for it, when one was given)."""
+
+    __slots__ = ("_span", "_context", "_token")
+
+    def __init__(self, span: trace.Span, context: Context | None) -> None:
+        self._span = span
+        self._context = context
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        if self._context is not None:
+            self._token = context_api.attach(self._context)
+        return self._span
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            context_api.detach(self._token)  # type: ignore[arg-type]
+
+
+class _Tracer(trace.Tracer):
+    """The SDK's tracer, but for the spans nothing would record inside a trace: those
+    are not made (module doc). Used as a context manager only, not as a decorator."""
+
+    def __init__(self, tracer: trace.Tracer, gate: WhileExported) -> None:
+        self._tracer = tracer
+        self._gate = gate
+
+    def _enclosing(self, context: Context | None) -> trace.Span | None:
+        """The span a new one would be made under, when it need not be made."""
+        if self._gate.exporting:
+            return None
+        parent = get_current_span(context)
+        return parent if parent.get_span_context().is_valid else None
+
+    def start_span(self, name: str, context: Context | None = None,
+                   *args: object, **kwargs: object) -> trace.Span:
+        enclosing = self._enclosing(context)
+        if enclosing is not None:
+            return enclosing  # its `end()` is a non-recording span's: nothing
+        return self._tracer.start_span(name, context, *args, **kwargs)  # type: ignore[arg-type]
+
+    def start_as_current_span(self, name: str, context: Context | None = None,
+                              *args: object, **kwargs: object) -> Any:
+        enclosing = self._enclosing(context)
+        if enclosing is not None:
+            return _InSpan(enclosing, context)
+        return self._tracer.start_as_current_span(name, context, *args, **kwargs)  # type: ignore[arg-type]
+
+
 class _Provider(TracerProvider):
-    """Records spans from the first span processor on (`WhileExported`)."""
+    """Records spans from the first span processor on (`WhileExported`); until then
+    makes none inside a trace (`_Tracer`)."""
 
     def __init__(self, resource: Resource) -> None:
         super().__init__(resource=resource)  # the sampler OTEL_TRACES_SAMPLER names
         self.sampler = self.gate = WhileExported(self.sampler)
+        self.instrument_on_export = False  # the process's provider (`setup_tracing`)
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _Tracer(super().get_tracer(*args, **kwargs), self.gate)
 
     def add_span_processor(self, span_processor: SpanProcessor) -> None:
         super().add_span_processor(span_processor)
+        first = not self.gate.exporting
         self.gate.exporting = True
+        if first and self.instrument_on_export:
+            _instrument_libraries()
 
 
 def setup_tracing(service_name: str, instance_id: str | None = None) -> TracerProvider:
@@ -79,6 +153,7 @@ def setup_tracing(service_name: str, instance_id: str | None = None) -> TracerPr
         }
     )
     provider = _Provider(resource)
+    provider.instrument_on_export = True
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):
@@ -90,7 +165,6 @@ def setup_tracing(service_name: str, instance_id: str | None = None) -> TracerPr
     from shared.infra.metrics import setup_metrics
 
     setup_metrics(resource)
-    _instrument_libraries()
     return provider
 
 
