@@ -17,7 +17,13 @@ from shared.contracts.frames import Delta, Done, Failed, Usage
 from shared.contracts.messages import Ping
 from shared.infra import EmbeddedNats
 from shared.infra.messaging import Bus
-from shared.infra.streaming import KEEPALIVE_S, ConsumerLost, StreamReceiver, StreamSender
+from shared.infra.streaming import (
+    KEEPALIVE_S,
+    ConsumerLost,
+    StreamReceiver,
+    StreamSender,
+    _Mailbox,
+)
 
 WINDOW = 8
 
@@ -512,3 +518,31 @@ async def test_cancelling_the_caller_of_cancellable_work_cancels_the_work(buses)
         with pytest.raises(asyncio.CancelledError):
             await caller
     assert steps == ["work cancelled"] and not sender.cancelled.is_set()
+
+
+# -- a stream's mailbox: the frames in order, one timer per wait (issue 16) ----------------
+
+async def test_a_mailbox_hands_frames_over_in_order_and_bounds_each_wait() -> None:
+    box = _Mailbox()
+    box.put_nowait("first")
+    box.put_nowait("second")
+    assert [box.get_nowait(), await box.get(1.0)] == ["first", "second"]
+    assert box.empty()
+
+    waiting = asyncio.create_task(box.get(10.0))
+    await asyncio.sleep(0)
+    box.put_nowait("late")  # wakes the waiting reader
+    assert await asyncio.wait_for(waiting, 1) == "late"
+
+    with pytest.raises(TimeoutError):
+        await box.get(0.01)
+    box.put_nowait("after the timeout")  # kept for the next reader, not lost
+    assert await box.get(1.0) == "after the timeout"
+
+    cancelled = asyncio.create_task(box.get(10.0))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    box.put_nowait("after a cancel")
+    assert box.get_nowait() == "after a cancel" and box.empty()

@@ -515,6 +515,8 @@ class CallLifecycle:
             nonlocal settled           # whose cost and conversation are not yet recorded
             if settled is None:
                 settled = asyncio.ensure_future(self._settle(call, outcome))
+            elif settled.done():  # the finally after the end frame: nothing to wait for
+                return settled.result()
             return await asyncio.shield(settled)
 
         try:
