@@ -44,6 +44,32 @@ async def test_append_then_read_stream_in_order(store: EventStore) -> None:
     assert await store.stream_version(stream) == 3
 
 
+TRICKY_TEXT = 'quote " backslash \\ newline \n tab \t record separator \x1e unit \x1f é 中 🙂 }{'
+
+
+async def test_any_text_survives_every_append_path(store: EventStore) -> None:
+    """Data and metadata reach the database as strings joined by U+001E (store.py): a
+    string holding that character, quotes, backslashes and any other text comes back
+    as it went, through the writer's batch, an atomic append and a lone append."""
+    meta = Metadata(tenant="t-contract", actor=TRICKY_TEXT)
+    streams = [new_stream() for _ in range(4)]
+    results = await asyncio.gather(*(
+        store.append(stream, [SessionClosed(session_id=sid, reason=TRICKY_TEXT + sid)],
+                     expected_version=None, metadata=meta) for sid, stream in streams[:2]))
+    atomic = await store.append_atomic(
+        [(streams[2][1], [SessionClosed(session_id=streams[2][0], reason=TRICKY_TEXT)], None)],
+        meta)
+    await asyncio.sleep(0.05)  # the writer idle: the next goes alone
+    alone = await store.append(streams[3][1], [SessionClosed(session_id=streams[3][0],
+                                                             reason=TRICKY_TEXT)],
+                               expected_version=None, metadata=meta)
+    assert all(r.next_expected_version == 1 for r in [*results, *atomic, alone])
+    for n, (sid, stream) in enumerate(streams):
+        [event] = await store.read_stream(stream)
+        assert event.event.reason == TRICKY_TEXT + (sid if n < 2 else "")
+        assert event.metadata.actor == TRICKY_TEXT
+
+
 async def test_wrong_expected_version_is_a_clear_concurrency_error(store: EventStore) -> None:
     sid, stream = new_stream()
     await store.append(stream, [started(sid)], expected_version=0)
