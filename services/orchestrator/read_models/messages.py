@@ -30,30 +30,36 @@ class MessagesProjection(Projection):
             *_row(rec))
 
     async def apply_batch(self, conn: asyncpg.Connection, events: Sequence[RecordedEvent]) -> None:
-        """Every message of the step in one INSERT (a call appends two)."""
+        """Every message of the step in one INSERT (a call appends two), the rows as one
+        JSON document: 17 array parameters would each be checked element by element by
+        asyncpg in Python (issue 16, round 11)."""
         if len(events) == 1:
             return await self.apply(conn, events[0])
-        rows = [_row(rec) for rec in events]
         await conn.execute(
             "INSERT INTO messages (position, session_id, message_id, role, content, call_id, model,"
             " provider, node, input_tokens, output_tokens, cost_micro_usd, finish_reason, created_at,"
             " tool_calls, tool_call_id, run_id)"
-            " SELECT p, s, m, r, c, ci, mo, pr, n, it, ot, cost, f, at, tc::jsonb, tci, run"
-            " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
-            " $7::text[], $8::text[], $9::text[], $10::int[], $11::int[], $12::bigint[], $13::text[],"
-            " $14::timestamptz[], $15::text[], $16::text[], $17::text[])"
-            " AS u(p, s, m, r, c, ci, mo, pr, n, it, ot, cost, f, at, tc, tci, run) ORDER BY p",
-            *(list(column) for column in zip(*rows, strict=True)))
+            " SELECT (r->>0)::bigint, r->>1, r->>2, r->>3, r->>4, r->>5, r->>6, r->>7, r->>8,"
+            " (r->>9)::int, (r->>10)::int, (r->>11)::bigint, r->>12, (r->>13)::timestamptz,"
+            " nullif(r->14, 'null'), r->>15, r->>16"
+            " FROM jsonb_array_elements($1::jsonb) AS u(r) ORDER BY (r->>0)::bigint",
+            _rows.encode([_row(rec, tool_calls_json=False) for rec in events]).decode())
 
 
-def _row(rec: RecordedEvent) -> tuple:
+_rows = msgspec.json.Encoder()
+
+
+def _row(rec: RecordedEvent, *, tool_calls_json: bool = True) -> tuple:
+    """The row's values in column order; `tool_calls` as JSON text for a `jsonb`
+    parameter, or as it is when the row itself goes as JSON."""
     e = rec.event
     assert isinstance(e, MessageAppended)
+    tool_calls: object = e.tool_calls
+    if tool_calls_json and tool_calls is not None:
+        tool_calls = msgspec.json.encode(tool_calls).decode()
     return (rec.position, e.session_id, e.message_id, e.role, e.content, e.call_id, e.model,
             e.provider, e.node, e.input_tokens, e.output_tokens, e.cost_micro_usd, e.finish_reason,
-            rec.recorded_at,
-            msgspec.json.encode(e.tool_calls).decode() if e.tool_calls is not None else None,
-            e.tool_call_id, e.run_id)
+            rec.recorded_at, tool_calls, e.tool_call_id, e.run_id)
 
 
 class MessagesReadModel:
