@@ -130,8 +130,14 @@ class _Append:
     future: asyncio.Future[AppendResult] | None = None
 
 
+def _metadata_text(metadata: Metadata | None) -> str:
+    """An append's metadata as stored, the current trace's ids added when it has none:
+    made once per append, however many streams it writes."""
+    return encode_metadata(_with_trace(metadata)).decode()
+
+
 def _request(stream_id: str, events: Sequence[Event], expected_version: int | None,
-             metadata: Metadata | None, event_ids: Sequence[uuid.UUID] | None) -> _Append:
+             metadata: str, event_ids: Sequence[uuid.UUID] | None) -> _Append:
     if not events:
         raise ValueError("append needs at least one event")
     ids = list(event_ids) if event_ids is not None else [new_id() for _ in events]
@@ -143,7 +149,7 @@ def _request(stream_id: str, events: Sequence[Event], expected_version: int | No
         stream_id=stream_id, expected_version=expected_version, event_ids=ids,
         types=[type(e).__name__ for e in events],
         data=[encode_event(e).decode() for e in events],
-        metadata=encode_metadata(_with_trace(metadata)).decode(),
+        metadata=metadata,
     )
 
 
@@ -288,7 +294,8 @@ class EventStore:
         `conn`: append inside the caller's transaction (no coalescing; note that the
         append lock is then held until the caller commits).
         """
-        request = _request(stream_id, events, expected_version, metadata, event_ids)
+        request = _request(stream_id, events, expected_version, _metadata_text(metadata),
+                           event_ids)
         if conn is not None:
             [outcome] = await self._execute(conn, [request])
             if isinstance(outcome, Exception):
@@ -327,7 +334,8 @@ class EventStore:
         open"); one that is not raises `WrongExpectedVersion` for it and nothing is written.
         The results are those of `appends`.
         """
-        requests = [_request(item[0], item[1], item[2], metadata,
+        meta = _metadata_text(metadata)
+        requests = [_request(item[0], item[1], item[2], meta,
                              item[3] if len(item) > 3 else None)  # type: ignore[misc]
                     for item in appends]
         checks = [_Append(stream_id=stream, expected_version=version, event_ids=[], types=[],
