@@ -83,8 +83,10 @@ async def pool(infra: Infra) -> AsyncIterator:
 
 
 @pytest.fixture
-def store(pool) -> EventStore:
-    return EventStore(pool)
+async def store(pool) -> AsyncIterator[EventStore]:
+    store = EventStore(pool)
+    yield store
+    await store.close()
 
 
 @pytest.fixture(scope="session")

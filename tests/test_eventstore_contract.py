@@ -6,11 +6,12 @@ import asyncio
 import sys
 import uuid
 
+import asyncpg
 import pytest
 
 from shared.contracts.events import Metadata, SessionClosed, SessionStarted, new_id, session_stream
 from shared.infra.eventstore import EventIdConflict, EventStore, WrongExpectedVersion
-from shared.infra.eventstore.store import create_pool
+from shared.infra.eventstore.store import HOLD_IDLE_S, _HeldConnection, create_pool
 from shared.infra.tracing import setup_tracing, tracer
 from tests.support import REPO
 
@@ -151,7 +152,7 @@ _APPENDER = """
 import asyncio, sys
 from shared.contracts.events import SessionClosed
 from shared.infra.eventstore import EventStore, WrongExpectedVersion
-from shared.infra.eventstore.store import create_pool
+from shared.infra.eventstore.store import HOLD_IDLE_S, _HeldConnection, create_pool
 
 async def main(url, stream, sid, who):
     pool = await create_pool(url, max_size=1)
@@ -490,3 +491,67 @@ async def test_new_event_ids_are_random_version_4_uuids(store: EventStore) -> No
     await store.append(stream, [started(sid), SessionClosed(session_id=sid)], expected_version=0)
     for event in await store.read_stream(stream):
         assert uuid.UUID(str(event.event_id)).version == 4
+
+
+# -- a pool connection kept between statements (store.py, `_HeldConnection`) ---------------
+
+
+def _in_use(pool) -> int:
+    return pool.get_size() - pool.get_idle_size()
+
+
+async def _settled() -> None:
+    for _ in range(5):  # a release runs in a task of its own
+        await asyncio.sleep(0)
+
+
+async def test_a_held_connection_serves_back_to_back_statements_then_goes_back(pool) -> None:
+    held = _HeldConnection(pool)
+    pids = [await held.run(lambda conn: conn.fetchval("SELECT pg_backend_pid()"))
+            for _ in range(3)]
+    assert len(set(pids)) == 1 and _in_use(pool) == 1  # one connection, kept
+    await asyncio.sleep(HOLD_IDLE_S * 3)
+    assert _in_use(pool) == 0  # unused for HOLD_IDLE_S: back in the pool
+
+    with pytest.raises(asyncpg.PostgresError):  # the statement's own error: kept
+        await held.run(lambda conn: conn.fetchval("SELECT 1 / 0"))
+    assert _in_use(pool) == 1
+
+    async def broken(conn) -> None:
+        raise ConnectionResetError("not the statement's error")
+
+    with pytest.raises(ConnectionResetError):  # anything else: given back at once
+        await held.run(broken)
+    assert _in_use(pool) == 0
+
+    async def slow(conn) -> int:
+        return await conn.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.2)")
+
+    first, second = await asyncio.gather(held.run(slow), held.run(slow))
+    assert first != second  # the second, while the first is in flight: a pool connection
+    await held.close()
+    await _settled()
+    assert _in_use(pool) == 0
+
+
+async def test_nothing_is_held_when_it_would_leave_less_than_two_connections_free(
+        infra) -> None:
+    small = await create_pool(infra.database_url, max_size=2)
+    try:
+        held = _HeldConnection(small)
+        await held.run(lambda conn: conn.fetchval("SELECT 1"))
+        await _settled()
+        assert _in_use(small) == 0
+    finally:
+        await asyncio.wait_for(small.close(), 10)
+
+
+async def test_a_pool_closes_while_a_store_holds_a_connection(infra) -> None:
+    """The pool waits for held connections at its close: at most HOLD_IDLE_S."""
+    pool = await create_pool(infra.database_url, max_size=10)
+    store = EventStore(pool)
+    sid, stream = new_stream()
+    await store.append(stream, [started(sid)], expected_version=0)
+    assert await store.stream_version(stream) == 1
+    assert _in_use(pool) >= 1
+    await asyncio.wait_for(pool.close(), HOLD_IDLE_S * 10)

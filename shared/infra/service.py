@@ -185,6 +185,8 @@ class ServiceRuntime:
         log.info("service stopping")
         if self.bus is not None:
             await self.bus.close()
+        if self.store is not None:
+            await self.store.close()
         if self.pool is not None:
             await self.pool.close()
         shutdown_tracing()

@@ -241,6 +241,98 @@ def _group_outcome(group: _Group, rows: list[Any]) -> Any:
     return refused if refused is not None else results
 
 
+HOLD_IDLE_S = 0.2
+"""How long a `_HeldConnection` keeps its connection unused before giving it back."""
+
+
+class _HeldConnection:
+    """A pool connection kept between the statements of one kind of work (the appends,
+    the fence reads; issue 16, round 11): around each statement asyncpg's pool costs
+    about 30 Python calls and a task (its release is shielded), and a busy process runs
+    these statements back to back. The connection goes back to the pool once unused for
+    `HOLD_IDLE_S`, at once after a failure that is not the statement's own error (a
+    lost connection, a cancellation: the pool resets or replaces it), and at once when
+    fewer than two other connections are free, so nobody waits on one held here. While
+    a statement of the kind is in flight, the next one takes a pool connection."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._conn: Any = None
+        self._busy = False
+        self._used = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    async def run(self, work: Any) -> Any:
+        """`await work(conn)` on the held connection (or a pool one, above)."""
+        if self._busy:
+            async with self.pool.acquire() as conn:
+                return await work(conn)
+        self._busy = True
+        try:
+            conn, self._conn = self._conn, None
+            spare = True
+            if conn is None:  # the pool's free connections are counted once per hold
+                conn = await self.pool.acquire()
+                pool = self.pool
+                spare = pool.get_idle_size() + pool.get_max_size() - pool.get_size() >= 2
+            try:
+                result = await work(conn)
+            except asyncpg.PostgresError:
+                self._keep(conn, spare)  # the statement failed, the connection did not
+                raise
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.pool.release(conn)
+                raise
+            self._keep(conn, spare)
+            return result
+        finally:
+            self._busy = False
+
+    def _keep(self, conn: Any, spare: bool) -> None:
+        if not spare:
+            self._release_soon(conn)
+            return
+        loop = asyncio.get_running_loop()
+        self._conn, self._used = conn, loop.time()
+        if self._timer is None:
+            self._timer = loop.call_later(HOLD_IDLE_S, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        conn = self._conn
+        if conn is None:  # in use, or given back: `_keep` arms the next check
+            return
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self._used
+        if idle < HOLD_IDLE_S:
+            self._timer = loop.call_later(HOLD_IDLE_S - idle, self._check_idle)
+            return
+        self._conn = None
+        self._release_soon(conn)
+
+    def _release_soon(self, conn: Any) -> None:
+        task = asyncio.ensure_future(self._release(conn))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):  # a closed pool: nothing to give back to
+            await self.pool.release(conn)
+
+    async def close(self) -> None:
+        """Give the connection back now (before the pool closes: it waits for it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._release(conn)
+        if self._releasing:
+            await asyncio.gather(*self._releasing)
+
+
 _STREAM_VERSION_SQL = "SELECT coalesce(max(stream_version), 0) FROM events WHERE stream_id = $1"
 _STREAM_VERSIONS_SQL = (
     "SELECT s.stream_id, coalesce((SELECT max(e.stream_version) FROM events AS e"
@@ -274,6 +366,15 @@ class EventStore:
         self._version_reads: dict[str, list[asyncio.Future[int]]] = {}
         self._version_reading = False
         self._version_reader: asyncio.Task[None] | None = None
+        # one pool connection kept for the appends and one for the fence reads
+        self._appends = _HeldConnection(pool)
+        self._reads = _HeldConnection(pool)
+
+    async def close(self) -> None:
+        """Give back the pool connections this store keeps between statements (the pool
+        would wait for them at its close, up to `HOLD_IDLE_S`)."""
+        await self._appends.close()
+        await self._reads.close()
 
     async def append(
         self,
@@ -355,8 +456,8 @@ class EventStore:
             # released at its commit rather than held across a COMMIT round trip
             self._direct += 1
             try:
-                async with self.pool.acquire() as conn:
-                    return await self._execute(conn, requests, self._atomic_sql)  # type: ignore[return-value]
+                return await self._appends.run(  # type: ignore[no-any-return]
+                    lambda conn: self._execute(conn, requests, self._atomic_sql))
             except asyncpg.UndefinedFunctionError:
                 if self._atomic_sql is _APPEND_ATOMIC_AT_SQL:  # an older schema: the older form
                     self._atomic_sql = _APPEND_ATOMIC_SQL
@@ -390,8 +491,8 @@ class EventStore:
         while self._queue:
             batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
             try:
-                async with self.pool.acquire() as conn:
-                    outcomes = await self._write_groups(conn, batch)
+                outcomes = await self._appends.run(
+                    lambda conn: self._write_groups(conn, batch))  # noqa: B023 - run now
             except Exception as exc:  # the whole batch failed (connection lost, ...)
                 error = exc
                 if not isinstance(exc, EventStoreError):
@@ -497,7 +598,8 @@ class EventStore:
             return await future
         self._version_reading = True
         try:
-            return await self.pool.fetchval(_STREAM_VERSION_SQL, stream_id)
+            return await self._reads.run(  # type: ignore[no-any-return]
+                lambda conn: conn.fetchval(_STREAM_VERSION_SQL, stream_id))
         finally:
             self._version_reading = False
             if self._version_reads:
@@ -510,7 +612,8 @@ class EventStore:
             while self._version_reads:
                 batch, self._version_reads = self._version_reads, {}
                 try:
-                    rows = await self.pool.fetch(_STREAM_VERSIONS_SQL, list(batch))
+                    rows = await self._reads.run(
+                        lambda conn: conn.fetch(_STREAM_VERSIONS_SQL, list(batch)))  # noqa: B023
                 except Exception as exc:
                     for futures in batch.values():
                         for future in futures:
