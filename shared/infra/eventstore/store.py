@@ -252,8 +252,10 @@ class _HeldConnection:
     these statements back to back. The connection goes back to the pool once unused for
     `HOLD_IDLE_S`, at once after a failure that is not the statement's own error (a
     lost connection, a cancellation: the pool resets or replaces it), and at once when
-    fewer than two other connections are free, so nobody waits on one held here. While
-    a statement of the kind is in flight, the next one takes a pool connection."""
+    it was taken with fewer than two other connections free (counted once per hold:
+    the pool counts by walking its holders), so a small pool is not kept from its other
+    users. While a statement of the kind is in flight, the next one takes a pool
+    connection."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
