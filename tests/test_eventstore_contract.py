@@ -45,7 +45,8 @@ async def test_append_then_read_stream_in_order(store: EventStore) -> None:
     assert await store.stream_version(stream) == 3
 
 
-TRICKY_TEXT = 'quote " backslash \\ newline \n tab \t record separator \x1e unit \x1f é 中 🙂 }{'
+TRICKY_TEXT = ('quote " backslash \\ newline \n tab \t record separator \x1e unit \x1f'
+               ' é 中 🙂 }{')
 
 
 async def test_any_text_survives_every_append_path(store: EventStore) -> None:

@@ -141,7 +141,8 @@ async def test_a_head_with_no_write_after_it_leaves_at_the_end_of_the_turn() -> 
 
 async def _serve(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     config = uvicorn.Config(app, host="127.0.0.1", port=0, http=OneSendHttpProtocol,
-                            log_config=None, access_log=False, lifespan="off")
+                            log_config=None, access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -170,12 +171,13 @@ async def test_whole_and_streamed_responses_over_the_protocol() -> None:
 
     server, task, port = await _serve(app)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             for n in range(3):
                 answer = await client.post("/echo", content=b"x" * n * 1000)
                 assert (answer.status_code, answer.content) == (200, b"x" * n * 1000)
             async with client.stream("GET", "/stream") as streamed:
-                assert streamed.status_code == 200  # the head came before any event
+                assert streamed.status_code == 200  # the head came before any event (else: a
+                # read timeout, the event being sent only after this line)
                 first_event.set()
                 assert [line async for line in streamed.aiter_lines() if line] == ["data: 1"]
     finally:

@@ -32,10 +32,11 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
   once per frame. A token that arrives alone goes at once (no timer, no sleep); a burst
   goes as one frame. A delta with `tool_calls` is never merged (what is pending goes
   first, then it alone), nor is one given `at_once` (a whole answer's text, its end
-  right behind it: published in the caller's turn, no task made to be cancelled); `done()`, `fail()` and leaving the sender publish what is
-  pending first. `seq` counts the frames published, so the window and the receiver's
-  `Credit` count frames; a failed deferred publish is raised by the next
-  `delta()`/`done()`/`fail()` (issue 16).
+  right behind it: published in the caller's turn, no task made to be cancelled);
+  `done()`, `fail()` and leaving the sender publish what is pending first. `seq`
+  counts the frames published, so the window and the receiver's `Credit` count frames;
+  a failed deferred publish is raised by the next `delta()`/`done()`/`fail()` (issue
+  16).
 - **`Started` rides the first frame**: it is published just before the stream's first
   frame, in the same loop turn, so both leave in one socket write and the receiver takes
   them in one read; when no frame comes within `STARTED_WAIT_S` (2 ms: a call waiting in

@@ -118,7 +118,8 @@ class _Tracer(trace.Tracer):
         enclosing = self._enclosing(context)
         if enclosing is not None:
             return _InSpan(enclosing, context)
-        return self._tracer.start_as_current_span(name, context, *args, **kwargs)  # type: ignore[arg-type]
+        return self._tracer.start_as_current_span(  # type: ignore[arg-type]
+            name, context, *args, **kwargs)
 
 
 class _Provider(TracerProvider):

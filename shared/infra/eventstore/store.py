@@ -183,7 +183,7 @@ _SEPARATOR = "\x1e"
 def _unpacked(n: int, element: str) -> str:
     """The array parameter `$n` carries as one string, in its order."""
     if element == "json":
-        return f"string_to_array(${n}::text, E'\\x1e')"
+        return f"string_to_array(${n}::text, E'\\x{ord(_SEPARATOR):02x}')"
     return (f"ARRAY(SELECT e::{element} FROM json_array_elements_text(${n}::json)"
             " WITH ORDINALITY AS a(e, o) ORDER BY o)")
 
@@ -551,28 +551,20 @@ class EventStore:
     async def _rows(conn: asyncpg.Connection, batch: list[_Append], sql: str,
                     groups: list[int] | None = None) -> list[Any]:
         """The append function's rows for `batch`, in request order."""
-        if sql in _JSON_FORMS:  # the arrays as JSON texts (above)
-            rows = await conn.fetch(
-                sql, *([_json.encode(groups).decode()] if groups is not None else []),
-                _json.encode([r.stream_id for r in batch]).decode(),
-                _json.encode([r.expected_version for r in batch]).decode(),
-                _json.encode([len(r.event_ids) for r in batch]).decode(),
-                _json.encode([i for r in batch for i in r.event_ids]).decode(),
-                _json.encode([t for r in batch for t in r.types]).decode(),
-                _SEPARATOR.join([d for r in batch for d in r.data]),
-                _SEPARATOR.join([r.metadata for r in batch for _ in r.event_ids]),
-            )
-        else:
-            rows = await conn.fetch(
-                sql, *([groups] if groups is not None else []),
-                [r.stream_id for r in batch],
-                [r.expected_version for r in batch],
-                [len(r.event_ids) for r in batch],
-                [i for r in batch for i in r.event_ids],
-                [t for r in batch for t in r.types],
-                [d for r in batch for d in r.data],
-                [r.metadata for r in batch for _ in r.event_ids],
-            )
+        *plain, data, metadata = arrays = [
+            *([groups] if groups is not None else []),
+            [r.stream_id for r in batch],
+            [r.expected_version for r in batch],
+            [len(r.event_ids) for r in batch],
+            [i for r in batch for i in r.event_ids],
+            [t for r in batch for t in r.types],
+            [d for r in batch for d in r.data],
+            [r.metadata for r in batch for _ in r.event_ids],
+        ]
+        if sql in _JSON_FORMS:  # each array as one string (above)
+            arrays = [*(_json.encode(a).decode() for a in plain),
+                      _SEPARATOR.join(data), _SEPARATOR.join(metadata)]
+        rows = await conn.fetch(sql, *arrays)
         return sorted(rows, key=lambda r: r["idx"])
 
     async def read_stream(self, stream_id: str, *, from_version: int = 1,
