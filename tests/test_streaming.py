@@ -378,14 +378,16 @@ async def test_a_delta_that_arrives_alone_is_sent_without_waiting_for_the_next(b
     assert await asyncio.wait_for(ended, 10) is None
 
 
-async def test_a_whole_answer_is_published_in_its_turn_without_a_flush_task(buses) -> None:
-    """A whole answer's text given `at_once` goes out before `delta()` returns: no task
-    is made to publish it on the next turn (and cancelled by the `done()` right behind)."""
+async def test_a_held_whole_answer_leaves_with_its_end_frame_and_no_flush_task(buses) -> None:
+    """A whole answer's text given `held` is not published on its own, whatever the loop
+    does meanwhile: it leaves with the end frame, as one `Delta` ahead of it, and no task
+    is made to publish it. What was given to `after_end` runs once the end is on its way."""
     producer, consumer = buses
+    loop = asyncio.get_running_loop()
     made: list[str] = []
+    marks: dict[str, float] = {}
 
     async def produce(sender: StreamSender) -> None:
-        loop = asyncio.get_running_loop()
         factory = loop.get_task_factory()
 
         def counting(loop, coro, **kwargs):
@@ -394,16 +396,27 @@ async def test_a_whole_answer_is_published_in_its_turn_without_a_flush_task(buse
 
         loop.set_task_factory(counting)
         try:
-            await sender.delta(content="the whole answer", at_once=True)
+            await sender.delta(content="the whole ", held=True)
+            await sender.delta(content="answer", held=True)
+            sender.after_end(lambda: marks.setdefault("after_end", loop.time()))
+            await asyncio.sleep(0.2)  # many loop turns: nothing of it leaves meanwhile
+            marks["done"] = loop.time()
             await sender.done(done())
+            assert "after_end" not in marks  # not in the caller's turn
         finally:
             loop.set_task_factory(factory)
 
     subject, ended = await serve(producer, produce)
     await reachable(consumer, subject)
-    frames = await receive(consumer, subject, "whole")
-    assert [type(f) for f in frames] == [Delta, Done]
-    assert frames[0].content == "the whole answer"
+    arrived: list[tuple[object, float]] = []
+    async with StreamReceiver(consumer, subject, Ping(sender="held"), first_frame_timeout_s=10,
+                              window=WINDOW) as stream:
+        async for frame in stream.frames():
+            arrived.append((frame, loop.time()))
+    assert [type(f) for f, _ in arrived] == [Delta, Done]
+    assert arrived[0][0].content == "the whole answer" and arrived[0][0].seq == 1
+    assert all(at >= marks["done"] for _, at in arrived)
+    assert marks["after_end"] >= marks["done"]
     assert not [name for name in made if "_flush_soon" in name]
     assert await asyncio.wait_for(ended, 10) is None
 

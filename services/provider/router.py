@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -379,11 +380,13 @@ class Router:
                     "gen_ai.response.finish_reasons": (done.finish_reason,),
                     **({"nexus.node.id": done.node} if done.node else {})})
                 span.end()
-                self.metrics.completed(
-                    model=target.model, provider=target.provider, input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens, seconds=done.latency_ms / 1000,
+                # recorded once the answer is on its way (four histogram records)
+                sender.after_end(functools.partial(
+                    self.metrics.completed, model=target.model, provider=target.provider,
+                    input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                    seconds=done.latency_ms / 1000,
                     ttft_s=done.ttft_ms / 1000 if done.ttft_ms is not None else None,
-                    cost_usd=done.cost_micro_usd / 1e6)
+                    cost_usd=done.cost_micro_usd / 1e6))
                 completed = LLMCallCompleted(
                     call_id=request.call_id, session_id=request.session_id, model=done.model,
                     provider=target.provider, target=name, node=done.node,
@@ -456,8 +459,8 @@ class Router:
                     if result.first_token_at is None and request.stream:
                         result.first_token_at = time.monotonic()
                     result.output.append(piece.content)
-                    # a whole answer's text: published now (its end follows at once)
-                    await sender.delta(content=piece.content, at_once=not request.stream)
+                    # a whole answer's text: it leaves with its end, in one write
+                    await sender.delta(content=piece.content, held=not request.stream)
                     result.sent_any = True
                 elif isinstance(piece, ToolCalls):
                     await sender.delta(tool_calls=piece.tool_calls)

@@ -31,9 +31,10 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
   content concatenated in order, published on the loop's next turn by a task created
   once per frame. A token that arrives alone goes at once (no timer, no sleep); a burst
   goes as one frame. A delta with `tool_calls` is never merged (what is pending goes
-  first, then it alone), nor is one given `at_once` (a whole answer's text, its end
-  right behind it: published in the caller's turn, no task made to be cancelled);
-  `done()`, `fail()` and leaving the sender publish what is pending first. `seq`
+  first, then it alone); content given `held` (a whole answer's text, its end right
+  behind it) waits for the end frame and leaves with it, in one socket write (no task
+  made, no frame of its own ahead of the end); `done()`, `fail()` and leaving the
+  sender publish what is pending first. `seq`
   counts the frames published, so the window and the receiver's `Credit` count frames;
   a failed deferred publish is raised by the next `delta()`/`done()`/`fail()` (issue
   16).
@@ -247,6 +248,7 @@ class StreamSender:
         self._start_timer: asyncio.TimerHandle | None = None  # sends it alone if no frame comes
         self._starter: asyncio.Task[None] | None = None
         self._on_cancel: list[Callable[[], Any]] = []  # what the receiver's Cancel cancels
+        self._after_end: list[Callable[[], Any]] = []  # work behind the end frame
 
     async def cancellable(self, work: Awaitable[T]) -> T:
         """`work` in a task of its own, cancelled at once when the receiver cancels (then
@@ -269,6 +271,20 @@ class StreamSender:
         finally:
             self._on_cancel.remove(task.cancel)
 
+    def after_end(self, callback: Callable[[], Any]) -> None:
+        """Run `callback()` behind the end frame: on a loop turn after `done()`/`fail()`
+        handed it to the bus (whose write is scheduled first), or when the sender closes
+        without one. For work the receiver does not wait for (a call's metrics): it stays
+        off the path between the answer and its requester."""
+        self._after_end.append(callback)
+
+    def _schedule_after_end(self) -> None:
+        if self._after_end:
+            loop = asyncio.get_running_loop()
+            for callback in self._after_end:
+                loop.call_soon(callback)
+            self._after_end.clear()
+
     async def __aenter__(self) -> StreamSender:
         nc = self.bus.nc
         controls = _controls.get(nc)
@@ -290,6 +306,7 @@ class StreamSender:
                     await self._drain()
         finally:
             self._stop_flusher()
+            self._schedule_after_end()
             if self._start_timer is not None:
                 self._start_timer.cancel()
             if self._starter is not None and not self._started:  # not run yet: never will
@@ -345,16 +362,17 @@ class StreamSender:
             self._error = exc
 
     async def delta(self, content: str = "", tool_calls: list[dict[str, Any]] | None = None,
-                    *, at_once: bool = False) -> None:
+                    *, held: bool = False) -> None:
         """Send a delta: content is coalesced with the rest given this loop turn and goes
-        out on the next; a tool_calls delta goes alone, after what is pending, and so does
-        content given `at_once` (a whole answer's text, with nothing to coalesce: no task
-        to publish it on the next turn, cancelled when `done()` follows at once). Waits
-        for credit when `window` frames are unacknowledged."""
+        out on the next; a tool_calls delta goes alone, after what is pending. Content
+        given `held` (a whole answer's text, its end right behind it) waits for the end
+        frame (or a tool-call delta) and leaves with it, in one socket write: no task is
+        made to publish it, nor a frame of its own sent ahead. Waits for credit when
+        `window` frames are unacknowledged."""
         self._raise_deferred()
         if self.cancelled.is_set():
             raise ConsumerLost("the receiver cancelled")
-        if tool_calls is not None or (at_once and content):
+        if tool_calls is not None:
             await self._drain()
             await self._wait_credit()
             self.seq += 1
@@ -362,13 +380,13 @@ class StreamSender:
             return
         if not content:
             return
-        if self._pending:  # a frame already admitted this turn: join it
+        if self._pending:  # a frame already admitted: join it
             self._pending.append(content)
             return
         await self._wait_credit()  # a new frame: it needs credit, as every frame does
         self._raise_deferred()
         self._pending.append(content)
-        if self._flusher is None:
+        if self._flusher is None and not held:
             self._flushing = False
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
@@ -429,10 +447,12 @@ class StreamSender:
     async def done(self, done: Done | ToolDone) -> None:
         await self._drain()
         await self._publish(done)
+        self._schedule_after_end()
 
     async def fail(self, failed: Failed) -> None:
         await self._drain()
         await self._publish(failed)
+        self._schedule_after_end()
 
 
 class StreamReceiver:
