@@ -141,3 +141,40 @@ def test_a_summed_counter_reads_as_the_counter_it_replaces() -> None:
     assert totals() == {("a", "true"): 3, ("b", "false"): 0.5, ("c", "true"): 0}
     first.add(1, {"rule": "b", "allowed": "false"})
     assert totals() == {("a", "true"): 3, ("b", "false"): 1.5, ("c", "true"): 0}
+
+
+def test_a_local_histogram_reads_as_the_sdk_histogram_it_replaces() -> None:
+    """A process that does not push metrics over OTLP aggregates its histograms itself
+    (`histogram()` -> `LocalHistogram`): read at each scrape as the SDK's histogram
+    reads, bucket by bucket (a value on a bound counts in that bound's bucket; above the
+    last, in `+Inf`), with its `_sum` and `_count`, one series per attribute set however
+    the attributes were ordered, and an integer attribute as its label."""
+    from opentelemetry.sdk.resources import Resource
+
+    metrics.setup_metrics(Resource.create({"service.name": "nexus-test"}))
+    tag = uuid.uuid4().hex[:8]
+    local = metrics.histogram(f"nexus.test.local{tag}", "ms", "requests, for the test")
+    assert isinstance(local, metrics.LocalHistogram)
+    assert metrics.histogram(f"nexus.test.local{tag}", "ms", "") is local
+    sdk = metrics._meter().create_histogram(f"nexus.test.sdk{tag}", unit="ms",
+                                            description="requests, for the test")
+    ok = {"http.route": "/v1/x", "http.status_code": 200}
+    for value, attributes in [(0, ok), (5, ok), (5.5, ok), (10000, ok), (10001, ok),
+                              (42.25, {"http.route": "/v1/y", "http.status_code": 503})]:
+        local.record(value, attributes)
+        sdk.record(value, dict(reversed(attributes.items())))
+
+    families = {f.name: f for f in text_string_to_metric_families(metrics.exposition()[0].decode())}
+
+    def read(name: str) -> tuple[str, list]:
+        family = families[f"{name}_milliseconds"]
+        return family.type, sorted((s.name.removeprefix(name), sorted(s.labels.items()), s.value)
+                                   for s in family.samples)
+
+    kind, samples = read(f"nexus_test_local{tag}")
+    assert (kind, samples) == read(f"nexus_test_sdk{tag}")
+    assert kind == "histogram"
+    counts = {(dict(labels)["http_route"], dict(labels).get("le")): value
+              for name, labels, value in samples if name == "_milliseconds_bucket"}
+    assert counts[("/v1/x", "5.0")] == 2 and counts[("/v1/x", "10000.0")] == 4
+    assert counts[("/v1/x", "+Inf")] == 5 and counts[("/v1/y", "+Inf")] == 1

@@ -56,7 +56,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
@@ -118,7 +117,7 @@ from shared.domain.budget import RUN, budget_stream_for_run, usd_to_micro
 from shared.domain.tools import ToolSpec
 from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
 from shared.infra.messaging import Bus
-from shared.infra.metrics import summed_counter
+from shared.infra.metrics import histogram, summed_counter
 from shared.infra.tracing import tracer
 
 log = logging.getLogger("nexus.orchestrator.runs")
@@ -134,13 +133,11 @@ class LeaseLost(Exception):
 
 class RunMetrics:
     def __init__(self) -> None:
-        m = otel_metrics.get_meter("nexus")
         self.runs = summed_counter("nexus.agent.runs", unit="{run}",
                                    description="Agent runs ended, by outcome")
-        self.steps = m.create_histogram("nexus.agent.run.steps", unit="{step}",
-                                        description="LLM steps per ended run")
-        self.cost = m.create_histogram("nexus.agent.run.cost", unit="USD",
-                                       description="Cost per ended run")
+        self.steps = histogram("nexus.agent.run.steps", unit="{step}",
+                               description="LLM steps per ended run")
+        self.cost = histogram("nexus.agent.run.cost", unit="USD", description="Cost per ended run")
         self.takeovers = summed_counter("nexus.agent.run.takeovers", unit="{run}",
                                         description="Runs taken over from another process")
 

@@ -40,7 +40,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
-from opentelemetry import metrics as otel_metrics
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared.contracts import subjects
@@ -79,7 +78,7 @@ from shared.domain.tools import (
 )
 from shared.infra.eventstore import EventStore, ProjectionRunner, WrongExpectedVersion
 from shared.infra.messaging import Bus, MessagingError, NoResponders, RequestTimeout
-from shared.infra.metrics import summed_counter
+from shared.infra.metrics import histogram, summed_counter
 from shared.infra.streaming import KEEPALIVE_S, RemoteStreamError, StreamReceiver
 from shared.infra.tracing import tracer
 from services.orchestrator.joint import Rider, append_joint
@@ -111,11 +110,10 @@ class ToolCallMetrics:
     own tool: bounded."""
 
     def __init__(self) -> None:
-        m = otel_metrics.get_meter("nexus")
         self._calls = summed_counter("nexus.tool.call.outcomes", unit="{call}",
                                      description="Tool calls by tool and outcome (orchestrator)")
-        self._duration = m.create_histogram("nexus.tool.call.duration", unit="s",
-                                            description="Tool calls from dispatch to their end")
+        self._duration = histogram("nexus.tool.call.duration", unit="s",
+                                   description="Tool calls from dispatch to their end")
 
     def count(self, tool: str, outcome: str) -> None:
         self._calls.add(1, {"gen_ai.tool.name": tool, "outcome": outcome})

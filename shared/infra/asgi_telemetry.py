@@ -22,8 +22,10 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from shared.infra.metrics import histogram
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,7 +44,7 @@ class HttpTelemetry:
         self.app = app
         self.exclude = exclude
         self._tracer = trace.get_tracer("nexus.http")
-        self._duration = metrics.get_meter("nexus").create_histogram(
+        self._duration = histogram(
             "http.server.duration", unit="ms", description="HTTP server requests, by route")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -20,14 +20,29 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    Metric,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 log = logging.getLogger("nexus.metrics")
 
@@ -38,19 +53,34 @@ _server = None  # the /metrics HTTP server of this process, if any
 _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                      40.96, 81.92)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+# the SDK's default boundaries, for a histogram named below under none
+DEFAULT_BUCKETS = (0.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0, 1000.0,
+                   2500.0, 5000.0, 7500.0, 10000.0)
+# Histogram boundaries by instrument, declared once: the SDK's views (metrics pushed over
+# OTLP) and the in-process histograms (`LocalHistogram`, read by Prometheus) both use them.
+_BUCKETS: dict[str, tuple[float, ...]] = {
+    "gen_ai.client.operation.duration": _DURATION_BUCKETS,
+    "nexus.llm.time_to_first_token": _DURATION_BUCKETS,
+    "gen_ai.client.token.usage": _TOKEN_BUCKETS,
+    "nexus.tool.duration": _DURATION_BUCKETS,
+}
+_SCOPE = InstrumentationScope("nexus")  # the scope of `_meter()`'s instruments
+
+
+def metrics_pushed() -> bool:
+    """Whether this process pushes its metrics over OTLP (to a collector: with exemplars)."""
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
 
 
 def setup_metrics(resource: Resource) -> MeterProvider:
     global _provider
     if _provider is not None:
         return _provider
-    from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
     # Pulled at each scrape of /metrics; every series carries `service_name` (as through
     # the collector), which the dashboards select on.
-    readers = [PrometheusMetricReader(resource_attribute_filter=lambda key: key == "service.name")]
-    otlp = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                or os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+    readers: list[MetricReader] = [_prometheus_reader(resource)]
+    otlp = metrics_pushed()
     if otlp:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
@@ -61,20 +91,32 @@ def setup_metrics(resource: Resource) -> MeterProvider:
     # OTEL_METRICS_EXEMPLAR_FILTER, when set, decides as the SDK documents.
     exemplars = None if otlp or os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER") else \
         AlwaysOffExemplarFilter()
-    views = [
-        View(instrument_name="gen_ai.client.operation.duration",
-             aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
-        View(instrument_name="nexus.llm.time_to_first_token",
-             aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
-        View(instrument_name="gen_ai.client.token.usage",
-             aggregation=ExplicitBucketHistogramAggregation(_TOKEN_BUCKETS)),
-        View(instrument_name="nexus.tool.duration",
-             aggregation=ExplicitBucketHistogramAggregation(_DURATION_BUCKETS)),
-    ]
+    views = [View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(bounds))
+             for name, bounds in _BUCKETS.items()]
     _provider = MeterProvider(resource=resource, metric_readers=readers, views=views,
                               exemplar_filter=exemplars)
     metrics.set_meter_provider(_provider)
     return _provider
+
+
+def _prometheus_reader(resource: Resource) -> MetricReader:
+    """The OpenTelemetry Prometheus reader, with this process's `LocalHistogram`s added
+    to what the SDK collects at each scrape (the reader translates both alike)."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+    class Reader(PrometheusMetricReader):
+        def _receive_metrics(self, metrics_data: MetricsData, timeout_millis: float = 10_000,
+                             **kwargs: Any) -> None:
+            now = time.time_ns()
+            local = [m for h in list(_local.values()) if (m := h.metric(now)) is not None]
+            if local:
+                metrics_data = MetricsData(resource_metrics=[
+                    *metrics_data.resource_metrics,
+                    ResourceMetrics(resource=resource, schema_url="", scope_metrics=[
+                        ScopeMetrics(scope=_SCOPE, metrics=local, schema_url="")])])
+            super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+
+    return Reader(resource_attribute_filter=lambda key: key == "service.name")
 
 
 def shutdown_metrics() -> None:
@@ -156,17 +198,89 @@ def summed_counter(name: str, unit: str, description: str) -> SummedCounter:
     return counter
 
 
+class _Series:
+    __slots__ = ("counts", "total", "low", "high", "start")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.total = 0.0
+        self.low = float("inf")
+        self.high = float("-inf")
+        self.start = time.time_ns()
+
+
+class LocalHistogram:
+    """An explicit-bucket histogram aggregated in this process and read at each scrape,
+    for a process that does not push its metrics over OTLP (`histogram()`): `record` is
+    a bisect and a few additions under a lock, where the SDK's histogram takes its
+    measurement path (6 us here, its attributes cleaned and hashed in Python: the
+    provider's four per call were a quarter of its Python calls, docs/performance.md
+    round 12). The same name, unit, buckets (a bucket counts the values up to and
+    including its bound, as the SDK's), series and Prometheus names as the SDK's
+    histogram, whose reader translates both. No exemplars: only OTLP carries them, and
+    a process that pushes over OTLP gets the SDK's histogram."""
+
+    def __init__(self, name: str, unit: str, description: str,
+                 boundaries: tuple[float, ...]) -> None:
+        self.name, self.unit, self.description = name, unit, description
+        self._bounds = boundaries
+        self._series: dict[tuple[tuple[str, Any], ...], _Series] = {}
+        self._lock = threading.Lock()  # the scrape reads from another thread
+
+    def record(self, amount: float, attributes: dict[str, Any] | None = None) -> None:
+        key = tuple(sorted(attributes.items())) if attributes else ()
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series(len(self._bounds) + 1)
+            series.counts[bisect_left(self._bounds, amount)] += 1
+            series.total += amount
+            if amount < series.low:
+                series.low = amount
+            if amount > series.high:
+                series.high = amount
+
+    def metric(self, now_ns: int) -> Metric | None:
+        """What it holds, as the SDK's reader receives a cumulative histogram."""
+        with self._lock:
+            points = [HistogramDataPoint(
+                attributes=dict(key), start_time_unix_nano=s.start, time_unix_nano=now_ns,
+                count=sum(s.counts), sum=s.total, bucket_counts=list(s.counts),
+                explicit_bounds=self._bounds, min=s.low, max=s.high)
+                for key, s in self._series.items()]
+        if not points:
+            return None
+        return Metric(name=self.name, description=self.description, unit=self.unit,
+                      data=HistogramData(data_points=points,
+                                         aggregation_temporality=AggregationTemporality.CUMULATIVE))
+
+
+_local: dict[str, LocalHistogram] = {}
+
+
+def histogram(name: str, unit: str, description: str) -> Any:
+    """The histogram of that name (boundaries: `_BUCKETS`): the SDK's when this process
+    pushes its metrics over OTLP, else the process's `LocalHistogram` (made on first use).
+    Both have `record(amount, attributes)`."""
+    if metrics_pushed():
+        return _meter().create_histogram(name, unit=unit, description=description)
+    local = _local.get(name)
+    if local is None:
+        local = _local[name] = LocalHistogram(name, unit, description,
+                                              _BUCKETS.get(name, DEFAULT_BUCKETS))
+    return local
+
+
 class LLMMetrics:
     """Provider side: what every LLM call cost and how it went."""
 
     def __init__(self) -> None:
-        m = _meter()
-        self.tokens = m.create_histogram(
+        self.tokens = histogram(
             "gen_ai.client.token.usage", unit="{token}",
             description="Tokens used per LLM call, by gen_ai.token.type (input/output)")
-        self.duration = m.create_histogram(
+        self.duration = histogram(
             "gen_ai.client.operation.duration", unit="s", description="Duration of LLM calls")
-        self.ttft = m.create_histogram(
+        self.ttft = histogram(
             "nexus.llm.time_to_first_token", unit="s", description="Time to the first token")
         self.cost = summed_counter("nexus.llm.cost.usd", unit="{USD}",
                                    description="Cost of LLM calls in USD")
@@ -215,7 +329,7 @@ class ToolMetrics:
     def __init__(self) -> None:
         self.calls = summed_counter(
             "nexus.tool.calls", unit="{call}", description="Tool calls by tool and outcome")
-        self.duration = _meter().create_histogram(
+        self.duration = histogram(
             "nexus.tool.duration", unit="s", description="Duration of tool calls on nodes")
         self.sandbox_starts = summed_counter(
             "nexus.sandbox.starts", unit="{start}", description="Sandboxes started, by tool")
