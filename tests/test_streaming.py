@@ -57,7 +57,7 @@ async def buses(infra) -> AsyncIterator[tuple[Bus, Bus]]:
 
 
 async def serve(bus: Bus, produce: Callable[[StreamSender], Awaitable[None]], *,
-                idle_timeout_s: float = 15.0) -> tuple[str, asyncio.Future]:
+                idle_timeout_s: float = 15.0, batches: bool = False) -> tuple[str, asyncio.Future]:
     """A producer on a fresh subject: each request gets a StreamSender (window 8) run
     by `produce`; the future holds what it ended with (None or the exception)."""
     subject = f"test.stream.{uuid.uuid4().hex[:8]}"
@@ -65,7 +65,8 @@ async def serve(bus: Bus, produce: Callable[[StreamSender], Awaitable[None]], *,
 
     async def run(reply: str) -> None:
         try:
-            async with StreamSender(bus, reply, window=WINDOW, idle_timeout_s=idle_timeout_s) as s:
+            async with StreamSender(bus, reply, window=WINDOW, idle_timeout_s=idle_timeout_s,
+                                    batches=batches) as s:
                 await produce(s)
             ended.set_result(None)
         except Exception as exc:  # noqa: BLE001 - handed to the test
@@ -418,6 +419,31 @@ async def test_a_held_whole_answer_leaves_with_its_end_frame_and_no_flush_task(b
     assert all(at >= marks["done"] for _, at in arrived)
     assert marks["after_end"] >= marks["done"]
     assert not [name for name in made if "_flush_soon" in name]
+    assert await asyncio.wait_for(ended, 10) is None
+
+
+@pytest.mark.parametrize("batches, messages", [(True, 1), (False, 3)])
+async def test_a_whole_answer_is_one_message_to_a_receiver_that_takes_frames(
+        buses, batches: bool, messages: int) -> None:
+    """To a receiver that asked for `Frames` (`CompletionRequest.batch_frames`), a held
+    answer's `Started`, `Delta` and `Done` leave as one NATS message; to one that did not,
+    as three. The receiver reads the same frames either way."""
+    producer, consumer = buses
+    published: list[int] = []
+
+    async def produce(sender: StreamSender) -> None:
+        before = producer.nc.stats["out_msgs"]
+        await sender.delta(content="the whole ", held=True)
+        await sender.delta(content="answer", held=True)
+        await sender.done(done())
+        published.append(producer.nc.stats["out_msgs"] - before)
+
+    subject, ended = await serve(producer, produce, batches=batches)
+    await reachable(consumer, subject)
+    frames = await receive(consumer, subject, "batched")
+    assert [(type(f), getattr(f, "content", None), getattr(f, "seq", None)) for f in frames] \
+        == [(Delta, "the whole answer", 1), (Done, None, None)]
+    assert published == [messages]
     assert await asyncio.wait_for(ended, 10) is None
 
 

@@ -460,7 +460,7 @@ class CallLifecycle:
             top_p=call_input.top_p, stop=call_input.stop, tools=call_input.tools,
             tool_choice=call_input.tool_choice, redact=redact, nodes=plan.nodes,
             targets=plan.targets, plan_strategy=strategy, plan_loads=loads, caller_records=True,
-            stream=call_input.stream)
+            stream=call_input.stream, batch_frames=True)
         call = Call(call_id, caller, session, info, request, charge, metadata,
                     call_input.user_text, rate_subjects, policy, label, plan,
                     record_conversation=call_input.record_conversation)

@@ -41,7 +41,7 @@ class ProviderService:
             raise HandlerError("NoReplySubject", "completion requests need a reply subject")
         bus = self.runtime.bus
         assert bus is not None
-        async with StreamSender(bus, msg.reply) as sender:
+        async with StreamSender(bus, msg.reply, batches=request.batch_frames) as sender:
             try:
                 outcome = await self.router.run(request, sender)
             except ConsumerLost as exc:

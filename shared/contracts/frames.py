@@ -73,7 +73,15 @@ class ToolDone(msgspec.Struct, frozen=True, tag="tool_done", kw_only=True):
     node: str | None = None
 
 
-Frame = Started | Delta | Done | Failed | Keepalive | ToolDone
+class Frames(msgspec.Struct, frozen=True, tag="frames", kw_only=True):
+    """Several frames in one message, in their order: what a sender gives in one turn
+    (a whole answer: `Started`, its `Delta` and `Done`), to a receiver that asked for it
+    (`CompletionRequest.batch_frames`): one NATS message instead of three (issue 16)."""
+
+    frames: tuple[Started | Delta | Done | Failed | ToolDone, ...]
+
+
+Frame = Started | Delta | Done | Failed | Keepalive | ToolDone | Frames
 
 
 class Credit(msgspec.Struct, frozen=True, tag="credit", kw_only=True):

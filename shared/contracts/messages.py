@@ -204,6 +204,10 @@ class CompletionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # work on both sides; issue 16). The frames are the same either way, but a whole
     # answer's come at its end (no first-token timeout, no time to first token).
     stream: bool = True
+    # the requester takes `Frames` (the frames one turn of the sender gives, in one
+    # message: a whole answer's `Started`, `Delta` and `Done`); False (an older
+    # requester): each frame is a message of its own
+    batch_frames: bool = False
 
 
 class TargetInfo(msgspec.Struct, frozen=True, kw_only=True):

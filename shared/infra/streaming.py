@@ -43,6 +43,10 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
   them in one read; when no frame comes within `STARTED_WAIT_S` (2 ms: a call waiting in
   the provider's queue, a slow first token) it goes alone. The receiver takes a frame
   that is already queued without arming a timer (issue 16, round 8).
+- **One message for a whole answer**: to a receiver that asked for it (the request's
+  `batch_frames`, `StreamSender(batches=True)`), the end frame and what leaves with it
+  (`Started` not yet sent, held content) are one `Frames` message; the receiver reads
+  its frames in order, as if each had come alone (issue 16, round 12).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from shared.contracts.frames import (
     Done,
     Failed,
     Frame,
+    Frames,
     Keepalive,
     Started,
     ToolDone,
@@ -228,9 +233,11 @@ STARTED_WAIT_S = 0.002  # how long `Started` waits to leave with the stream's fi
 class StreamSender:
     """The producing side, inside a request handler."""
 
-    def __init__(self, bus: Bus, reply: str, *, window: int = 64, idle_timeout_s: float = 15.0) -> None:
+    def __init__(self, bus: Bus, reply: str, *, window: int = 64, idle_timeout_s: float = 15.0,
+                 batches: bool = False) -> None:
         self.bus = bus
         self.reply = reply
+        self.batches = batches  # the receiver takes `Frames` (its request said so)
         self.window = window
         self.idle_timeout_s = idle_timeout_s
         self.seq = 0
@@ -445,13 +452,34 @@ class StreamSender:
         self._pending.clear()
 
     async def done(self, done: Done | ToolDone) -> None:
-        await self._drain()
-        await self._publish(done)
-        self._schedule_after_end()
+        await self._end(done)
 
     async def fail(self, failed: Failed) -> None:
-        await self._drain()
-        await self._publish(failed)
+        await self._end(failed)
+
+    async def _end(self, end: Done | ToolDone | Failed) -> None:
+        """The end frame, after what is pending. To a receiver that takes `Frames`, what
+        this turn gives (`Started` not yet sent, held content, the end) is one message."""
+        if self.batches and self._flusher is None:
+            self._raise_deferred()
+            frames: list[Started | Delta | Done | ToolDone | Failed] = []
+            if not self._started:
+                self._started = True
+                if self._start_timer is not None:
+                    self._start_timer.cancel()
+                    self._start_timer = None
+                frames.append(Started(control=self._control))
+            if self._pending:
+                self.seq += 1
+                frames.append(Delta(seq=self.seq, content="".join(self._pending)))
+                self._pending.clear()
+            frames.append(end)
+            self._last_sent = asyncio.get_running_loop().time()
+            await self.bus.nc.publish(self.reply, _enc.encode(
+                Frames(frames=tuple(frames)) if len(frames) > 1 else end))
+        else:
+            await self._drain()
+            await self._publish(end)
         self._schedule_after_end()
 
 
@@ -527,20 +555,21 @@ class StreamReceiver:
                 # an error reply of Bus.subscribe (undecodable request, handler crash)
                 raise RemoteStreamError(msg) from None
             timeout = self.idle_timeout_s
-            if isinstance(frame, Keepalive):
-                continue
-            if isinstance(frame, Started):
-                self.control = frame.control
-                continue
-            if isinstance(frame, Delta):
-                if self.control and frame.seq - acked >= max(1, self.window // 4):
-                    acked = frame.seq
-                    await self.bus.nc.publish(self.control, _enc.encode(Credit(acked=acked)))
+            for frame in frame.frames if isinstance(frame, Frames) else (frame,):
+                if isinstance(frame, Keepalive):
+                    continue
+                if isinstance(frame, Started):
+                    self.control = frame.control
+                    continue
+                if isinstance(frame, Delta):
+                    if self.control and frame.seq - acked >= max(1, self.window // 4):
+                        acked = frame.seq
+                        await self.bus.nc.publish(self.control, _enc.encode(Credit(acked=acked)))
+                    yield frame
+                    continue
+                self._finished = True
                 yield frame
-                continue
-            self._finished = True
-            yield frame
-            return
+                return
 
 
 class RemoteStreamError(Exception):
