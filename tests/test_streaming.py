@@ -254,7 +254,9 @@ async def test_a_connections_streams_share_one_subscription_each_way(tmp_path) -
 
 async def test_a_silent_sender_keeps_its_receiver_waiting(buses) -> None:
     """A sender with nothing to say (a slow first token) sends keepalives, so a receiver
-    whose idle timeout is shorter than the silence keeps waiting, then gets the answer."""
+    whose idle timeout is shorter than the silence keeps waiting, then gets the answer.
+    (The ticker looks every `KEEPALIVE_S / 2`, so keepalives come less than 1.5 x
+    `KEEPALIVE_S` apart: an idle timeout of exactly that raced the ticker's wake-up.)"""
     producer, consumer = buses
 
     async def produce(sender: StreamSender) -> None:
@@ -265,7 +267,7 @@ async def test_a_silent_sender_keeps_its_receiver_waiting(buses) -> None:
     subject, ended = await serve(producer, produce)
     await reachable(consumer, subject)
     async with StreamReceiver(consumer, subject, Ping(sender="patient"), first_frame_timeout_s=10,
-                              idle_timeout_s=1.5 * KEEPALIVE_S, window=WINDOW) as stream:
+                              idle_timeout_s=2 * KEEPALIVE_S, window=WINDOW) as stream:
         frames = [frame async for frame in stream.frames()]
     assert [type(f) for f in frames] == [Delta, Done] and frames[0].content == "late"
     assert await asyncio.wait_for(ended, 10) is None
