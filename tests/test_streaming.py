@@ -449,6 +449,27 @@ async def test_a_whole_answer_is_one_message_to_a_receiver_that_takes_frames(
     assert await asyncio.wait_for(ended, 10) is None
 
 
+async def test_a_long_held_answer_leaves_in_frames_of_a_bounded_size(buses, monkeypatch) -> None:
+    """Held content beyond `HELD_MAX_CHARS` leaves as a frame at once, so no message
+    outgrows what NATS carries; the receiver still gets all of it, in order."""
+    from shared.infra import streaming
+
+    monkeypatch.setattr(streaming, "HELD_MAX_CHARS", 10)
+    producer, consumer = buses
+
+    async def produce(sender: StreamSender) -> None:
+        for piece in ("abcdef", "ghijkl", "mno"):
+            await sender.delta(content=piece, held=True)
+        await sender.done(done())
+
+    subject, ended = await serve(producer, produce, batches=True)
+    await reachable(consumer, subject)
+    frames = await receive(consumer, subject, "long")
+    assert [(type(f), getattr(f, "content", None)) for f in frames] == [
+        (Delta, "abcdefghijkl"), (Delta, "mno"), (Done, None)]
+    assert await asyncio.wait_for(ended, 10) is None
+
+
 async def test_a_tool_call_delta_is_never_merged_and_keeps_its_place(buses) -> None:
     producer, consumer = buses
     call = [{"index": 0, "id": "call_1", "type": "function",

@@ -228,6 +228,9 @@ _replies: weakref.WeakKeyDictionary[Any, _Replies] = weakref.WeakKeyDictionary()
 
 
 STARTED_WAIT_S = 0.002  # how long `Started` waits to leave with the stream's first frame
+# held content beyond this leaves as a frame at once: a message stays far below NATS's
+# max_payload (8 MB here) even when every character is escaped into six bytes
+HELD_MAX_CHARS = 512 * 1024
 
 
 class StreamSender:
@@ -248,6 +251,7 @@ class StreamSender:
         self._control = ""
         self._last_sent = 0.0
         self._pending: list[str] = []  # content given this turn, not yet published
+        self._held = 0  # characters of held content in `_pending`
         self._flusher: asyncio.Task[None] | None = None  # publishes `_pending` next turn
         self._flushing = False  # the flusher has started (it may be inside a publish)
         self._error: BaseException | None = None  # a deferred publish's failure
@@ -374,8 +378,9 @@ class StreamSender:
         out on the next; a tool_calls delta goes alone, after what is pending. Content
         given `held` (a whole answer's text, its end right behind it) waits for the end
         frame (or a tool-call delta) and leaves with it, in one socket write: no task is
-        made to publish it, nor a frame of its own sent ahead. Waits for credit when
-        `window` frames are unacknowledged."""
+        made to publish it, nor a frame of its own sent ahead (beyond `HELD_MAX_CHARS`,
+        what is held leaves as a frame at once). Waits for credit when `window` frames
+        are unacknowledged."""
         self._raise_deferred()
         if self.cancelled.is_set():
             raise ConsumerLost("the receiver cancelled")
@@ -387,13 +392,15 @@ class StreamSender:
             return
         if not content:
             return
-        if self._pending:  # a frame already admitted: join it
-            self._pending.append(content)
-            return
-        await self._wait_credit()  # a new frame: it needs credit, as every frame does
-        self._raise_deferred()
-        self._pending.append(content)
-        if self._flusher is None and not held:
+        if not self._pending:
+            await self._wait_credit()  # a new frame: it needs credit, as every frame does
+            self._raise_deferred()
+        self._pending.append(content)  # else a frame already admitted: join it
+        if held:
+            self._held += len(content)
+            if self._held > HELD_MAX_CHARS:  # a long answer: in frames of this size
+                await self._drain()
+        elif self._flusher is None:
             self._flushing = False
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
@@ -412,6 +419,7 @@ class StreamSender:
         nats-py queues a publish before it awaits, so frames leave in seq order."""
         content = "".join(self._pending)
         self._pending.clear()
+        self._held = 0
         self.seq += 1
         await self._publish(Delta(seq=self.seq, content=content))
 
