@@ -449,24 +449,29 @@ async def test_a_whole_answer_is_one_message_to_a_receiver_that_takes_frames(
     assert await asyncio.wait_for(ended, 10) is None
 
 
-async def test_a_long_held_answer_leaves_in_frames_of_a_bounded_size(buses, monkeypatch) -> None:
-    """Held content beyond `HELD_MAX_CHARS` leaves as a frame at once, so no message
-    outgrows what NATS carries; the receiver still gets all of it, in order."""
+@pytest.mark.parametrize("held", [True, False])
+async def test_a_long_answer_leaves_in_frames_of_a_bounded_size(buses, monkeypatch,
+                                                                held: bool) -> None:
+    """No frame carries more than `FRAME_MAX_CHARS` (so no message outgrows what NATS
+    carries): pending content that would exceed it leaves first, and a longer piece (a
+    whole answer) is split; the receiver still gets all of it, in order."""
     from shared.infra import streaming
 
-    monkeypatch.setattr(streaming, "HELD_MAX_CHARS", 10)
+    monkeypatch.setattr(streaming, "FRAME_MAX_CHARS", 10)
     producer, consumer = buses
+    pieces = ("abcdef", "ghijkl", "mno", "x" * 25)
 
     async def produce(sender: StreamSender) -> None:
-        for piece in ("abcdef", "ghijkl", "mno"):
-            await sender.delta(content=piece, held=True)
+        for piece in pieces:
+            await sender.delta(content=piece, held=held)
         await sender.done(done())
 
     subject, ended = await serve(producer, produce, batches=True)
     await reachable(consumer, subject)
     frames = await receive(consumer, subject, "long")
-    assert [(type(f), getattr(f, "content", None)) for f in frames] == [
-        (Delta, "abcdefghijkl"), (Delta, "mno"), (Done, None)]
+    deltas = [f.content for f in frames if isinstance(f, Delta)]
+    assert deltas == ["abcdef", "ghijklmno", "x" * 10, "x" * 10, "x" * 5]
+    assert isinstance(frames[-1], Done) and "".join(deltas) == "".join(pieces)
     assert await asyncio.wait_for(ended, 10) is None
 
 
@@ -500,10 +505,14 @@ async def test_a_tool_call_delta_is_never_merged_and_keeps_its_place(buses) -> N
     assert await asyncio.wait_for(ended, 10) is None
 
 
-async def test_a_failed_deferred_publish_is_raised_by_the_next_call(buses) -> None:
+async def test_a_failed_deferred_publish_is_raised_by_the_next_call(buses, monkeypatch) -> None:
     """A frame over the server's max_payload fails in the deferred publish: the producer's
-    next call raises it, the stream still ends with its Failed, and no task is left."""
+    next call raises it, the stream still ends with its Failed, and no task is left.
+    (A frame is bounded far below max_payload; here the bound is lifted to make one.)"""
+    from shared.infra import streaming
+
     producer, consumer = buses
+    monkeypatch.setattr(streaming, "FRAME_MAX_CHARS", 2 * producer.nc.max_payload)
     raised: list[BaseException] = []
 
     async def produce(sender: StreamSender) -> None:

@@ -34,7 +34,9 @@ A streamed reply (LLM tokens) travels as frames on the requester's reply subject
   first, then it alone); content given `held` (a whole answer's text, its end right
   behind it) waits for the end frame and leaves with it, in one socket write (no task
   made, no frame of its own ahead of the end); `done()`, `fail()` and leaving the
-  sender publish what is pending first. `seq`
+  sender publish what is pending first. No frame carries more than `FRAME_MAX_CHARS`
+  (what is pending leaves before it would, a longer piece is split), far below NATS's
+  max_payload. `seq`
   counts the frames published, so the window and the receiver's `Credit` count frames;
   a failed deferred publish is raised by the next `delta()`/`done()`/`fail()` (issue
   16).
@@ -228,9 +230,9 @@ _replies: weakref.WeakKeyDictionary[Any, _Replies] = weakref.WeakKeyDictionary()
 
 
 STARTED_WAIT_S = 0.002  # how long `Started` waits to leave with the stream's first frame
-# held content beyond this leaves as a frame at once: a message stays far below NATS's
-# max_payload (8 MB here) even when every character is escaped into six bytes
-HELD_MAX_CHARS = 512 * 1024
+# the most content one frame carries (a longer piece is split): a message stays far below
+# NATS's max_payload (8 MB here) even when every character is escaped into six bytes
+FRAME_MAX_CHARS = 512 * 1024
 
 
 class StreamSender:
@@ -251,7 +253,7 @@ class StreamSender:
         self._control = ""
         self._last_sent = 0.0
         self._pending: list[str] = []  # content given this turn, not yet published
-        self._held = 0  # characters of held content in `_pending`
+        self._pending_chars = 0  # the characters in `_pending`
         self._flusher: asyncio.Task[None] | None = None  # publishes `_pending` next turn
         self._flushing = False  # the flusher has started (it may be inside a publish)
         self._error: BaseException | None = None  # a deferred publish's failure
@@ -378,9 +380,9 @@ class StreamSender:
         out on the next; a tool_calls delta goes alone, after what is pending. Content
         given `held` (a whole answer's text, its end right behind it) waits for the end
         frame (or a tool-call delta) and leaves with it, in one socket write: no task is
-        made to publish it, nor a frame of its own sent ahead (beyond `HELD_MAX_CHARS`,
-        what is held leaves as a frame at once). Waits for credit when `window` frames
-        are unacknowledged."""
+        made to publish it, nor a frame of its own sent ahead (what would hold more than
+        `FRAME_MAX_CHARS` leaves as a frame first, and a longer piece is split). Waits
+        for credit when `window` frames are unacknowledged."""
         self._raise_deferred()
         if self.cancelled.is_set():
             raise ConsumerLost("the receiver cancelled")
@@ -392,15 +394,18 @@ class StreamSender:
             return
         if not content:
             return
+        if len(content) > FRAME_MAX_CHARS:  # a long piece (a whole answer): in frames
+            for start in range(0, len(content), FRAME_MAX_CHARS):
+                await self.delta(content=content[start:start + FRAME_MAX_CHARS], held=held)
+            return
+        if self._pending and self._pending_chars + len(content) > FRAME_MAX_CHARS:
+            await self._drain()  # what is pending leaves first: no frame beyond the bound
         if not self._pending:
             await self._wait_credit()  # a new frame: it needs credit, as every frame does
             self._raise_deferred()
         self._pending.append(content)  # else a frame already admitted: join it
-        if held:
-            self._held += len(content)
-            if self._held > HELD_MAX_CHARS:  # a long answer: in frames of this size
-                await self._drain()
-        elif self._flusher is None:
+        self._pending_chars += len(content)
+        if not held and self._flusher is None:
             self._flushing = False
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
@@ -419,7 +424,7 @@ class StreamSender:
         nats-py queues a publish before it awaits, so frames leave in seq order."""
         content = "".join(self._pending)
         self._pending.clear()
-        self._held = 0
+        self._pending_chars = 0
         self.seq += 1
         await self._publish(Delta(seq=self.seq, content=content))
 
@@ -458,6 +463,7 @@ class StreamSender:
             self._flusher.cancel()
             self._flusher = None
         self._pending.clear()
+        self._pending_chars = 0
 
     async def done(self, done: Done | ToolDone) -> None:
         await self._end(done)
@@ -481,6 +487,7 @@ class StreamSender:
                 self.seq += 1
                 frames.append(Delta(seq=self.seq, content="".join(self._pending)))
                 self._pending.clear()
+                self._pending_chars = 0
             frames.append(end)
             self._last_sent = asyncio.get_running_loop().time()
             await self.bus.nc.publish(self.reply, _enc.encode(
