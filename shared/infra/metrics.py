@@ -54,7 +54,7 @@ _DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12,
                      40.96, 81.92)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 # the OpenTelemetry SDK's default boundaries (milliseconds-minded)
-DEFAULT_BUCKETS = (0.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0, 1000.0,
+_DEFAULT_BUCKETS = (0.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0, 1000.0,
                    2500.0, 5000.0, 7500.0, 10000.0)
 # Every histogram's boundaries, declared once: the SDK's views (metrics pushed over OTLP)
 # and the in-process histograms (`LocalHistogram`, read by Prometheus) both use them.
@@ -63,10 +63,10 @@ _BUCKETS: dict[str, tuple[float, ...]] = {
     "nexus.llm.time_to_first_token": _DURATION_BUCKETS,
     "gen_ai.client.token.usage": _TOKEN_BUCKETS,
     "nexus.tool.duration": _DURATION_BUCKETS,
-    "http.server.duration": DEFAULT_BUCKETS,
-    "nexus.tool.call.duration": DEFAULT_BUCKETS,
-    "nexus.agent.run.steps": DEFAULT_BUCKETS,
-    "nexus.agent.run.cost": DEFAULT_BUCKETS,
+    "http.server.duration": _DEFAULT_BUCKETS,
+    "nexus.tool.call.duration": _DEFAULT_BUCKETS,
+    "nexus.agent.run.steps": _DEFAULT_BUCKETS,
+    "nexus.agent.run.cost": _DEFAULT_BUCKETS,
 }
 _SCOPE = InstrumentationScope("nexus")  # the scope of `_meter()`'s instruments
 
@@ -264,7 +264,7 @@ _local: dict[str, LocalHistogram] = {}
 
 def histogram(name: str, unit: str, description: str) -> Any:
     """The histogram of that name (boundaries: `_BUCKETS`; one it does not name, a
-    test's, gets `DEFAULT_BUCKETS`): the SDK's when this process pushes its metrics over
+    test's, gets `_DEFAULT_BUCKETS`): the SDK's when this process pushes its metrics over
     OTLP, else the process's `LocalHistogram` (made on first use). Both have
     `record(amount, attributes)`."""
     if metrics_pushed():
@@ -272,7 +272,7 @@ def histogram(name: str, unit: str, description: str) -> Any:
     local = _local.get(name)
     if local is None:
         local = _local[name] = LocalHistogram(name, unit, description,
-                                              _BUCKETS.get(name, DEFAULT_BUCKETS))
+                                              _BUCKETS.get(name, _DEFAULT_BUCKETS))
     return local
 
 

@@ -354,12 +354,17 @@ class StreamSender:
         before it awaits, so nothing published after this call can overtake it."""
         if self._started:
             return
+        started = self._take_started()
+        self._last_sent = asyncio.get_running_loop().time()
+        await self.bus.nc.publish(self.reply, _enc.encode(started))
+
+    def _take_started(self) -> Started:
+        """`Started`, to be sent now (by the caller): it is not sent again."""
         self._started = True
         if self._start_timer is not None:
             self._start_timer.cancel()
             self._start_timer = None
-        self._last_sent = asyncio.get_running_loop().time()
-        await self.bus.nc.publish(self.reply, _enc.encode(Started(control=self._control)))
+        return Started(control=self._control)
 
     def _start_alone(self) -> None:
         """No frame within STARTED_WAIT_S (a queued call, a slow first token): `Started`
@@ -422,11 +427,15 @@ class StreamSender:
     async def _publish_pending(self) -> None:
         """One frame of what is pending; `_pending` is taken before the first await, and
         nats-py queues a publish before it awaits, so frames leave in seq order."""
+        await self._publish(self._take_pending())
+
+    def _take_pending(self) -> Delta:
+        """What is pending as the next frame, to be sent now (by the caller)."""
         content = "".join(self._pending)
         self._pending.clear()
         self._pending_chars = 0
         self.seq += 1
-        await self._publish(Delta(seq=self.seq, content=content))
+        return Delta(seq=self.seq, content=content)
 
     async def _flush_soon(self) -> None:
         """The deferred publish, on the turn after the deltas were given."""
@@ -478,16 +487,9 @@ class StreamSender:
             self._raise_deferred()
             frames: list[Started | Delta | Done | ToolDone | Failed] = []
             if not self._started:
-                self._started = True
-                if self._start_timer is not None:
-                    self._start_timer.cancel()
-                    self._start_timer = None
-                frames.append(Started(control=self._control))
+                frames.append(self._take_started())
             if self._pending:
-                self.seq += 1
-                frames.append(Delta(seq=self.seq, content="".join(self._pending)))
-                self._pending.clear()
-                self._pending_chars = 0
+                frames.append(self._take_pending())
             frames.append(end)
             self._last_sent = asyncio.get_running_loop().time()
             await self.bus.nc.publish(self.reply, _enc.encode(
