@@ -40,7 +40,7 @@ from shared.infra.nats_auth import (
     node_inbox_prefix,
 )
 from shared.contracts.messages import Heartbeat, NodeStatusChange
-from shared.infra.messaging import Bus
+from shared.infra.messaging import Bus, subscriptions_held
 from shared.domain.nodes import load_or_create_node_id
 from tests.support import wait_until
 
@@ -154,7 +154,7 @@ async def collect(nc: NatsClient, subject: str) -> list[Msg]:
         got.append(msg)
 
     await nc.subscribe(subject, cb=on_msg)
-    await nc.flush()
+    await subscriptions_held(nc)
     return got
 
 
@@ -204,13 +204,13 @@ async def test_a_node_cannot_subscribe_to_another_nodes_subjects(
     spying = [await node_a.nc.subscribe(infer_b),
               await node_a.nc.subscribe(f"{subjects.NODE_PREFIX}.{NODE_B}.>"),
               await node_a.nc.subscribe(f"{subjects.NODE_PREFIX}.>")]
-    await node_a.nc.flush()
+    await subscriptions_held(node_a.nc)
 
     async def answer_as_b(msg: Msg) -> None:
         await msg.respond(b"from B")
 
     await node_b.nc.subscribe(infer_b, cb=answer_as_b)
-    await node_b.nc.flush()
+    await subscriptions_held(node_b.nc)
 
     reply = await orchestrator.nc.request(infer_b, b"for B only", timeout=5)
 
@@ -232,10 +232,10 @@ async def test_a_node_answers_requests_it_received_but_no_other_inbox(
 
     await node_a.nc.subscribe(infer_a, cb=answer)
     await node_a.nc.subscribe(subjects.PING_NODE, queue=subjects.QUEUE_NODE, cb=answer)
-    await node_a.nc.flush()
+    await subscriptions_held(node_a.nc)
     forged_inbox = orchestrator.nc.new_inbox()
     forged = await orchestrator.nc.subscribe(forged_inbox)
-    await orchestrator.nc.flush()
+    await subscriptions_held(orchestrator.nc)
 
     await node_a.nc.publish(forged_inbox, b"unsolicited")  # asked nothing on it: refused
     await node_a.nc.flush()
@@ -258,7 +258,7 @@ async def test_a_node_answers_each_request_once(secured: Secured, login: Connect
         await msg.respond(b"second")
 
     await node_a.nc.subscribe(infer_a, cb=answer_twice)
-    await node_a.nc.flush()
+    await subscriptions_held(node_a.nc)
     inbox = orchestrator.nc.new_inbox()
     replies = await collect(orchestrator.nc, inbox)
 
@@ -348,9 +348,9 @@ async def test_with_private_inboxes_a_node_reads_only_its_own_replies(
         await msg.respond(b"ack")
 
     await orchestrator.nc.subscribe(subjects.NODE_REGISTER_ALL, cb=ack)
-    await orchestrator.nc.flush()
+    await subscriptions_held(orchestrator.nc)
     snoop = await node_a.nc.subscribe("_INBOX.>")
-    await node_a.nc.flush()
+    await subscriptions_held(node_a.nc)
 
     # B registers (request/reply through its own inbox): A cannot see the answer
     for node_id, node in ((NODE_B, node_b), (NODE_A, node_a)):
@@ -373,7 +373,7 @@ async def test_with_max_responses_a_node_streams_a_reply(strict: Secured, login:
             await msg.respond(b"chunk %d" % i)
 
     await node_a.nc.subscribe(infer_a, cb=stream)
-    await node_a.nc.flush()
+    await subscriptions_held(node_a.nc)
     inbox = orchestrator.nc.new_inbox()
     chunks = await collect(orchestrator.nc, inbox)
 

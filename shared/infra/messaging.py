@@ -121,6 +121,17 @@ def messaging_unavailable(exc: BaseException) -> bool:
                for err in (exc, exc.__cause__, exc.__context__))
 
 
+async def subscriptions_held(nc: Any) -> None:
+    """Return once the server holds every subscription `nc` has made. nats-py's `flush()`
+    writes its PING straight to the socket, ahead of a SUB still queued for the client's
+    flusher task, so the PONG of one flush right after `subscribe()` does not prove the
+    server has the SUB (another connection's message could still meet no subscriber: a
+    "no responders" seen once in CI). The flusher writes the SUB while that flush waits,
+    so a second flush's PING follows it, and its PONG does."""
+    await nc.flush()
+    await nc.flush()
+
+
 class Bus:
     """One NATS connection of a service, with typed, traced publish/request/subscribe."""
 
@@ -299,7 +310,7 @@ class Bus:
                 await self._handle(msg, decoder, handler)
 
         sub = await self.nc.subscribe(subject, queue=queue, cb=on_message)
-        await self.nc.flush()  # the server has the subscription when this returns
+        await subscriptions_held(self.nc)  # the server has the subscription when this returns
         return sub
 
     async def subscribe_stream(self, subject: str, message_type: type[T],
