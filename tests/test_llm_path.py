@@ -8,7 +8,9 @@ processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -374,12 +376,12 @@ def test_an_answer_is_recorded_in_the_transaction_that_settles_it(llm: LLMCluste
     assert done.output_tokens == answer.usage.completion_tokens
 
 
-def test_an_answer_that_cannot_be_recorded_is_not_given(llm: LLMCluster, key) -> None:
-    """The settle's append fails (a real Postgres error, raised by a trigger on this
-    session's events only): the client gets a 503 problem, not an answer whose cost,
-    conversation and completion are on record nowhere; the next call records normally."""
-    sid = llm.session(key, budget={"limit_usd": 1})
-    trigger = f"refuse_{sid.replace('-', '_')}"
+@contextlib.contextmanager
+def in_the_settle(llm: LLMCluster, session_id: str, action: str) -> Iterator[None]:
+    """`action` (PL/pgSQL) runs in the settle's transaction of this session's calls: a
+    trigger on the insert of their `MessageAppended` events (real Postgres, nothing else
+    touched)."""
+    trigger = f"settle_{session_id.replace('-', '_')}"
 
     async def sql(statement: str) -> None:
         pool = await create_pool(llm.database_url, max_size=1)
@@ -391,25 +393,58 @@ def test_an_answer_that_cannot_be_recorded_is_not_given(llm: LLMCluster, key) ->
     asyncio.run(sql(f"""
         CREATE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            IF NEW.metadata ->> 'correlation_id' = '{sid}' AND NEW.type = 'MessageAppended' THEN
-                RAISE EXCEPTION 'refused by the test';
+            IF NEW.metadata ->> 'correlation_id' = '{session_id}' AND NEW.type = 'MessageAppended' THEN
+                {action}
             END IF;
             RETURN NEW;
         END $$;
         CREATE TRIGGER {trigger} BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION {trigger}();
     """))
     try:
-        with pytest.raises(openai.APIStatusError) as refused:
-            client(llm, key, sid).chat.completions.create(
-                model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        yield
     finally:
         asyncio.run(sql(f"DROP TRIGGER {trigger} ON events; DROP FUNCTION {trigger}()"))
+
+
+def ask(llm: LLMCluster, key, sid: str, idempotency_key: str | None):
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    return client(llm, key, sid).chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+        extra_headers=headers)
+
+
+@pytest.mark.parametrize("idempotency_key", [None, "settle-then-answer"])
+def test_an_answer_leaves_only_once_its_record_has_committed(llm: LLMCluster, key,
+                                                            idempotency_key) -> None:
+    """The answer is made while the settle's statement runs, but it leaves only after
+    the commit: with the settle held up in Postgres, what the client has received is on
+    record the moment it has it."""
+    sid = llm.session(key, budget={"limit_usd": 1})
+    with in_the_settle(llm, sid, "PERFORM pg_sleep(0.3);"):
+        answer = ask(llm, key, sid, idempotency_key)
+        recorded = types(llm, sid)  # read at once, by another connection
+    assert answer.choices[0].message.content == reply_text(3)
+    assert recorded.count("LLMCallCompleted") == 1 and recorded.count("MessageAppended") == 2
+    assert recorded.count("BudgetCommitted") == 1
+
+
+@pytest.mark.parametrize("idempotency_key", [None, "unrecorded-then-retried"])
+def test_an_answer_that_cannot_be_recorded_is_not_given(llm: LLMCluster, key,
+                                                       idempotency_key) -> None:
+    """The settle's append fails (a real Postgres error, raised by a trigger on this
+    session's events only): the client gets a 503 problem, not an answer whose cost,
+    conversation and completion are on record nowhere; the next call records normally
+    (under the same Idempotency-Key too: a refusal that is not final is not replayed)."""
+    sid = llm.session(key, budget={"limit_usd": 1})
+    with in_the_settle(llm, sid, "RAISE EXCEPTION 'refused by the test';"):
+        with pytest.raises(openai.APIStatusError) as refused:
+            ask(llm, key, sid, idempotency_key)
     assert refused.value.status_code == 503, refused.value
+    assert refused.value.response.headers["content-type"].startswith("application/problem+json")
     assert "StoreUnavailable" in refused.value.response.text
     assert not [t for t in types(llm, sid) if t in {"LLMCallCompleted", "MessageAppended"}]
 
-    client(llm, key, sid).chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert ask(llm, key, sid, idempotency_key).choices[0].message.content == reply_text(3)
     assert types(llm, sid).count("LLMCallCompleted") == 1
 
 

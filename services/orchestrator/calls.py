@@ -190,6 +190,10 @@ class Call:
     # routing) when it was admitted from budget leases, the provider's record of the
     # answer (`Done.record`) and the output policy's decision
     call_events: list[Any] = field(default_factory=list)
+    # `OpenCall.collect(behind=True)`: the answer's `Done` passes as soon as its settle's
+    # statement has left, and the caller acknowledges it after `OpenCall.recorded()`
+    record_behind: bool = False
+    settled: asyncio.Future[bool] | None = None  # the settle, once started
 
 
 def failure_error(failed: Failed) -> NexusError:
@@ -230,21 +234,36 @@ class OpenCall:
             except StopAsyncIteration:
                 return
 
-    async def collect(self) -> tuple[Done, str, list[dict[str, Any]]]:
-        """The whole answer: `Done`, the text and the tool-call deltas; a failure raises."""
+    async def collect(self, *, behind: bool = False) -> tuple[Done, str, list[dict[str, Any]]]:
+        """The whole answer: `Done`, the text and the tool-call deltas; a failure raises.
+
+        Recorded before it returns, or with `behind` while its record commits: the
+        caller then builds its answer meanwhile and must await `recorded()` before it
+        gives the answer to anyone (no answer acknowledged before its events are)."""
+        self.call.record_behind = behind
         tool_calls: list[dict[str, Any]] = []
+        pending = False
         try:
             async for frame in self.frames():
                 if isinstance(frame, Delta):
                     if frame.tool_calls:
                         tool_calls.extend(frame.tool_calls)
                 elif isinstance(frame, Done):
+                    pending = behind
                     return frame, "".join(self.call.output), tool_calls
                 else:
                     raise failure_error(frame)
             raise CallFailed("NoAnswer", "the provider closed the stream without an answer")
         finally:
-            await self.aclose()
+            if not pending:
+                await self.aclose()
+
+    async def recorded(self) -> None:
+        """The answer `collect(behind=True)` returned is recorded (its cost, conversation
+        and events committed); raises the failure when that failed."""
+        await self.aclose()
+        if not (self.call.settled is not None and self.call.settled.result()):
+            raise failure_error(UNRECORDED)
 
     async def aclose(self) -> None:
         """Done or client gone: cancels the upstream, settles the budget."""
@@ -509,13 +528,15 @@ class CallLifecycle:
         clear failure.
         """
         outcome: Done | Failed | None = None
-        settled: asyncio.Future[bool] | None = None
+
+        def start() -> asyncio.Future[bool]:
+            if call.settled is None:
+                call.settled = asyncio.ensure_future(self._settle(call, outcome))
+            return call.settled
 
         async def settle() -> bool:  # before the client sees the end: no answer acknowledged
-            nonlocal settled           # whose cost and conversation are not yet recorded
-            if settled is None:
-                settled = asyncio.ensure_future(self._settle(call, outcome))
-            elif settled.done():  # the finally after the end frame: nothing to wait for
+            settled = start()          # whose cost and conversation are not yet recorded
+            if settled.done():  # the finally after the end frame: nothing to wait for
                 return settled.result()
             return await asyncio.shield(settled)
 
@@ -535,7 +556,10 @@ class CallLifecycle:
                                 if isinstance(frame, Done):
                                     call.call_events.extend(frame.record)
                                     denied = await self._check_output(call)
-                                    if not await settle():
+                                    if denied is None and call.record_behind:
+                                        start()  # its statement leaves in the turn below;
+                                        await asyncio.sleep(0)  # `OpenCall.recorded` waits
+                                    elif not await settle():
                                         frame = UNRECORDED
                                     elif denied is not None:
                                         frame = denied

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Controller, Request, Response, get, post, put
@@ -49,6 +49,7 @@ SESSION_HEADER = "x-nexus-session"
 AT_PATTERN = (r"^([0-9]{1,18}|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}"
               r"(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:[0-9]{2}))$")
 _enc = msgspec.json.Encoder()
+T = TypeVar("T")
 
 
 def _sse(obj: object) -> bytes:
@@ -71,7 +72,7 @@ def _headers(call: OpenCall) -> dict[str, str]:
     return {"X-Nexus-Session": call.session_id, "X-Nexus-Call-Id": call.call_id}
 
 
-async def _at_edge(work: Awaitable[idem.Recorded]) -> idem.Recorded:
+async def _at_edge(work: Awaitable[T]) -> T:
     """The use case's domain errors as problems (inside `run_once`, which records a
     final refusal for the retries)."""
     try:
@@ -89,7 +90,9 @@ async def _answer(calls: CallLifecycle, caller: Caller, call_input: CallInput,
     if call_input.stream:
         return idem.Recorded(200, {**_headers(call), "Cache-Control": "no-cache"},
                              "text/event-stream", chunks=as_stream(call), final=call.answered)
-    return idem.Recorded.json(as_body(call, *await call.collect()), headers=_headers(call))
+    # the answer is made while its record commits; it leaves once that is done
+    return idem.Recorded.json(as_body(call, *await call.collect(behind=True)),
+                              headers=_headers(call), ready=lambda: _at_edge(call.recorded()))
 
 
 async def _openai_stream(call: OpenCall, include_usage: bool) -> AsyncIterator[bytes]:

@@ -204,18 +204,45 @@ def _kept(headers: Any) -> dict[str, str]:
 class Recorded:
     """What a handler returns under an Idempotency-Key: the body as bytes (the same bytes
     are sent first and replayed later), or a stream whose chunks are recorded; for a
-    stream, `final()` says whether it ended with a final answer (worth keeping)."""
+    stream, `final()` says whether it ended with a final answer (worth keeping).
+
+    `ready()`: what must hold before a body is sent or kept (a call's answer recorded);
+    what it raises (a problem) is the answer instead, nothing of this one having left."""
 
     def __init__(self, status: int, headers: dict[str, str], media_type: str, *,
                  body: bytes | None = None, chunks: AsyncIterator[bytes] | None = None,
-                 final: Callable[[], bool] = lambda: True) -> None:
+                 final: Callable[[], bool] = lambda: True,
+                 ready: Callable[[], Awaitable[None]] | None = None) -> None:
         self.status, self.headers, self.media_type = status, headers, media_type
-        self.body, self.chunks, self.final = body, chunks, final
+        self.body, self.chunks, self.final, self.ready = body, chunks, final, ready
 
     @classmethod
-    def json(cls, obj: object, *, status: int = 200,
-             headers: dict[str, str] | None = None) -> Recorded:
-        return cls(status, headers or {}, "application/json", body=msgspec.json.encode(obj))
+    def json(cls, obj: object, *, status: int = 200, headers: dict[str, str] | None = None,
+             ready: Callable[[], Awaitable[None]] | None = None) -> Recorded:
+        return cls(status, headers or {}, "application/json", body=msgspec.json.encode(obj),
+                   ready=ready)
+
+
+class _WhenReady(Response):
+    """A response whose ASGI call first awaits `ready()`: Litestar makes it (headers,
+    length) while that runs, and a problem `ready()` raises is answered in its place
+    (by the exception handlers, as if the handler had raised it)."""
+
+    __slots__ = ("ready",)
+
+    def __init__(self, *args: Any, ready: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ready = ready
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().to_asgi_response(*args, **kwargs)
+        ready = self.ready
+
+        async def send_when_ready(scope: Any, receive: Any, send: Any) -> None:
+            await ready()
+            await response(scope, receive, send)
+
+        return send_when_ready
 
 
 async def _recording(claim: Claim, out: Recorded) -> AsyncIterator[bytes]:
@@ -242,6 +269,9 @@ def _send(out: Recorded, chunks: AsyncIterator[bytes] | None = None) -> Response
     if out.chunks is not None:
         return Stream(chunks or out.chunks, status_code=out.status, media_type=out.media_type,
                       headers=out.headers)
+    if out.ready is not None:
+        return _WhenReady(out.body, status_code=out.status, media_type=out.media_type,
+                          headers=out.headers, ready=out.ready)
     return Response(out.body, status_code=out.status, media_type=out.media_type,
                     headers=out.headers)
 
@@ -264,6 +294,9 @@ async def run_once(request: Request, tenant: str, records: IdempotencyStore,
     claim = got
     try:
         out = await handler()
+        if out.ready is not None:  # kept only once it holds
+            await out.ready()
+            out.ready = None
     except HTTPException as exc:
         if exc.status_code >= 500 or exc.status_code in _RETRYABLE:
             await asyncio.shield(claim.release())
