@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 import uuid
 
 import msgspec
@@ -11,6 +13,7 @@ import pytest
 
 from shared.contracts import subjects
 from shared.infra import EmbeddedNats
+from shared.infra.nats_server import nats_threads
 from shared.contracts.messages import Ping, Pong
 from shared.infra.messaging import Bus, HandlerError, NoResponders, RemoteError, RequestTimeout
 
@@ -118,6 +121,27 @@ async def test_trace_context_travels_in_headers(bus: Bus) -> None:
         await bus.request(s, Ping(sender="me"), Pong, timeout=10)
         trace_id = format(span.get_span_context().trace_id, "032x")
     assert seen["traceparent"].split("-")[1] == trace_id
+
+
+def test_the_embedded_server_runs_on_one_thread_per_eight_cpus(tmp_path, monkeypatch) -> None:
+    """What the server itself reports (`/varz`): `nats_threads()` OS threads for Go code
+    unless the operator set `GOMAXPROCS`, which is then left as it is."""
+    assert [nats_threads(n) for n in (1, 2, 8, 9, 16, 64)] == [1, 1, 1, 2, 2, 8]
+
+    def gomaxprocs(name: str) -> int:
+        server = EmbeddedNats(tmp_path / name)
+        server.start()
+        try:
+            with urllib.request.urlopen(
+                    f"http://{server.host}:{server.monitor_port}/varz", timeout=5) as resp:
+                return json.load(resp)["gomaxprocs"]
+        finally:
+            server.stop()
+
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    assert gomaxprocs("default") == nats_threads()
+    monkeypatch.setenv("GOMAXPROCS", "3")
+    assert gomaxprocs("operator") == 3
 
 
 async def test_restarted_nats_does_not_leave_a_subscriber_deaf(tmp_path) -> None:
