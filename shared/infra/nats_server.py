@@ -31,8 +31,8 @@ def nats_threads(cpus: int | None = None) -> int:
     Go's default is one per CPU. With every service on the same few cores, the server's
     goroutines handing a message from the connection that read it to the one that writes
     it then wake a second OS thread, on another core, for most messages: on two cores one
-    thread costs 27% less of the server's CPU per call and gives about 5% more calls/s
-    (issue 16, round 13, docs/performance.md). A thread handles the hops of about 28,000
+    thread costs 27% less of the server's CPU per call (issue 16, round 13,
+    docs/performance.md). A thread handles the hops of about 28,000
     calls/s here, more than the projection for 16 cores. The operator's own `GOMAXPROCS`
     in the environment wins."""
     if cpus is None:
