@@ -32,9 +32,9 @@ def nats_threads(cpus: int | None = None) -> int:
     goroutines handing a message from the connection that read it to the one that writes
     it then wake a second OS thread, on another core, for most messages: on two cores one
     thread costs 27% less of the server's CPU per call (issue 16, round 13,
-    docs/performance.md). A thread handles the hops of about 28,000
-    calls/s here, more than the projection for 16 cores. The operator's own `GOMAXPROCS`
-    in the environment wins."""
+    docs/performance.md). A thread handles the hops of about 28,000 calls/s here, more
+    than the projection for 16 cores. The operator's own `GOMAXPROCS` in the environment
+    wins."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, -(-cpus // CPUS_PER_NATS_THREAD))
